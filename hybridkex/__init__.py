@@ -1,0 +1,70 @@
+"""hybridkex: quantum-safe TLS 1.3 against "record now, decrypt later".
+
+Every session key mixes an ML-KEM shared secret, an X25519 secret and a QKD key through the ETSI
+TS 103 744 CatKDF combiner, with every public value bound in, and is fed to TLS 1.3 as an external
+PSK.  Start with :func:`combine` and the suites in :mod:`hybridkex.suites`; low-level pieces live
+in :mod:`hybridkex.hazmat` (read its warning first).
+"""
+
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+
+from .combiner import CombinedSecret, PartyView, QKDBinding, combine, encode_party
+from .exceptions import (
+    AlreadyFinalized,
+    AuthenticationError,
+    ConfigurationError,
+    HandshakeTimeout,
+    HybridKEXError,
+    InvalidKeyMaterial,
+    KeyMismatchError,
+    KeyReuseError,
+    KeySourceError,
+    KeyUnavailableError,
+    KMEError,
+    LocalProtocolError,
+    PolicyViolation,
+    ProtocolError,
+    RemoteProtocolError,
+    TLSError,
+    UnsupportedAlgorithm,
+    VersionError,
+)
+from .suites import DEFAULT_SUITE, SUITES, Suite, get_suite
+
+try:
+    __version__ = _metadata.version("hybridkex")
+except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "DEFAULT_SUITE",
+    "SUITES",
+    "AlreadyFinalized",
+    "AuthenticationError",
+    "CombinedSecret",
+    "ConfigurationError",
+    "HandshakeTimeout",
+    "HybridKEXError",
+    "InvalidKeyMaterial",
+    "KMEError",
+    "KeyMismatchError",
+    "KeyReuseError",
+    "KeySourceError",
+    "KeyUnavailableError",
+    "LocalProtocolError",
+    "PartyView",
+    "PolicyViolation",
+    "ProtocolError",
+    "QKDBinding",
+    "RemoteProtocolError",
+    "Suite",
+    "TLSError",
+    "UnsupportedAlgorithm",
+    "VersionError",
+    "__version__",
+    "combine",
+    "encode_party",
+    "get_suite",
+]

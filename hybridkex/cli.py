@@ -1,0 +1,88 @@
+"""The ``hybridkex`` command line.
+
+Each subcommand lives in its own module under :mod:`hybridkex.commands` and exposes ``HELP``
+(one line), ``configure(parser)`` and ``run(args) -> int``.  Errors reach the user as one line on
+stderr (what failed, why, what to do) with a non-zero exit status taken from the exception class;
+a traceback is shown only with ``HYBRIDKEX_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from . import __version__
+from .exceptions import HybridKEXError
+
+__all__ = ["main"]
+
+#: Subcommands in the order ``--help`` lists them; each names a module in hybridkex.commands.
+COMMANDS: tuple[str, ...] = (
+    "demo",
+    "vectors",
+    "suites",
+)
+
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+
+def _load(name: str) -> ModuleType:
+    return importlib.import_module(f"hybridkex.commands.{name.replace('-', '_')}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hybridkex",
+        description=(
+            "Quantum-safe TLS 1.3 for Python services: ML-KEM + X25519 + QKD keys combined into "
+            "an authenticated external PSK, so recorded traffic stays safe from a future quantum computer."
+        ),
+        epilog="Start with 'hybridkex demo'. Run 'hybridkex COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"hybridkex {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = _load(name)
+        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.configure(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run = getattr(args, "_run", None)
+    if run is None:
+        parser.print_help()
+        return 2
+    try:
+        result: int = run(args)
+        return result
+    except HybridKEXError as exc:
+        _error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        _error(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+        return 1
+    except Exception as exc:
+        if os.environ.get("HYBRIDKEX_DEBUG"):
+            raise
+        _error(
+            f"internal error ({type(exc).__name__}: {exc}); this is a bug, please report it "
+            "(set HYBRIDKEX_DEBUG=1 for a traceback)"
+        )
+        return EXIT_INTERNAL
+
+
+def _error(message: str) -> None:
+    print(f"hybridkex: error: {message}", file=sys.stderr)

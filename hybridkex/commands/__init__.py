@@ -1,0 +1,1 @@
+"""One module per ``hybridkex`` subcommand: ``HELP``, ``configure(parser)``, ``run(args) -> int``."""

@@ -1,0 +1,157 @@
+"""The one exception tree of hybridkex.
+
+Every error the library raises on purpose derives from :class:`HybridKEXError`, so callers can
+catch it in one place.  Errors about the peer's bytes (:class:`RemoteProtocolError`) are kept
+apart from errors about how *we* were called (:class:`LocalProtocolError`, :class:`ConfigurationError`),
+and authentication failures are deliberately uninformative: what went wrong is logged locally
+through ``detail`` (never sent, never containing key material) while the message stays generic.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyFinalized",
+    "AuthenticationError",
+    "ConfigurationError",
+    "HandshakeTimeout",
+    "HybridKEXError",
+    "InvalidKeyMaterial",
+    "KMEError",
+    "KeyMismatchError",
+    "KeyReuseError",
+    "KeySourceError",
+    "KeyUnavailableError",
+    "LocalProtocolError",
+    "PolicyViolation",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "TLSError",
+    "UnsupportedAlgorithm",
+    "VersionError",
+]
+
+
+class HybridKEXError(Exception):
+    """Root of every error hybridkex raises on purpose."""
+
+    #: Process exit status the CLI uses for this kind of error.
+    exit_code: int = 1
+
+
+class ConfigurationError(HybridKEXError, ValueError):
+    """A configuration value is missing, malformed or inconsistent (names the field)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class UnsupportedAlgorithm(HybridKEXError):
+    """An algorithm or backend is not available in this installation (says what to install)."""
+
+    exit_code = 3
+
+
+class InvalidKeyMaterial(HybridKEXError, ValueError):
+    """A key, ciphertext or secret has the wrong length or is otherwise unusable."""
+
+
+class AlreadyFinalized(HybridKEXError):
+    """A single-use object (KDF context, key pair, handshake) was used a second time."""
+
+
+class ProtocolError(HybridKEXError):
+    """The handshake cannot continue. Never raised directly: see the two subclasses."""
+
+    exit_code = 4
+
+    def __init__(self, message: str) -> None:
+        if type(self) is ProtocolError:
+            raise TypeError("raise LocalProtocolError or RemoteProtocolError, not ProtocolError")
+        super().__init__(message)
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to do something the protocol does not allow (API misuse)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that violate the protocol (malformed, oversized, out of order)."""
+
+
+class VersionError(RemoteProtocolError):
+    """The peer speaks a protocol version we do not support."""
+
+
+class AuthenticationError(HybridKEXError):
+    """The peer could not be authenticated.
+
+    The message is always the same generic text so that it can be shown to, or reach, the peer
+    without telling an attacker which check failed.  ``detail`` carries a precise local reason
+    (e.g. ``"unknown identity"``) for logs; it never contains key material.
+    """
+
+    exit_code = 5
+    GENERIC = "authentication failed"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(self.GENERIC)
+        self.detail = detail
+
+
+class PolicyViolation(HybridKEXError):
+    """The negotiated result does not satisfy the configured policy (e.g. QKD required but absent).
+
+    ``violations`` lists each unmet requirement as a short string.
+    """
+
+    exit_code = 6
+
+    def __init__(self, message: str, violations: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.violations = violations
+
+
+class KeySourceError(HybridKEXError):
+    """A QKD key source (KME or other) could not deliver keys."""
+
+    exit_code = 7
+
+
+class KeyUnavailableError(KeySourceError):
+    """The key source has no key to give right now (exhausted pool, 503, unknown key ID)."""
+
+
+class KMEError(KeySourceError):
+    """A KME answered with an error or with a response that violates ETSI GS QKD 014.
+
+    ``status`` is the HTTP status when there was one.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class KeyReuseError(KeySourceError):
+    """A QKD key ID was offered a second time; a QKD key is used at most once, ever."""
+
+
+class KeyMismatchError(HybridKEXError):
+    """Both sides completed the exchange but derived different keys (key confirmation failed)."""
+
+    exit_code = 5
+
+
+class TLSError(HybridKEXError):
+    """The TLS 1.3 handshake or record layer failed (reason translated from OpenSSL)."""
+
+    exit_code = 8
+
+
+class HandshakeTimeout(HybridKEXError, TimeoutError):
+    """A handshake stage (peer, KME) did not finish within its deadline."""
+
+    exit_code = 9

@@ -1,0 +1,103 @@
+"""Injective byte encodings shared by the combiner and the wire format.
+
+``lp(x) = u32(len(x)) || x`` is the length prefix of ETSI TS 103 744 section 7.2; a sequence of
+``lp`` fields is injective, which is what lets distinct exchanges never collide as KDF inputs.
+:class:`Reader` is the strict counterpart used on bytes received from the network: every
+truncation, overrun or trailing byte becomes a :class:`~hybridkex.exceptions.RemoteProtocolError`.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from ..exceptions import RemoteProtocolError
+
+__all__ = ["Reader", "lp", "lp_join", "u8", "u16", "u32"]
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+
+
+def u8(value: int) -> bytes:
+    return bytes((value,))
+
+
+def u16(value: int) -> bytes:
+    return _U16.pack(value)
+
+
+def u32(value: int) -> bytes:
+    return _U32.pack(value)
+
+
+def lp(data: bytes) -> bytes:
+    """``u32(len(data)) || data``."""
+    return _U32.pack(len(data)) + data
+
+
+def lp_join(*fields: bytes) -> bytes:
+    """The concatenation of ``lp(field)`` for every field."""
+    return b"".join(_U32.pack(len(f)) + f for f in fields)
+
+
+class Reader:
+    """Consume a received byte string field by field; any malformation raises RemoteProtocolError."""
+
+    __slots__ = ("_data", "_pos", "_what")
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+        self._what = what
+
+    def _take(self, n: int, field: str) -> bytes:
+        end = self._pos + n
+        if n < 0 or end > len(self._data):
+            raise RemoteProtocolError(f"{self._what}: truncated in field {field!r}")
+        out = self._data[self._pos : end].tobytes()
+        self._pos = end
+        return out
+
+    def u8(self, field: str) -> int:
+        return self._take(1, field)[0]
+
+    def u16(self, field: str) -> int:
+        value: int = _U16.unpack(self._take(2, field))[0]
+        return value
+
+    def u32(self, field: str) -> int:
+        value: int = _U32.unpack(self._take(4, field))[0]
+        return value
+
+    def fixed(self, n: int, field: str) -> bytes:
+        return self._take(n, field)
+
+    def vec16(self, field: str, *, max_len: int, min_len: int = 0) -> bytes:
+        """A field prefixed by a 16-bit length, bounded before anything is copied."""
+        n = self.u16(field)
+        if not min_len <= n <= max_len:
+            raise RemoteProtocolError(f"{self._what}: field {field!r} length {n} outside {min_len}..{max_len}")
+        return self._take(n, field)
+
+    def vec32(self, field: str, *, max_len: int, min_len: int = 0) -> bytes:
+        """A field prefixed by a 32-bit length, bounded before anything is copied."""
+        n = self.u32(field)
+        if not min_len <= n <= max_len:
+            raise RemoteProtocolError(f"{self._what}: field {field!r} length {n} outside {min_len}..{max_len}")
+        return self._take(n, field)
+
+    def text16(self, field: str, *, max_len: int, min_len: int = 0) -> str:
+        raw = self.vec16(field, max_len=max_len, min_len=min_len)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RemoteProtocolError(f"{self._what}: field {field!r} is not valid UTF-8") from exc
+
+    @property
+    def remaining(self) -> int:
+        return len(self._data) - self._pos
+
+    def end(self) -> None:
+        """Require that every byte was consumed."""
+        if self._pos != len(self._data):
+            raise RemoteProtocolError(f"{self._what}: {len(self._data) - self._pos} unexpected trailing bytes")

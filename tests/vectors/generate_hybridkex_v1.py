@@ -1,0 +1,115 @@
+"""Generate tests/vectors/hybridkex-v1.json, the hybridkex-v1 combiner's known-answer vectors.
+
+Run from the repository root:  python tests/vectors/generate_hybridkex_v1.py > tests/vectors/hybridkex-v1.json
+
+Every input is derived from a fixed seed, so the key pairs, public keys and X25519 secret are
+reproducible; the ML-KEM ciphertext comes from one real encapsulation (cryptography offers no
+derandomised encapsulation) and is frozen in the file, where decapsulating it with the seeded key
+re-derives ``mlkem_secret``.  tests/test_combiner_vectors.py re-checks every field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+from cryptography.hazmat.primitives.asymmetric import x25519
+
+from hybridkex.combiner import PartyView, QKDBinding, combine, combine_raw, encode_party
+from hybridkex.hazmat import labels
+from hybridkex.hazmat.kdf import context_function
+from hybridkex.hazmat.kem import get_kem
+from hybridkex.suites import get_suite
+
+
+def stream(seed: str, n: int) -> bytes:
+    return hashlib.shake_256(b"hybridkex-v1 test vector " + seed.encode()).digest(n)
+
+
+CASES = [
+    ("default suite, QKD key", "x25519-mlkem768-qkd-hkdfsha256", "case-1", True),
+    ("default suite, second QKD key and identities", "x25519-mlkem768-qkd-hkdfsha256", "case-2", True),
+    ("ML-KEM-1024, SHA-384, QKD key", "x25519-mlkem1024-qkd-hkdfsha384", "case-3", True),
+    ("ML-KEM-768 without QKD", "x25519-mlkem768-hkdfsha256", "case-4", False),
+    ("ML-KEM-1024 without QKD", "x25519-mlkem1024-hkdfsha384", "case-5", False),
+    ("SP 800-56C order (ML-KEM first), QKD key", "mlkem768-x25519-qkd-hkdfsha256-sp80056c", "case-6", True),
+]
+
+
+def make_case(description: str, suite_name: str, seed: str, with_qkd: bool) -> dict[str, object]:
+    suite = get_suite(suite_name)
+    pq = get_kem(suite.pq_kem)
+    xa = x25519.X25519PrivateKey.from_private_bytes(stream(seed + " x25519 a", 32))
+    xb = x25519.X25519PrivateKey.from_private_bytes(stream(seed + " x25519 b", 32))
+    xa_pub = xa.public_key().public_bytes_raw()
+    xb_pub = xb.public_key().public_bytes_raw()
+    x_secret = xa.exchange(xb.public_key())
+    mlkem_seed = stream(seed + " mlkem seed", 64)
+    sk = pq.from_seed(mlkem_seed)  # type: ignore[attr-defined]
+    mlkem_secret, mlkem_ct = pq.encapsulate(sk.public_bytes())
+    qkd_key = stream(seed + " qkd key", suite.qkd_key_bits // 8) if with_qkd else b""
+    binding = None
+    if with_qkd:
+        key_id = str(__import__("uuid").UUID(bytes=stream(seed + " key id", 16), version=4))
+        binding = QKDBinding((key_id,), "sae-b", "sae-a", "kme-b", "kme-a")
+    view_a = PartyView("initiator", f"client-{seed}".encode(), stream(seed + " nonce a", 32), xa_pub, sk.public_bytes())
+    view_b = PartyView("responder", f"server-{seed}".encode(), stream(seed + " nonce b", 32), xb_pub, mlkem_ct)
+    ma = encode_party(suite, view_a, binding)
+    mb = encode_party(suite, view_b, binding)
+    epsk = combine_raw(suite, qkd_key=qkd_key, x25519_secret=x_secret, pq_secret=mlkem_secret, ma=ma, mb=mb)
+    secret = combine(suite, qkd_key=qkd_key, x25519_secret=x_secret, pq_secret=mlkem_secret, ma=ma, mb=mb)
+    return {
+        "description": description,
+        "suite": suite.name,
+        "suite_code": suite.code,
+        "kdf": suite.kdf,
+        "ordering": suite.ordering,
+        "qkd_key": qkd_key.hex(),
+        "qkd_key_ids": list(binding.key_ids) if binding else [],
+        "qkd_binding": None if binding is None else {
+            "master_sae_id": binding.master_sae_id, "slave_sae_id": binding.slave_sae_id,
+            "master_kme_id": binding.master_kme_id, "slave_kme_id": binding.slave_kme_id,
+        },
+        "x25519_private_a": stream(seed + " x25519 a", 32).hex(),
+        "x25519_private_b": stream(seed + " x25519 b", 32).hex(),
+        "x25519_public_a": xa_pub.hex(),
+        "x25519_public_b": xb_pub.hex(),
+        "x25519_secret": x_secret.hex(),
+        "mlkem_seed": mlkem_seed.hex(),
+        "mlkem_ek": sk.public_bytes().hex(),
+        "mlkem_ct": mlkem_ct.hex(),
+        "mlkem_secret": mlkem_secret.hex(),
+        "identity_a": view_a.identity.hex(),
+        "identity_b": view_b.identity.hex(),
+        "nonce_a": view_a.nonce.hex(),
+        "nonce_b": view_b.nonce.hex(),
+        "ma": ma.hex(),
+        "mb": mb.hex(),
+        "label": labels.combiner_label(suite.label).hex(),
+        "context": labels.COMBINER_CONTEXT.hex(),
+        "kdf_context_hash": context_function(suite.kdf, labels.COMBINER_CONTEXT, ma, mb).hex(),
+        "epsk": epsk.hex(),
+        "tls_psk": secret.tls_psk().hex(),
+        "tls_psk_identity": secret.tls_identity().hex(),
+        "next_auth_key": secret.next_auth_key().hex(),
+    }
+
+
+def main() -> None:
+    doc = {
+        "source": "hybridkex (this project): self-computed known-answer vectors of the hybridkex-v1 combiner, "
+                  "docs/spec.md section 'Combiner'. Not an independent check.",
+        "algorithm": "ETSI TS 103 744 V1.2.1 CatKDF with HKDF; psk = QKD key, k1 = X25519, k2 = ML-KEM "
+                     "(ordering 'etsi'), or IKM = ss_ML-KEM || ss_X25519 || k_qkd (ordering 'sp800-56c')",
+        "fields": "hex strings; epsk = CatKDF(qkd_key, x25519_secret, mlkem_secret; ma, mb, label, context); "
+                  "tls_psk/tls_psk_identity/next_auth_key = HKDF-Expand(epsk, lp('hybridkex/v1') || lp(suite) || "
+                  "lp(purpose) || lp(''), L)",
+        "cases": [make_case(*c) for c in CASES],
+    }
+    json.dump(doc, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
