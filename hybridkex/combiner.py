@@ -126,7 +126,7 @@ class CombinedSecret:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> str | tuple[object, ...]:
         raise TypeError("CombinedSecret cannot be pickled")
 
     def derive(self, purpose: bytes, length: int, context: bytes = b"") -> bytes:

@@ -60,10 +60,9 @@ class Suite:
         if not self.qkd:
             return self
         for s in SUITES.values():
-            if (
-                not s.qkd
-                and (s.classical_kem, s.pq_kem, s.kdf, s.ordering) == (self.classical_kem, self.pq_kem, self.kdf, self.ordering)
-            ):
+            same_algorithms = (s.classical_kem, s.pq_kem, s.kdf, s.ordering) == (
+                self.classical_kem, self.pq_kem, self.kdf, self.ordering)
+            if not s.qkd and same_algorithms:
                 return s
         raise ConfigurationError(f"suite {self.name} has no sibling without QKD")
 
@@ -71,8 +70,8 @@ class Suite:
         return self.name
 
 
-def _suite(name: str, code: int, pq: str, qkd: bool, sha: Literal["sha256", "sha384"], ordering: Ordering = "etsi",
-           backend: str = "cryptography") -> Suite:
+def _suite(name: str, code: int, pq: str, qkd: bool, sha: Literal["sha256", "sha384"], *,
+           ordering: Ordering = "etsi", backend: str = "cryptography") -> Suite:
     return Suite(
         name=name,
         code=code,
@@ -96,8 +95,8 @@ SUITES: dict[str, Suite] = {
         _suite("x25519-mlkem1024-qkd-hkdfsha384", 0x0002, "ML-KEM-1024", True, "sha384"),
         _suite("x25519-mlkem768-hkdfsha256", 0x0003, "ML-KEM-768", False, "sha256"),
         _suite("x25519-mlkem1024-hkdfsha384", 0x0004, "ML-KEM-1024", False, "sha384"),
-        _suite("mlkem768-x25519-qkd-hkdfsha256-sp80056c", 0x0005, "ML-KEM-768", True, "sha256", "sp800-56c"),
-        _suite("mlkem768-x25519-hkdfsha256-sp80056c", 0x0006, "ML-KEM-768", False, "sha256", "sp800-56c"),
+        _suite("mlkem768-x25519-qkd-hkdfsha256-sp80056c", 0x0005, "ML-KEM-768", True, "sha256", ordering="sp800-56c"),
+        _suite("mlkem768-x25519-hkdfsha256-sp80056c", 0x0006, "ML-KEM-768", False, "sha256", ordering="sp800-56c"),
         # Suites whose post-quantum KEM only liboqs provides (optional extra [oqs]).
         _suite("x25519-frodokem640aes-qkd-hkdfsha256", 0x0101, "FrodoKEM-640-AES", True, "sha256", backend="liboqs"),
         _suite("x25519-hqc128-qkd-hkdfsha256", 0x0102, "HQC-128", True, "sha256", backend="liboqs"),

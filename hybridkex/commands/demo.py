@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     agree = hmac.compare_digest(secret_a.tls_psk(), secret_b.tls_psk())
     print("hybridkex demo: hybrid key establishment (in-process; simulated QKD link)")
     print(f"  suite            {suite.name}")
-    print(f"  X25519           32-byte shared secret (classical; falls to a quantum computer)")
+    print("  X25519           32-byte shared secret (classical; falls to a quantum computer)")
     print(f"  {suite.pq_kem:16} {pq.shared_secret_size}-byte shared secret (post-quantum, FIPS 203)")
     if binding:
         print(f"  QKD key          {suite.qkd_key_bits}-bit key, ID {binding.key_ids[0]} "

@@ -51,7 +51,9 @@ KDFName = Literal["hkdf-sha256", "hkdf-sha384", "hmac-sha256", "hmac-sha384", "k
 #: The KDF names accepted by :func:`cat_kdf` and :func:`cas_kdf`.
 KDF_NAMES: tuple[str, ...] = ("hkdf-sha256", "hkdf-sha384", "hmac-sha256", "hmac-sha384", "kmac128", "kmac256")
 
-_HASH_LEN = {"sha256": 32, "sha384": 48}
+# SHA-1 and SHA-512 are accepted by the bare HKDF functions only (RFC 5869 vectors, other protocols);
+# the combiners take SHA-256 or SHA-384.
+_HASH_LEN = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
 #: Chain-secret length for CasKDF: the hash length, or 32/48 bytes for KMAC128/256.
 _CHAIN_LEN = {"hkdf-sha256": 32, "hkdf-sha384": 48, "hmac-sha256": 32, "hmac-sha384": 48, "kmac128": 32, "kmac256": 48}
 
@@ -60,7 +62,7 @@ def _hash_len(hash_name: str) -> int:
     try:
         return _HASH_LEN[hash_name]
     except KeyError:
-        raise ConfigurationError(f"unsupported hash {hash_name!r}; use 'sha256' or 'sha384'") from None
+        raise ConfigurationError(f"unsupported hash {hash_name!r}; use one of {', '.join(_HASH_LEN)}") from None
 
 
 def _check_kdf(kdf: str) -> None:

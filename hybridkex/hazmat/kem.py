@@ -27,10 +27,10 @@ from ..exceptions import InvalidKeyMaterial, UnsupportedAlgorithm
 
 __all__ = [
     "KEM",
-    "KEMPrivateKey",
     "MLKEM",
     "OQSKEM",
     "X25519KEM",
+    "KEMPrivateKey",
     "get_kem",
     "kem_names",
     "oqs_library_path",
