@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -78,10 +79,38 @@ def _check_length(length: int, limit: int) -> None:
 # --- HKDF (RFC 5869) -------------------------------------------------------------------------------
 
 
+_CONSTRUCTORS: dict[str, Callable[..., hashlib._Hash]] = {
+    "sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512,
+}
+_BLOCK = {"sha1": 64, "sha256": 64, "sha384": 128, "sha512": 128}
+
+
+@lru_cache(maxsize=64)
+def _public_key_pads(hash_name: str, key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
+    """HMAC inner/outer states for a *public* key (an HKDF salt/label), computed once.
+
+    Only ever called with public values: caching a secret key here would keep it alive.
+    """
+    ctor = _CONSTRUCTORS[hash_name]
+    block = _BLOCK[hash_name]
+    if len(key) > block:
+        key = ctor(key).digest()
+    key = key.ljust(block, b"\x00")
+    return ctor(bytes(b ^ 0x36 for b in key)), ctor(bytes(b ^ 0x5C for b in key))
+
+
 def hkdf_extract(hash_name: str, salt: bytes, ikm: bytes) -> bytes:
-    """HKDF-Extract. An empty salt is HashLen zero bytes, as RFC 5869 specifies (HMAC pads alike)."""
+    """HKDF-Extract. An empty salt is HashLen zero bytes, as RFC 5869 specifies (HMAC pads alike).
+
+    The salt is public by definition, so its HMAC pads are cached; this keeps the combiner cheap.
+    """
     _hash_len(hash_name)
-    return hmac.digest(salt, ikm, hash_name)
+    inner, outer = _public_key_pads(hash_name, bytes(salt))
+    i = inner.copy()
+    i.update(ikm)
+    o = outer.copy()
+    o.update(i.digest())
+    return o.digest()
 
 
 def hkdf_expand(hash_name: str, prk: bytes, info: bytes, length: int) -> bytes:
@@ -143,7 +172,7 @@ def context_function(kdf: str, a1: bytes, a2: bytes, a3: bytes) -> bytes:
     joined = lp_join(a1, a2, a3)
     if kdf.startswith("kmac"):
         return joined
-    return hashlib.new(_kdf_hash(kdf), joined).digest()
+    return _CONSTRUCTORS[_kdf_hash(kdf)](joined).digest()
 
 
 def etsi_kdf(kdf: str, *, secret: bytes, label: bytes, context: bytes, length: int) -> bytes:
@@ -169,7 +198,9 @@ def etsi_prf(kdf: str, *, key: bytes, secret: bytes, ma: bytes, mb: bytes) -> by
 
 
 def _as_bytes(value: object, what: str) -> bytes:
-    if isinstance(value, bytes | bytearray | memoryview):
+    if type(value) is bytes:
+        return value
+    if isinstance(value, bytearray | memoryview):
         return bytes(value)
     raise TypeError(f"{what} must be bytes-like, not {type(value).__name__}")
 
