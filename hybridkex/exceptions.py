@@ -22,10 +22,14 @@ __all__ = [
     "KeySourceError",
     "KeyUnavailableError",
     "LocalProtocolError",
+    "PSKHashMismatch",
+    "PSKMismatch",
+    "PSKRejected",
     "PolicyViolation",
     "ProtocolError",
     "RemoteProtocolError",
     "TLSError",
+    "UnknownPSKIdentity",
     "UnsupportedAlgorithm",
     "VersionError",
 ]
@@ -149,6 +153,26 @@ class TLSError(HybridKEXError):
     """The TLS 1.3 handshake or record layer failed (reason translated from OpenSSL)."""
 
     exit_code = 8
+
+
+class PSKRejected(TLSError):
+    """The TLS 1.3 handshake failed because the external PSK was not accepted.
+
+    A client usually cannot tell why (the server answers every PSK problem with one alert); the
+    server raises the precise subclass.
+    """
+
+
+class UnknownPSKIdentity(PSKRejected):
+    """The server has no PSK for the identity the client offered (or the client offered none)."""
+
+
+class PSKMismatch(PSKRejected):
+    """Both ends know the identity but hold different keys (the PSK binder does not verify)."""
+
+
+class PSKHashMismatch(PSKRejected):
+    """The two ends bound the PSK to different hashes / cipher suites (SHA-256 vs SHA-384)."""
 
 
 class HandshakeTimeout(HybridKEXError, TimeoutError):
