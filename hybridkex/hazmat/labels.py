@@ -8,6 +8,7 @@ the suite name, so no two purposes (or suites) ever share an output.
 from __future__ import annotations
 
 __all__ = [
+    "AUTH_LABELS",
     "COMBINER_CONTEXT",
     "PROTOCOL",
     "PURPOSES",
@@ -46,4 +47,25 @@ PURPOSES: tuple[bytes, ...] = (
     CONFIRM_RESPONDER,
     RECONNECT_PSK,
     RECONNECT_IDENTITY,
+)
+
+# --- Handshake authentication (docs/spec.md, "Handshake"). These keys come from a bootstrap
+# pre-shared key, not from the combined secret, so they are outside PURPOSES.
+
+#: HKDF salt for the MAC keys derived from a bootstrap authentication PSK.
+PSK_AUTH_SALT = b"hybridkex/v1 psk authentication"
+#: Purposes of the two role-separated MAC keys derived from one bootstrap PSK.
+PSK_AUTH_INITIATOR = b"psk auth initiator"
+PSK_AUTH_RESPONDER = b"psk auth responder"
+#: Prefixes of the data signed in a Finished message (like TLS 1.3 CertificateVerify contexts).
+SIGNATURE_INITIATOR = b"hybridkex/v1 initiator finished signature"
+SIGNATURE_RESPONDER = b"hybridkex/v1 responder finished signature"
+
+#: Every handshake-authentication label, for tests that check they are distinct.
+AUTH_LABELS: tuple[bytes, ...] = (
+    PSK_AUTH_SALT,
+    PSK_AUTH_INITIATOR,
+    PSK_AUTH_RESPONDER,
+    SIGNATURE_INITIATOR,
+    SIGNATURE_RESPONDER,
 )
