@@ -10,27 +10,9 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+from . import exceptions as _exceptions
 from .combiner import CombinedSecret, PartyView, QKDBinding, combine, encode_party
-from .exceptions import (
-    AlreadyFinalized,
-    AuthenticationError,
-    ConfigurationError,
-    HandshakeTimeout,
-    HybridKEXError,
-    InvalidKeyMaterial,
-    KeyMismatchError,
-    KeyReuseError,
-    KeySourceError,
-    KeyUnavailableError,
-    KMEError,
-    LocalProtocolError,
-    PolicyViolation,
-    ProtocolError,
-    RemoteProtocolError,
-    TLSError,
-    UnsupportedAlgorithm,
-    VersionError,
-)
+from .exceptions import *  # noqa: F403 - the whole exception tree is public API
 from .suites import DEFAULT_SUITE, SUITES, Suite, get_suite
 
 try:
@@ -41,30 +23,13 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 __all__ = [
     "DEFAULT_SUITE",
     "SUITES",
-    "AlreadyFinalized",
-    "AuthenticationError",
     "CombinedSecret",
-    "ConfigurationError",
-    "HandshakeTimeout",
-    "HybridKEXError",
-    "InvalidKeyMaterial",
-    "KMEError",
-    "KeyMismatchError",
-    "KeyReuseError",
-    "KeySourceError",
-    "KeyUnavailableError",
-    "LocalProtocolError",
     "PartyView",
-    "PolicyViolation",
-    "ProtocolError",
     "QKDBinding",
-    "RemoteProtocolError",
     "Suite",
-    "TLSError",
-    "UnsupportedAlgorithm",
-    "VersionError",
     "__version__",
     "combine",
     "encode_party",
     "get_suite",
 ]
+__all__ += _exceptions.__all__

@@ -16,7 +16,9 @@ def test_single_root() -> None:
     assert classes
     for cls in classes:
         assert issubclass(cls, exceptions.HybridKEXError), cls
+        assert cls.__name__ in exceptions.__all__, f"{cls.__name__} missing from exceptions.__all__"
         assert getattr(hybridkex, cls.__name__) is cls, f"{cls.__name__} not exported"
+        assert cls.__name__ in hybridkex.__all__
 
 
 def test_protocol_error_is_abstract() -> None:
