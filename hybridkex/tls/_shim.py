@@ -1,0 +1,265 @@
+"""The one module that touches private pyOpenSSL / cryptography bindings.
+
+pyOpenSSL has no public PSK API (declined upstream, pyca/pyopenssl#704).  The TLS 1.3 external-PSK
+callbacks are reachable through ``OpenSSL._util.lib`` (cryptography's cffi bindings, kept "to allow
+SSL.Context patching"), plus three pyOpenSSL internals: ``Context._context`` (the ``SSL_CTX*``),
+``Connection._ssl`` (the ``SSL*``) and ``Connection._reverse_mapping`` (``SSL*`` -> ``Connection``).
+Everything private is confined here and checked at import, so a dependency bump that drops a
+binding fails loudly with :class:`~hybridkex.exceptions.UnsupportedAlgorithm` instead of crashing
+in a handshake.
+
+Lifetimes: cffi callbacks are stored per ``Context`` (weakly keyed), so they live exactly as long as
+the ``SSL_CTX`` that calls them (every ``Connection`` holds its ``Context``).  ``SSL_SESSION``
+objects built here are handed to OpenSSL, which owns and frees them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any, Final
+
+from ..exceptions import UnsupportedAlgorithm
+
+SUPPORTED_RANGES: Final = "pyOpenSSL >= 26.2, < 27 with cryptography >= 49, < 51"
+_INSTALL_HINT: Final = f"install {SUPPORTED_RANGES} (pip install 'pyOpenSSL>=26.2,<27' 'cryptography>=49,<51')"
+
+try:
+    import cryptography
+    import OpenSSL
+    from OpenSSL import SSL
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise UnsupportedAlgorithm(
+        f"the pyOpenSSL TLS adapter needs pyOpenSSL and cryptography ({exc.name or exc} is missing); "
+        f"{_INSTALL_HINT}"
+    ) from exc
+
+__all__ = [
+    "SUPPORTED_RANGES",
+    "check_bindings",
+    "install_msg_callback",
+    "install_psk_find_session",
+    "install_psk_use_session",
+    "session_reused",
+    "set_groups",
+    "versions",
+]
+
+_log = logging.getLogger(__name__)
+
+#: cffi functions this module calls.
+REQUIRED_FUNCTIONS: Final = (
+    "SSL_CTX_set_psk_use_session_callback",
+    "SSL_CTX_set_psk_find_session_callback",
+    "Cryptography_SSL_SESSION_new",
+    "SSL_SESSION_set1_master_key",
+    "SSL_SESSION_set_cipher",
+    "SSL_SESSION_set_protocol_version",
+    "SSL_SESSION_free",
+    "SSL_CIPHER_find",
+    "SSL_CTX_set1_curves_list",
+    "SSL_CTX_set_msg_callback",
+    "SSL_session_reused",
+    "TLS1_3_VERSION",
+)
+#: Feature flags that must be 1.
+REQUIRED_FLAGS: Final = ("Cryptography_HAS_PSK", "Cryptography_HAS_PSK_TLSv1_3")
+#: Public pyOpenSSL methods the adapter relies on (added in pyOpenSSL 26.0 / earlier).
+REQUIRED_PUBLIC: Final = (
+    ("Connection", "get_group_name"),
+    ("Connection", "export_keying_material"),
+    ("Context", "set_keylog_callback"),
+    ("Context", "set_tls13_ciphersuites"),
+)
+
+
+def versions() -> str:
+    """Installed pyOpenSSL / cryptography / OpenSSL versions, for messages and reports."""
+    linked = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode("ascii", "replace")
+    return f"pyOpenSSL {OpenSSL.__version__}, cryptography {cryptography.__version__}, {linked}"
+
+
+def check_bindings(lib: Any, ssl_module: Any) -> None:
+    """Raise :class:`UnsupportedAlgorithm` unless ``lib`` and ``ssl_module`` provide every private
+    binding this module uses.  Run at import on the real ``OpenSSL._util.lib`` and ``OpenSSL.SSL``."""
+    missing = [name for name in REQUIRED_FUNCTIONS if not hasattr(lib, name)]
+    missing += [name for name in REQUIRED_FLAGS if not getattr(lib, name, 0)]
+    missing += [
+        f"{cls}.{attr}" for cls, attr in REQUIRED_PUBLIC if not hasattr(getattr(ssl_module, cls, None), attr)
+    ]
+    conn_cls = getattr(ssl_module, "Connection", None)
+    if not isinstance(getattr(conn_cls, "_reverse_mapping", None), weakref.WeakValueDictionary):
+        missing.append("Connection._reverse_mapping")
+    if not missing:
+        probe = ssl_module.Context(ssl_module.TLS_METHOD)
+        if getattr(probe, "_context", None) is None:
+            missing.append("Context._context")
+        elif getattr(ssl_module.Connection(probe, None), "_ssl", None) is None:
+            missing.append("Connection._ssl")
+    if missing:
+        raise UnsupportedAlgorithm(
+            "the installed pyOpenSSL/cryptography lack bindings the TLS 1.3 external-PSK adapter needs "
+            f"({', '.join(missing)}); found {_safe_versions()}; supported: {SUPPORTED_RANGES}"
+        )
+
+
+def _safe_versions() -> str:
+    try:
+        return versions()
+    except Exception:  # a broken install must still produce the UnsupportedAlgorithm message
+        return "unknown versions"
+
+
+check_bindings(_lib, SSL)
+
+# Per-Context references that must outlive every handshake on that context (cffi callbacks).
+_KEEP: weakref.WeakKeyDictionary[SSL.Context, list[object]] = weakref.WeakKeyDictionary()
+_KEEP_LOCK = threading.Lock()
+
+ErrorSink = Callable[["SSL.Connection | None", BaseException], None]
+#: Client: Connection -> (identity, key, 2-byte cipher id), or None to offer no PSK.
+UseSession = Callable[["SSL.Connection"], "tuple[bytes, bytes, bytes] | None"]
+#: Server: (Connection, identity) -> (key, 2-byte cipher id), or None for an unknown identity.
+FindSession = Callable[["SSL.Connection", bytes], "tuple[bytes, bytes] | None"]
+#: (Connection, sent, content_type, message bytes).
+MessageCallback = Callable[["SSL.Connection", bool, int, bytes], None]
+
+
+def _keep(ctx: SSL.Context, *objs: object) -> None:
+    with _KEEP_LOCK:
+        _KEEP.setdefault(ctx, []).extend(objs)
+
+
+def _connection(ssl: Any) -> SSL.Connection | None:
+    return SSL.Connection._reverse_mapping.get(ssl)
+
+
+def _on_cffi_error(exc_type: Any, exc_value: Any, tb: Any) -> None:
+    # Last resort for a failure inside our own wrapper (the wrappers catch everything else): never
+    # let cffi print a traceback to stderr. The callback then returns 0, failing the handshake.
+    _log.error("internal error in a TLS PSK callback: %s", getattr(exc_type, "__name__", exc_type))
+
+
+def _new_session(ssl: Any, key: bytes, cipher_id: bytes) -> Any:
+    """A TLS 1.3 ``SSL_SESSION`` carrying ``key`` bound to ``cipher_id``; caller owns it."""
+    cipher = _lib.SSL_CIPHER_find(ssl, cipher_id)
+    if cipher == _ffi.NULL:
+        raise UnsupportedAlgorithm(f"OpenSSL does not know TLS 1.3 cipher {cipher_id.hex()}")
+    sess = _lib.Cryptography_SSL_SESSION_new()
+    if sess == _ffi.NULL:
+        raise MemoryError("SSL_SESSION_new failed")
+    ok = (
+        _lib.SSL_SESSION_set1_master_key(sess, key, len(key)) == 1
+        and _lib.SSL_SESSION_set_cipher(sess, cipher) == 1
+        and _lib.SSL_SESSION_set_protocol_version(sess, _lib.TLS1_3_VERSION) == 1
+    )
+    if not ok:
+        _lib.SSL_SESSION_free(sess)
+        raise UnsupportedAlgorithm("OpenSSL refused to build a TLS 1.3 PSK session (key length or cipher)")
+    return sess
+
+
+def install_psk_use_session(ctx: SSL.Context, provide: UseSession, sink: ErrorSink) -> None:
+    """Client side: offer the external PSK ``provide(connection)`` returns.
+
+    OpenSSL calls this again after a HelloRetryRequest (with ``md`` set); the same session is built
+    again, which matches because the client enables only that session's cipher suite.
+    """
+    # Identity buffers must stay valid until OpenSSL copies them (it does so before returning), but
+    # keeping the last one per context costs nothing and removes any doubt.
+    holder: list[Any] = [None]
+
+    def callback(ssl: Any, md: Any, id_out: Any, idlen_out: Any, sess_out: Any) -> int:
+        conn = None
+        try:
+            conn = _connection(ssl)
+            if conn is None:
+                raise RuntimeError("TLS callback for an unknown connection")
+            offer = provide(conn)
+            if offer is None:
+                sess_out[0] = _ffi.NULL
+                return 1
+            identity, key, cipher_id = offer
+            buf = _ffi.new("unsigned char[]", identity)
+            holder[0] = buf
+            sess_out[0] = _new_session(ssl, key, cipher_id)
+            id_out[0] = buf
+            idlen_out[0] = len(identity)
+            return 1
+        except BaseException as exc:  # re-raised after the handshake, never printed
+            sink(conn, exc)
+            return 0
+
+    cb = _ffi.callback(
+        "int(*)(SSL *, EVP_MD *, unsigned char **, size_t *, SSL_SESSION **)",
+        callback,
+        onerror=_on_cffi_error,
+    )
+    _keep(ctx, cb, holder)
+    _lib.SSL_CTX_set_psk_use_session_callback(ctx._context, cb)
+
+
+def install_psk_find_session(ctx: SSL.Context, find: FindSession, sink: ErrorSink) -> None:
+    """Server side: accept an identity the client offers when ``find(connection, identity)`` knows it.
+
+    OpenSSL also calls this with ticket identities; unknown ones get ``*sess = NULL`` and 1 (0 would
+    abort the handshake).
+    """
+
+    def callback(ssl: Any, identity: Any, identity_len: int, sess_out: Any) -> int:
+        conn = None
+        try:
+            conn = _connection(ssl)
+            if conn is None:
+                raise RuntimeError("TLS callback for an unknown connection")
+            found = find(conn, bytes(_ffi.buffer(identity, identity_len)))
+            if found is None:
+                sess_out[0] = _ffi.NULL
+                return 1
+            key, cipher_id = found
+            sess_out[0] = _new_session(ssl, key, cipher_id)
+            return 1
+        except BaseException as exc:  # re-raised after the handshake, never printed
+            sink(conn, exc)
+            return 0
+
+    cb = _ffi.callback(
+        "int(*)(SSL *, unsigned char *, size_t, SSL_SESSION **)", callback, onerror=_on_cffi_error
+    )
+    _keep(ctx, cb)
+    _lib.SSL_CTX_set_psk_find_session_callback(ctx._context, cb)
+
+
+def install_msg_callback(ctx: SSL.Context, observe: MessageCallback, sink: ErrorSink) -> None:
+    """Call ``observe(connection, sent, content_type, data)`` for every protocol message (wire checks)."""
+
+    def callback(  # noqa: PLR0917 - the C signature of SSL_CTX_set_msg_callback
+        write_p: int, version: int, content_type: int, buf: Any, length: int, ssl: Any, arg: Any
+    ) -> None:
+        conn = None
+        try:
+            conn = _connection(ssl)
+            if conn is not None:
+                observe(conn, bool(write_p), content_type, bytes(_ffi.buffer(buf, length)))
+        except BaseException as exc:
+            sink(conn, exc)
+
+    cb = _ffi.callback(
+        "void(*)(int, int, int, void *, size_t, SSL *, void *)", callback, onerror=_on_cffi_error
+    )
+    _keep(ctx, cb)
+    _lib.SSL_CTX_set_msg_callback(ctx._context, cb)
+
+
+def set_groups(ctx: SSL.Context, groups: str) -> bool:
+    """Set the key-exchange groups (``SSL_CTX_set1_groups_list``); False if OpenSSL rejects the list."""
+    return bool(_lib.SSL_CTX_set1_curves_list(ctx._context, groups.encode("ascii")) == 1)
+
+
+def session_reused(conn: SSL.Connection) -> bool:
+    """``SSL_session_reused``: 1 for every PSK handshake (external PSK or ticket)."""
+    return bool(_lib.SSL_session_reused(conn._ssl) == 1)
