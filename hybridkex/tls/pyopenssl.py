@@ -106,8 +106,8 @@ class _ContextConfig:
     __slots__ = (
         "allowed_groups",
         "cipher",
-        "group_names",
         "cipher_id",
+        "group_names",
         "identity",
         "lookup",
         "message_callback",
