@@ -126,7 +126,7 @@ def translate(
             )
     if "wrong version number" in text or "unsupported protocol" in text or "protocol version" in text:
         return TLSError("the peer does not speak TLS 1.3 (only TLS 1.3 is allowed)")
-    if "unexpected eof" in text or text == "eof":
+    if "unexpected eof" in text or "eof occurred" in text or text == "eof":
         return TLSError("the peer closed the connection during the TLS handshake")
     detail = text or "no reason given"
     return TLSError(f"TLS 1.3 handshake failed: {detail}")
