@@ -1,13 +1,87 @@
 """QKD key delivery: the key-source interface, an in-memory link, and (ETSI GS QKD 014) KME access."""
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .base import AsyncKeySource, KeySource, KeySourceStatus, QKDKey
 from .memory import MemoryKeyLink, MemoryKeySource
 
+if TYPE_CHECKING:
+    from .client import AsyncETSI014Client, ETSI014Client, SecureSiteWarning, certificate_common_name
+    from .errors import (
+        KMEBadRequestError,
+        KMEConnectionError,
+        KMEKeyNotFoundError,
+        KMEResponseError,
+        KMETimeoutError,
+        KMEUnauthorizedError,
+        KMEUnavailableError,
+    )
+    from .etsi014 import KMEStatus
+    from .kme import KMEPairSettings, SimulatedKMEPair
+    from .pki import DemoPKI, create_demo_pki
+    from .pool import AsyncKeyPool, KeyPool, PoolStats, ThreadedAsyncKeySource
+
+# The ETSI 014 client, pool and simulator pull in aiohttp and X.509 code; load them on first use so
+# that importing the key-source interface stays cheap.
+_LAZY = {
+    "AsyncETSI014Client": "client",
+    "ETSI014Client": "client",
+    "SecureSiteWarning": "client",
+    "certificate_common_name": "client",
+    "KMEBadRequestError": "errors",
+    "KMEConnectionError": "errors",
+    "KMEKeyNotFoundError": "errors",
+    "KMEResponseError": "errors",
+    "KMETimeoutError": "errors",
+    "KMEUnauthorizedError": "errors",
+    "KMEUnavailableError": "errors",
+    "KMEStatus": "etsi014",
+    "KMEPairSettings": "kme",
+    "SimulatedKMEPair": "kme",
+    "DemoPKI": "pki",
+    "create_demo_pki": "pki",
+    "AsyncKeyPool": "pool",
+    "KeyPool": "pool",
+    "PoolStats": "pool",
+    "ThreadedAsyncKeySource": "pool",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
+    "AsyncETSI014Client",
+    "AsyncKeyPool",
     "AsyncKeySource",
+    "DemoPKI",
+    "ETSI014Client",
+    "KMEBadRequestError",
+    "KMEConnectionError",
+    "KMEKeyNotFoundError",
+    "KMEPairSettings",
+    "KMEResponseError",
+    "KMEStatus",
+    "KMETimeoutError",
+    "KMEUnauthorizedError",
+    "KMEUnavailableError",
+    "KeyPool",
     "KeySource",
     "KeySourceStatus",
     "MemoryKeyLink",
     "MemoryKeySource",
+    "PoolStats",
     "QKDKey",
+    "SecureSiteWarning",
+    "SimulatedKMEPair",
+    "ThreadedAsyncKeySource",
+    "certificate_common_name",
+    "create_demo_pki",
 ]

@@ -1,0 +1,624 @@
+"""A pre-fetching QKD key pool for the master side, so a handshake never waits on the KME.
+
+:class:`KeyPool` wraps a :class:`~hybridkex.qkd.KeySource` (typically an
+:class:`~hybridkex.qkd.ETSI014Client`) and is a ``KeySource`` itself.  For each slave SAE it keeps a
+queue of keys, refilled by one background thread: when a queue falls to ``low_watermark`` keys it
+is topped up to ``high_watermark``, in batches of at most ``batch_size`` (and never more than the
+KME's ``max_key_per_request``).  :class:`AsyncKeyPool` is the same over an
+:class:`~hybridkex.qkd.AsyncKeySource`, refilled by an asyncio task.
+
+Rules the pool keeps:
+
+* a key leaves the pool exactly once: it is removed under the lock before it is returned, and
+  there is no way to put it back, so a key whose handshake failed is never handed out again;
+* keys live only in memory, never on disk; ``close()`` drops every pooled key;
+* ``get_keys`` answers from the pool without touching the KME when the queue holds enough keys;
+  otherwise it fetches directly from the source (the pool is left as it is);
+* keys older than ``max_key_age`` (if set) are discarded, never handed out;
+* the slave side is not pooled: ``get_keys_by_id`` and ``status`` go straight to the source.
+
+:meth:`KeyPool.stats` reports the level, fetch latency and failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from ..exceptions import AlreadyFinalized, ConfigurationError, KeySourceError
+from .base import AsyncKeySource, KeySource, KeySourceStatus, QKDKey
+
+__all__ = ["AsyncKeyPool", "KeyPool", "PoolStats", "ThreadedAsyncKeySource"]
+
+log = logging.getLogger("hybridkex.qkd.pool")
+
+_DEFAULT_BATCH = 32
+_EWMA_WEIGHT = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A snapshot of a key pool (no key material).
+
+    Attributes:
+        level: keys ready, all slaves together; ``levels`` per slave SAE.
+        fetched: keys received by the background refill.
+        handed_out: keys given to callers (from the pool or fetched directly).
+        pool_hits: requests answered from the pool without contacting the KME.
+        direct_fetches: requests that had to go to the KME because the pool was short.
+        discarded: keys dropped unused (expired, or at close).
+        fetch_failures: failed background fetches; ``consecutive_failures`` since the last success.
+        last_error: type and message of the last failure (never key material).
+        last_fetch_latency, mean_fetch_latency: seconds per background fetch (mean is an EWMA).
+        running: the refill worker is active.
+    """
+
+    level: int
+    levels: dict[str, int]
+    fetched: int
+    handed_out: int
+    pool_hits: int
+    direct_fetches: int
+    discarded: int
+    fetch_failures: int
+    consecutive_failures: int
+    last_error: str | None
+    last_fetch_latency: float | None
+    mean_fetch_latency: float | None
+    running: bool
+
+
+@dataclass
+class _SubPool:
+    slave: str
+    keys: deque[tuple[QKDKey, float]] = field(default_factory=deque)
+    filling: bool = True
+    in_flight: bool = False
+    retry_at: float = 0.0
+    failures: int = 0
+    batch: int | None = None
+
+
+class _PoolCore:
+    """The pool's state and decisions; no I/O, so the thread and asyncio variants share it."""
+
+    def __init__(
+        self,
+        slaves: Iterable[str],
+        *,
+        size_bits: int,
+        low_watermark: int,
+        high_watermark: int,
+        batch_size: int | None,
+        max_key_age: float | None,
+        retry_backoff: float,
+        max_retry_backoff: float,
+        clock: Callable[[], float],
+    ) -> None:
+        if size_bits <= 0 or size_bits % 8:
+            raise ConfigurationError("must be a positive multiple of 8", field="size_bits")
+        if not 0 <= low_watermark < high_watermark:
+            raise ConfigurationError("need 0 <= low_watermark < high_watermark", field="low_watermark")
+        if batch_size is not None and batch_size < 1:
+            raise ConfigurationError("must be >= 1", field="batch_size")
+        if max_key_age is not None and max_key_age <= 0:
+            raise ConfigurationError("must be > 0 seconds", field="max_key_age")
+        if not 0 < retry_backoff <= max_retry_backoff:
+            raise ConfigurationError("need 0 < retry_backoff <= max_retry_backoff", field="retry_backoff")
+        self.size_bits = size_bits
+        self.low = low_watermark
+        self.high = high_watermark
+        self.batch_size = batch_size
+        self.max_key_age = max_key_age
+        self.retry_backoff = retry_backoff
+        self.max_retry_backoff = max_retry_backoff
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.subs: dict[str, _SubPool] = {}
+        self.closed = False
+        self.c = dict.fromkeys(("fetched", "handed_out", "hits", "direct", "discarded", "failures"), 0)
+        self.last_error: str | None = None
+        self.last_latency: float | None = None
+        self.mean_latency: float | None = None
+        for s in slaves:
+            self.subs[s] = _SubPool(s)
+
+    # Everything below runs with self.lock held, except where noted.
+
+    def _expire(self, sub: _SubPool, now: float) -> None:
+        if self.max_key_age is None:
+            return
+        while sub.keys and now - sub.keys[0][1] > self.max_key_age:
+            sub.keys.popleft()
+            self.c["discarded"] += 1
+
+    def take(self, slave: str, number: int, size_bits: int) -> tuple[list[QKDKey] | None, bool]:
+        """Keys from the pool, or ``None`` (fetch directly); second item: wake the refill worker."""
+        if self.closed:
+            raise AlreadyFinalized("the key pool is closed")
+        if size_bits != self.size_bits or number > self.high:
+            self.c["direct"] += 1
+            return None, False
+        wake = False
+        sub = self.subs.get(slave)
+        if sub is None:
+            sub = self.subs[slave] = _SubPool(slave)
+            wake = True
+        self._expire(sub, self.clock())
+        if len(sub.keys) < number:
+            self.c["direct"] += 1
+            return None, True
+        keys = [sub.keys.popleft()[0] for _ in range(number)]
+        self.c["hits"] += 1
+        self.c["handed_out"] += number
+        if len(sub.keys) <= self.low and not sub.filling:
+            sub.filling = True
+            wake = True
+        return keys, wake
+
+    def note_direct(self, number: int) -> None:
+        self.c["handed_out"] += number
+
+    def plan(self) -> tuple[list[tuple[_SubPool, int]], float | None]:
+        """Batches to fetch now, and how long to sleep if there is nothing to do (``None``: until woken)."""
+        now = self.clock()
+        work: list[tuple[_SubPool, int]] = []
+        wait: float | None = None
+        for sub in self.subs.values():
+            self._expire(sub, now)
+            level = len(sub.keys)
+            if level <= self.low:
+                sub.filling = True
+            if level >= self.high:
+                sub.filling = False
+            if not sub.filling or sub.in_flight:
+                continue
+            if sub.retry_at > now:
+                wait = min(wait, sub.retry_at - now) if wait is not None else sub.retry_at - now
+                continue
+            limit = self.batch_size or sub.batch or _DEFAULT_BATCH
+            if sub.batch is not None:
+                limit = min(limit, sub.batch)
+            work.append((sub, max(1, min(limit, self.high - level))))
+            sub.in_flight = True
+        if self.max_key_age is not None:
+            oldest = [sub.keys[0][1] for sub in self.subs.values() if sub.keys]
+            if oldest:
+                until = min(oldest) + self.max_key_age - now
+                wait = min(wait, until) if wait is not None else until
+        return work, (max(wait, 0.01) if wait is not None else None)
+
+    def deposit(self, sub: _SubPool, keys: Sequence[QKDKey], latency: float) -> None:
+        sub.in_flight = False
+        if self.closed:
+            self.c["discarded"] += len(keys)
+            return
+        now = self.clock()
+        sub.keys.extend((k, now) for k in keys)
+        sub.failures = 0
+        sub.retry_at = 0.0
+        self.c["fetched"] += len(keys)
+        self.last_latency = latency
+        self.mean_latency = latency if self.mean_latency is None else (
+            (1 - _EWMA_WEIGHT) * self.mean_latency + _EWMA_WEIGHT * latency
+        )
+        if len(sub.keys) >= self.high:
+            sub.filling = False
+
+    def failed(self, sub: _SubPool, exc: BaseException) -> None:
+        sub.in_flight = False
+        sub.failures += 1
+        delay = min(self.max_retry_backoff, self.retry_backoff * 2 ** (sub.failures - 1))
+        sub.retry_at = self.clock() + delay
+        self.c["failures"] += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        log.warning("key pool: fetch for slave %s failed (%s); retrying in %.1f s", sub.slave, self.last_error, delay)
+
+    def learned_batch(self, sub: _SubPool, max_key_per_request: int) -> None:
+        sub.batch = max(1, max_key_per_request)
+
+    def close(self) -> int:
+        self.closed = True
+        dropped = sum(len(s.keys) for s in self.subs.values())
+        for s in self.subs.values():
+            s.keys.clear()
+        self.c["discarded"] += dropped
+        return dropped
+
+    def stats(self, running: bool) -> PoolStats:
+        levels = {s.slave: len(s.keys) for s in self.subs.values()}
+        c = self.c
+        return PoolStats(
+            level=sum(levels.values()), levels=levels, fetched=c["fetched"], handed_out=c["handed_out"],
+            pool_hits=c["hits"], direct_fetches=c["direct"], discarded=c["discarded"],
+            fetch_failures=c["failures"],
+            consecutive_failures=max((s.failures for s in self.subs.values()), default=0),
+            last_error=self.last_error, last_fetch_latency=self.last_latency,
+            mean_fetch_latency=self.mean_latency, running=running,
+        )
+
+    def level(self, slave: str | None) -> int:
+        if slave is not None:
+            sub = self.subs.get(slave)
+            return len(sub.keys) if sub else 0
+        return sum(len(s.keys) for s in self.subs.values())
+
+
+def _check_keys(keys: Sequence[QKDKey], number: int, size_bits: int) -> None:
+    # The source validated them already; this guards against a source that ignores the request.
+    if len(keys) != number or any(len(k.key) * 8 != size_bits for k in keys):
+        raise KeySourceError("the key source returned a different number or size of keys than requested")
+
+
+class KeyPool:
+    """Master-side pre-fetching pool over a blocking :class:`~hybridkex.qkd.KeySource`; thread-safe.
+
+    Args:
+        source: where keys come from (must be safe to call from the refill thread).
+        slaves: slave SAE IDs to pre-fetch for from the start; others get a queue on first use.
+        size_bits: key size the pool holds; other sizes are fetched directly.
+        low_watermark, high_watermark: refill when a queue has ``<= low`` keys, up to ``high``.
+        batch_size: keys per KME request; default the KME's ``max_key_per_request`` (from ``status``),
+            else 32.  Never more than the space up to ``high_watermark``.
+        max_key_age: seconds after which an unused pooled key is discarded (``None``: never).
+        retry_backoff, max_retry_backoff: delay after a failed refill, doubling up to the cap.
+        start: start the refill thread now (else call :meth:`start`).
+
+    Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        source: KeySource,
+        slaves: Iterable[str] = (),
+        *,
+        size_bits: int = 256,
+        low_watermark: int = 16,
+        high_watermark: int = 64,
+        batch_size: int | None = None,
+        max_key_age: float | None = None,
+        retry_backoff: float = 0.5,
+        max_retry_backoff: float = 30.0,
+        start: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._source = source
+        self._core = _PoolCore(slaves, size_bits=size_bits, low_watermark=low_watermark,
+                               high_watermark=high_watermark, batch_size=batch_size, max_key_age=max_key_age,
+                               retry_backoff=retry_backoff, max_retry_backoff=max_retry_backoff, clock=clock)
+        self._cond = threading.Condition(self._core.lock)
+        self._thread: threading.Thread | None = None
+        if start:
+            self.start()
+
+    def __repr__(self) -> str:
+        return f"KeyPool(source={self._source!r}, level={self.level()}, high_watermark={self._core.high})"
+
+    # -- KeySource --------------------------------------------------------------------------------
+
+    @property
+    def sae_id(self) -> str:
+        """The underlying source's SAE ID."""
+        return self._source.sae_id
+
+    @property
+    def kme_id(self) -> str:
+        """The underlying source's KME ID."""
+        return self._source.kme_id
+
+    def get_keys(self, slave_sae_id: str, number: int = 1, size_bits: int = 256) -> list[QKDKey]:
+        """``number`` keys shared with ``slave_sae_id``: from the pool if it holds enough, else from the KME.
+
+        Each key is returned once, ever; it is gone from the pool whatever the caller does with it.
+        """
+        with self._cond:
+            keys, wake = self._core.take(slave_sae_id, number, size_bits)
+            if wake:
+                self._cond.notify_all()
+        if keys is not None:
+            return keys
+        keys = self._source.get_keys(slave_sae_id, number, size_bits)
+        _check_keys(keys, number, size_bits)
+        with self._cond:
+            self._core.note_direct(number)
+        return keys
+
+    def get_keys_by_id(self, master_sae_id: str, key_ids: Sequence[str]) -> list[QKDKey]:
+        """Slave role: passed straight to the source (keys are fetched by ID on demand)."""
+        return self._source.get_keys_by_id(master_sae_id, key_ids)
+
+    def status(self, slave_sae_id: str) -> KeySourceStatus:
+        """The KME's status, from the source."""
+        return self._source.status(slave_sae_id)
+
+    # -- pool -------------------------------------------------------------------------------------
+
+    def level(self, slave_sae_id: str | None = None) -> int:
+        """Keys ready for ``slave_sae_id`` (all slaves if ``None``)."""
+        with self._cond:
+            return self._core.level(slave_sae_id)
+
+    def stats(self) -> PoolStats:
+        """Level, counters, fetch latency and failures."""
+        with self._cond:
+            return self._core.stats(self._thread is not None and self._thread.is_alive())
+
+    def wait_ready(self, timeout: float = 10.0, minimum: int | None = None) -> bool:
+        """Block until every known slave has ``minimum`` keys (default: the high watermark).
+
+        Returns:
+            True if reached, False on timeout.
+        """
+        target = self._core.high if minimum is None else minimum
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not all(len(s.keys) >= target for s in self._core.subs.values()):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._core.closed:
+                    return False
+                self._cond.wait(min(left, 0.5))
+            return True
+
+    def start(self) -> None:
+        """Start the refill thread (idempotent)."""
+        with self._cond:
+            if self._core.closed:
+                raise AlreadyFinalized("the key pool is closed")
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="hybridkex-key-pool", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop refilling, drop every pooled key, wait up to ``timeout`` for the thread. Idempotent."""
+        with self._cond:
+            dropped = self._core.close()
+            self._cond.notify_all()
+            thread = self._thread
+        if dropped:
+            log.info("key pool closed: %d unused key(s) dropped", dropped)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def __enter__(self) -> KeyPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._core.closed:
+                    return
+                work, wait = self._core.plan()
+                if not work:
+                    self._cond.wait(wait)
+                    continue
+            for sub, n in work:
+                self._fill(sub, n)
+
+    def _fill(self, sub: _SubPool, n: int) -> None:
+        try:
+            if sub.batch is None and self._core.batch_size is None:
+                max_per_request = self._source.status(sub.slave).max_key_per_request
+                with self._cond:
+                    self._core.learned_batch(sub, max_per_request)
+                n = min(n, max_per_request)
+            t0 = time.perf_counter()
+            keys = self._source.get_keys(sub.slave, n, self._core.size_bits)
+            latency = time.perf_counter() - t0
+            _check_keys(keys, n, self._core.size_bits)
+        except Exception as exc:  # any failure is counted, logged and retried later
+            with self._cond:
+                self._core.failed(sub, exc)
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._core.deposit(sub, keys, latency)
+            self._cond.notify_all()
+
+
+class AsyncKeyPool:
+    """:class:`KeyPool` for asyncio: the same pool over an :class:`~hybridkex.qkd.AsyncKeySource`.
+
+    The refill runs as a task in the event loop that first uses the pool (or calls :meth:`start`).
+    Use ``async with`` or call :meth:`aclose`.  Same arguments as :class:`KeyPool` (without ``start``).
+    """
+
+    def __init__(
+        self,
+        source: AsyncKeySource,
+        slaves: Iterable[str] = (),
+        *,
+        size_bits: int = 256,
+        low_watermark: int = 16,
+        high_watermark: int = 64,
+        batch_size: int | None = None,
+        max_key_age: float | None = None,
+        retry_backoff: float = 0.5,
+        max_retry_backoff: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._source = source
+        self._core = _PoolCore(slaves, size_bits=size_bits, low_watermark=low_watermark,
+                               high_watermark=high_watermark, batch_size=batch_size, max_key_age=max_key_age,
+                               retry_backoff=retry_backoff, max_retry_backoff=max_retry_backoff, clock=clock)
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._changed: asyncio.Event | None = None
+        self._fills: set[asyncio.Task[None]] = set()
+
+    @property
+    def sae_id(self) -> str:
+        """The underlying source's SAE ID."""
+        return self._source.sae_id
+
+    @property
+    def kme_id(self) -> str:
+        """The underlying source's KME ID."""
+        return self._source.kme_id
+
+    def start(self) -> None:
+        """Start the refill task in the running loop (idempotent)."""
+        if self._core.closed:
+            raise AlreadyFinalized("the key pool is closed")
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._changed = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="hybridkex-key-pool")
+
+    async def get_keys(self, slave_sae_id: str, number: int = 1, size_bits: int = 256) -> list[QKDKey]:
+        """As :meth:`KeyPool.get_keys`."""
+        self.start()
+        with self._core.lock:
+            keys, wake = self._core.take(slave_sae_id, number, size_bits)
+        if wake and self._wake is not None:
+            self._wake.set()
+        if keys is not None:
+            return keys
+        keys = await self._source.get_keys(slave_sae_id, number, size_bits)
+        _check_keys(keys, number, size_bits)
+        with self._core.lock:
+            self._core.note_direct(number)
+        return keys
+
+    async def get_keys_by_id(self, master_sae_id: str, key_ids: Sequence[str]) -> list[QKDKey]:
+        """Slave role: passed straight to the source."""
+        return await self._source.get_keys_by_id(master_sae_id, key_ids)
+
+    async def status(self, slave_sae_id: str) -> KeySourceStatus:
+        """The KME's status, from the source."""
+        return await self._source.status(slave_sae_id)
+
+    def level(self, slave_sae_id: str | None = None) -> int:
+        """Keys ready for ``slave_sae_id`` (all slaves if ``None``)."""
+        with self._core.lock:
+            return self._core.level(slave_sae_id)
+
+    def stats(self) -> PoolStats:
+        """Level, counters, fetch latency and failures."""
+        with self._core.lock:
+            return self._core.stats(self._task is not None and not self._task.done())
+
+    async def wait_ready(self, timeout: float = 10.0, minimum: int | None = None) -> bool:
+        """Wait until every known slave has ``minimum`` keys (default: the high watermark)."""
+        self.start()
+        assert self._changed is not None
+        target = self._core.high if minimum is None else minimum
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            with self._core.lock:
+                if all(len(s.keys) >= target for s in self._core.subs.values()):
+                    return True
+                if self._core.closed:
+                    return False
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
+
+    async def aclose(self) -> None:
+        """Stop refilling and drop every pooled key. Idempotent."""
+        with self._core.lock:
+            dropped = self._core.close()
+        if dropped:
+            log.info("key pool closed: %d unused key(s) dropped", dropped)
+        tasks = [t for t in (self._task, *self._fills) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> AsyncKeyPool:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            with self._core.lock:
+                if self._core.closed:
+                    return
+                work, wait = self._core.plan()
+            for sub, n in work:
+                task = asyncio.get_running_loop().create_task(self._fill(sub, n))
+                self._fills.add(task)
+                task.add_done_callback(self._fills.discard)
+            if work:
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def _fill(self, sub: _SubPool, n: int) -> None:
+        assert self._wake is not None and self._changed is not None
+        try:
+            if sub.batch is None and self._core.batch_size is None:
+                max_per_request = (await self._source.status(sub.slave)).max_key_per_request
+                with self._core.lock:
+                    self._core.learned_batch(sub, max_per_request)
+                n = min(n, max_per_request)
+            t0 = time.perf_counter()
+            keys = await self._source.get_keys(sub.slave, n, self._core.size_bits)
+            latency = time.perf_counter() - t0
+            _check_keys(keys, n, self._core.size_bits)
+        except asyncio.CancelledError:
+            with self._core.lock:
+                sub.in_flight = False
+            raise
+        except Exception as exc:  # counted, logged, retried later
+            with self._core.lock:
+                self._core.failed(sub, exc)
+        else:
+            with self._core.lock:
+                self._core.deposit(sub, keys, latency)
+        self._changed.set()
+        self._wake.set()
+
+
+class ThreadedAsyncKeySource:
+    """An :class:`~hybridkex.qkd.AsyncKeySource` over a blocking source, calling it in a worker thread.
+
+    Lets asyncio code use a :class:`KeyPool` or :class:`~hybridkex.qkd.ETSI014Client`.
+    """
+
+    def __init__(self, source: KeySource) -> None:
+        self._source = source
+
+    @property
+    def sae_id(self) -> str:
+        """The wrapped source's SAE ID."""
+        return self._source.sae_id
+
+    @property
+    def kme_id(self) -> str:
+        """The wrapped source's KME ID."""
+        return self._source.kme_id
+
+    async def get_keys(self, slave_sae_id: str, number: int = 1, size_bits: int = 256) -> list[QKDKey]:
+        """As :meth:`KeySource.get_keys`, in a worker thread."""
+        return await asyncio.to_thread(self._source.get_keys, slave_sae_id, number, size_bits)
+
+    async def get_keys_by_id(self, master_sae_id: str, key_ids: Sequence[str]) -> list[QKDKey]:
+        """As :meth:`KeySource.get_keys_by_id`, in a worker thread."""
+        return await asyncio.to_thread(self._source.get_keys_by_id, master_sae_id, list(key_ids))
+
+    async def status(self, slave_sae_id: str) -> KeySourceStatus:
+        """As :meth:`KeySource.status`, in a worker thread."""
+        return await asyncio.to_thread(self._source.status, slave_sae_id)
+
+    def __repr__(self) -> str:
+        return f"ThreadedAsyncKeySource({self._source!r})"
+
