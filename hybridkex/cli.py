@@ -25,6 +25,9 @@ COMMANDS: tuple[str, ...] = (
     "demo",
     "vectors",
     "suites",
+    "tunnel",
+    "pki",
+    "kme",
 )
 
 EXIT_INTERNAL = 70

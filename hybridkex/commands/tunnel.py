@@ -1,0 +1,71 @@
+"""``hybridkex tunnel server|client``: a quantum-safe tunnel in front of any TCP service.
+
+The server accepts secured connections and forwards them to a plain TCP target; the client accepts
+local plain TCP connections and carries them to a tunnel server.  Configuration comes from a TOML
+file (``--config``) and/or flags (flags win); see docs/tunnel.md for every key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from ..tunnel import make_runtime
+from ..tunnel.channel import insecure_test_hook_active, resolve_channel_provider
+from ..tunnel.config import FLAGS, Overrides, Role, TunnelConfig, load_config
+from ..tunnel.logs import configure_logging
+
+HELP = "run a quantum-safe tunnel in front of any TCP service (server or client side)"
+
+_ROLE_HELP = {
+    "server": "accept secured connections on --listen and forward them to the TCP service at --target",
+    "client": "accept local TCP connections on --listen and carry them securely to the tunnel server at --target",
+}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    roles = parser.add_subparsers(dest="role", metavar="ROLE")
+    for role in ("server", "client"):
+        sub = roles.add_parser(role, help=_ROLE_HELP[role], description=_ROLE_HELP[role],
+                               epilog="Signals: SIGTERM drains and stops, SIGHUP reloads --config. "
+                                      "Configuration reference: docs/tunnel.md.")
+        sub.add_argument("--config", metavar="FILE", help="TOML configuration file (flags override it)")
+        sub.add_argument("--check-config", action="store_true",
+                         help="validate the configuration, print a summary and exit")
+        for f in FLAGS:
+            if f.kind == "bool":
+                sub.add_argument(f.flag, action="store_true", default=None, help=f.help)
+            elif f.kind in ("list", "peer"):
+                sub.add_argument(f.flag, action="append", metavar=f.metavar, help=f.help)
+            else:
+                sub.add_argument(f.flag, metavar=f.metavar, help=f.help)
+
+
+def _summary(cfg: TunnelConfig) -> str:
+    return (f"hybridkex: configuration OK: tunnel {cfg.role} listen={cfg.listen} target={cfg.target} "
+            f"identity={cfg.identity} peers={len(cfg.peers)} suites={','.join(cfg.policy.suites)} "
+            f"qkd={cfg.policy.qkd}")
+
+
+def run(args: argparse.Namespace) -> int:
+    role: Role | None = args.role
+    if role is None:
+        print("usage: hybridkex tunnel {server,client} [options]; see 'hybridkex tunnel server --help'")
+        return 2
+    insecure_test_hook_active()  # refuses the test hook outside the test suite, before anything else
+    overrides = Overrides.from_namespace(args)
+    config_path: str | None = args.config
+    config = load_config(role, config_path, overrides)
+    if args.check_config:
+        for w in config.warnings:
+            print(f"hybridkex: warning: {w.field}: {w.message}")
+        print(_summary(config))
+        return 0
+    provider, insecure = resolve_channel_provider()
+
+    def loader() -> TunnelConfig:
+        return load_config(role, config_path, overrides)
+
+    configure_logging(config.logging.format, config.logging.level)
+    runtime = make_runtime(config, provider, loader=loader if config_path else None, insecure=insecure)
+    return asyncio.run(runtime.run())

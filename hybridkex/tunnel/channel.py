@@ -1,0 +1,177 @@
+"""The seam between the tunnel runtime and the secure channel.
+
+The runtime (listeners, limits, relay, logs, metrics, signals) never knows *how* a connection is
+secured.  It hands the raw TCP streams of each connection to a :class:`ChannelFactory`, which runs
+the handshake and returns a :class:`SecureStream`; the runtime then relays bytes between that
+stream and the plaintext side.  A factory is built from the configuration by a
+:data:`ChannelFactoryProvider`.
+
+The CLI finds the provider with :func:`resolve_channel_provider`: the real one is
+``build_channel_factory`` in the module :data:`SECURE_MODULE`.  The insecure plain channel used by
+the tunnel's own tests is reachable only through a test hook (two environment variables, see
+:data:`TEST_HOOK_ENV`), never through configuration or flags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Final, Protocol, cast, runtime_checkable
+
+from ..exceptions import ConfigurationError, UnsupportedAlgorithm
+
+if TYPE_CHECKING:
+    from .config import TunnelConfig
+    from .metrics import TunnelMetrics
+
+__all__ = [
+    "SECURE_MODULE",
+    "TESTING_ENV",
+    "TEST_HOOK_ENV",
+    "ChannelFactory",
+    "ChannelFactoryProvider",
+    "PlainStream",
+    "SecureStream",
+    "resolve_channel_provider",
+]
+
+#: Module that provides the real channel: ``async def build_channel_factory(config, metrics)``.
+SECURE_MODULE: Final = "hybridkex.tunnel.secure"
+#: TEST-ONLY hook: set to "1" (together with :data:`TESTING_ENV` = "1") to run the tunnel over the
+#: insecure plain channel. Without HYBRIDKEX_TESTING=1 the tunnel refuses to start.
+TEST_HOOK_ENV: Final = "HYBRIDKEX_TUNNEL_INSECURE_PLAIN_CHANNEL"
+TESTING_ENV: Final = "HYBRIDKEX_TESTING"
+
+
+@runtime_checkable
+class SecureStream(Protocol):
+    """A byte stream after a successful handshake, as the relay uses it.
+
+    ``read`` returns ``b""`` once the peer has finished sending (its half-close or close);
+    ``write_eof`` flushes what was written and then signals end-of-stream to the peer while
+    reading continues (TLS: close_notify, then TCP half-close).
+    """
+
+    @property
+    def session_facts(self) -> Mapping[str, object]:
+        """What was negotiated, for logs: suite, components, auth mode, QKD key IDs, peer identity.
+
+        Never keys or anything derived from them.
+        """
+        ...
+
+    async def read(self, n: int) -> bytes: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    async def write_eof(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+
+class ChannelFactory(Protocol):
+    """Secures connections. One instance serves many connections concurrently.
+
+    ``accept``/``connect`` raise a :class:`~hybridkex.exceptions.HybridKEXError` subclass when the
+    handshake fails (the runtime logs it, counts it by class and closes the connection); the runtime
+    enforces the handshake deadline by cancelling them.  ``reconfigure`` is called on SIGHUP with a
+    new, validated configuration: it must either apply it completely (affecting only new
+    connections) or raise :class:`~hybridkex.exceptions.ConfigurationError` and keep the old one.
+    ``aclose`` is called once, when the tunnel stops.
+    """
+
+    async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                     peer_addr: str) -> SecureStream:
+        """Server side: run the handshake with the peer at ``peer_addr``."""
+        ...
+
+    async def connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> SecureStream:
+        """Client side: run the handshake with the tunnel server at ``config.target``."""
+        ...
+
+    async def reconfigure(self, config: TunnelConfig) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+#: Builds the channel factory for a configuration; gets the metrics to report pool level/KME errors.
+ChannelFactoryProvider = Callable[["TunnelConfig", "TunnelMetrics"], Awaitable[ChannelFactory]]
+
+
+class PlainStream:
+    """An asyncio TCP stream pair behind the :class:`SecureStream` interface (no security at all).
+
+    The runtime uses it for the plaintext side of every connection (the target on the server, the
+    local application on the client).
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 facts: Mapping[str, object] | None = None) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._facts: Mapping[str, object] = dict(facts or {})
+
+    @property
+    def session_facts(self) -> Mapping[str, object]:
+        return self._facts
+
+    async def read(self, n: int) -> bytes:
+        return await self._reader.read(n)
+
+    def write(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    async def write_eof(self) -> None:
+        await self._writer.drain()
+        if self._writer.can_write_eof() and not self._writer.is_closing():
+            with contextlib.suppress(OSError, RuntimeError):
+                self._writer.write_eof()
+
+    def close(self) -> None:
+        self._writer.close()
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(OSError):
+            await self._writer.wait_closed()
+
+
+async def _insecure_plain_provider(config: TunnelConfig, metrics: TunnelMetrics) -> ChannelFactory:
+    # Imported only here so the insecure channel is not even loaded unless the test hook selects it.
+    from ._insecure_plain import InsecurePlainChannelFactory  # noqa: PLC0415
+
+    return InsecurePlainChannelFactory(config)
+
+
+def insecure_test_hook_active(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the test hook selects the insecure plain channel; refuses it outside tests."""
+    env = os.environ if environ is None else environ
+    if not env.get(TEST_HOOK_ENV):
+        return False
+    if env.get(TESTING_ENV) != "1" or env.get(TEST_HOOK_ENV) != "1":
+        raise ConfigurationError(
+            "test-only hook that disables all security; refused outside the test suite, unset it",
+            field=TEST_HOOK_ENV)
+    return True
+
+
+def resolve_channel_provider(environ: Mapping[str, str] | None = None) -> tuple[ChannelFactoryProvider, bool]:
+    """The provider the CLI uses, and whether it is the INSECURE test channel."""
+    if insecure_test_hook_active(environ):
+        return _insecure_plain_provider, True
+    if importlib.util.find_spec(SECURE_MODULE) is None:
+        raise UnsupportedAlgorithm(
+            f"the hybrid secure channel is not available in this build ({SECURE_MODULE} is missing); "
+            "install a hybridkex release that includes it")
+    module = importlib.import_module(SECURE_MODULE)
+    return cast(ChannelFactoryProvider, module.build_channel_factory), False

@@ -1,0 +1,415 @@
+"""Tunnel metrics in the Prometheus text exposition format, a health state, and the HTTP endpoint.
+
+:class:`TunnelMetrics` holds the metrics the runtime maintains (handshakes, latency, bytes,
+connections) and the small API a channel factory uses to report its own state: the QKD key pool
+level and KME errors, or any further counter, gauge or histogram it registers.  The endpoint is a
+deliberately small asyncio HTTP/1.1 server (GET ``/metrics`` and ``/healthz``, one request per
+connection, bounded request size and time); it is off unless configured and binds to loopback by
+default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+from .config import Address
+from .logs import log_event
+
+__all__ = [
+    "HANDSHAKE_OUTCOMES",
+    "REJECT_REASONS",
+    "Counter",
+    "Gauge",
+    "Health",
+    "Histogram",
+    "MetricsServer",
+    "Registry",
+    "TunnelMetrics",
+]
+
+#: Handshake outcomes, the ``outcome`` label of ``hybridkex_tunnel_handshakes_total``.
+HANDSHAKE_OUTCOMES: Final = ("ok", "timeout", "auth_failed", "protocol_error", "policy_violation",
+                             "key_source_error", "tls_error", "io_error", "target_unreachable", "internal_error")
+#: Why a connection was refused before its handshake, the ``reason`` label of ``..._rejected_total``.
+REJECT_REASONS: Final = ("max_connections", "rate_limited")
+#: Handshake latency buckets in seconds; QKD handshakes with a remote KME take around a second.
+LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _num(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
+    parts = [f'{n}="{_escape_label(v)}"' for n, v in zip(names, values, strict=True)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+class _Metric:
+    kind = ""
+
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
+        self.name = name
+        self.help = help_text
+        self.labelnames = tuple(labelnames)
+        self._lock = threading.Lock()
+
+    def _key(self, labels: dict[str, str]) -> tuple[str, ...]:
+        if set(labels) != set(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {tuple(labels)}")
+        return tuple(str(labels[n]) for n in self.labelnames)
+
+    def header(self) -> list[str]:
+        return [f"# HELP {self.name} {_escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
+
+    def render(self) -> list[str]:
+        raise NotImplementedError
+
+
+class Counter(_Metric):
+    """A monotonically increasing count, optionally split by labels."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = (),
+                 initial: Iterable[Sequence[str]] = ()) -> None:
+        super().__init__(name, help_text, labelnames)
+        self._values: dict[tuple[str, ...], float] = {}
+        if not self.labelnames:
+            self._values[()] = 0.0
+        for values in initial:
+            self._values[tuple(values)] = 0.0
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        if amount < 0:
+            raise ValueError("a counter only goes up")
+        key = self._key(labels)
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def value(self, **labels: str) -> float:
+        return self._values.get(self._key(labels), 0.0)
+
+    def render(self) -> list[str]:
+        with self._lock:
+            items = sorted(self._values.items())
+        return [*self.header(), *(f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items)]
+
+
+class Gauge(_Metric):
+    """A value that goes up and down, optionally split by labels."""
+
+    kind = "gauge"
+
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
+        super().__init__(name, help_text, labelnames)
+        self._values: dict[tuple[str, ...], float] = {} if self.labelnames else {(): 0.0}
+
+    def set(self, value: float, **labels: str) -> None:
+        key = self._key(labels)
+        with self._lock:
+            self._values[key] = float(value)
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        key = self._key(labels)
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def dec(self, amount: float = 1.0, **labels: str) -> None:
+        self.inc(-amount, **labels)
+
+    def remove(self, **labels: str) -> None:
+        """Forget one label combination (e.g. a peer removed by a reload)."""
+        with self._lock:
+            self._values.pop(self._key(labels), None)
+
+    def value(self, **labels: str) -> float:
+        return self._values.get(self._key(labels), 0.0)
+
+    def render(self) -> list[str]:
+        with self._lock:
+            items = sorted(self._values.items())
+        return [*self.header(), *(f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items)]
+
+
+class Histogram(_Metric):
+    """Observations counted into cumulative buckets, with their sum and count (no labels)."""
+
+    kind = "histogram"
+
+    def __init__(self, name: str, help_text: str, buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
+        super().__init__(name, help_text)
+        if list(buckets) != sorted(buckets) or not buckets:
+            raise ValueError("histogram buckets must be a sorted, non-empty sequence")
+        self.buckets = tuple(float(b) for b in buckets)
+        self._counts = [0] * (len(self.buckets) + 1)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self._sum += value
+            for i, bound in enumerate(self.buckets):
+                if value <= bound:
+                    self._counts[i] += 1
+                    break
+            else:
+                self._counts[-1] += 1
+
+    @property
+    def count(self) -> int:
+        return sum(self._counts)
+
+    def render(self) -> list[str]:
+        with self._lock:
+            counts = list(self._counts)
+            total = self._sum
+        lines = self.header()
+        running = 0
+        for bound, c in zip((*self.buckets, math.inf), counts, strict=True):
+            running += c
+            lines.append(f'{self.name}_bucket{{le="{_num(bound)}"}} {running}')
+        lines.append(f"{self.name}_sum {_num(total)}")
+        lines.append(f"{self.name}_count {running}")
+        return lines
+
+
+class Registry:
+    """An ordered set of metrics rendered together; names must be unique."""
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, _Metric] = {}
+
+    def register(self, metric: _Metric) -> None:
+        if metric.name in self._metrics:
+            raise ValueError(f"metric {metric.name} is already registered")
+        self._metrics[metric.name] = metric
+
+    def get(self, name: str) -> _Metric | None:
+        return self._metrics.get(name)
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for m in self._metrics.values():
+            lines.extend(m.render())
+        return "\n".join(lines) + "\n"
+
+
+class Health:
+    """Named health components; the process is healthy when serving and every component is OK."""
+
+    def __init__(self) -> None:
+        self._components: dict[str, tuple[bool, str]] = {}
+        self.draining = False
+
+    def set(self, component: str, ok: bool, detail: str = "") -> None:
+        """Report ``component`` (e.g. ``"kme"``) as healthy or not, with a short public reason."""
+        self._components[component] = (ok, detail)
+
+    def report(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining\n"
+        bad = [f"{name}: {detail or 'unhealthy'}" for name, (ok, detail) in sorted(self._components.items())
+               if not ok]
+        if bad:
+            return False, "".join(line + "\n" for line in bad)
+        return True, "ok\n"
+
+
+class TunnelMetrics:
+    """The tunnel's metrics, and the API a channel factory uses to add its own.
+
+    Factories should use :meth:`set_qkd_pool_level`, :meth:`kme_error` and :attr:`health`, and may
+    register further metrics with :meth:`counter`, :meth:`gauge` and :meth:`histogram`.
+    """
+
+    def __init__(self, role: str) -> None:
+        self.registry = Registry()
+        self.health = Health()
+        self.info = self.gauge("hybridkex_tunnel_info", "Tunnel role (value is always 1).", ("role",))
+        self.info.set(1, role=role)
+        self.handshakes = self.counter(
+            "hybridkex_tunnel_handshakes_total", "Handshakes by outcome.", ("outcome",),
+            initial=[(o,) for o in HANDSHAKE_OUTCOMES])
+        self.handshake_seconds = self.histogram(
+            "hybridkex_tunnel_handshake_duration_seconds", "Duration of successful handshakes in seconds.")
+        self.bytes = self.counter(
+            "hybridkex_tunnel_bytes_total",
+            "Bytes relayed; direction in = from the listening side to the target, out = back.",
+            ("direction",), initial=[("in",), ("out",)])
+        self.active = self.gauge("hybridkex_tunnel_active_connections", "Open connections (incl. handshaking).")
+        self.connections = self.counter("hybridkex_tunnel_connections_total", "Connections accepted.")
+        self.rejected = self.counter(
+            "hybridkex_tunnel_rejected_connections_total", "Connections refused before the handshake, by reason.",
+            ("reason",), initial=[(r,) for r in REJECT_REASONS])
+        self.closed = self.counter(
+            "hybridkex_tunnel_closed_connections_total", "Relayed connections closed, by how they ended.",
+            ("outcome",))
+        self.reloads = self.counter(
+            "hybridkex_tunnel_config_reloads_total", "Configuration reloads (SIGHUP) by outcome.", ("outcome",),
+            initial=[("ok",), ("error",)])
+        self.peers = self.gauge("hybridkex_tunnel_configured_peers", "Peers in the running configuration.")
+        self.qkd_pool = self.gauge(
+            "hybridkex_qkd_pool_keys", "QKD keys ready in the local pool, per peer SAE.", ("peer",))
+        self.kme_errors = self.counter(
+            "hybridkex_kme_errors_total", "Errors talking to the KME, by kind.", ("kind",))
+
+    # --- factory API --------------------------------------------------------------------------
+
+    def set_qkd_pool_level(self, peer: str, keys: int) -> None:
+        """Report how many QKD keys are ready for ``peer`` (a gauge)."""
+        self.qkd_pool.set(keys, peer=peer)
+
+    def kme_error(self, kind: str) -> None:
+        """Count one KME error, e.g. ``"http_503"``, ``"timeout"``, ``"tls"``."""
+        self.kme_errors.inc(kind=kind)
+
+    def counter(self, name: str, help_text: str, labelnames: Sequence[str] = (),
+                initial: Iterable[Sequence[str]] = ()) -> Counter:
+        """Register and return a new counter."""
+        metric = Counter(name, help_text, labelnames, initial)
+        self.registry.register(metric)
+        return metric
+
+    def gauge(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> Gauge:
+        """Register and return a new gauge."""
+        metric = Gauge(name, help_text, labelnames)
+        self.registry.register(metric)
+        return metric
+
+    def histogram(self, name: str, help_text: str, buckets: Sequence[float] = LATENCY_BUCKETS) -> Histogram:
+        """Register and return a new histogram."""
+        metric = Histogram(name, help_text, buckets)
+        self.registry.register(metric)
+        return metric
+
+    def render(self) -> str:
+        return self.registry.render()
+
+
+# --- HTTP endpoint ------------------------------------------------------------------------------
+
+_MAX_REQUEST = 8192
+_REQUEST_TIMEOUT = 5.0
+_MAX_CLIENTS = 16
+_REASONS: Final = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                   503: "Service Unavailable"}
+
+
+class MetricsServer:
+    """Serves ``/metrics`` and/or ``/healthz`` over plain HTTP/1.1 (meant for loopback)."""
+
+    def __init__(self, metrics: TunnelMetrics, listen: Address, *, serve_metrics: bool, serve_health: bool) -> None:
+        self.metrics = metrics
+        self.listen = listen
+        self.serve_metrics = serve_metrics
+        self.serve_health = serve_health
+        self._server: asyncio.Server | None = None
+        self._clients = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def address(self) -> Address:
+        """The bound address (the real port when the configured port was 0)."""
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return Address(host, port)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.listen.host, self.listen.port,
+                                                  limit=_MAX_REQUEST)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            if self._clients >= _MAX_CLIENTS:
+                return
+            self._clients += 1
+            try:
+                async with asyncio.timeout(_REQUEST_TIMEOUT):
+                    await self._respond(reader, writer)
+            finally:
+                self._clients -= 1
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            pass  # a broken or slow scraper only loses its own request
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(1):
+                    await writer.wait_closed()
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _respond(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = request_line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            await self._send(writer, 400, "bad request\n", head_only=False)
+            return
+        method, target, _ = parts
+        path = target.split("?", 1)[0]
+        if path == "/metrics" and self.serve_metrics:
+            status, body, ctype = 200, self.metrics.render(), CONTENT_TYPE
+        elif path == "/healthz" and self.serve_health:
+            ok, body = self.metrics.health.report()
+            status, ctype = (200 if ok else 503), "text/plain; charset=utf-8"
+        else:
+            status, body, ctype = 404, "not found\n", "text/plain; charset=utf-8"
+        if method not in ("GET", "HEAD"):
+            status, body, ctype = 405, "method not allowed\n", "text/plain; charset=utf-8"
+        await self._send(writer, status, body, head_only=method == "HEAD", content_type=ctype)
+
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, status: int, body: str, *, head_only: bool,
+                    content_type: str = "text/plain; charset=utf-8") -> None:
+        data = body.encode("utf-8")
+        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+                f"Content-Type: {content_type}\r\nContent-Length: {len(data)}\r\n"
+                "Cache-Control: no-store\r\nConnection: close\r\n\r\n").encode("latin-1")
+        writer.write(head if head_only else head + data)
+        await writer.drain()
+
+
+async def start_metrics_server(metrics: TunnelMetrics, listen: Address, *, serve_metrics: bool,
+                               serve_health: bool) -> MetricsServer:
+    """Start the endpoint and log where it listens."""
+    server = MetricsServer(metrics, listen, serve_metrics=serve_metrics, serve_health=serve_health)
+    await server.start()
+    paths = [p for p, on in (("/metrics", serve_metrics), ("/healthz", serve_health)) if on]
+    log_event(logging.INFO, "metrics_listening", "metrics endpoint listening", address=str(server.address),
+              paths=paths)
+    return server
