@@ -28,6 +28,7 @@ __all__ = [
     "PolicyViolation",
     "ProtocolError",
     "RemoteProtocolError",
+    "StoreError",
     "TLSError",
     "UnknownPSKIdentity",
     "UnsupportedAlgorithm",
@@ -173,6 +174,12 @@ class PSKMismatch(PSKRejected):
 
 class PSKHashMismatch(PSKRejected):
     """The two ends bound the PSK to different hashes / cipher suites (SHA-256 vs SHA-384)."""
+
+
+class StoreError(HybridKEXError):
+    """A durable store (recycled authentication keys) cannot be read or written."""
+
+    exit_code = 10
 
 
 class HandshakeTimeout(HybridKEXError, TimeoutError):

@@ -1,0 +1,330 @@
+"""Durable, crash-safe storage of recycled authentication keys.
+
+After the bootstrap, two peers authenticate each other with a key taken from the QKD-mixed output
+of their previous handshake (``CombinedSecret.next_auth_key()``).  This module keeps those keys.
+
+Rotation semantics (docs/spec.md, "Recycled authentication"):
+
+* Every key has a 16-byte public ``key_id`` and an ``epoch``; the bootstrap is epoch 0.
+* A handshake is authenticated with one key both sides hold (the initiator lists what it holds,
+  newest first; the responder picks the newest it also holds).  Success proves both hold that key.
+* After a successful handshake authenticated with key ``X`` (epoch ``e``), one transaction
+  (:meth:`AuthKeyStore.rotate`) marks ``X`` confirmed, deletes every key of an epoch below ``e``
+  (superseded: the peer has proven it holds ``X``), and inserts the key this handshake derived at
+  epoch ``e + 1``.  Keys of epoch ``e`` other than ``X`` stay: a concurrent handshake may have
+  derived them and the peer may hold them.
+* Nothing is deleted before the peer has proven it holds a newer key, so a crash or a lost final
+  message at any point leaves both sides with at least one common key: no lockout.  A deleted key
+  is never accepted again.  At most ``max_keys`` keys are kept per pair; beyond that the oldest
+  *unconfirmed* keys go first.
+
+The SQLite implementation uses WAL mode and one ``BEGIN IMMEDIATE`` transaction per rotation, so a
+process killed at any instant leaves either the old or the new state.  Other databases can
+implement :class:`AuthKeyStore` (see docs/recycle.md for a PostgreSQL mapping shared by replicas).
+Key material is never logged and never appears in ``repr``; inspection returns metadata only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ..exceptions import ConfigurationError, InvalidKeyMaterial, StoreError
+
+__all__ = ["AuthKey", "AuthKeyStore", "PairSummary", "SQLiteAuthKeyStore", "StoreError"]
+
+KEY_ID_LEN = 16
+KEY_LEN = 32
+
+
+@dataclass(frozen=True, slots=True)
+class AuthKey:
+    """One recycled authentication key. The key bytes never appear in ``repr``."""
+
+    key_id: bytes
+    epoch: int
+    key: bytes = field(repr=False)
+    created_at: float
+    confirmed: bool
+
+    def __repr__(self) -> str:
+        return (f"AuthKey(key_id={self.key_id.hex()}, epoch={self.epoch}, confirmed={self.confirmed}, "
+                "key=<redacted>)")
+
+
+@dataclass(frozen=True, slots=True)
+class PairSummary:
+    """What an operator may see about a peer pair: epochs and times, never key material."""
+
+    local_id: str
+    peer_id: str
+    keys: int
+    newest_epoch: int | None
+    confirmed_epoch: int | None
+    bootstrap_retired: bool
+    last_rotation_at: float | None
+    rotations: int
+
+
+class AuthKeyStore(Protocol):
+    """Storage for recycled authentication keys of (local identity, peer identity) pairs."""
+
+    def keys(self, local_id: str, peer_id: str) -> list[AuthKey]:
+        """Every key held for the pair, newest epoch first (ties: newest first)."""
+        ...
+
+    def rotate(self, local_id: str, peer_id: str, *, used_key_id: bytes | None, new_key_id: bytes,
+               new_key: bytes) -> None:
+        """Atomically record a successful handshake (see module docs). ``used_key_id=None``: bootstrap."""
+        ...
+
+    def bootstrap_retired(self, local_id: str, peer_id: str) -> bool:
+        """Whether the bootstrap credential of the pair may no longer be used."""
+        ...
+
+    def retire_bootstrap(self, local_id: str, peer_id: str) -> None: ...
+
+    def rebootstrap(self, local_id: str, peer_id: str) -> None:
+        """Forget every recycled key of the pair and accept the bootstrap credential again."""
+        ...
+
+    def summaries(self) -> list[PairSummary]: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS auth_keys (
+    local_id   TEXT NOT NULL,
+    peer_id    TEXT NOT NULL,
+    key_id     BLOB NOT NULL,
+    epoch      INTEGER NOT NULL,
+    key        BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    confirmed  INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (local_id, peer_id, key_id)
+);
+CREATE TABLE IF NOT EXISTS pairs (
+    local_id          TEXT NOT NULL,
+    peer_id           TEXT NOT NULL,
+    bootstrap_retired INTEGER NOT NULL DEFAULT 0,
+    rotations         INTEGER NOT NULL DEFAULT 0,
+    last_rotation_at  REAL,
+    PRIMARY KEY (local_id, peer_id)
+);
+CREATE TABLE IF NOT EXISTS spent_key_ids (
+    local_id TEXT NOT NULL,
+    peer_id  TEXT NOT NULL,
+    key_id   BLOB NOT NULL,
+    spent_at REAL NOT NULL,
+    PRIMARY KEY (local_id, peer_id, key_id)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    local_id TEXT NOT NULL,
+    peer_id  TEXT NOT NULL,
+    event    TEXT NOT NULL,
+    epoch    INTEGER,
+    at       REAL NOT NULL
+);
+"""
+
+
+class SQLiteAuthKeyStore:
+    """:class:`AuthKeyStore` in one SQLite file (WAL, created 0600). Safe across threads and processes."""
+
+    def __init__(self, path: str | os.PathLike[str], *, max_keys: int = 8,
+                 clock: Callable[[], float] = time.time,
+                 crash_hook: Callable[[str], None] | None = None) -> None:
+        if max_keys < 2:
+            raise ConfigurationError("max_keys must be at least 2 (a two-key window)", field="max_keys")
+        self.path = Path(path)
+        self._max_keys = max_keys
+        self._clock = clock
+        # Test hook: called with a stage name inside the rotation transaction (crash-injection tests).
+        self._crash_hook = crash_hook
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            os.chmod(self.path, 0o600)
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open authentication-key store {self.path}: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return f"SQLiteAuthKeyStore({str(self.path)!r})"
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> SQLiteAuthKeyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reads ------------------------------------------------------------------------------------------
+
+    def keys(self, local_id: str, peer_id: str) -> list[AuthKey]:
+        with self._lock:
+            try:
+                rows = self._db.execute(
+                    "SELECT key_id, epoch, key, created_at, confirmed FROM auth_keys "
+                    "WHERE local_id=? AND peer_id=? ORDER BY epoch DESC, created_at DESC, rowid DESC",
+                    (local_id, peer_id),
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read authentication keys: {exc}") from exc
+        return [AuthKey(bytes(r[0]), r[1], bytes(r[2]), r[3], bool(r[4])) for r in rows]
+
+    def bootstrap_retired(self, local_id: str, peer_id: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT bootstrap_retired FROM pairs WHERE local_id=? AND peer_id=?",
+                                   (local_id, peer_id)).fetchone()
+        return bool(row and row[0])
+
+    def is_spent(self, local_id: str, peer_id: str, key_id: bytes) -> bool:
+        """Whether ``key_id`` was held once and has since been superseded (never accepted again)."""
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM spent_key_ids WHERE local_id=? AND peer_id=? AND key_id=?",
+                                   (local_id, peer_id, key_id)).fetchone()
+        return row is not None
+
+    def summaries(self) -> list[PairSummary]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT p.local_id, p.peer_id, p.bootstrap_retired, p.rotations, p.last_rotation_at, "
+                "(SELECT COUNT(*) FROM auth_keys k WHERE k.local_id=p.local_id AND k.peer_id=p.peer_id), "
+                "(SELECT MAX(epoch) FROM auth_keys k WHERE k.local_id=p.local_id AND k.peer_id=p.peer_id), "
+                "(SELECT MAX(epoch) FROM auth_keys k WHERE k.local_id=p.local_id AND k.peer_id=p.peer_id "
+                " AND k.confirmed=1) FROM pairs p ORDER BY p.local_id, p.peer_id"
+            ).fetchall()
+        return [PairSummary(r[0], r[1], r[5], r[6], r[7], bool(r[2]), r[4], r[3]) for r in rows]
+
+    def audit_log(self, local_id: str, peer_id: str) -> list[tuple[str, int | None, float]]:
+        """(event, epoch, timestamp) rows of the pair, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT event, epoch, at FROM audit WHERE local_id=? AND peer_id=? ORDER BY id",
+                                    (local_id, peer_id)).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    # -- writes -----------------------------------------------------------------------------------------
+
+    def rotate(self, local_id: str, peer_id: str, *, used_key_id: bytes | None, new_key_id: bytes,
+               new_key: bytes) -> None:
+        if len(new_key_id) != KEY_ID_LEN or len(new_key) != KEY_LEN:
+            raise InvalidKeyMaterial(f"recycled keys are {KEY_LEN} bytes with {KEY_ID_LEN}-byte IDs")
+        now = self._clock()
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._hook("begin")
+                self._db.execute("INSERT OR IGNORE INTO pairs(local_id, peer_id) VALUES (?, ?)", (local_id, peer_id))
+                if used_key_id is None:
+                    used_epoch = 0
+                else:
+                    row = self._db.execute(
+                        "SELECT epoch FROM auth_keys WHERE local_id=? AND peer_id=? AND key_id=?",
+                        (local_id, peer_id, used_key_id)).fetchone()
+                    if row is None:
+                        # Superseded by a concurrent rotation: the key this handshake derived is still
+                        # stored (the peer may hold it), but nothing older than what exists is deleted.
+                        used_epoch = self._db.execute(
+                            "SELECT COALESCE(MIN(epoch), 1) FROM auth_keys WHERE local_id=? AND peer_id=?",
+                            (local_id, peer_id)).fetchone()[0]
+                    else:
+                        used_epoch = row[0]
+                        self._db.execute("UPDATE auth_keys SET confirmed=1 WHERE local_id=? AND peer_id=? AND key_id=?",
+                                         (local_id, peer_id, used_key_id))
+                        # The peer proved it holds `used`: every older epoch is superseded.
+                        self._db.execute(
+                            "INSERT OR IGNORE INTO spent_key_ids SELECT local_id, peer_id, key_id, ? FROM auth_keys "
+                            "WHERE local_id=? AND peer_id=? AND epoch < ?", (now, local_id, peer_id, used_epoch))
+                        self._db.execute("DELETE FROM auth_keys WHERE local_id=? AND peer_id=? AND epoch < ?",
+                                         (local_id, peer_id, used_epoch))
+                        self._db.execute("UPDATE pairs SET bootstrap_retired=1 WHERE local_id=? AND peer_id=? "
+                                         "AND bootstrap_retired=0", (local_id, peer_id))
+                self._hook("after-delete")
+                if self._db.execute("SELECT 1 FROM spent_key_ids WHERE local_id=? AND peer_id=? AND key_id=?",
+                                    (local_id, peer_id, new_key_id)).fetchone():
+                    raise InvalidKeyMaterial("derived authentication key ID was already used once")
+                self._db.execute(
+                    "INSERT INTO auth_keys(local_id, peer_id, key_id, epoch, key, created_at) VALUES (?,?,?,?,?,?)",
+                    (local_id, peer_id, new_key_id, used_epoch + 1, new_key, now))
+                self._evict(local_id, peer_id, now)
+                self._db.execute("UPDATE pairs SET rotations=rotations+1, last_rotation_at=? WHERE local_id=? "
+                                 "AND peer_id=?", (now, local_id, peer_id))
+                self._db.execute("INSERT INTO audit(local_id, peer_id, event, epoch, at) VALUES (?,?,?,?,?)",
+                                 (local_id, peer_id, "rotate", used_epoch + 1, now))
+                self._hook("before-commit")
+                self._db.execute("COMMIT")
+                self._hook("after-commit")
+            except sqlite3.IntegrityError as exc:
+                self._rollback()
+                raise InvalidKeyMaterial("derived authentication key ID collides with a stored one") from exc
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise StoreError(f"cannot record key rotation in {self.path}: {exc}") from exc
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _evict(self, local_id: str, peer_id: str, now: float) -> None:
+        count = self._db.execute("SELECT COUNT(*) FROM auth_keys WHERE local_id=? AND peer_id=?",
+                                 (local_id, peer_id)).fetchone()[0]
+        excess = count - self._max_keys
+        if excess <= 0:
+            return
+        victims = self._db.execute(
+            "SELECT key_id FROM auth_keys WHERE local_id=? AND peer_id=? ORDER BY confirmed ASC, epoch ASC, "
+            "created_at ASC LIMIT ?", (local_id, peer_id, excess)).fetchall()
+        for (key_id,) in victims:
+            self._db.execute("INSERT OR IGNORE INTO spent_key_ids VALUES (?,?,?,?)", (local_id, peer_id, key_id, now))
+            self._db.execute("DELETE FROM auth_keys WHERE local_id=? AND peer_id=? AND key_id=?",
+                             (local_id, peer_id, key_id))
+
+    def retire_bootstrap(self, local_id: str, peer_id: str) -> None:
+        self._simple_write(local_id, peer_id, "retire-bootstrap",
+                           "UPDATE pairs SET bootstrap_retired=1 WHERE local_id=? AND peer_id=?")
+
+    def rebootstrap(self, local_id: str, peer_id: str) -> None:
+        self._simple_write(local_id, peer_id, "rebootstrap",
+                           "UPDATE pairs SET bootstrap_retired=0 WHERE local_id=? AND peer_id=?",
+                           "DELETE FROM auth_keys WHERE local_id=? AND peer_id=?")
+
+    def _simple_write(self, local_id: str, peer_id: str, event: str, *statements: str) -> None:
+        now = self._clock()
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("INSERT OR IGNORE INTO pairs(local_id, peer_id) VALUES (?, ?)", (local_id, peer_id))
+                if event == "rebootstrap":
+                    self._db.execute("INSERT OR IGNORE INTO spent_key_ids SELECT local_id, peer_id, key_id, ? "
+                                     "FROM auth_keys WHERE local_id=? AND peer_id=?", (now, local_id, peer_id))
+                for sql in statements:
+                    self._db.execute(sql, (local_id, peer_id))
+                self._db.execute("INSERT INTO audit(local_id, peer_id, event, epoch, at) VALUES (?,?,?,?,?)",
+                                 (local_id, peer_id, event, None, now))
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise StoreError(f"cannot update {self.path}: {exc}") from exc
+
+    def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.Error):  # no transaction was open
+            self._db.execute("ROLLBACK")
+
+    def _hook(self, stage: str) -> None:
+        if self._crash_hook is not None:
+            self._crash_hook(stage)
