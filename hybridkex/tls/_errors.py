@@ -128,5 +128,7 @@ def translate(
         return TLSError("the peer does not speak TLS 1.3 (only TLS 1.3 is allowed)")
     if "unexpected eof" in text or "eof occurred" in text or text == "eof":
         return TLSError("the peer closed the connection during the TLS handshake")
+    if "connection reset" in text:
+        return TLSError(f"the peer closed the connection during the TLS handshake ({text})")
     detail = text or "no reason given"
     return TLSError(f"TLS 1.3 handshake failed: {detail}")

@@ -421,7 +421,12 @@ def bind_psk_lookup(conn: SSL.Connection, psk_lookup: PSKLookup) -> None:
 def _reasons(exc: SSL.Error) -> list[str]:
     if isinstance(exc, SSL.SysCallError):
         code = exc.args[0] if exc.args else -1
-        return ["unexpected eof"] if code in (-1, 0) else [f"socket error {exc.args[1] if len(exc.args) > 1 else code}"]
+        if code in (-1, 0):
+            return ["unexpected eof"]
+        name = str(exc.args[1]) if len(exc.args) > 1 else str(code)
+        if name in ("ECONNRESET", "EPIPE", "ECONNABORTED"):
+            return [f"connection reset ({name})"]
+        return [f"socket error {name}"]
     first = exc.args[0] if exc.args else None
     if isinstance(first, list):
         return [str(item[2]) if isinstance(item, tuple) and len(item) == 3 else str(item) for item in first]
