@@ -1,0 +1,102 @@
+"""``hybridkex kme``: serve the simulated ETSI GS QKD 014 KME pair (KME A and KME B) over mutual TLS.
+
+Once both KMEs accept connections it prints, and flushes, one line per KME on stdout::
+
+    KME-A https://127.0.0.1:PORT
+    KME-B https://127.0.0.1:PORT
+
+Then it serves until SIGINT or SIGTERM.  Logs (SAE IDs and key IDs, never keys) go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from ..exceptions import ConfigurationError
+from ..qkd.kme.pair import DEFAULT_CAPACITY_BITS, DEFAULT_RATE_BPS, KMEPairServer, KMEPairSettings, is_loopback
+from ..qkd.kme.store import KMELimits
+from ..qkd.pki import DemoPKI
+
+HELP = "serve the simulated ETSI GS QKD 014 KME pair (two HTTPS endpoints sharing a simulated QKD link)"
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be 0..65535 (0 picks a free port)")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pki", required=True, metavar="DIR",
+                        help="demo PKI from 'hybridkex pki init DIR' (kme-a, kme-b certificates and ca.crt)")
+    parser.add_argument("--port-a", type=_port, default=0, metavar="PORT", help="KME A's port (0: a free one)")
+    parser.add_argument("--port-b", type=_port, default=0, metavar="PORT", help="KME B's port (0: a free one)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s; keys must stay in the secure site)")
+    parser.add_argument("--rate", type=_positive, default=DEFAULT_RATE_BPS, metavar="BITS_PER_S",
+                        help="QKD link key rate in bits per second (default: %(default).0f)")
+    parser.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY_BITS, metavar="BITS",
+                        help="key material the link stores at most, in bits (default: %(default)s)")
+    parser.add_argument("--initial", type=int, default=None, metavar="BITS",
+                        help="key material stored at start (default: full)")
+    parser.add_argument("--key-size", type=int, default=256, metavar="BITS", help="default key size (default: 256)")
+    parser.add_argument("--max-keys-per-request", type=int, default=128, metavar="N",
+                        help="max_key_per_request (default: 128)")
+    parser.add_argument("--db", metavar="FILE",
+                        help="SQLite file keeping undelivered keys across restarts (default: memory only)")
+    parser.add_argument("--delay-ms", type=_positive, default=0.0, metavar="MS",
+                        help="delay added to every answer, to simulate a distant KME (default: 0)")
+    parser.add_argument("--sae-a", action="append", metavar="SAE_ID",
+                        help="SAE served by KME A (repeatable; default: sae-a)")
+    parser.add_argument("--sae-b", action="append", metavar="SAE_ID",
+                        help="SAE served by KME B (repeatable; default: sae-b)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="log level on stderr (default: %(default)s)")
+
+
+async def _serve(server: KMEPairServer) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        print(f"KME-A {server.url_a}", flush=True)
+        print(f"KME-B {server.url_b}", flush=True)
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    limits = KMELimits(key_size=args.key_size, max_key_per_request=args.max_keys_per_request,
+                       min_key_size=min(64, args.key_size), max_key_size=max(8192, args.key_size))
+    if args.capacity < args.key_size:
+        raise ConfigurationError("must hold at least one key (>= --key-size)", field="--capacity")
+    settings = KMEPairSettings(
+        host=args.host, port_a=args.port_a, port_b=args.port_b, rate_bps=args.rate, capacity_bits=args.capacity,
+        initial_bits=args.initial, limits=limits, db_path=Path(args.db) if args.db else None,
+        delay=args.delay_ms / 1000.0, saes_a=tuple(args.sae_a or ("sae-a",)), saes_b=tuple(args.sae_b or ("sae-b",)),
+    )
+    pki = DemoPKI.load(args.pki, required=("kme-a", "kme-b"))
+    if not is_loopback(args.host):
+        logging.getLogger("hybridkex.qkd.kme").warning(
+            "listening on %s, outside loopback: QKD keys must not leave the operator's secure site", args.host)
+    server = KMEPairServer(pki, settings)
+    asyncio.run(_serve(server))
+    return 0
