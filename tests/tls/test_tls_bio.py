@@ -1,0 +1,256 @@
+"""Memory-BIO driving: the sans-IO MemoryTLS pair and the asyncio AsyncTLSStream over real TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+
+import pytest
+from tlshelpers import memory_pair, pump
+
+import hybridkex.tls as tls
+from hybridkex.exceptions import HandshakeTimeout, LocalProtocolError, PSKMismatch, TLSError
+
+SIZES = [1, 1000, 16383, 16384, 16385, 65537, 1 << 20]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_memory_pair_full_duplex(identity: bytes, psk: bytes, size: int) -> None:
+    r = memory_pair(tls.client_context(identity, psk), tls.server_context({identity: psk}))
+    c, s = r.client_tls, r.server_tls
+    to_server, to_client = os.urandom(size), os.urandom(size)
+    # Both ends send everything before either reads: records cross in flight.
+    c.send(to_server)
+    s.send(to_client)
+    got_s, got_c = bytearray(), bytearray()
+    for _ in range(size // 1024 + 64):
+        pump(c, s)
+        for end, buf in ((s, got_s), (c, got_c)):
+            while (chunk := end.recv(65536)) is not None and chunk:
+                buf += chunk
+        if len(got_s) == len(got_c) == size:
+            break
+    assert bytes(got_s) == to_server and bytes(got_c) == to_client
+    # Orderly close: close_notify reaches the peer as b"".
+    c.close()
+    pump(c, s)
+    assert s.recv() == b""
+
+
+def test_memory_tls_misuse_and_truncation(identity: bytes, psk: bytes) -> None:
+    end = tls.MemoryTLS(tls.client_context(identity, psk), server_side=False)
+    with pytest.raises(LocalProtocolError):
+        end.send(b"too early")
+    with pytest.raises(LocalProtocolError):
+        end.recv()
+    r = memory_pair(tls.client_context(identity, psk), tls.server_context({identity: psk}))
+    assert r.server_tls.recv() is None  # nothing yet: needs data
+    r.client_tls.send(b"partial")
+    out = r.client_tls.data_to_send()
+    r.server_tls.receive_data(out[:-3])  # a cut record, then EOF without close_notify
+    r.server_tls.receive_data(b"")
+    with pytest.raises(TLSError, match="close_notify"):
+        r.server_tls.recv()
+    with pytest.raises(LocalProtocolError):
+        r.server_tls.receive_data(b"more")
+
+
+def test_memory_tls_eof_during_handshake(identity: bytes, psk: bytes) -> None:
+    end = tls.MemoryTLS(tls.client_context(identity, psk), server_side=False)
+    assert end.do_handshake() is None
+    assert end.data_to_send()  # the ClientHello
+    end.receive_data(b"")
+    with pytest.raises(TLSError, match="closed"):
+        end.do_handshake()
+
+
+def test_memory_tls_rejects_garbage(identity: bytes, psk: bytes) -> None:
+    end = tls.MemoryTLS(tls.server_context({identity: psk}), server_side=True)
+    end.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(TLSError):
+        end.do_handshake()
+
+
+# ---------------------------------------------------------------------------------------------
+# asyncio over 127.0.0.1
+# ---------------------------------------------------------------------------------------------
+
+
+async def _exchange(stream: tls.AsyncTLSStream, payload: bytes) -> bytes:
+    """Send ``payload`` and receive as many bytes, concurrently (one task per direction)."""
+
+    async def sender() -> None:
+        view = memoryview(payload)
+        for i in range(0, len(view), 50_000):  # several writes, each awaiting drain
+            await stream.send(view[i:i + 50_000])
+
+    async def receiver() -> bytes:
+        got = bytearray()
+        while len(got) < len(payload):
+            chunk = await stream.recv()
+            if not chunk:
+                break
+            got += chunk
+        return bytes(got)
+
+    _, got = await asyncio.gather(sender(), receiver())
+    return got
+
+
+async def _full_duplex(identity: bytes, psk: bytes, sizes: list[int]) -> None:
+    sctx = tls.server_context({identity: psk})
+    cctx = tls.client_context(identity, psk)
+    server_results: list[tuple[int, bytes]] = []
+    closed_cleanly: list[bool] = []
+    done = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stream = tls.AsyncTLSStream(tls.MemoryTLS(sctx, server_side=True), reader, writer)
+        try:
+            info = await stream.handshake(timeout=10)
+            assert info.psk_identity == identity
+            for size in sizes:
+                payload = hashlib.shake_256(b"server%d" % size).digest(size)
+                got = await _exchange(stream, payload)
+                server_results.append((size, hashlib.sha256(got).digest()))
+            closed_cleanly.append(await stream.recv() == b"")  # the client's close_notify
+            await stream.close()
+        finally:
+            done.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        stream = tls.AsyncTLSStream(tls.MemoryTLS(cctx, server_side=False), reader, writer)
+        info = await stream.handshake(timeout=10)
+        assert info.group == "X25519MLKEM768" and stream.info is info
+        for size in sizes:
+            payload = hashlib.shake_256(b"client%d" % size).digest(size)
+            got = await _exchange(stream, payload)
+            assert got == hashlib.shake_256(b"server%d" % size).digest(size)
+        await stream.close()
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert server_results == [(n, hashlib.sha256(hashlib.shake_256(b"client%d" % n).digest(n)).digest()) for n in sizes]
+    assert closed_cleanly == [True]
+
+
+def test_asyncio_full_duplex_1_byte_to_1_mib(identity: bytes, psk: bytes) -> None:
+    asyncio.run(asyncio.wait_for(_full_duplex(identity, psk, SIZES), 60))
+
+
+def test_asyncio_concurrent_connections(identity: bytes, psk: bytes) -> None:
+    async def main() -> None:
+        await asyncio.gather(*(_full_duplex(identity, psk, [1, 70_000]) for _ in range(8)))
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_asyncio_handshake_errors(identity: bytes, psk: bytes) -> None:
+    async def main() -> None:
+        errors: list[BaseException] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            stream = tls.AsyncTLSStream(tls.MemoryTLS(tls.server_context({identity: psk}), server_side=True), reader, writer)
+            try:
+                await stream.handshake(timeout=10)
+            except TLSError as exc:
+                errors.append(exc)
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        stream = tls.AsyncTLSStream(tls.MemoryTLS(tls.client_context(identity, os.urandom(32)), server_side=False), reader, writer)
+        with pytest.raises(PSKMismatch):
+            await stream.handshake(timeout=10)
+        writer.close()
+        for _ in range(100):
+            if errors:
+                break
+            await asyncio.sleep(0.01)
+        server.close()
+        await server.wait_closed()
+        assert len(errors) == 1 and isinstance(errors[0], PSKMismatch)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_asyncio_handshake_timeout(identity: bytes, psk: bytes) -> None:
+    async def main() -> None:
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()  # never answers
+            writer.close()
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        stream = tls.AsyncTLSStream(tls.MemoryTLS(tls.client_context(identity, psk), server_side=False), reader, writer)
+        with pytest.raises(HandshakeTimeout):
+            await stream.handshake(timeout=0.2)
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_asyncio_both_ends_send_1_mib_at_once_small_socket_buffers(identity: bytes, psk: bytes) -> None:
+    """Regression for the read-path drain deadlock: with small socket buffers both peers' transports
+    fill up; a receiver that awaited drain() would never read again (verified to hang that way)."""
+
+    def shrink(writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            sock.setsockopt(socket.SOL_SOCKET, opt, 32768)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    async def one_shot(stream: tls.AsyncTLSStream, payload: bytes) -> bytes:
+        async def receiver() -> bytes:
+            got = bytearray()
+            while len(got) < len(payload):
+                chunk = await stream.recv()
+                if not chunk:
+                    break
+                got += chunk
+            return bytes(got)
+
+        _, got = await asyncio.gather(stream.send(payload), receiver())  # one 1 MiB send: no pacing
+        return got
+
+    to_server, to_client = os.urandom(1 << 20), os.urandom(1 << 20)
+
+    async def main() -> None:
+        sctx, cctx = tls.server_context({identity: psk}), tls.client_context(identity, psk)
+        received: list[bytes] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            shrink(writer)
+            stream = tls.AsyncTLSStream(tls.MemoryTLS(sctx, server_side=True), reader, writer)
+            await stream.handshake(timeout=10)
+            received.append(await one_shot(stream, to_client))
+            await stream.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+            shrink(writer)
+            stream = tls.AsyncTLSStream(tls.MemoryTLS(cctx, server_side=False), reader, writer)
+            await stream.handshake(timeout=10)
+            assert await one_shot(stream, to_server) == to_client
+            await stream.close()
+            for _ in range(500):
+                if received:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            server.close()
+            await server.wait_closed()
+        assert received == [to_server]
+
+    asyncio.run(asyncio.wait_for(main(), 30))
