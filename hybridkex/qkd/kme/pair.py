@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import threading
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -90,7 +91,8 @@ class KMEPairServer:
         """
         s = self.settings
         urls = []
-        for kme_id, ctx, port in ((self.kme_id_a, self._ssl_a, s.port_a), (self.kme_id_b, self._ssl_b, s.port_b)):
+        for side, kme_id, ctx, port in (("a", self.kme_id_a, self._ssl_a, s.port_a),
+                                        ("b", self.kme_id_b, self._ssl_b, s.port_b)):
             runner = web.AppRunner(create_kme_app(self.store, kme_id, delay=s.delay), access_log=None,
                                    handle_signals=False)
             await runner.setup()
@@ -100,9 +102,10 @@ class KMEPairServer:
                 await site.start()
             except OSError as exc:
                 await self.stop()
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
                 raise ConfigurationError(
-                    f"cannot listen on {s.host}:{port} for {kme_id} ({exc.strerror or exc}); "
-                    "pick another port, or 0 for a free one", field="port"
+                    f"cannot listen on {s.host}:{port} for {kme_id} ({reason.lower()}); "
+                    "pick another port, or 0 for a free one", field=f"port_{side}"
                 ) from None
             host, bound = runner.addresses[0][:2]
             shown = f"[{host}]" if ":" in str(host) else host
