@@ -143,11 +143,15 @@ class TimeoutsConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    """Connection limits. ``handshake_rate = 0`` disables the per-peer handshake rate limit."""
+    """Connection limits. ``handshake_rate = 0`` disables the per-peer handshake rate limit.
+
+    The rate limit defaults to 20/s (burst 40) per remote address on the server and is off on the
+    client, whose connections come from local applications and are metered by the server anyway.
+    """
 
     max_connections: int = 1024
-    handshake_rate: float = 10.0
-    handshake_burst: int = 20
+    handshake_rate: float = 20.0
+    handshake_burst: int = 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -707,7 +711,7 @@ class _Validator:
 
     def limits(self, top: _Table) -> LimitsConfig:
         t = _Table(top.raw("limits") if top.has("limits") else {}, "limits")
-        d = LimitsConfig()
+        d = LimitsConfig() if self.role == "server" else LimitsConfig(handshake_rate=0.0)
         out = LimitsConfig(
             max_connections=t.integer("max_connections", d.max_connections, minimum=1, maximum=1_000_000),
             handshake_rate=t.number("handshake_rate", d.handshake_rate, minimum=0.0001, maximum=1e6,
