@@ -10,7 +10,7 @@ import socket
 import pytest
 from tlshelpers import memory_pair, pump
 
-import hybridkex.tls as tls
+from hybridkex import tls
 from hybridkex.exceptions import HandshakeTimeout, LocalProtocolError, PSKMismatch, TLSError
 
 SIZES = [1, 1000, 16383, 16384, 16385, 65537, 1 << 20]
@@ -156,7 +156,8 @@ def test_asyncio_handshake_errors(identity: bytes, psk: bytes) -> None:
         errors: list[BaseException] = []
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            stream = tls.AsyncTLSStream(tls.MemoryTLS(tls.server_context({identity: psk}), server_side=True), reader, writer)
+            end = tls.MemoryTLS(tls.server_context({identity: psk}), server_side=True)
+            stream = tls.AsyncTLSStream(end, reader, writer)
             try:
                 await stream.handshake(timeout=10)
             except TLSError as exc:
@@ -166,7 +167,8 @@ def test_asyncio_handshake_errors(identity: bytes, psk: bytes) -> None:
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        stream = tls.AsyncTLSStream(tls.MemoryTLS(tls.client_context(identity, os.urandom(32)), server_side=False), reader, writer)
+        end = tls.MemoryTLS(tls.client_context(identity, os.urandom(32)), server_side=False)
+        stream = tls.AsyncTLSStream(end, reader, writer)
         with pytest.raises(PSKMismatch):
             await stream.handshake(timeout=10)
         writer.close()

@@ -86,7 +86,7 @@ class Hello:
 
     def key_share_sizes(self) -> list[int]:
         body = self.ext(EXT_KEY_SHARE)
-        if body is None or self.msg_type == HS_SERVER_HELLO and self.retry_request:
+        if body is None or (self.msg_type == HS_SERVER_HELLO and self.retry_request):
             return []
         if self.msg_type == HS_SERVER_HELLO:
             r = _Reader(body)
@@ -254,6 +254,8 @@ def openssl_server(args: list[str], *, port: int | None = None) -> Iterator[tupl
 
 def finish(proc: subprocess.Popen[bytes], timeout: float = 15) -> str:
     """Wait for an openssl process and return its remaining output."""
+    if proc.stdin is not None and proc.stdin.closed:
+        proc.stdin = None  # communicate() would flush it
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
