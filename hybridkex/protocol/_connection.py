@@ -654,10 +654,10 @@ class Initiator(_Connection):
         self._send(w.FrameType.FINISHED, w.FinishedMsg(confirm, auth.prove(ctx, th + confirm)).encode())
         note = self._own_note_text
         if note is None:
-            if msg.qkd.note is not w.QKDNote.NONE:
-                note = _note_text(msg.qkd.note, "responder")
-            elif self._own_note is w.QKDNote.DISABLED_BY_POLICY:
+            if self._own_note is w.QKDNote.DISABLED_BY_POLICY:
                 note = "this side's policy disables QKD"
+            elif msg.qkd.note is not w.QKDNote.NONE:
+                note = _note_text(msg.qkd.note, "responder")
             else:
                 note = "the responder chose a suite without QKD"
         usage = msg.qkd.usage if hello.qkd.master is w.QKDMaster.RESPONDER else hello.qkd.usage

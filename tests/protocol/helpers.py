@@ -259,7 +259,8 @@ class ConnectionPair:
                seed: int = 1, ini_keys: Answer | None = None, res_keys: Answer | None = None) -> ConnectionPair:
         ini = Initiator(ini_cfg, randbytes=DeterministicRandom(seed), clock=clock)
         res = Responder(res_cfg, randbytes=DeterministicRandom(seed + 1000), clock=clock)
-        return cls(ini, res, ini_keys or (qkd.ini.answer if qkd else None), res_keys or (qkd.res.answer if qkd else None))
+        return cls(ini, res, ini_keys or (qkd.ini.answer if qkd else None),
+                   res_keys or (qkd.res.answer if qkd else None))
 
     def run(self, *, tamper: Callable[[int, str, bytes], bytes] | None = None,
             chunks: Callable[[bytes], list[bytes]] | None = None, close_after: int | None = None,
@@ -331,6 +332,7 @@ class ConnectionPair:
                         out.res_session = event.session
             collect(name)
 
+        stalled = False
         pump("initiator")
         for _ in range(max_rounds):
             progress = False
@@ -339,18 +341,32 @@ class ConnectionPair:
                     inbox[name].clear()
                     continue
                 if inbox[name] or eof[name]:
-                    try:
-                        for chunk in inbox[name]:
+                    chunks_in, inbox[name] = inbox[name], []
+                    for chunk in chunks_in:  # process after every chunk, as a socket loop would
+                        if done[name]:
+                            break
+                        try:
                             sides[name].receive_data(chunk)
-                        if eof[name]:
+                        except HybridKEXError as exc:
+                            record_error(name, exc)
+                            break
+                        pump(name)
+                    if eof[name] and not done[name]:
+                        eof[name] = False
+                        try:
                             sides[name].receive_data(b"")
-                            eof[name] = False
-                    except HybridKEXError as exc:
-                        record_error(name, exc)
-                    inbox[name].clear()
-                    pump(name)
+                        except HybridKEXError as exc:
+                            record_error(name, exc)
+                        pump(name)
                     progress = True
             if not progress:
+                if not stalled and not all(done.values()):
+                    # Nobody can move (e.g. a length field promises more bytes than will come): a real
+                    # transport times out and closes; deliver EOF to whoever is still waiting.
+                    stalled = True
+                    for name, finished in done.items():
+                        eof[name] = not finished
+                    continue
                 break
         return out
 
