@@ -718,6 +718,10 @@ class AsyncETSI014Client(_ClientCore):
             allow_insecure_http=allow_insecure_http,
         )
         self._session: aiohttp.ClientSession | None = None
+        # aiohttp may hand a pooled connection back before we can look at it, so the KME's
+        # certificate and address are checked once on a connection of our own (connect()), and
+        # again on each answer whose connection is still reachable.
+        self._probed = False
 
     @property
     def kme_id(self) -> str:
@@ -738,10 +742,13 @@ class AsyncETSI014Client(_ClientCore):
         while True:
             try:
                 await self._probe()
+                self._probed = True
                 return
             except _ConnectFailed as exc:
                 if attempt >= self.retries:
-                    raise KMEConnectionError(f"KME {self.url}: cannot connect ({exc}); is the KME running?") from None
+                    raise KMEConnectionError(
+                        f"KME {self.url}: cannot connect after {attempt + 1} attempt(s) ({exc}); is the KME running?"
+                    ) from None
             await asyncio.sleep(self._delay(attempt, None))
             attempt += 1
 
@@ -764,7 +771,7 @@ class AsyncETSI014Client(_ClientCore):
         finally:
             transport.close()
 
-    def _get_session(self) -> Any:
+    def _get_session(self) -> aiohttp.ClientSession:
         if self._closed:
             raise AlreadyFinalized(f"AsyncETSI014Client for {self.url} is closed")
         if self._session is None or self._session.closed:
@@ -844,6 +851,8 @@ class AsyncETSI014Client(_ClientCore):
                                        allow_redirects=False) as resp:
                 conn = resp.connection
                 transport = conn.transport if conn is not None else None
+                if transport is None:  # already released to the pool: its protocol still knows it
+                    transport = getattr(getattr(resp, "_protocol", None), "transport", None)
                 if transport is not None:  # cheap enough to check on every answer
                     self._check_peer(transport.get_extra_info("peername"), transport.get_extra_info("peercert"))
                 if (resp.content_length or 0) > MAX_RESPONSE_BYTES:
@@ -878,6 +887,8 @@ class AsyncETSI014Client(_ClientCore):
             ) from None
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None, where: str) -> Any:
+        if not self._probed:
+            await self.connect()
         attempt = 0
         while True:
             retry: _Retry | None = None

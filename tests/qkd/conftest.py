@@ -72,4 +72,4 @@ def make_client(client_kind: str) -> Iterator[Callable[..., Any]]:
 
     yield make
     for c in made:
-        c.close()
+        (c.dispose if isinstance(c, SyncOverAsync) else c.close)()

@@ -171,7 +171,11 @@ class SyncOverAsync:
         closer = getattr(self.client, "aclose", None)
         if closer is not None:
             self.loop.run_until_complete(closer())
-        self.loop.close()
+
+    def dispose(self) -> None:
+        if not self.loop.is_closed():
+            self.close()
+            self.loop.close()
 
 
 def free_port() -> int:
