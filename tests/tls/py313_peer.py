@@ -1,0 +1,155 @@
+"""A stdlib-ssl TLS-PSK peer run under Python >= 3.13 by test_tls_stdlib.py (standard library and
+hybridkex.tls.stdlib only: this interpreter has neither pyOpenSSL nor cryptography).
+
+    py313_peer.py client PORT IDENTITY HEXKEY      connect, send a line, print the reply
+    py313_peer.py server IDENTITY HEXKEY [raise]   print the port, accept one client, echo a line reversed
+    py313_peer.py selftest                         stdlib <-> stdlib scenarios
+
+Every result is one JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+from typing import Any
+
+import hybridkex.tls.stdlib as st
+from hybridkex.exceptions import HybridKEXError
+
+
+def _info(info: Any) -> dict[str, Any]:
+    return {
+        "role": info.role,
+        "version": info.version,
+        "cipher": info.cipher,
+        "group": info.group,
+        "psk_identity": None if info.psk_identity is None else info.psk_identity.decode(),
+    }
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    return {"error": type(exc).__name__, "message": str(exc)}
+
+
+def _recv_line(sock: socket.socket) -> bytes:
+    got = b""
+    while not got.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def client(port: int, identity: str, key: bytes) -> dict[str, Any]:
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        try:
+            ssock, info = st.wrap_socket(st.client_context(identity, key), sock, server_side=False, timeout=15)
+        except HybridKEXError as exc:
+            return _error(exc)
+        ssock.sendall(b"ping from python 3.13\n")
+        reply = _recv_line(ssock)
+        ssock.close()
+        return {"info": _info(info), "received": reply.decode()}
+
+
+def server(identity: str, key: bytes, mode: str) -> dict[str, Any]:
+    def lookup(ident: bytes) -> bytes | None:
+        if mode == "raise":
+            raise LookupError("key store unavailable")
+        return key if ident == identity.encode() else None
+
+    with socket.socket() as ls:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(1)
+        ls.settimeout(15)
+        print(json.dumps({"port": ls.getsockname()[1]}), flush=True)
+        sock, _ = ls.accept()
+        with sock:
+            try:
+                ssock, info = st.wrap_socket(st.server_context(lookup), sock, server_side=True, timeout=15)
+            except (HybridKEXError, LookupError) as exc:
+                return _error(exc)
+            line = _recv_line(ssock)
+            ssock.sendall(line[:-1][::-1] + b"\n")
+            ssock.unwrap()
+            return {"info": _info(info), "received": line.decode()}
+
+
+def _pair(
+    client_id: str, client_key: bytes, table: dict[bytes, bytes], raise_in_lookup: bool = False
+) -> dict[str, Any]:
+    def lookup(ident: bytes) -> bytes | None:
+        if raise_in_lookup:
+            raise LookupError("key store unavailable")
+        return table.get(ident)
+
+    a, b = socket.socketpair()
+    out: dict[str, Any] = {}
+
+    def serve() -> None:
+        try:
+            ssock, info = st.wrap_socket(st.server_context(lookup), a, server_side=True, timeout=10)
+            out["server"] = _info(info)
+            ssock.sendall(b"hi\n")
+            ssock.close()
+        except (HybridKEXError, LookupError) as exc:
+            out["server"] = _error(exc)
+            a.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        ssock, info = st.wrap_socket(st.client_context(client_id, client_key), b, server_side=False, timeout=10)
+        out["client"] = _info(info)
+        out["received"] = _recv_line(ssock).decode()
+        ssock.close()
+    except HybridKEXError as exc:
+        out["client"] = _error(exc)
+        b.close()
+    t.join(15)
+    return out
+
+
+def selftest() -> dict[str, Any]:
+    key = os.urandom(32)
+    results: dict[str, Any] = {
+        "ok": _pair("alice", key, {b"alice": key}),
+        "unknown": _pair("mallory", key, {b"alice": key}),
+        "wrong_key": _pair("alice", os.urandom(32), {b"alice": key}),
+        "lookup_raises": _pair("alice", key, {b"alice": key}, raise_in_lookup=True),
+    }
+    for name, make in {
+        "sha384": lambda: st.client_context("alice", key, suite="x25519-mlkem1024-qkd-hkdfsha384"),
+        "require_pq": lambda: st.server_context({}, require_pq=True),
+        "binary_identity": lambda: st.client_context(b"\xff\xfe", key),
+        "long_identity": lambda: st.client_context("x" * 257, key),
+        "short_key": lambda: st.client_context("alice", b"short"),
+    }.items():
+        try:
+            make()
+            results[name] = {"error": None}
+        except HybridKEXError as exc:
+            results[name] = _error(exc)
+    return results
+
+
+def main(argv: list[str]) -> int:
+    if argv[0] == "client":
+        result = client(int(argv[1]), argv[2], bytes.fromhex(argv[3]))
+    elif argv[0] == "server":
+        result = server(argv[1], bytes.fromhex(argv[2]), argv[3] if len(argv) > 3 else "")
+    else:
+        result = selftest()
+    result["python"] = sys.version.split()[0]
+    result["modules"] = sorted(m for m in ("OpenSSL", "cryptography") if m in sys.modules)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
