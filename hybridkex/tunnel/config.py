@@ -405,6 +405,7 @@ class _Table:
         return f"{self.path}.{key}" if self.path else key
 
     def has(self, key: str) -> bool:
+        self.seen.add(key)  # asked about, so it is a key of the schema
         return key in self.data
 
     def raw(self, key: str) -> Any:
@@ -457,8 +458,8 @@ class _Table:
         return cast(bool, self.typed(key, bool, default))
 
     def forbid(self, key: str, reason: str) -> None:
+        self.seen.add(key)
         if key in self.data:
-            self.seen.add(key)
             raise ConfigurationError(f"not allowed {reason}", field=self.name(key))
 
     def finish(self) -> None:

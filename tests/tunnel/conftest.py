@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tunnelhelpers, without a package __init__
 
-from tunnelhelpers import EchoService, TunnelProcess, tunnel_toml  # noqa: E402
+from tunnelhelpers import EchoService, TunnelProcess, tunnel_toml
 
 Starter = Callable[..., TunnelProcess]
 

@@ -41,12 +41,13 @@ def echo_mod() -> Iterator[EchoService]:
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory, echo_mod: EchoService) -> Iterator[tuple[TunnelProcess, TunnelProcess]]:
+def pair(tmp_path_factory: pytest.TempPathFactory,
+         echo_mod: EchoService) -> Iterator[tuple[TunnelProcess, TunnelProcess]]:
     t = Tunnels(tmp_path_factory.mktemp("relay"))
     try:
         yield t.pair(echo_mod.port, server_extra=(
-            "[timeouts]\nhandshake = 1.5\n\n[limits]\nhandshake_rate = 0\n\n[metrics]\nenabled = true\nlisten = \"127.0.0.1:0\"\n\n"
-            "[health]\nenabled = true\n"))
+            "[timeouts]\nhandshake = 1.5\n\n[limits]\nhandshake_rate = 0\n\n"
+            '[metrics]\nenabled = true\nlisten = "127.0.0.1:0"\n\n[health]\nenabled = true\n'))
     finally:
         t.stop_all()
 

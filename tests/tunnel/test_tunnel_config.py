@@ -1,0 +1,392 @@
+"""Tunnel configuration: TOML + flags -> frozen objects; every mistake is one line naming the field."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hybridkex import cli
+from hybridkex.exceptions import ConfigurationError, UnsupportedAlgorithm
+from hybridkex.suites import SUITES
+from hybridkex.tunnel import channel
+from hybridkex.tunnel.config import Address, Overrides, load_config
+
+GOOD = """\
+listen = "127.0.0.1:8443"
+target = "127.0.0.1:8080"
+identity = "server"
+
+[[peers]]
+identity = "client-a"
+mode = "psk"
+psk_file = "a.psk"
+
+[policy]
+qkd = "disabled"
+"""
+
+PEER_A = '[[peers]]\nidentity = "client-a"\nmode = "psk"\npsk_file = "a.psk"\n'
+TOP = 'listen = "127.0.0.1:8443"\ntarget = "127.0.0.1:8080"\nidentity = "server"\n'
+NO_QKD = '[policy]\nqkd = "disabled"\n'
+TOP_KEYS = ("health, identity, kme, limits, listen, logging, metrics, peers, policy, target, target_identity, "
+            "timeouts")
+
+
+@pytest.fixture
+def confdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.psk").write_bytes(os.urandom(32))
+        (tmp_path / f"{name}.psk").chmod(0o600)
+    (tmp_path / "open.psk").write_bytes(os.urandom(32))
+    (tmp_path / "open.psk").chmod(0o644)
+    for name in ("cert.pem", "ca.pem"):
+        (tmp_path / name).write_text("-----BEGIN CERTIFICATE-----\n")
+    (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    (tmp_path / "key.pem").chmod(0o600)
+    (tmp_path / "shared-key.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    (tmp_path / "shared-key.pem").chmod(0o640)
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _no_test_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    # In-process CLI runs must behave as for a user, whatever the test runner's environment holds.
+    monkeypatch.delenv("HYBRIDKEX_TUNNEL_INSECURE_PLAIN_CHANNEL", raising=False)
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    code = cli.main(argv)
+    return code, capsys.readouterr().err.splitlines()
+
+
+# (test id, TOML text, expected error line after "hybridkex: error: config tunnel.toml: ")
+BAD_CONFIGS: list[tuple[str, str, str]] = [
+    ("missing-listen", GOOD.replace('listen = "127.0.0.1:8443"\n', ""),
+     'listen: missing required key; set listen = "HOST:PORT" or pass --listen'),
+    ("listen-no-port", GOOD.replace("127.0.0.1:8443", "8443"), "listen: expected HOST:PORT, got '8443'"),
+    ("listen-port-range", GOOD.replace("127.0.0.1:8443", "127.0.0.1:70000"),
+     "listen: port must be between 0 and 65535, got 70000"),
+    ("listen-no-host", GOOD.replace("127.0.0.1:8443", ":8443"),
+     "listen: missing host in ':8443' (use 0.0.0.0 or [::] for every interface)"),
+    ("listen-ipv6-unbracketed", GOOD.replace("127.0.0.1:8443", "::1:8443"),
+     "listen: write IPv6 addresses as [ADDR]:PORT, got '::1:8443'"),
+    ("listen-integer", GOOD.replace('"127.0.0.1:8443"', "8443"), "listen: expected a string, got integer 8443"),
+    ("target-port-zero", GOOD.replace("127.0.0.1:8080", "127.0.0.1:0"),
+     "target: port must be between 1 and 65535, got 0"),
+    ("identity-space", GOOD.replace('identity = "server"', 'identity = "my server"'),
+     "identity: must be printable ASCII without spaces"),
+    ("identity-empty", GOOD.replace('identity = "server"', 'identity = ""'), "identity: must not be empty"),
+    ("unknown-top-key", GOOD.replace("listen =", "lisen = 1\nlisten ="),
+     f"lisen: unknown key (known keys here: {TOP_KEYS})"),
+    ("no-plain-channel-key", "channel = \"plain\"\n" + GOOD, f"channel: unknown key (known keys here: {TOP_KEYS})"),
+    ("target-identity-on-server", 'target_identity = "x"\n' + GOOD,
+     "target_identity: not allowed on the server side (it accepts every configured peer)"),
+    ("no-peers", TOP + NO_QKD,
+     "peers: no peers configured; add a [[peers]] table (or --peer NAME=PSK_FILE) for each peer allowed to connect"),
+    ("peers-not-array", TOP + 'peers = "client-a"\n' + NO_QKD, "peers: expected an array, got string 'client-a'"),
+    ("peer-mode-typo", GOOD.replace('mode = "psk"', 'mode = "pks"'),
+     'peers[0].mode: expected one of "psk", "pki", got "pks"'),
+    ("peer-mode-missing", GOOD.replace('mode = "psk"\n', ""),
+     'peers[0].mode: missing required key; set mode = "psk" or "pki"'),
+    ("peer-identity-missing", GOOD.replace('identity = "client-a"\n', ""),
+     "peers[0].identity: missing required key"),
+    ("peer-duplicate", TOP + PEER_A + PEER_A.replace("a.psk", "b.psk") + NO_QKD,
+     "peers[1].identity: duplicate identity 'client-a' (also peers[0])"),
+    ("psk-file-missing", TOP + PEER_A + PEER_A.replace("client-a", "client-b").replace("a.psk", "nope/x.psk") + NO_QKD,
+     "peers[1].psk_file: file not found: {dir}/nope/x.psk"),
+    ("psk-file-is-dir", GOOD.replace('"a.psk"', '"."'), "peers[0].psk_file: not a regular file: {dir}"),
+    ("psk-world-readable", GOOD.replace("a.psk", "open.psk"),
+     "peers[0].psk_file: {dir}/open.psk is accessible by group/others (mode 0644); a key file must be private: "
+     "run chmod 600 {dir}/open.psk"),
+    ("psk-with-cert", GOOD.replace('psk_file = "a.psk"', 'psk_file = "a.psk"\ncert = "cert.pem"'),
+     'peers[0].cert: not allowed with mode = "psk" (certificates belong to mode = "pki")'),
+    ("pki-missing-ca", TOP + '[[peers]]\nidentity = "c"\nmode = "pki"\ncert = "cert.pem"\nkey = "key.pem"\n' + NO_QKD,
+     "peers[0].ca: missing required key"),
+    ("pki-with-psk", TOP + '[[peers]]\nidentity = "c"\nmode = "pki"\npsk_file = "a.psk"\n' + NO_QKD,
+     'peers[0].psk_file: not allowed with mode = "pki" (a key file belongs to mode = "psk")'),
+    ("peer-unknown-key", GOOD.replace('mode = "psk"', 'mode = "psk"\npsk = "abc"'),
+     "peers[0].psk: unknown key (known keys here: ca, cert, identity, key, mode, psk_file, sae_id)"),
+    ("policy-not-table", TOP + 'policy = "strict"\n' + PEER_A, "policy: expected a table, got string 'strict'"),
+    ("qkd-mode", GOOD.replace('qkd = "disabled"', 'qkd = "maybe"'),
+     'policy.qkd: expected one of "required", "optional", "disabled", got "maybe"'),
+    ("qkd-required-without-kme", GOOD.replace('qkd = "disabled"', 'qkd = "required"'),
+     'policy.qkd: "required" needs a [kme] table (or kme.embedded = true); configure a KME or set '
+     'policy.qkd = "disabled"'),
+    ("qkd-default-is-required", GOOD.replace('qkd = "disabled"', ""),
+     'policy.qkd: "required" needs a [kme] table (or kme.embedded = true); configure a KME or set '
+     'policy.qkd = "disabled"'),
+    ("suite-unknown", GOOD + 'suites = ["x25519-mlkem768-hkdfsha256", "x25519-rsa"]\n',
+     f"policy.suites[1]: unknown suite 'x25519-rsa'; known suites: {', '.join(SUITES)}"),
+    ("suite-needs-qkd", GOOD + 'suites = ["x25519-mlkem768-qkd-hkdfsha256"]\n',
+     "policy.suites[0]: suite 'x25519-mlkem768-qkd-hkdfsha256' needs a QKD key but policy.qkd = \"disabled\""),
+    ("suite-lacks-qkd", GOOD.replace('qkd = "disabled"', 'qkd = "required"\nsuites = ["x25519-mlkem768-hkdfsha256"]'),
+     "policy.suites[0]: suite 'x25519-mlkem768-hkdfsha256' has no QKD component but policy.qkd = \"required\""),
+    ("suites-empty", GOOD + "suites = []\n", "policy.suites: must list at least one suite"),
+    ("suite-twice", GOOD + 'suites = ["x25519-mlkem768-hkdfsha256", "x25519-mlkem768-hkdfsha256"]\n',
+     "policy.suites[1]: suite 'x25519-mlkem768-hkdfsha256' is listed twice"),
+    ("key-budget", GOOD + 'key_budget = "weekly"\n',
+     'policy.key_budget: expected one of "fresh", "epoch", got "weekly"'),
+    ("kme-http", GOOD + '[kme]\nurl = "http://kme"\n',
+     "kme.url: must be an https:// URL (ETSI GS QKD 014 uses mutual TLS), got 'http://kme'"),
+    ("kme-missing-cert", GOOD + '[kme]\nurl = "https://kme:8443"\nsae_id = "A"\n', "kme.cert: missing required key"),
+    ("kme-embedded-with-url", GOOD + '[kme]\nembedded = true\nurl = "https://kme"\n',
+     "kme.url: not allowed with embedded = true (the embedded KME needs no endpoint)"),
+    ("kme-needs-peer-sae-id", GOOD.replace('qkd = "disabled"', 'qkd = "optional"') + "[kme]\nembedded = true\n",
+     "peers[0].sae_id: missing; policy.qkd = \"optional\" needs each peer's SAE ID"),
+    ("handshake-timeout-zero", GOOD + "[timeouts]\nhandshake = 0\n",
+     "timeouts.handshake: must be between 0.001 and 3600, got 0"),
+    ("idle-negative", GOOD + "[timeouts]\nidle = -1\n", "timeouts.idle: must be 0 or between 0.001 and 604800, got -1"),
+    ("drain-string", GOOD + '[timeouts]\ndrain = "30s"\n', "timeouts.drain: expected a number, got string '30s'"),
+    ("drain-nan", GOOD + "[timeouts]\ndrain = nan\n", "timeouts.drain: must be between 0 and 86400, got nan"),
+    ("timeouts-unknown", GOOD + "[timeouts]\nread = 5\n",
+     "timeouts.read: unknown key (known keys here: connect, drain, handshake, idle)"),
+    ("max-connections-zero", GOOD + "[limits]\nmax_connections = 0\n",
+     "limits.max_connections: must be between 1 and 1000000, got 0"),
+    ("max-connections-float", GOOD + "[limits]\nmax_connections = 1.5\n",
+     "limits.max_connections: expected an integer, got number 1.5"),
+    ("burst-bool", GOOD + "[limits]\nhandshake_burst = true\n",
+     "limits.handshake_burst: expected an integer, got boolean True"),
+    ("rate-negative", GOOD + "[limits]\nhandshake_rate = -2\n",
+     "limits.handshake_rate: must be 0 or between 0.0001 and 1e+06, got -2"),
+    ("log-format", GOOD + '[logging]\nformat = "xml"\n', 'logging.format: expected one of "text", "json", got "xml"'),
+    ("log-level", GOOD + '[logging]\nlevel = "verbose"\n',
+     'logging.level: expected one of "debug", "info", "warning", "error", got "verbose"'),
+    ("metrics-enabled-string", GOOD + '[metrics]\nenabled = "yes"\n',
+     "metrics.enabled: expected a boolean, got string 'yes'"),
+    ("metrics-listen", GOOD + '[metrics]\nlisten = "localhost"\n',
+     "metrics.listen: expected HOST:PORT, got 'localhost'"),
+    ("metrics-typo", GOOD + '[metrics]\nlistne = "127.0.0.1:1"\n',
+     "metrics.listne: unknown key (known keys here: enabled, listen)"),
+    ("health-int", GOOD + "[health]\nenabled = 1\n", "health.enabled: expected a boolean, got integer 1"),
+]
+
+
+@pytest.mark.parametrize(("toml", "expected"), [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_is_one_line_naming_the_field(confdir: Path, capsys: pytest.CaptureFixture[str],
+                                                  toml: str, expected: str) -> None:
+    (confdir / "tunnel.toml").write_text(toml)
+    code, err = run_cli(["tunnel", "server", "--config", "tunnel.toml"], capsys)
+    assert code == 2
+    assert err == ["hybridkex: error: config tunnel.toml: " + expected.format(dir=confdir)]
+
+
+def test_invalid_toml_syntax(confdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (confdir / "tunnel.toml").write_text("listen = \n")
+    code, err = run_cli(["tunnel", "server", "--config", "tunnel.toml"], capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("hybridkex: error: config tunnel.toml: invalid TOML: ") and "line 1" in err[0]
+
+
+def test_missing_config_file(confdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(["tunnel", "client", "--config", "nope.toml"], capsys)
+    assert (code, err) == (2, ["hybridkex: error: config nope.toml: cannot read: No such file or directory"])
+
+
+CLIENT_BASE = ["tunnel", "client", "--listen", "127.0.0.1:1", "--target", "127.0.0.1:2", "--identity", "c",
+               "--qkd", "disabled"]
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["tunnel", "server", "--listen", "127.0.0.1:1"],
+     'target: missing required key; set target = "HOST:PORT" or pass --target'),
+    ([*CLIENT_BASE, "--peer", "s=a.psk", "--max-connections", "ten"],
+     "option --max-connections (limits.max_connections): expected an integer, got 'ten'"),
+    ([*CLIENT_BASE, "--peer", "s=a.psk", "--max-connections", "0"],
+     "option --max-connections (limits.max_connections): must be between 1 and 1000000, got 0"),
+    ([*CLIENT_BASE, "--peer", "s=a.psk", "--idle-timeout", "soon"],
+     "option --idle-timeout (timeouts.idle): expected a number, got 'soon'"),
+    ([*CLIENT_BASE, "--peer", "server"], "option --peer: expected NAME=PSK_FILE, got 'server'"),
+    ([*CLIENT_BASE, "--peer", "s=missing.psk"], "option --peer (peers[0].psk_file): file not found: {dir}/missing.psk"),
+    ([*CLIENT_BASE, "--peer", "s=a.psk", "--peer", "t=b.psk"],
+     "target_identity: missing; 2 peers are configured, so name the tunnel server at target"),
+    ([*CLIENT_BASE, "--peer", "s=a.psk", "--target-identity", "nobody"],
+     "option --target-identity (target_identity): no peer with identity 'nobody' in peers"),
+    ([*CLIENT_BASE, "--peer", "s=a.psk", "--log-format", "xml"],
+     'option --log-format (logging.format): expected one of "text", "json", got "xml"'),
+    ([*CLIENT_BASE, "--peer", "s=a.psk", "--metrics-listen", "127.0.0.1"],
+     "option --metrics-listen (metrics.listen): expected HOST:PORT, got '127.0.0.1'"),
+    ([*CLIENT_BASE, "--peer", "s=a.psk", "--suite", "x25519-mlkem768-qkd-hkdfsha256"],
+     "option --suite (policy.suites[0]): suite 'x25519-mlkem768-qkd-hkdfsha256' needs a QKD key but "
+     'policy.qkd = "disabled"'),
+])
+def test_bad_flags_are_one_line_naming_the_flag(confdir: Path, capsys: pytest.CaptureFixture[str],
+                                                argv: list[str], expected: str) -> None:
+    code, err = run_cli(argv, capsys)
+    assert (code, err) == (2, ["hybridkex: error: " + expected.format(dir=confdir)])
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    return cli.build_parser().parse_args(argv)
+
+
+def test_flags_override_the_file_and_objects_are_frozen(confdir: Path) -> None:
+    (confdir / "tunnel.toml").write_text(GOOD + "[limits]\nmax_connections = 5\nhandshake_burst = 9\n")
+    args = _parse(["tunnel", "server", "--config", "tunnel.toml", "--max-connections", "7", "--log-format", "json",
+                   "--peer", "client-z=b.psk", "--metrics"])
+    cfg = load_config("server", "tunnel.toml", Overrides.from_namespace(args))
+    assert cfg.limits.max_connections == 7  # flag wins
+    assert cfg.limits.handshake_burst == 9  # file value kept where no flag is given
+    assert cfg.logging.format == "json"
+    assert [p.identity for p in cfg.peers] == ["client-z"]  # --peer replaces the file's peers
+    assert cfg.peers[0].psk_file == confdir / "b.psk"
+    assert cfg.metrics.enabled and cfg.metrics.listen == Address("127.0.0.1", 9180)
+    assert cfg.source == confdir / "tunnel.toml"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.limits.max_connections = 1  # type: ignore[misc]
+
+
+def test_defaults(confdir: Path) -> None:
+    cfg = load_config("server", "tunnel.toml" if (confdir / "tunnel.toml").write_text(GOOD) else None)
+    assert cfg.role == "server" and cfg.listen == Address("127.0.0.1", 8443)
+    assert not cfg.metrics.enabled and not cfg.health.enabled
+    assert cfg.metrics.listen.is_loopback and cfg.metrics.listen.port == 9180
+    assert cfg.policy.suites == ("x25519-mlkem768-hkdfsha256",) and cfg.policy.key_budget == "fresh"
+    assert (cfg.timeouts.handshake, cfg.timeouts.idle, cfg.timeouts.drain) == (10.0, 300.0, 30.0)
+    assert (cfg.limits.max_connections, cfg.limits.handshake_rate, cfg.limits.handshake_burst) == (1024, 20.0, 40)
+    assert (cfg.logging.format, cfg.logging.level) == ("text", "info")
+    assert cfg.warnings == ()
+    client = load_config("client", "tunnel.toml")
+    assert client.target_identity == "client-a"  # the only peer
+    assert client.limits.handshake_rate == 0  # metered by the server, not per local application
+
+
+def test_full_config_parses(confdir: Path) -> None:
+    (confdir / "full.toml").write_text("""\
+listen = "[::1]:8443"
+target = "backend.internal:8080"
+identity = "server.example"
+
+[[peers]]
+identity = "client-a"
+mode = "psk"
+psk_file = "a.psk"
+sae_id = "SAE_A"
+
+[[peers]]
+identity = "spiffe://example/client-b"
+mode = "pki"
+cert = "cert.pem"
+key = "shared-key.pem"
+ca = "ca.pem"
+sae_id = "SAE_B"
+
+[kme]
+url = "https://kme-1.example:8443"
+sae_id = "SAE_S"
+cert = "cert.pem"
+key = "key.pem"
+ca = "ca.pem"
+
+[policy]
+suites = ["x25519-mlkem1024-qkd-hkdfsha384", "x25519-mlkem768-hkdfsha256"]
+qkd = "optional"
+key_budget = "epoch"
+
+[timeouts]
+handshake = 2.5
+idle = 0
+drain = 5
+connect = 1
+
+[limits]
+max_connections = 10
+handshake_rate = 0
+handshake_burst = 1
+
+[logging]
+format = "json"
+level = "debug"
+
+[metrics]
+enabled = true
+listen = "0.0.0.0:9999"
+
+[health]
+enabled = true
+""")
+    cfg = load_config("server", "full.toml")
+    assert cfg.listen == Address("::1", 8443) and str(cfg.listen) == "[::1]:8443"
+    assert cfg.target == Address("backend.internal", 8080)
+    assert cfg.peer("spiffe://example/client-b") is not None
+    assert cfg.peers[1].mode == "pki" and cfg.peers[1].key == confdir / "shared-key.pem"
+    assert cfg.kme is not None and cfg.kme.url == "https://kme-1.example:8443" and cfg.kme.key == confdir / "key.pem"
+    assert cfg.policy.suites == ("x25519-mlkem1024-qkd-hkdfsha384", "x25519-mlkem768-hkdfsha256")
+    assert (cfg.policy.qkd, cfg.policy.key_budget) == ("optional", "epoch")
+    assert cfg.timeouts.idle == 0 and cfg.limits.handshake_rate == 0
+    assert cfg.health.enabled and cfg.metrics.listen == Address("0.0.0.0", 9999)
+    # Allowed but unwise: a group-readable private key and a metrics endpoint beyond loopback.
+    assert [w.field for w in cfg.warnings] == ["peers[1].key", "metrics.listen"]
+    assert "mode 0640" in cfg.warnings[0].message
+
+
+def test_check_config_prints_a_summary(confdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (confdir / "tunnel.toml").write_text(GOOD)
+    code = cli.main(["tunnel", "server", "--config", "tunnel.toml", "--check-config"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out == ("hybridkex: configuration OK: tunnel server listen=127.0.0.1:8443 target=127.0.0.1:8080 "
+                   "identity=server peers=1 suites=x25519-mlkem768-hkdfsha256 qkd=disabled\n")
+
+
+def test_cli_offers_no_insecure_mode() -> None:
+    parser = cli.build_parser()
+    for role in ("server", "client"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["tunnel", role, "--insecure"])
+    help_text = subprocess.run([sys.executable, "-m", "hybridkex", "tunnel", "server", "--help"],
+                               capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "--config" in help_text and "--listen" in help_text
+    assert "insecure" not in help_text.lower() and "plain" not in help_text.lower()
+
+
+@pytest.mark.parametrize("env", [
+    {"HYBRIDKEX_TUNNEL_INSECURE_PLAIN_CHANNEL": "1"},
+    {"HYBRIDKEX_TUNNEL_INSECURE_PLAIN_CHANNEL": "yes", "HYBRIDKEX_TESTING": "1"},
+    {"HYBRIDKEX_TUNNEL_INSECURE_PLAIN_CHANNEL": "1", "HYBRIDKEX_TESTING": "true"},
+])
+def test_test_hook_is_refused_outside_tests(confdir: Path, env: dict[str, str]) -> None:
+    (confdir / "tunnel.toml").write_text(GOOD)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HYBRIDKEX_T")}
+    proc = subprocess.run([sys.executable, "-m", "hybridkex", "tunnel", "server", "--config", "tunnel.toml"],
+                          capture_output=True, text=True, timeout=60, env={**base, **env}, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "hybridkex: error: HYBRIDKEX_TUNNEL_INSECURE_PLAIN_CHANNEL: test-only hook that disables all security; "
+        "refused outside the test suite, unset it"]
+
+
+def test_real_process_reports_config_error_in_one_line(confdir: Path) -> None:
+    (confdir / "tunnel.toml").write_text(GOOD.replace("a.psk", "gone.psk"))
+    proc = subprocess.run([sys.executable, "-m", "hybridkex", "tunnel", "server", "--config", "tunnel.toml"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"hybridkex: error: config tunnel.toml: peers[0].psk_file: file not found: {confdir}/gone.psk"]
+
+
+def test_missing_secure_channel_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(channel, "SECURE_MODULE", "hybridkex.tunnel._no_such_module")
+    with pytest.raises(UnsupportedAlgorithm, match="secure channel is not available"):
+        channel.resolve_channel_provider({})
+    provider, insecure = channel.resolve_channel_provider(
+        {"HYBRIDKEX_TESTING": "1", "HYBRIDKEX_TUNNEL_INSECURE_PLAIN_CHANNEL": "1"})
+    assert insecure and provider is not None
+    with pytest.raises(ConfigurationError):
+        channel.resolve_channel_provider({"HYBRIDKEX_TUNNEL_INSECURE_PLAIN_CHANNEL": "1"})
+
+
+def test_reload_keeps_flag_overrides(confdir: Path) -> None:
+    (confdir / "tunnel.toml").write_text(GOOD)
+    overrides = Overrides.from_namespace(_parse(["tunnel", "server", "--max-connections", "3"]))
+    first = load_config("server", "tunnel.toml", overrides)
+    (confdir / "tunnel.toml").write_text(GOOD + "[limits]\nmax_connections = 50\nhandshake_burst = 2\n")
+    second = load_config("server", "tunnel.toml", overrides)
+    assert first.limits.max_connections == second.limits.max_connections == 3
+    assert second.limits.handshake_burst == 2

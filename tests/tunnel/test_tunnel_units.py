@@ -1,0 +1,353 @@
+"""Tunnel building blocks in-process: log redaction, metrics format and endpoint, rate limits, relay, seam."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+from tunnelhelpers import parse_prometheus
+
+from hybridkex.exceptions import (
+    AuthenticationError,
+    ConfigurationError,
+    HandshakeTimeout,
+    KeyMismatchError,
+    KeyUnavailableError,
+    KMEError,
+    PolicyViolation,
+    RemoteProtocolError,
+    TLSError,
+)
+from hybridkex.tunnel.channel import PlainStream, SecureStream
+from hybridkex.tunnel.config import Overrides, TunnelConfig, load_config
+from hybridkex.tunnel.limits import HandshakeRateLimiter, LogThrottle
+from hybridkex.tunnel.logs import REDACTED, ConnectionLog, configure_logging, safe_fields
+from hybridkex.tunnel.metrics import Counter, Gauge, Histogram, MetricsServer, Registry, TunnelMetrics
+from hybridkex.tunnel.relay import relay
+from hybridkex.tunnel.runtime import handshake_outcome
+from hybridkex.tunnel.server import TunnelServer
+
+SECRET = bytes.fromhex("5ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2e75ec2")
+
+
+# --- logs -------------------------------------------------------------------------------------------
+
+
+def test_safe_fields_keep_facts_and_redact_secrets() -> None:
+    facts = {
+        "suite": "x25519-mlkem768-qkd-hkdfsha256",
+        "components": ["x25519", "ml-kem-768", "qkd"],
+        "qkd_key_ids": ["0b9a3b5e-1c1e-4c67-9a53-7e1b8c3f1a00"],
+        "key_budget": "fresh",
+        "auth": "psk",
+        "psk": "hex-of-a-psk",
+        "tls_psk": SECRET,
+        "exporter": SECRET,
+        "private_key": "x",
+        "nested": {"secret": "x", "ok": 1},
+        "object": object(),
+    }
+    out = safe_fields(facts)
+    assert out["suite"] == facts["suite"] and out["components"] == facts["components"]
+    assert out["qkd_key_ids"] == facts["qkd_key_ids"] and out["key_budget"] == "fresh"
+    for name in ("psk", "tls_psk", "exporter", "private_key"):
+        assert out[name] == REDACTED
+    assert out["nested"] == {"secret": REDACTED, "ok": 1}
+    assert out["object"] == "<object>"
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_connection_log_lines_never_carry_key_bytes(fmt: str) -> None:
+    stream = io.StringIO()
+    configure_logging(fmt, "debug", stream=stream)
+    try:
+        ConnectionLog("c0ffee", "127.0.0.1:5").log(20, "handshake_ok", "handshake complete",
+                                                   session={"suite": "s", "key": SECRET, "material": SECRET.hex()})
+    finally:
+        configure_logging("text", "info")  # back to stderr for anything else in this process
+    line = stream.getvalue()
+    assert line.count("\n") == 1
+    assert SECRET.hex() not in line and repr(SECRET) not in line
+    if fmt == "json":
+        doc = json.loads(line)
+        assert doc["event"] == "handshake_ok" and doc["conn"] == "c0ffee" and doc["peer_addr"] == "127.0.0.1:5"
+        assert doc["session"] == {"suite": "s", "key": REDACTED, "material": REDACTED}
+    else:
+        assert ' info handshake_ok "handshake complete" conn=c0ffee peer_addr=127.0.0.1:5 session=' in line
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+
+
+def test_prometheus_text_format() -> None:
+    reg = Registry()
+    c = Counter("t_total", "A counter.\nSecond line.", ("kind",), initial=[("a",)])
+    g = Gauge("t_level", "A gauge.", ("peer",))
+    h = Histogram("t_seconds", "A histogram.", buckets=(0.1, 1.0))
+    for m in (c, g, h):
+        reg.register(m)
+    c.inc(kind='we"ird\\')
+    c.inc(2, kind="a")
+    g.set(5, peer="SAE_B")
+    for v in (0.05, 0.5, 7):
+        h.observe(v)
+    assert reg.render() == (
+        "# HELP t_total A counter.\\nSecond line.\n# TYPE t_total counter\n"
+        't_total{kind="a"} 2\nt_total{kind="we\\"ird\\\\"} 1\n'
+        '# HELP t_level A gauge.\n# TYPE t_level gauge\nt_level{peer="SAE_B"} 5\n'
+        "# HELP t_seconds A histogram.\n# TYPE t_seconds histogram\n"
+        't_seconds_bucket{le="0.1"} 1\nt_seconds_bucket{le="1"} 2\nt_seconds_bucket{le="+Inf"} 3\n'
+        "t_seconds_sum 7.55\nt_seconds_count 3\n")
+    assert parse_prometheus(reg.render())[("t_total", (("kind", 'we\\"ird\\\\'),))] == 1
+    with pytest.raises(ValueError, match="only goes up"):
+        c.inc(-1, kind="a")
+    with pytest.raises(ValueError, match="takes labels"):
+        c.inc(peer="x")
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register(Counter("t_total", "again"))
+
+
+def test_factory_metrics_api() -> None:
+    m = TunnelMetrics("client")
+    m.set_qkd_pool_level("SAE_B", 12)
+    m.kme_error("http_503")
+    m.kme_error("http_503")
+    extra = m.counter("hybridkex_custom_total", "Factory-defined.")
+    extra.inc()
+    samples = parse_prometheus(m.render())
+    assert samples[("hybridkex_qkd_pool_keys", (("peer", "SAE_B"),))] == 12
+    assert samples[("hybridkex_kme_errors_total", (("kind", "http_503"),))] == 2
+    assert samples[("hybridkex_custom_total", ())] == 1
+    assert samples[("hybridkex_tunnel_handshakes_total", (("outcome", "timeout"),))] == 0  # present from the start
+
+
+def test_metrics_endpoint_requests() -> None:
+    async def main() -> None:
+        metrics = TunnelMetrics("server")
+        from hybridkex.tunnel.config import Address
+
+        server = MetricsServer(metrics, Address("127.0.0.1", 0), serve_metrics=True, serve_health=True)
+        await server.start()
+        port = server.address.port
+
+        async def request(raw: bytes) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(raw)
+            await writer.drain()
+            data = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            await writer.wait_closed()
+            return data
+
+        try:
+            ok = await request(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert ok.startswith(b"HTTP/1.1 200 OK\r\n") and b"hybridkex_tunnel_info" in ok
+            head = await request(b"HEAD /metrics HTTP/1.1\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+            assert (await request(b"POST /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 405 ")
+            assert (await request(b"\x16\x03\x01 garbage\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+            assert await request(b"GET /" + b"a" * 10_000) == b""  # oversized head: dropped
+            assert (await request(b"GET /healthz HTTP/1.1\r\n\r\n")).endswith(b"\r\n\r\nok\n")
+            metrics.health.set("kme", False, "KME unreachable")
+            sick = await request(b"GET /healthz HTTP/1.1\r\n\r\n")
+            assert sick.startswith(b"HTTP/1.1 503 ") and sick.endswith(b"kme: KME unreachable\n")
+            metrics.health.set("kme", True)
+            metrics.health.draining = True
+            assert (await request(b"GET /healthz HTTP/1.1\r\n\r\n")).endswith(b"draining\n")
+        finally:
+            await server.close()
+
+    asyncio.run(main())
+
+
+# --- limits -----------------------------------------------------------------------------------------
+
+
+def test_token_bucket_per_address() -> None:
+    now = [0.0]
+    lim = HandshakeRateLimiter(rate=2.0, burst=3, clock=lambda: now[0])
+    assert [lim.allow("a") for _ in range(4)] == [True, True, True, False]
+    assert lim.allow("b")  # another address has its own bucket
+    now[0] += 0.5  # one token back at 2/s
+    assert lim.allow("a") and not lim.allow("a")
+    now[0] += 100
+    assert [lim.allow("a") for _ in range(4)] == [True, True, True, False]  # capped at the burst
+    lim.configure(0, 3)
+    assert all(lim.allow("a") for _ in range(100))  # 0 disables
+
+
+def test_token_bucket_memory_is_bounded() -> None:
+    now = [0.0]
+    lim = HandshakeRateLimiter(rate=1.0, burst=1, clock=lambda: now[0], max_tracked=100)
+    for i in range(1000):
+        lim.allow(f"10.0.{i // 256}.{i % 256}")
+    assert len(lim) <= 100
+
+
+def test_log_throttle() -> None:
+    now = [0.0]
+    t = LogThrottle(1.0, clock=lambda: now[0])
+    assert t.check("x") == 0
+    assert t.check("x") is None and t.check("x") is None
+    now[0] = 1.5
+    assert t.check("x") == 2
+
+
+@pytest.mark.parametrize(("exc", "outcome"), [
+    (TimeoutError(), "timeout"),
+    (HandshakeTimeout("KME"), "timeout"),
+    (AuthenticationError("unknown identity"), "auth_failed"),
+    (KeyMismatchError("confirm"), "auth_failed"),
+    (RemoteProtocolError("bad"), "protocol_error"),
+    (PolicyViolation("no qkd", ("qkd",)), "policy_violation"),
+    (KeyUnavailableError("empty"), "key_source_error"),
+    (KMEError("503", status=503), "key_source_error"),
+    (TLSError("alert"), "tls_error"),
+    (ConfigurationError("x"), "failed"),
+    (ConnectionResetError(), "io_error"),
+    (asyncio.IncompleteReadError(b"", 5), "io_error"),
+    (RuntimeError("bug"), "internal_error"),
+])
+def test_handshake_outcome_labels(exc: BaseException, outcome: str) -> None:
+    assert handshake_outcome(exc) == outcome
+
+
+# --- relay ------------------------------------------------------------------------------------------
+
+
+def test_relay_reports_a_reset_and_closes_both_sides() -> None:
+    async def main() -> None:
+        accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+        srv = await asyncio.start_server(lambda r, w: accepted.put_nowait((r, w)), "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        raw_a = socket.create_connection(("127.0.0.1", port))
+        raw_b = socket.create_connection(("127.0.0.1", port))
+        a, b = await accepted.get(), await accepted.get()
+        task = asyncio.create_task(relay(PlainStream(*a), PlainStream(*b), idle_timeout=None))
+        raw_a.sendall(b"hello")
+        raw_b.setblocking(False)
+        got = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(raw_b, 100), 10)
+        assert got == b"hello"
+        raw_b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raw_b.close()  # abortive close: RST
+        raw_a.sendall(b"more")
+        result = await asyncio.wait_for(task, 10)
+        assert result.outcome == "reset" and result.bytes_in >= 5
+        raw_a.settimeout(10)
+        assert raw_a.recv(10) == b""  # the relay closed the other side too
+        raw_a.close()
+        srv.close()
+        await srv.wait_closed()
+
+    asyncio.run(main())
+
+
+# --- the seam: a custom factory in the in-process runtime -------------------------------------------
+
+
+class _SeamFactory:
+    """A stand-in factory: accepts identities from the config, fails the way a real one could."""
+
+    def __init__(self, config: TunnelConfig) -> None:
+        self.config = config
+        self.closed = False
+
+    async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                     peer_addr: str) -> SecureStream:
+        line = (await reader.readline()).strip().decode()
+        if line == "nokey":
+            raise KeyUnavailableError("pool empty")
+        if line not in self.config.peer_identities:
+            raise AuthenticationError(f"unknown identity {line!r}")
+        return PlainStream(reader, writer, {"peer_identity": line, "psk": SECRET})
+
+    async def connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> SecureStream:
+        raise NotImplementedError
+
+    async def reconfigure(self, config: TunnelConfig) -> None:
+        if "evil" in config.peer_identities:
+            raise ConfigurationError("peer evil is not allowed", field="peers")
+        self.config = config
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def test_runtime_with_a_custom_factory(tmp_path: Path) -> None:
+    psk = tmp_path / "k.psk"
+    psk.write_bytes(os.urandom(32))
+    psk.chmod(0o600)
+
+    def conf(*peers: str) -> Path:
+        path = tmp_path / "t.toml"
+        text = ('listen = "127.0.0.1:0"\ntarget = "127.0.0.1:1"\nidentity = "s"\n'
+                '[policy]\nqkd = "disabled"\n[logging]\nformat = "json"\n')
+        for p in peers:
+            text += f'[[peers]]\nidentity = "{p}"\nmode = "psk"\npsk_file = "{psk}"\n'
+        path.write_text(text)
+        return path
+
+    stream = io.StringIO()
+    configure_logging("json", "info", stream=stream)
+    factories: list[_SeamFactory] = []
+
+    async def provider(config: TunnelConfig, metrics: TunnelMetrics) -> _SeamFactory:
+        factories.append(_SeamFactory(config))
+        return factories[-1]
+
+    async def main() -> None:
+        path = conf("alice")
+        runtime = TunnelServer(load_config("server", path), provider,
+                               loader=lambda: load_config("server", path, Overrides()))
+        await runtime.start()
+        port = runtime.address.port
+
+        async def attempt(line: bytes) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(line + b"\n")
+            data = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            return data
+
+        assert await attempt(b"mallory") == b""
+        assert await attempt(b"nokey") == b""
+        assert await attempt(b"alice") == b""  # authenticated, but the target (port 1) is unreachable
+        conf("alice", "evil")
+        assert not await runtime.reload()  # the factory refused it: the old configuration stays
+        assert runtime.config.peer_identities == {"alice"}
+        conf("alice", "bob")
+        assert await runtime.reload()
+        assert factories[0].config.peer_identities == {"alice", "bob"}
+        runtime.request_stop()
+        await runtime.shutdown()
+        assert factories[0].closed
+        samples = parse_prometheus(runtime.metrics.render())
+        for outcome, n in (("auth_failed", 1), ("key_source_error", 1), ("ok", 1)):
+            assert samples[("hybridkex_tunnel_handshakes_total", (("outcome", outcome),))] == n
+        assert samples[("hybridkex_tunnel_closed_connections_total", (("outcome", "target_unreachable"),))] == 1
+        assert samples[("hybridkex_tunnel_config_reloads_total", (("outcome", "error"),))] == 1
+        assert samples[("hybridkex_tunnel_config_reloads_total", (("outcome", "ok"),))] == 1
+
+    try:
+        asyncio.run(main())
+    finally:
+        configure_logging("text", "info")
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    events = [r["event"] for r in records]
+    assert events.count("handshake_failed") == 2 and "target_unreachable" in events
+    failed = [r for r in records if r["event"] == "handshake_failed"]
+    assert failed[0]["reason"] == "authentication failed: unknown identity 'mallory'"
+    assert failed[1]["reason"] == "KeyUnavailableError: pool empty" and failed[1]["outcome"] == "key_source_error"
+    ok = next(r for r in records if r["event"] == "handshake_ok")
+    assert ok["session"] == {"peer_identity": "alice", "psk": REDACTED}
+    reload_error = next(r for r in records if r["event"] == "config_reload_failed")
+    assert reload_error["msg"] == ("configuration reload failed, keeping the running configuration: "
+                                   "ConfigurationError: peers: peer evil is not allowed")
+    assert next(r for r in records if r["event"] == "config_reloaded")["added"] == ["bob"]
+    assert SECRET.hex() not in stream.getvalue()
