@@ -271,7 +271,8 @@ def _base_context(
         _shim.install_msg_callback(ctx, message_callback, _sink)
     if keylog is not None:
         ctx.set_keylog_callback(_keylog_writer(keylog))
-    _CONFIGS[ctx] = cfg
+    with _LOCK:
+        _CONFIGS[ctx] = cfg
     return ctx, cfg
 
 

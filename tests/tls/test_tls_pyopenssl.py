@@ -563,3 +563,24 @@ def test_wrap_socket_role_misuse(identity: bytes, psk: bytes) -> None:
 def test_verify_rejects_foreign_context() -> None:
     with pytest.raises(LocalProtocolError):
         tls.verify_connection(SSL.Connection(SSL.Context(SSL.TLS_METHOD), None))
+
+
+def test_shared_contexts_across_threads() -> None:
+    """Per-connection state stays per connection when threads share one context pair."""
+    cctx, sctx = tls.client_context(), tls.server_context()
+    failures: list[object] = []
+
+    def worker(n: int) -> None:
+        for i in range(15):
+            ident, key = f"t{n}-c{i}".encode(), os.urandom(32)
+            r = memory_pair(cctx, sctx, client_psk=(ident, key), server_psk=(ident, key))
+            if r.server is None or r.server.psk_identity != ident or r.client is None:
+                failures.append((ident, r.client_error, r.server_error))
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert failures == []
