@@ -1,15 +1,16 @@
 """The OpenAPI 3.1 description of the simulated KME (ETSI GS QKD 014 V1.1.1 as implemented here).
 
 Each KME serves it at ``/api/v1/openapi.json``; ``docs/openapi-etsi-qkd-014.json`` is the same
-document, regenerated with ``python -m hybridkex.qkd.kme.openapi > docs/openapi-etsi-qkd-014.json``
-(a test checks the two agree).
+document, regenerated with (a test checks the two agree)::
+
+    python -c "import sys, hybridkex.qkd.kme.openapi as o; sys.stdout.write(o.render())" \
+        > docs/openapi-etsi-qkd-014.json
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import sys
 from typing import Any
 
 from ..etsi014 import (
@@ -262,6 +263,3 @@ def render() -> str:
     """The document as the JSON text stored in ``docs/openapi-etsi-qkd-014.json``."""
     return json.dumps(_DOCUMENT, indent=2, ensure_ascii=False) + "\n"
 
-
-if __name__ == "__main__":  # pragma: no cover - regeneration helper
-    sys.stdout.write(render())
