@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -76,6 +77,11 @@ def _reason(exc: BaseException) -> str:
         return f"{type(exc).__name__}: {exc.strerror}"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _os_error(exc: OSError) -> str:
+    # asyncio wraps bind errors in an OSError whose text repeats the address; the errno text suffices.
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
 
 
 def _format_peer(peername: object) -> tuple[str, str]:
@@ -154,15 +160,14 @@ class TunnelRuntime:
                 self._server = await asyncio.start_server(
                     self._on_connection, cfg.listen.host, cfg.listen.port, backlog=_BACKLOG)
             except OSError as exc:
-                raise ConfigurationError(f"cannot listen on {cfg.listen}: {exc.strerror or exc}",
-                                         field="listen") from None
+                raise ConfigurationError(f"cannot listen on {cfg.listen}: {_os_error(exc)}", field="listen") from None
             if cfg.metrics.enabled or cfg.health.enabled:
                 try:
                     self._metrics_server = await start_metrics_server(
                         self.metrics, cfg.metrics.listen, serve_metrics=cfg.metrics.enabled,
                         serve_health=cfg.health.enabled)
                 except OSError as exc:
-                    raise ConfigurationError(f"cannot listen on {cfg.metrics.listen}: {exc.strerror or exc}",
+                    raise ConfigurationError(f"cannot listen on {cfg.metrics.listen}: {_os_error(exc)}",
                                              field="metrics.listen") from None
         except BaseException:
             await self._close_listeners()
@@ -180,8 +185,10 @@ class TunnelRuntime:
         try:
             await self._stop.wait()
         finally:
-            self._remove_signals()
-            await self.shutdown()
+            try:
+                await self.shutdown()  # signal handlers stay installed: a second SIGTERM ends the drain
+            finally:
+                self._remove_signals()
         return 0
 
     def request_stop(self) -> None:

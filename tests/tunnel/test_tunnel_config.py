@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -390,3 +391,16 @@ def test_reload_keeps_flag_overrides(confdir: Path) -> None:
     second = load_config("server", "tunnel.toml", overrides)
     assert first.limits.max_connections == second.limits.max_connections == 3
     assert second.limits.handshake_burst == 2
+
+
+def test_busy_listen_address_is_one_line_naming_listen(confdir: Path) -> None:
+    (confdir / "tunnel.toml").write_text(GOOD)
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        env = {**os.environ, "HYBRIDKEX_TESTING": "1", "HYBRIDKEX_TUNNEL_INSECURE_PLAIN_CHANNEL": "1"}
+        proc = subprocess.run([sys.executable, "-m", "hybridkex", "tunnel", "server", "--config", "tunnel.toml",
+                               "--listen", f"127.0.0.1:{port}"],
+                              capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"hybridkex: error: listen: cannot listen on 127.0.0.1:{port}: address already in use")

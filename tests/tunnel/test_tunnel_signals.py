@@ -57,6 +57,20 @@ def test_drain_deadline_closes_remaining_connections(echo: EchoService, tunnels:
     assert server.events("stopped")[0]["forced"] == 1
 
 
+def test_second_sigterm_ends_the_drain_at_once(echo: EchoService, tunnels: Tunnels) -> None:
+    server, client = tunnels.pair(echo.port, server_extra="[timeouts]\ndrain = 60\n")
+    with Conn(client.port) as c:
+        c.send(b"Ewaiting")
+        c.wait_received(7)
+        server.send_signal(signal.SIGTERM)
+        server.wait_event("draining", open_connections=1)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait_exit() == 0  # well before the 60 s drain deadline would have passed
+        assert c.wait_eof() == b"waiting"
+    assert server.events("drain_forced")
+    assert server.events("stopped")[0]["forced"] == 1
+
+
 def test_sighup_reload_adds_and_removes_peers_without_dropping_connections(echo: EchoService,
                                                                         tunnels: Tunnels) -> None:
     server, client_a = tunnels.pair(echo.port, server_peers=("client-a",))
