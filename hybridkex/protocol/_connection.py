@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, NoReturn
 
 from ..combiner import CombinedSecret, PartyView, QKDBinding, combine, encode_party
 from ..exceptions import (
@@ -230,10 +230,8 @@ class _Connection:
             raise
         except HybridKEXError as exc:
             self._fail(exc)
-            raise  # pragma: no cover - _fail raises
         except Exception as exc:  # a bug: still fail closed, abort, and surface it
             self._fail(exc)
-            raise  # pragma: no cover
 
     def provide_qkd_keys(self, keys: Sequence[QKDKey]) -> None:
         """Answer the outstanding QKD request with the key source's keys (in the order it returned them)."""
@@ -242,6 +240,9 @@ class _Connection:
         try:
             keys = list(keys)
             self._check_keys(request, keys)
+        except HybridKEXError as exc:  # the key source misbehaved: the peer learns "QKD unavailable"
+            self._fail(exc, w.AbortCode.QKD_UNAVAILABLE)
+        try:
             self._on_keys(request, keys)
         except HybridKEXError as exc:
             self._fail(exc)
@@ -347,10 +348,10 @@ class _Connection:
         self._request_open = False
         return request
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, code: w.AbortCode | None = None) -> NoReturn:
         if self._state is not State.FAILED:
             self._failure = exc
-            self._outbuf += w.encode_abort(_abort_code(exc))
+            self._outbuf += w.encode_abort(code if code is not None else _abort_code(exc))
             self._state = State.FAILED  # ERROR leads to FAILED from every non-terminal state
             self._erase()
         raise exc

@@ -10,19 +10,18 @@ added by :func:`_with_failure` rather than written out on every row.
 Where a row lists several next states, the connection picks one from what the message says (e.g.
 whether the authentication mode sends certificates, or who is the QKD master); the table still
 checks that the choice is one of the allowed ones.  ``docs/state-diagram.md`` is generated from
-these tables (``python -m hybridkex.protocol._state``).
+these tables by :func:`render`.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from enum import Enum
 from types import MappingProxyType
 
 from ._wire import FrameType
 
-__all__ = ["INITIATOR", "RESPONDER", "Input", "State", "expected_frames", "mermaid"]
+__all__ = ["INITIATOR", "RESPONDER", "Input", "State", "expected_frames", "mermaid", "render"]
 
 
 class State(Enum):
@@ -145,19 +144,20 @@ def mermaid(role: str) -> str:
             for target in sorted(targets, key=lambda s: s.value):
                 lines.append(f"    {state.value} --> {target.value}: {inp.value}")
     lines.append(f"    {S.COMPLETE.value} --> [*]")
+    lines.append(f"    {S.FAILED.value} --> [*]")
     lines.append(f"    note right of {S.FAILED.value}: every other state goes here on recv Abort or error")
     return "\n".join(lines)
 
 
-def _main() -> int:
+def render() -> str:
+    """The text of ``docs/state-diagram.md`` (a test checks the file is up to date)."""
     out = ["# Handshake state diagrams", "",
-           "Generated from `hybridkex/protocol/_state.py` by `python -m hybridkex.protocol._state`;",
-           "do not edit by hand.", ""]
+           "Generated from the transition tables in `hybridkex/protocol/_state.py`; do not edit by hand.",
+           "Regenerate with:", "",
+           "```sh",
+           "python -c 'from hybridkex.protocol._state import render; print(render(), end=\"\")' \\",
+           "    > docs/state-diagram.md",
+           "```", ""]
     for role in TABLES:
         out += [f"## {role.capitalize()}", "", "```mermaid", mermaid(role), "```", ""]
-    sys.stdout.write("\n".join(out))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())
+    return "\n".join(out)

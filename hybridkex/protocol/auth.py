@@ -383,18 +383,22 @@ def verify_chain(
             if i + 1 < len(certs):
                 _check_issuer(cert, certs[i + 1], alg, i, what)
         top = certs[-1]
-        anchor_ok = False
-        for anchor in anchors:
-            if anchor == top:
-                anchor_ok = True  # the peer sent the anchor itself; it was checked above
-                break
-            if anchor.subject != top.issuer or _algorithm_of_public(anchor) is not alg:
+        anchor_ok = any(anchor == top for anchor in anchors)  # the peer sent an anchor itself (checked above)
+        near_miss: AuthenticationError | None = None
+        for anchor in anchors if not anchor_ok else ():
+            if anchor.subject != top.issuer:
                 continue
-            _check_validity(anchor, now, "the trust anchor")
-            _check_issuer(top, anchor, alg, len(certs) - 1, "the top certificate of the chain")
+            try:
+                _check_validity(anchor, now, "the trust anchor")
+                _check_issuer(top, anchor, alg, len(certs) - 1, "the top certificate of the chain")
+            except AuthenticationError as exc:  # keep the precise reason; another anchor may still fit
+                near_miss = near_miss or exc
+                continue
             anchor_ok = True
             break
         if not anchor_ok:
+            if near_miss is not None:
+                raise near_miss
             raise _fail(f"{alg.name} chain for {identity!r} does not lead to a configured trust anchor (untrusted)")
         leaf = certs[0]
         key = leaf.public_key()
