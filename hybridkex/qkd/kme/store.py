@@ -32,6 +32,7 @@ from typing import Any
 from ...exceptions import ConfigurationError
 from ..base import QKDKey
 from ..etsi014 import (
+    INT32_MAX,
     MSG_EXTENSION_MANDATORY_UNSUPPORTED,
     MSG_KEYS_NOT_FOUND,
     MSG_SERVER_ERROR,
@@ -282,8 +283,9 @@ class KeyStore:
                 "master_SAE_ID": master,
                 "slave_SAE_ID": slave_sae_id,
                 "key_size": lim.key_size,
-                "stored_key_count": self._link.available_bits() // lim.key_size,
-                "max_key_count": self._link.capacity_bits // lim.key_size,
+                # JSON integers stay within int32 (what every client can represent), even for huge links.
+                "stored_key_count": min(INT32_MAX, self._link.available_bits() // lim.key_size),
+                "max_key_count": min(INT32_MAX, self._link.capacity_bits // lim.key_size),
                 "max_key_per_request": lim.max_key_per_request,
                 "max_key_size": lim.max_key_size,
                 "min_key_size": lim.min_key_size,
