@@ -175,3 +175,25 @@ def test_async_client_against_a_pair_started_in_process(kmes: SimulatedKMEPair) 
             assert status.source_kme_id == "kme-b"
 
     asyncio.run(main())
+
+
+def test_pair_with_a_throwaway_pki_cleans_up() -> None:
+    with SimulatedKMEPair.start(rate_bps=1e6) as pair:
+        directory = pair.pki.directory
+        assert pair.pki.cert("peer-a").is_file()  # the peers' certificates are there for the tunnel/demo
+        with pair.key_source("sae-a") as a, pair.key_source("sae-b") as b:
+            keys = a.get_keys("sae-b", 2)
+            assert b.get_keys_by_id("sae-a", [k.key_id for k in keys]) == keys
+    assert not directory.exists()
+    pair.stop()  # idempotent
+
+
+def test_pair_refuses_bad_settings(pki: DemoPKI) -> None:
+    from hybridkex.exceptions import ConfigurationError
+
+    with pytest.raises(ConfigurationError):
+        SimulatedKMEPair.start(pki, saes_a=("sae-a",), saes_b=("sae-a",))
+    with pytest.raises(ConfigurationError):
+        SimulatedKMEPair.start(pki, port_a=70000)
+    with pytest.raises(ConfigurationError):
+        SimulatedKMEPair.start(pki, rate_bps=-1)
