@@ -119,6 +119,8 @@ check_bindings(_lib, SSL)
 # Per-Context references that must outlive every handshake on that context (cffi callbacks).
 _KEEP: weakref.WeakKeyDictionary[SSL.Context, list[object]] = weakref.WeakKeyDictionary()
 _KEEP_LOCK = threading.Lock()
+# Per-Connection identity buffers handed to OpenSSL by the client callback.
+_ID_BUFFERS: weakref.WeakKeyDictionary[SSL.Connection, object] = weakref.WeakKeyDictionary()
 
 ErrorSink = Callable[["SSL.Connection | None", BaseException], None]
 #: Client: Connection -> (identity, key, 2-byte cipher id), or None to offer no PSK.
@@ -169,10 +171,6 @@ def install_psk_use_session(ctx: SSL.Context, provide: UseSession, sink: ErrorSi
     OpenSSL calls this again after a HelloRetryRequest (with ``md`` set); the same session is built
     again, which matches because the client enables only that session's cipher suite.
     """
-    # Identity buffers must stay valid until OpenSSL copies them (it does so before returning), but
-    # keeping the last one per context costs nothing and removes any doubt.
-    holder: list[Any] = [None]
-
     def callback(ssl: Any, md: Any, id_out: Any, idlen_out: Any, sess_out: Any) -> int:
         conn = None
         try:
@@ -185,7 +183,10 @@ def install_psk_use_session(ctx: SSL.Context, provide: UseSession, sink: ErrorSi
                 return 1
             identity, key, cipher_id = offer
             buf = _ffi.new("unsigned char[]", identity)
-            holder[0] = buf
+            # OpenSSL copies the identity only after this callback returns: keep the buffer alive as
+            # long as the connection (per connection, so concurrent handshakes cannot free it).
+            with _KEEP_LOCK:
+                _ID_BUFFERS[conn] = buf
             sess_out[0] = _new_session(ssl, key, cipher_id)
             id_out[0] = buf
             idlen_out[0] = len(identity)
@@ -199,7 +200,7 @@ def install_psk_use_session(ctx: SSL.Context, provide: UseSession, sink: ErrorSi
         callback,
         onerror=_on_cffi_error,
     )
-    _keep(ctx, cb, holder)
+    _keep(ctx, cb)
     _lib.SSL_CTX_set_psk_use_session_callback(ctx._context, cb)
 
 
