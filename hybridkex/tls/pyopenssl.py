@@ -401,8 +401,14 @@ def bind_psk(conn: SSL.Connection, identity: bytes | str, psk: bytes) -> None:
     """
     _config(conn)
     st = _state(conn)
+    _require_not_started(st)
     st.bound = (check_identity(identity), check_psk(psk))
     st.bound_lookup = None
+
+
+def _require_not_started(st: _ConnState) -> None:
+    if st.seen.identity_offered or st.info is not None:
+        raise LocalProtocolError("a PSK must be bound before the connection's handshake starts")
 
 
 def bind_psk_lookup(conn: SSL.Connection, psk_lookup: PSKLookup) -> None:
@@ -410,6 +416,7 @@ def bind_psk_lookup(conn: SSL.Connection, psk_lookup: PSKLookup) -> None:
     if _config(conn).role != "server":
         raise LocalProtocolError("bind_psk_lookup() is for server connections; use bind_psk() on a client")
     st = _state(conn)
+    _require_not_started(st)
     st.bound = None
     st.bound_lookup = psk_lookup
 
