@@ -123,6 +123,17 @@ def selftest() -> dict[str, Any]:
         "wrong_key": _pair("alice", os.urandom(32), {b"alice": key}),
         "lookup_raises": _pair("alice", key, {b"alice": key}, raise_in_lookup=True),
     }
+    import ssl
+
+    real_has_psk = ssl.HAS_PSK
+    ssl.HAS_PSK = False  # as in a Python built against an OpenSSL without PSK support
+    try:
+        st.client_context("alice", key)
+        results["no_has_psk"] = {"error": None}
+    except HybridKEXError as exc:
+        results["no_has_psk"] = _error(exc)
+    finally:
+        ssl.HAS_PSK = real_has_psk
     for name, make in {
         "sha384": lambda: st.client_context("alice", key, suite="x25519-mlkem1024-qkd-hkdfsha384"),
         "require_pq": lambda: st.server_context({}, require_pq=True),

@@ -42,6 +42,7 @@ from hybridkex.exceptions import (
     PSKRejected,
     TLSError,
     UnknownPSKIdentity,
+    UnsupportedAlgorithm,
 )
 
 SHA384 = "x25519-mlkem1024-qkd-hkdfsha384"
@@ -587,3 +588,26 @@ def test_shared_contexts_across_threads() -> None:
         t.join(60)
     assert not any(t.is_alive() for t in threads)
     assert failures == []
+
+
+def test_openssl_without_mlkem(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, identity: bytes, psk: bytes
+) -> None:
+    """An OpenSSL < 3.5 (no ML-KEM) rejects the hybrid group lists: simulate it at the one binding."""
+    from hybridkex.tls import _shim
+
+    real = _shim.set_groups
+
+    def old_openssl(ctx: SSL.Context, groups: str) -> bool:
+        return False if "MLKEM" in groups.upper() else real(ctx, groups)
+
+    monkeypatch.setattr(_shim, "set_groups", old_openssl)
+    with caplog.at_level(logging.WARNING, logger="hybridkex.tls"):
+        cctx, sctx = tls.client_context(identity, psk), tls.server_context({identity: psk})
+    assert any("falls back to X25519" in rec.getMessage() for rec in caplog.records)
+    r = memory_pair(cctx, sctx)
+    assert r.client is not None and r.client.group == "x25519"
+    with pytest.raises(UnsupportedAlgorithm, match=r"OpenSSL >= 3\.5"):
+        tls.server_context({identity: psk}, require_pq=True)
+    with pytest.raises(ConfigurationError):
+        tls.client_context(identity, psk, groups="X25519MLKEM768")  # explicit lists never fall back

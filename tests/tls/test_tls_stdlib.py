@@ -161,3 +161,5 @@ def test_stdlib_selftest_under_313(python313: str) -> None:
     assert result["binary_identity"]["error"] == "ConfigurationError"
     assert result["long_identity"]["error"] == "ConfigurationError"
     assert result["short_key"]["error"] == "InvalidKeyMaterial"
+    assert result["no_has_psk"]["error"] == "UnsupportedAlgorithm"
+    assert "without PSK support" in result["no_has_psk"]["message"]
