@@ -13,6 +13,7 @@ from importlib import metadata as _metadata
 from . import exceptions as _exceptions
 from .combiner import CombinedSecret, PartyView, QKDBinding, combine, encode_party
 from .exceptions import *  # noqa: F403 - the whole exception tree is public API
+from .policy import KeyBudget, Policy, QKDConfig, QKDMode, Timeouts
 from .suites import DEFAULT_SUITE, SUITES, Suite, get_suite
 
 try:
@@ -24,9 +25,14 @@ __all__ = [
     "DEFAULT_SUITE",
     "SUITES",
     "CombinedSecret",
+    "KeyBudget",
     "PartyView",
+    "Policy",
     "QKDBinding",
+    "QKDConfig",
+    "QKDMode",
     "Suite",
+    "Timeouts",
     "__version__",
     "combine",
     "encode_party",
