@@ -5,10 +5,10 @@ from __future__ import annotations
 import pickle
 
 import pytest
-from conftest import load_vectors
 from cryptography.hazmat.primitives.asymmetric import x25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kat import load_vectors
 
 from hybridkex import (
     SUITES,

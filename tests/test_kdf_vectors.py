@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from conftest import load_vectors
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kat import load_vectors
 
 from hybridkex.exceptions import ConfigurationError
 from hybridkex.hazmat import _keccak
