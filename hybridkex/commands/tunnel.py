@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 from ..tunnel import make_runtime
 from ..tunnel.channel import insecure_test_hook_active, resolve_channel_provider
@@ -33,6 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--check-config", action="store_true",
                          help="validate the configuration, print a summary and exit")
         for f in FLAGS:
+            if f.flag == "--target-identity" and role == "server":
+                continue  # the server accepts every configured peer
             if f.kind == "bool":
                 sub.add_argument(f.flag, action="store_true", default=None, help=f.help)
             elif f.kind in ("list", "peer"):
@@ -50,7 +53,8 @@ def _summary(cfg: TunnelConfig) -> str:
 def run(args: argparse.Namespace) -> int:
     role: Role | None = args.role
     if role is None:
-        print("usage: hybridkex tunnel {server,client} [options]; see 'hybridkex tunnel server --help'")
+        print("usage: hybridkex tunnel {server,client} [options]; see 'hybridkex tunnel server --help'",
+              file=sys.stderr)
         return 2
     insecure_test_hook_active()  # refuses the test hook outside the test suite, before anything else
     overrides = Overrides.from_namespace(args)

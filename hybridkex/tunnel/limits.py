@@ -7,13 +7,30 @@ tokens refilled at ``rate`` per second, and a connection that finds the bucket e
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["HandshakeRateLimiter", "LogThrottle"]
+__all__ = ["HandshakeRateLimiter", "LogThrottle", "rate_key"]
 
 _MAX_TRACKED: Final = 65536
+
+
+def rate_key(ip: str) -> str:
+    """The bucket for a remote address: the address itself for IPv4, its /64 for IPv6.
+
+    One IPv6 host usually controls a whole /64, so per-address buckets would not limit it at all.
+    """
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return ip
 
 
 class HandshakeRateLimiter:

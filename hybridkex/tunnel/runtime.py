@@ -32,7 +32,7 @@ from ..exceptions import (
 )
 from .channel import ChannelFactory, ChannelFactoryProvider, SecureStream
 from .config import Address, TunnelConfig
-from .limits import HandshakeRateLimiter, LogThrottle
+from .limits import HandshakeRateLimiter, LogThrottle, rate_key
 from .logs import ConnectionLog, configure_logging, log_event, new_connection_id, safe_fields
 from .metrics import MetricsServer, TunnelMetrics, start_metrics_server
 from .relay import Direction, RelayResult, relay
@@ -315,7 +315,7 @@ class TunnelRuntime:
         if len(self._conns) >= cfg.limits.max_connections:
             self._reject(writer, "max_connections", peer_addr, f"{cfg.limits.max_connections} connections open")
             return
-        if not self._limiter.allow(ip):
+        if not self._limiter.allow(rate_key(ip)):
             self._reject(writer, "rate_limited", peer_addr, "handshake rate limit for this address exceeded")
             return
         task = asyncio.current_task()

@@ -26,7 +26,7 @@ from hybridkex.exceptions import (
 )
 from hybridkex.tunnel.channel import PlainStream, SecureStream
 from hybridkex.tunnel.config import Overrides, TunnelConfig, load_config
-from hybridkex.tunnel.limits import HandshakeRateLimiter, LogThrottle
+from hybridkex.tunnel.limits import HandshakeRateLimiter, LogThrottle, rate_key
 from hybridkex.tunnel.logs import REDACTED, ConnectionLog, configure_logging, safe_fields
 from hybridkex.tunnel.metrics import Counter, Gauge, Histogram, MetricsServer, Registry, TunnelMetrics
 from hybridkex.tunnel.relay import relay
@@ -180,6 +180,14 @@ def test_token_bucket_per_address() -> None:
     assert [lim.allow("a") for _ in range(4)] == [True, True, True, False]  # capped at the burst
     lim.configure(0, 3)
     assert all(lim.allow("a") for _ in range(100))  # 0 disables
+
+
+def test_rate_key_groups_ipv6_by_64() -> None:
+    assert rate_key("192.0.2.7") == "192.0.2.7"
+    assert rate_key("2001:db8:1:2:aaaa::1") == rate_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert rate_key("2001:db8:1:3::1") != rate_key("2001:db8:1:2::1")
+    assert rate_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert rate_key("unknown") == "unknown"
 
 
 def test_token_bucket_memory_is_bounded() -> None:
