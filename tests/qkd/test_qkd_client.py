@@ -131,6 +131,14 @@ def test_sae_and_kme_ids_come_from_the_certificates(kmes: SimulatedKMEPair, make
     assert c.kme_id == "kme-b" == status.source_kme_id
 
 
+def test_sync_kme_id_is_learned_on_first_access(kmes: SimulatedKMEPair) -> None:
+    with ETSI014Client(kmes.url_b, **sae_args(kmes.pki, "sae-b")) as c:
+        assert c.kme_id == "kme-b"  # connects once to read the KME certificate
+    with ETSI014Client(f"https://127.0.0.1:{free_port()}", **sae_args(kmes.pki, "sae-b")) as down, \
+            pytest.raises(KMEConnectionError):
+        _ = down.kme_id
+
+
 def test_round_trip_and_reuse_refusal(kmes: SimulatedKMEPair, make_client: Callable[..., Any]) -> None:
     master = make_client(kmes.url_a, **sae_args(kmes.pki, "sae-a"))
     slave = make_client(kmes.url_b, **sae_args(kmes.pki, "sae-b"))
