@@ -183,6 +183,10 @@ class _Connection:
         for s in config.policy.allowed_suites:  # fail at construction, not mid-handshake
             _pq_kem(s)
 
+    def __repr__(self) -> str:
+        suite = f", suite={self._suite.name!r}" if self._suite is not None else ""
+        return f"<{type(self).__name__} identity={self._config.identity!r} state={self._state.value}{suite}>"
+
     # --- public API -------------------------------------------------------------------------------
 
     @property
@@ -238,7 +242,10 @@ class _Connection:
         self._check_usable()
         request = self._take_request()
         try:
-            keys = list(keys)
+            try:
+                keys = list(keys)
+            except TypeError:
+                raise KeySourceError("the key source returned something that is not a list of QKDKey") from None
             self._check_keys(request, keys)
         except HybridKEXError as exc:  # the key source misbehaved: the peer learns "QKD unavailable"
             self._fail(exc, w.AbortCode.QKD_UNAVAILABLE)

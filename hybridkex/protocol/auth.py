@@ -373,7 +373,7 @@ def verify_chain(
     for i, der in enumerate(chain.certificates):
         try:
             certs.append(x509.load_der_x509_certificate(der))
-        except ValueError:
+        except Exception:  # ValueError in practice; fail closed on anything
             raise _fail(f"{alg.name} chain: certificate {i} is not valid DER X.509") from None
     try:
         for i, cert in enumerate(certs):
@@ -401,8 +401,10 @@ def verify_chain(
                 raise near_miss
             raise _fail(f"{alg.name} chain for {identity!r} does not lead to a configured trust anchor (untrusted)")
         leaf = certs[0]
+        if _algorithm_of_public(leaf) is not alg:
+            raise _fail(f"the leaf certificate key is not {alg.name}")
         key = leaf.public_key()
-        if _algorithm_of_public(leaf) is not alg or not isinstance(key, _PUB_TYPE[alg]):
+        if not isinstance(key, _PUB_TYPE[alg]):
             raise _fail(f"the leaf certificate key is not {alg.name}")
         bc = _basic_constraints(leaf)
         if bc is not None and bc.ca:
@@ -422,8 +424,10 @@ def verify_chain(
             pass
         if not _identity_matches(leaf, identity):
             raise _fail(f"identity mismatch: the {alg.name} certificate does not name {identity!r}")
-    except ValueError as exc:  # a malformed extension inside otherwise valid DER
-        raise _fail(f"{alg.name} chain: malformed certificate extension ({exc})") from None
+    except AuthenticationError:
+        raise
+    except Exception as exc:  # any other failure on untrusted DER fails closed
+        raise _fail(f"{alg.name} chain: malformed certificate ({type(exc).__name__})") from None
     assert isinstance(key, ed25519.Ed25519PublicKey | mldsa.MLDSA65PublicKey)
     return key
 

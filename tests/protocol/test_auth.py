@@ -7,6 +7,9 @@ from dataclasses import replace
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hybridkex.exceptions import AuthenticationError, ConfigurationError, PolicyViolation
 from hybridkex.protocol import (
@@ -18,6 +21,7 @@ from hybridkex.protocol import (
     ResponderConfig,
     SigningCredential,
 )
+from hybridkex.protocol.auth import verify_chain
 
 from .helpers import CA, INI_ID, NOW_DT, PSK, RES_ID, ca, configs, credential, run_pair
 
@@ -251,3 +255,33 @@ def test_pki_configuration_errors():
         InitiatorConfig(INI_ID, (PKIAuthenticator([ca("ed25519").cert], ed25519=cred),),
                         configs()[0].policy, configs()[0].qkd)
     assert "private" not in repr(cred).lower()
+
+
+@settings(max_examples=200, deadline=None)
+@given(position=st.integers(min_value=0), value=st.integers(min_value=0, max_value=255),
+       alg=st.sampled_from(["ed25519", "mldsa65"]))
+def test_mutated_certificates_only_ever_fail_authentication(position, value, alg):
+    """Whatever a single changed byte does to the DER, path validation fails closed with
+    AuthenticationError (never another exception, never success)."""
+    from hybridkex.protocol._wire import CertificateChain, SignatureAlgorithm
+
+    cred = credential(alg, RES_ID, "responder")
+    der = bytearray(cred.chain[0].public_bytes(serialization.Encoding.DER))
+    i = position % len(der)
+    if der[i] == value:
+        value ^= 0x01
+    der[i] = value
+    algorithm = SignatureAlgorithm.ED25519 if alg == "ed25519" else SignatureAlgorithm.MLDSA65
+    with pytest.raises(AuthenticationError):
+        verify_chain(CertificateChain(algorithm, (bytes(der),)), [ca(alg).cert], now=NOW_DT, identity=RES_ID,
+                     role="responder")
+
+
+def test_valid_chain_passes_verify_chain():
+    from hybridkex.protocol._wire import CertificateChain, SignatureAlgorithm
+
+    cred = credential("ed25519", RES_ID, "responder")
+    der = cred.chain[0].public_bytes(serialization.Encoding.DER)
+    key = verify_chain(CertificateChain(SignatureAlgorithm.ED25519, (der,)), [ca("ed25519").cert], now=NOW_DT,
+                       identity=RES_ID, role="responder")
+    assert key == cred.private_key.public_key()

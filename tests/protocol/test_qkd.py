@@ -276,3 +276,28 @@ def test_fresh_manager_refuses_epoch_requests():
         m.fetch(QKDKeysByIdRequired(RES_SAE, ("11111111-1111-4111-8111-111111111111",), "epoch"))
     with pytest.raises(PolicyViolation):
         m.take(QKDKeysRequired(RES_SAE, 1, 256, "epoch"))
+
+
+def test_epoch_budget_with_the_initiator_as_master():
+    budget = KeyBudget(mode="epoch", epoch_max_handshakes=5)
+    q = QKDPair.create(budget)
+    outs = [run_pair(*configs(budget=budget, master="initiator"), q, seed=i) for i in range(3)]
+    assert all(o.ok for o in outs)
+    assert len({o.res_session.info.qkd_key_ids for o in outs}) == 1
+    assert {o.res_session.info.qkd_usage for o in outs} == {"epoch"}
+    assert q.ini.kme_takes == 1 and q.res.kme_fetches == 1
+    assert len({o.ini_session.tls_psk() for o in outs}) == 3
+
+
+def test_answering_with_garbage_fails_closed(qkd):
+    from hybridkex.protocol import Responder
+
+    res = Responder(configs()[1])
+    from hybridkex.protocol import Initiator
+
+    res.receive_data(Initiator(configs()[0]).data_to_send())
+    res.next_event()
+    with pytest.raises(KeySourceError, match="not a list of QKDKey"):
+        res.provide_qkd_keys(None)  # type: ignore[arg-type]
+    assert res.data_to_send() == b"HK\x01\x7f\x00\x00\x00\x01\x06"  # Abort(QKD unavailable)
+    assert "FAILED" in repr(res)
