@@ -244,7 +244,8 @@ class TunnelRuntime:
             force.cancel()
         leftover = set(self._conns)
         if leftover:
-            log_event(logging.WARNING, "drain_deadline", "closing connections still open at the drain deadline",
+            log_event(logging.WARNING, "drain_deadline",
+                      "closing connections still open (drain deadline reached or drain forced)",
                       open_connections=len(leftover))
             for t in leftover:
                 t.cancel()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import Tunnels
 from tunnelhelpers import (
     Conn,
     EchoService,
+    Tunnels,
     echo_exchange,
     expected_echo,
     metric,

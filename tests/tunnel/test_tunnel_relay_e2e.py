@@ -14,13 +14,13 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from conftest import Tunnels
 from tunnelhelpers import (
     AFTER_EOF,
     BANNER,
     Conn,
     EchoService,
     TunnelProcess,
+    Tunnels,
     echo_exchange,
     expected_echo,
     http_get,

@@ -11,8 +11,7 @@ import signal
 import socket
 
 import pytest
-from conftest import Tunnels
-from tunnelhelpers import Conn, EchoService, echo_exchange, expected_echo, refused_or_closed_without_data
+from tunnelhelpers import Conn, EchoService, Tunnels, echo_exchange, expected_echo, refused_or_closed_without_data
 
 pytestmark = pytest.mark.timeout(90)
 
