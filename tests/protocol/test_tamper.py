@@ -79,7 +79,8 @@ def test_sampled_bytes_of_certificate_messages(auth, qkd):
     for index, (_, frame) in enumerate(frames):
         if frame[3] not in (FrameType.CERTIFICATE, FrameType.FINISHED):
             continue
-        positions = set(range(12)) | {len(frame) - 1, len(frame) - 2} | set(rng.sample(range(len(frame)), min(len(frame), 120)))
+        sampled = rng.sample(range(len(frame)), min(len(frame), 120))
+        positions = set(range(12)) | {len(frame) - 1, len(frame) - 2} | set(sampled)
         for position in sorted(positions):
             out = run_pair(*cfgs, qkd, tamper=_mutate(index, position, rng.randrange(1, 256)))
             _check_rejected(out, index, f"{auth} frame {index} byte {position}")
