@@ -405,12 +405,16 @@ class KeyPool:
                 self._fill(sub, n)
 
     def _fill(self, sub: _SubPool, n: int) -> None:
-        try:
-            if sub.batch is None and self._core.batch_size is None:
+        if sub.batch is None and self._core.batch_size is None:
+            try:
                 max_per_request = self._source.status(sub.slave).max_key_per_request
+            except Exception as exc:  # no usable status (yet): the default batch, and ask again next time
+                log.info("key pool: no status for slave %s (%s); batches of %d", sub.slave, exc, _DEFAULT_BATCH)
+            else:
                 with self._cond:
                     self._core.learned_batch(sub, max_per_request)
                 n = min(n, max_per_request)
+        try:
             t0 = time.perf_counter()
             keys = self._source.get_keys(sub.slave, n, self._core.size_bits)
             latency = time.perf_counter() - t0
@@ -566,10 +570,15 @@ class AsyncKeyPool:
         assert self._wake is not None and self._changed is not None
         try:
             if sub.batch is None and self._core.batch_size is None:
-                max_per_request = (await self._source.status(sub.slave)).max_key_per_request
-                with self._core.lock:
-                    self._core.learned_batch(sub, max_per_request)
-                n = min(n, max_per_request)
+                try:
+                    max_per_request = (await self._source.status(sub.slave)).max_key_per_request
+                except Exception as exc:  # no usable status (yet): the default batch, and ask again next time
+                    log.info("key pool: no status for slave %s (%s); batches of %d", sub.slave, exc,
+                             _DEFAULT_BATCH)
+                else:
+                    with self._core.lock:
+                        self._core.learned_batch(sub, max_per_request)
+                    n = min(n, max_per_request)
             t0 = time.perf_counter()
             keys = await self._source.get_keys(sub.slave, n, self._core.size_bits)
             latency = time.perf_counter() - t0
