@@ -147,6 +147,15 @@ def _pq_kem(suite: Suite) -> KEM:
     return get_kem(suite.pq_kem, suite.backend)
 
 
+def _share_size(kem_code: int) -> int | None:
+    """The encapsulation-key size of a KEM code, or None when unknown here (ignored, forward compatible)."""
+    name = w.KEM_BY_CODE.get(kem_code)
+    # Only the built-in ML-KEMs: probing for liboqs on a peer's say-so would search the file system.
+    if name is None or not name.startswith("ML-KEM"):
+        return None
+    return get_kem(name, "cryptography").public_key_size
+
+
 def _components(suite: Suite) -> tuple[Component, ...]:
     x = Component("X25519", "classical", 32)
     pq = Component(suite.pq_kem, "post-quantum", _pq_kem(suite).shared_secret_size)
@@ -727,6 +736,10 @@ class Responder(_Connection):
         self._authenticator = auth
         auth.check_peer(hello.identity)  # unknown peers are refused before any QKD key is spent
         shares = {s.kem_code: s.public_key for s in hello.key_shares}
+        for code, share in shares.items():
+            size = _share_size(code)
+            if size is not None and len(share) != size:
+                raise RemoteProtocolError(f"{w.KEM_BY_CODE[code]} key share of {len(share)} bytes, expected {size}")
         offered = {suite_by_code(c) for c in hello.suites} - {None}
         for s in offered:
             assert s is not None

@@ -207,3 +207,17 @@ def test_field_bounds():
                              w.ResponseQKD(w.QKDUsage.FRESH, w.QKDNote.NONE, "s", "k", ("x" * 36,)))
     with pytest.raises(RemoteProtocolError, match="UUID"):
         w.ResponseMsg.decode(not_uuid.encode())
+
+
+def test_wrong_size_ml_kem_share_is_refused_even_if_not_chosen():
+    """An offered ML-KEM-1024 share of the wrong size is refused although ML-KEM-768 would be chosen."""
+    from hybridkex.protocol import _wire as wire
+
+    ini = Initiator(configs()[0], clock=clock)
+    hello = wire.HelloMsg.decode(ini.data_to_send()[8:])
+    forged = wire.HelloMsg((*hello.suites, 0x0002), hello.identity, hello.nonce, hello.x25519,
+                           (*hello.key_shares, wire.KeyShare(0x0002, b"\x00" * 100)), hello.auth_modes, hello.qkd)
+    res = Responder(configs()[1], clock=clock)
+    res.receive_data(wire.encode_frame(wire.FrameType.HELLO, forged.encode()))
+    with pytest.raises(RemoteProtocolError, match="ML-KEM-1024 key share of 100 bytes"):
+        res.next_event()
