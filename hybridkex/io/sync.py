@@ -28,6 +28,7 @@ from ..exceptions import (
 )
 from ..protocol import (
     NEED_DATA,
+    AbortCode,
     HandshakeComplete,
     Initiator,
     InitiatorConfig,
@@ -37,7 +38,6 @@ from ..protocol import (
     ResponderConfig,
     Session,
 )
-from ..protocol._wire import AbortCode
 from ..qkd.base import KeySource
 from .keys import QKDKeyManager
 

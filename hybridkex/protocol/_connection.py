@@ -573,6 +573,9 @@ class Initiator(_Connection):
             self._send_hello()
             self._move(Input.QKD_UNAVAILABLE, State.WAIT_RESPONSE)
             return
+        if isinstance(request, QKDKeysByIdRequired):
+            raise KeyUnavailableError(f"QKD keys {', '.join(request.key_ids)} are unavailable ({reason}); the "
+                                      "responder already committed to them, so this handshake cannot go on")
         raise KeyUnavailableError(f"QKD keys are unavailable ({reason}) and the policy requires them")
 
     # frames ------------------------------------------------------------------------------------------
