@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -76,20 +74,3 @@ def make_client(client_kind: str) -> Iterator[Callable[..., Any]]:
     for c in made:
         (c.dispose if isinstance(c, SyncOverAsync) else c.close)()
 
-
-_ROOT_CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
-
-
-def pytest_plugin_registered(plugin: object, manager: pytest.PytestPluginManager) -> None:
-    """Give the module name ``conftest`` back to the suite's root conftest once this one is loaded.
-
-    Without package ``__init__`` files pytest imports every conftest as the module ``conftest``, so
-    loading this one would shadow the root conftest that other test modules import helpers from
-    (``from conftest import load_vectors``).  pytest keeps its own reference to this module.
-    """
-    if plugin is not sys.modules.get(__name__) or Path(getattr(plugin, "__file__", "")) != Path(__file__):
-        return
-    for other in manager.get_plugins():
-        if Path(getattr(other, "__file__", "") or "").resolve() == _ROOT_CONFTEST:
-            sys.modules[__name__] = other  # type: ignore[assignment]
-            return
