@@ -28,6 +28,7 @@ COMMANDS: tuple[str, ...] = (
     "tunnel",
     "pki",
     "kme",
+    "recycle",
 )
 
 EXIT_INTERNAL = 70

@@ -181,3 +181,33 @@ def test_sigkill_inside_rotation_leaves_old_or_new_state(tmp_path: Path, stage: 
     old, new = [(1, 1), (2, 2)], [(2, 2), (3, 3)]
     assert state == (new if stage == "after-commit" else old)
     assert os.path.exists(path)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hybridkex", "recycle", *args], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_cli_inspects_retires_and_rebootstraps(tmp_path: Path) -> None:
+    path = tmp_path / "cli.sqlite3"
+    secret = bytes(range(100, 132))
+    with SQLiteAuthKeyStore(path) as s:
+        s.rotate(A, B, used_key_id=None, new_key_id=kid(1), new_key=secret)
+        s.rotate(A, B, used_key_id=kid(1), new_key_id=kid(2), new_key=key(2))
+    listed = _cli("--store", str(path), "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = __import__("json").loads(listed.stdout)
+    assert (row["peer"], row["keys"], row["newest_epoch"], row["bootstrap_retired"]) == (B, 2, 2, True)
+    table = _cli("--store", str(path), "list")
+    for out in (listed.stdout, table.stdout):
+        assert secret.hex() not in out and key(2).hex() not in out
+    assert _cli("--store", str(path), "rebootstrap", "--local", A, "--peer", B).returncode == 0
+    with SQLiteAuthKeyStore(path) as s:
+        assert s.keys(A, B) == [] and not s.bootstrap_retired(A, B)
+    assert _cli("--store", str(path), "retire-bootstrap", "--local", A, "--peer", B).returncode == 0
+    audit = _cli("--store", str(path), "audit", "--local", A, "--peer", B)
+    assert [line.split()[1] for line in audit.stdout.splitlines()] == ["rotate", "rotate", "rebootstrap",
+                                                                        "retire-bootstrap"]
+    missing = _cli("--store", str(tmp_path / "nope.sqlite3"), "list")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no key store" in missing.stderr
+    assert not (tmp_path / "nope.sqlite3").exists()
