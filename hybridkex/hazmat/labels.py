@@ -36,6 +36,8 @@ CONFIRM_INITIATOR = b"key confirmation initiator"
 CONFIRM_RESPONDER = b"key confirmation responder"
 RECONNECT_PSK = b"reconnect psk"
 RECONNECT_IDENTITY = b"reconnect psk identity"
+#: Names a parent session in its reconnect PSK identities, so a server finds it without a search.
+RECONNECT_HANDLE = b"reconnect session handle"
 
 #: Every purpose label, for tests that check they are distinct.
 PURPOSES: tuple[bytes, ...] = (
@@ -47,6 +49,7 @@ PURPOSES: tuple[bytes, ...] = (
     CONFIRM_RESPONDER,
     RECONNECT_PSK,
     RECONNECT_IDENTITY,
+    RECONNECT_HANDLE,
 )
 
 # --- Handshake authentication (docs/spec.md, "Handshake"). These keys come from a bootstrap
