@@ -372,9 +372,15 @@ def verify_chain(
     certs: list[x509.Certificate] = []
     for i, der in enumerate(chain.certificates):
         try:
-            certs.append(x509.load_der_x509_certificate(der))
+            cert = x509.load_der_x509_certificate(der)
         except Exception:  # ValueError in practice; fail closed on anything
             raise _fail(f"{alg.name} chain: certificate {i} is not valid DER X.509") from None
+        # The signature BIT STRING is the certificate's last element and lies outside the signed
+        # part: the parser tolerates a non-zero "unused bits" octet there, which would make one
+        # certificate acceptable under several encodings.  DER (X.690 11.2) requires it to be 0.
+        if der[len(der) - len(cert.signature) - 1] != 0:
+            raise _fail(f"{alg.name} chain: certificate {i} is not canonical DER (signature bit string)")
+        certs.append(cert)
     try:
         for i, cert in enumerate(certs):
             what = "the leaf certificate" if i == 0 else f"intermediate certificate {i}"

@@ -285,3 +285,23 @@ def test_valid_chain_passes_verify_chain():
     key = verify_chain(CertificateChain(SignatureAlgorithm.ED25519, (der,)), [ca("ed25519").cert], now=NOW_DT,
                        identity=RES_ID, role="responder")
     assert key == cred.private_key.public_key()
+
+
+@pytest.mark.parametrize("alg", ["ed25519", "mldsa65"])
+def test_non_canonical_signature_bit_string_is_refused(alg):
+    """Regression (found by the hypothesis test above): a non-zero 'unused bits' octet in the
+    signature BIT STRING is outside the signed data and was tolerated by the parser, so the same
+    certificate had several accepted encodings.  Every leaf byte position is now checked."""
+    from hybridkex.protocol._wire import CertificateChain, SignatureAlgorithm
+
+    cred = credential(alg, RES_ID, "responder")
+    base = cred.chain[0].public_bytes(serialization.Encoding.DER)
+    algorithm = SignatureAlgorithm.ED25519 if alg == "ed25519" else SignatureAlgorithm.MLDSA65
+    unused_bits_at = len(base) - len(cred.chain[0].signature) - 1
+    assert base[unused_bits_at] == 0
+    for i in range(len(base)) if alg == "ed25519" else [unused_bits_at]:
+        der = bytearray(base)
+        der[i] ^= 0x01
+        with pytest.raises(AuthenticationError):
+            verify_chain(CertificateChain(algorithm, (bytes(der),)), [ca(alg).cert], now=NOW_DT, identity=RES_ID,
+                         role="responder")
