@@ -8,6 +8,7 @@ in :mod:`hybridkex.hazmat` (read its warning first).
 
 from __future__ import annotations
 
+import importlib as _importlib
 from importlib import metadata as _metadata
 
 from . import exceptions as _exceptions
@@ -39,3 +40,25 @@ __all__ = [
     "get_suite",
 ]
 __all__ += _exceptions.__all__
+
+# The connect/serve API (hybridkex.api) loads on first use: it needs the handshake's cryptography and,
+# once a connection is made, pyOpenSSL, while ``import hybridkex`` must work without either.  The
+# names stay out of ``__all__`` so that ``from hybridkex import *`` stays as light as the import.
+_API = frozenset({
+    "ClientConfig", "HybridAsyncServer", "HybridClient", "HybridHTTPConnection", "HybridHTTPServer",
+    "HybridServer", "HybridSession", "HybridSocket", "HybridStreamReader", "HybridStreamWriter",
+    "HybridTCPServer", "ReconnectPolicy", "ReconnectRegistry", "ReconnectTicket", "ServerConfig",
+    "TLSOptions", "connect", "open_connection", "serve", "start_server",
+})
+
+
+def __getattr__(name: str) -> object:
+    if name in _API:
+        value = getattr(_importlib.import_module(".api", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _API)

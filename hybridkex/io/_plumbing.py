@@ -1,0 +1,226 @@
+"""Pieces the blocking and asyncio connect/serve paths share: TLS contexts, deadlines, key
+managers, and the per-connection PSK decisions.  Private."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import AuthenticationError, ConfigurationError, HandshakeTimeout, HybridKEXError
+from ..policy import KeyBudget
+from ..protocol import Session
+from ..tls._common import PQ_GROUP
+from ..tls.pyopenssl import client_context, server_context
+from .config import ClientConfig, ServerConfig, TLSOptions
+from .keys import QKDKeyManager
+from .reconnect import ReconnectMatch, ReconnectRegistry, ReconnectTicket
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
+
+    from .config import ReconnectPolicy
+
+_log = logging.getLogger("hybridkex.server")
+
+
+class Deadline:
+    """One connection setup's deadline; each stage takes its share with :meth:`stage`."""
+
+    __slots__ = ("end", "total")
+
+    def __init__(self, seconds: float) -> None:
+        self.total = seconds
+        self.end = time.monotonic() + seconds
+
+    def remaining(self, stage: str, cap: float | None = None) -> float:
+        """Seconds ``stage`` may take (at most ``cap``); HandshakeTimeout once the deadline passed."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise HandshakeTimeout(f"{stage} did not complete within the connection setup deadline of "
+                                   f"{self.total:.3g} s")
+        return left if cap is None else min(left, cap)
+
+    def stage(self, name: str, cap: float | None = None) -> Stage:
+        """A sub-deadline for ``name``: the earlier of the overall deadline and ``cap`` from now."""
+        now = time.monotonic()
+        if cap is not None and now + cap < self.end:
+            return Stage(name, now + cap, cap)
+        return Stage(name, self.end, self.total)
+
+
+class Stage:
+    """The deadline of one setup stage (TLS handshake, reading the first byte, ...)."""
+
+    __slots__ = ("end", "limit", "name")
+
+    def __init__(self, name: str, end: float, limit: float) -> None:
+        self.name = name
+        self.end = end
+        self.limit = limit
+
+    def left(self) -> float:
+        """Seconds left; HandshakeTimeout (naming the stage) once none are."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise HandshakeTimeout(f"{self.name} did not complete within {self.limit:.3g} s")
+        return left
+
+
+@functools.lru_cache(maxsize=64)
+def _context(role: str, cipher: str, groups: str | None, require_pq: bool, keylog: str | None) -> SSL.Context:
+    factory = client_context if role == "client" else server_context
+    return factory(suite=cipher, groups=groups, require_pq=require_pq, keylog=keylog)
+
+
+def tls_context(role: str, cipher: str, options: TLSOptions, *, reconnect: bool = False) -> SSL.Context:
+    """A shared context for ``role`` whose PSKs are bound to ``cipher``; one per distinct option set
+    (PSKs are bound per connection, so one context serves every connection).  Reconnects always
+    use X25519MLKEM768 only."""
+    groups = options.groups if isinstance(options.groups, str) else None  # TLSOptions made it one string
+    keylog = os.fspath(options.keylog) if options.keylog is not None else None
+    if reconnect:
+        return _context(role, cipher, PQ_GROUP, True, keylog)
+    return _context(role, cipher, groups, options.require_pq, keylog)
+
+
+def is_async_source(source: object) -> bool:
+    """Whether ``source`` is an :class:`~hybridkex.qkd.AsyncKeySource` (coroutine methods)."""
+    return inspect.iscoroutinefunction(getattr(source, "get_keys", None))
+
+
+def long_lived_manager(source: Any, budget: KeyBudget) -> QKDKeyManager | None:
+    """One key manager for a server's or client's lifetime (it remembers key IDs across handshakes
+    and holds epoch keys); ``source`` may already be one."""
+    if source is None or isinstance(source, QKDKeyManager):
+        return source
+    if is_async_source(source):
+        raise ConfigurationError("an asyncio key source (AsyncKeySource) needs the asyncio API "
+                                 "(open_connection/start_server); the blocking API takes a KeySource",
+                                 field="key_source")
+    if not callable(getattr(source, "get_keys", None)) or not callable(getattr(source, "get_keys_by_id", None)):
+        raise ConfigurationError(f"{type(source).__name__} is not a KeySource", field="key_source")
+    return QKDKeyManager(source, budget)
+
+
+def check_key_source(config: ClientConfig, key_source: Any) -> None:
+    """Refuse, before any connection is opened, a full handshake that could only fail for want of
+    a key source."""
+    policy = config.handshake.policy
+    if key_source is None and policy.uses_qkd:
+        raise ConfigurationError(f"the policy's QKD mode is {policy.qkd.value!r} but no key source was given "
+                                 "(pass key_source=, or use Policy(qkd='disabled'))", field="key_source")
+
+
+def describe(exc: BaseException) -> str:
+    """One log-safe line for a rejected connection (never key material: hybridkex messages hold
+    none, and an AuthenticationError's local detail is meant for exactly this log)."""
+    text = str(exc) or "no message"
+    if isinstance(exc, AuthenticationError) and exc.detail:
+        text = f"{text} ({exc.detail})"
+    if not isinstance(exc, HybridKEXError | OSError):
+        return f"{type(exc).__name__} (internal error): {text}"
+    return f"{type(exc).__name__}: {text}"
+
+
+def log_rejection(peer: object, exc: BaseException) -> None:
+    """The one log line for a connection refused during setup."""
+    level = logging.ERROR if not isinstance(exc, HybridKEXError | OSError) else logging.WARNING
+    _log.log(level, "rejected connection from %s: %s", _peer_text(peer), describe(exc),
+             exc_info=exc if level == logging.ERROR else None)
+
+
+def _peer_text(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
+        return f"{host}:{peer[1]}"
+    return str(peer)
+
+
+@dataclass(slots=True)
+class FullHandshakeKeys:
+    """The TLS PSK of a connection that ran the hybrid handshake, and what happens to the secret."""
+
+    identity: bytes
+    psk: bytes
+    cipher: str
+    ticket: ReconnectTicket | None = None
+    handle: bytes | None = None
+
+
+def client_keys(session: Session, policy: ReconnectPolicy) -> FullHandshakeKeys:
+    """Derive the TLS PSK; keep the secret in a ticket when reconnects are on, else erase it."""
+    keys = FullHandshakeKeys(session.tls_identity(), session.tls_psk(), session.secret.suite.tls_cipher)
+    if policy.enabled:
+        keys.ticket = ReconnectTicket(session.secret, session.info, policy)
+    else:
+        session.erase()
+    return keys
+
+
+def server_keys(session: Session, registry: ReconnectRegistry | None) -> FullHandshakeKeys:
+    """Derive the TLS PSK; register the parent for reconnects (before TLS starts, so a client that
+    finished TLS can reconnect at once) or erase the secret."""
+    keys = FullHandshakeKeys(session.tls_identity(), session.tls_psk(), session.secret.suite.tls_cipher)
+    if registry is not None:
+        keys.handle = registry.register(session.secret, session.info)
+    else:
+        session.erase()
+    return keys
+
+
+class ReconnectLookup:
+    """The PSK lookup of one server connection on the reconnect path.
+
+    Remembers its match, so an identity offered again in the same handshake (a second ClientHello
+    after a HelloRetryRequest) gets the same key instead of counting as a replay.
+    """
+
+    __slots__ = ("_cipher", "_registry", "identity", "match")
+
+    def __init__(self, registry: ReconnectRegistry | None, cipher: str) -> None:
+        self._registry = registry
+        self._cipher = cipher
+        self.match: ReconnectMatch | None = None
+        self.identity: bytes | None = None
+
+    def __call__(self, identity: bytes) -> bytes | None:
+        if self.match is not None:
+            return self.match.psk if identity == self.identity else None
+        if self._registry is None:
+            return None  # reconnects are off: every identity is unknown (the client gets an alert)
+        match = self._registry.lookup(identity, self._cipher)
+        if match is not None:
+            self.match, self.identity = match, identity
+            return match.psk
+        return None
+
+
+class ServerState:
+    """What a server keeps across connections: config, key manager, reconnect registry."""
+
+    def __init__(self, config: ServerConfig, key_source: Any, registry: ReconnectRegistry | None = None) -> None:
+        policy = config.handshake.policy
+        if policy.uses_qkd and key_source is None:
+            raise ConfigurationError(f"the policy's QKD mode is {policy.qkd.value!r} but no key source was given",
+                                     field="key_source")
+        self.config = config
+        self.keys = long_lived_manager(key_source, config.handshake.policy.key_budget) \
+            if not is_async_source(key_source) else None
+        self.async_source = key_source if is_async_source(key_source) else None
+        if config.reconnect.enabled:
+            self.registry: ReconnectRegistry | None = registry or ReconnectRegistry(config.reconnect)
+        else:
+            self.registry = None
+
+    def close(self) -> None:
+        if self.registry is not None:
+            self.registry.clear()
+
+
+Callback = Callable[..., Any]

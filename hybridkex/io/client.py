@@ -1,0 +1,157 @@
+"""A client that keeps what connections to a server have in common: :class:`HybridClient`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+from ..exceptions import ConfigurationError, PSKRejected
+from ..protocol import InitiatorConfig
+from ._plumbing import is_async_source, long_lived_manager
+from .aio import DEFAULT_LIMIT, HybridStreamReader, HybridStreamWriter, _BlockingBridge, open_connection
+from .config import ClientConfig
+from .connection import HybridSocket, connect
+from .keys import QKDKeyManager
+from .reconnect import ReconnectTicket
+
+__all__ = ["HybridClient"]
+
+_log = logging.getLogger("hybridkex.client")
+
+
+class HybridClient:
+    """Opens hybridkex connections with one configuration, one key manager and, when the reconnect
+    policy is on, one :class:`ReconnectTicket` per server address used automatically.
+
+    The first connection to an address runs the full hybrid handshake; later ones reconnect
+    straight to TLS while the ticket lasts (``config.reconnect``).  If the server refuses a
+    reconnect (it restarted, forgot the session, or has reconnects off), the ticket is dropped and
+    the connection is retried once with a full handshake.  Thread-safe; usable from blocking code
+    (:meth:`connect`) and asyncio (:meth:`open_connection`).
+
+    Args:
+        config: a :class:`ClientConfig` (or a bare InitiatorConfig).
+        key_source: :class:`~hybridkex.qkd.KeySource` or :class:`~hybridkex.io.QKDKeyManager`
+            (an :class:`~hybridkex.qkd.AsyncKeySource` works with :meth:`open_connection` only);
+            one long-lived key manager is kept, so epoch key budgets work.
+    """
+
+    def __init__(self, config: ClientConfig | InitiatorConfig, *, key_source: Any = None) -> None:
+        self.config = ClientConfig.coerce(config)
+        budget = self.config.handshake.policy.key_budget
+        self._async_source = key_source if is_async_source(key_source) else None
+        self._keys: QKDKeyManager | None = None if self._async_source else long_lived_manager(key_source, budget)
+        self._bridge_loop: asyncio.AbstractEventLoop | None = None
+        self._tickets: dict[tuple[str, int], ReconnectTicket] = {}
+        self._lock = threading.Lock()
+        #: Connections made with a full hybrid handshake / with a reconnect (for metrics and tests).
+        self.full_handshakes = 0
+        self.reconnects = 0
+
+    def __repr__(self) -> str:
+        return (f"<HybridClient {self.config.handshake.identity!r} full={self.full_handshakes} "
+                f"reconnects={self.reconnects} tickets={len(self._tickets)}>")
+
+    def _ticket(self, key: tuple[str, int]) -> ReconnectTicket | None:
+        with self._lock:
+            ticket = self._tickets.get(key)
+            if ticket is not None and not ticket.usable:
+                del self._tickets[key]
+                ticket = None
+            return ticket
+
+    def _store(self, key: tuple[str, int], ticket: ReconnectTicket | None) -> None:
+        if ticket is None:
+            return
+        with self._lock:
+            old = self._tickets.get(key)
+            self._tickets[key] = ticket
+        if old is not None and old is not ticket:
+            old.erase()
+
+    def _drop(self, key: tuple[str, int], ticket: ReconnectTicket) -> None:
+        with self._lock:
+            if self._tickets.get(key) is ticket:
+                del self._tickets[key]
+        ticket.erase()
+
+    def ticket_for(self, host: str, port: int) -> ReconnectTicket | None:
+        """The usable ticket kept for ``(host, port)``, if any."""
+        return self._ticket((host, port))
+
+    def forget(self, host: str | None = None, port: int | None = None) -> None:
+        """Erase the ticket of one address, or of every address when called without arguments."""
+        with self._lock:
+            if host is None:
+                tickets, self._tickets = list(self._tickets.values()), {}
+            else:
+                t = self._tickets.pop((host, port or 0), None)
+                tickets = [t] if t is not None else []
+        for t in tickets:
+            t.erase()
+
+    close = forget
+
+    def connect(self, address: tuple[str, int], *, timeout: float | None = None) -> HybridSocket:
+        """A blocking connection to ``address`` (see :func:`hybridkex.connect`)."""
+        if self._async_source is not None:
+            raise ConfigurationError("an asyncio key source needs open_connection()", field="key_source")
+        key = (address[0], address[1])
+        ticket = self._ticket(key)
+        if ticket is not None:
+            try:
+                sock = connect(address, self.config, key_source=self._keys, timeout=timeout, ticket=ticket)
+            except PSKRejected as exc:
+                _log.info("reconnect to %s:%s refused (%s); running a full handshake", *key, exc)
+                self._drop(key, ticket)
+            else:
+                self._done(key, sock.session.reconnect, sock.reconnect_ticket)
+                return sock
+        sock = connect(address, self.config, key_source=self._keys, timeout=timeout)
+        self._done(key, False, sock.reconnect_ticket)
+        return sock
+
+    def _done(self, key: tuple[str, int], reconnect: bool, ticket: ReconnectTicket | None) -> None:
+        with self._lock:
+            if reconnect:
+                self.reconnects += 1
+            else:
+                self.full_handshakes += 1
+        self._store(key, ticket)
+
+    def _async_keys(self) -> QKDKeyManager | None:
+        if self._async_source is None:
+            return self._keys
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._keys is None:
+                self._keys = QKDKeyManager(_BlockingBridge(self._async_source, loop),
+                                           self.config.handshake.policy.key_budget)
+                self._bridge_loop = loop
+            elif self._bridge_loop is not loop:
+                raise RuntimeError("this HybridClient's asyncio key source is bound to another event loop")
+            return self._keys
+
+    async def open_connection(self, host: str, port: int, *, timeout: float | None = None,
+                              limit: int = DEFAULT_LIMIT,
+                              **kwargs: Any) -> tuple[HybridStreamReader, HybridStreamWriter]:
+        """An asyncio connection to ``(host, port)`` (see :func:`hybridkex.open_connection`)."""
+        keys = self._async_keys()
+        key = (host, port)
+        ticket = self._ticket(key)
+        if ticket is not None:
+            try:
+                reader, writer = await open_connection(host, port, self.config, key_source=keys, timeout=timeout,
+                                                       ticket=ticket, limit=limit, **kwargs)
+            except PSKRejected as exc:
+                _log.info("reconnect to %s:%s refused (%s); running a full handshake", host, port, exc)
+                self._drop(key, ticket)
+            else:
+                self._done(key, writer.session.reconnect, writer.reconnect_ticket)
+                return reader, writer
+        reader, writer = await open_connection(host, port, self.config, key_source=keys, timeout=timeout,
+                                               limit=limit, **kwargs)
+        self._done(key, False, writer.reconnect_ticket)
+        return reader, writer

@@ -1,0 +1,198 @@
+"""Configuration of the connect/serve APIs: frozen, validated objects.
+
+* :class:`ClientConfig` bundles the hybrid handshake's :class:`~hybridkex.protocol.InitiatorConfig`
+  with the TLS options, the reconnect policy and the connection-setup deadline.
+* :class:`ServerConfig` does the same around a :class:`~hybridkex.protocol.ResponderConfig`, plus a
+  bound on concurrent connections.
+* :class:`TLSOptions`: key-exchange groups, ``require_pq``, key logging, the TLS stage's deadline.
+* :class:`ReconnectPolicy`: zero-extra-round-trip reconnects (off by default), bounded in time and
+  count.
+
+Every stage of connection setup has a deadline (docs/api.md, "Timeouts"): the whole setup is bounded
+by ``timeout``; within it the hybrid handshake by ``policy.timeouts.handshake``, each key-source
+call by ``policy.timeouts.kme`` and the TLS handshake by ``tls.timeout``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..exceptions import ConfigurationError
+from ..protocol import InitiatorConfig, ResponderConfig
+
+__all__ = ["ClientConfig", "ReconnectPolicy", "ServerConfig", "TLSOptions"]
+
+#: Connection setup deadline (seconds) when none is configured: long enough for a KME round trip on
+#: a slow network, short enough that a silent peer cannot hold a server slot for long.
+DEFAULT_SETUP_TIMEOUT = 10.0
+#: Hard ceilings keep a typo ("3600000") from turning into an unbounded server state.
+_MAX_TIMEOUT = 3600.0
+_MAX_USES = 65536
+_MAX_LIFETIME = 7 * 24 * 3600.0
+_MAX_SESSIONS = 1_000_000
+
+
+def _seconds(value: Any, name: str, *, ceiling: float = _MAX_TIMEOUT) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(f"must be a number of seconds, got {value!r}", field=name)
+    if not math.isfinite(value) or not 0 < value <= ceiling:
+        raise ConfigurationError(f"must be > 0 and <= {ceiling:g} seconds, got {value!r}", field=name)
+    return float(value)
+
+
+def _count(value: Any, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(f"must be a whole number, got {value!r}", field=name)
+    if not low <= value <= high:
+        raise ConfigurationError(f"must be {low}..{high}, got {value}", field=name)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TLSOptions:
+    """How the TLS 1.3 connection that carries the data is set up.
+
+    ``groups``: an OpenSSL group list (string or sequence); default: clients offer
+    ``*X25519MLKEM768:*X25519``, servers prefer X25519MLKEM768 and accept X25519.
+    ``require_pq``: only X25519MLKEM768, so every connection also gets a post-quantum (EC)DHE secret
+    from TLS itself (reconnects always use it, whatever this says).  ``keylog``: path of an
+    SSLKEYLOGFILE to append the TLS secrets to; debugging only (warns; the file decrypts traffic).
+    ``timeout``: the TLS handshake's own deadline in seconds (within the setup deadline).
+    """
+
+    groups: str | Sequence[str] | None = None
+    require_pq: bool = False
+    keylog: str | os.PathLike[str] | None = None
+    timeout: float = DEFAULT_SETUP_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if self.groups is not None:
+            if isinstance(self.groups, str):
+                text = self.groups
+            elif isinstance(self.groups, Sequence) and all(isinstance(g, str) for g in self.groups):
+                text = ":".join(self.groups)
+            else:
+                raise ConfigurationError("must be an OpenSSL group list (str) or a sequence of names",
+                                         field="tls.groups")
+            if not text.strip(":* "):
+                raise ConfigurationError("no key-exchange group given", field="tls.groups")
+            object.__setattr__(self, "groups", text)  # one hashable spelling
+        if not isinstance(self.require_pq, bool):
+            raise ConfigurationError("must be True or False", field="tls.require_pq")
+        if self.keylog is not None:
+            if not isinstance(self.keylog, str | os.PathLike):
+                raise ConfigurationError("must be a path", field="tls.keylog")
+            object.__setattr__(self, "keylog", os.fspath(self.keylog))
+        object.__setattr__(self, "timeout", _seconds(self.timeout, "tls.timeout"))
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectPolicy:
+    """Zero-extra-round-trip reconnects (docs/api.md, "Reconnects").  Off by default.
+
+    After a full hybrid handshake, a client may open up to ``max_uses`` further connections to the
+    same server within ``lifetime`` seconds, each going straight to TLS 1.3 with its own PSK derived
+    from the parent session (and X25519MLKEM768 for a fresh post-quantum secret).  Both ends must
+    enable it; the server's limits are the ones enforced, and it keeps at most ``max_sessions``
+    parent sessions (the oldest is dropped first).
+    """
+
+    enabled: bool = False
+    #: Reconnects one full handshake allows (each uses a new identity and key, at most once).
+    max_uses: int = 64
+    #: Seconds after the full handshake during which reconnects are accepted.
+    lifetime: float = 300.0
+    #: Server side: parent sessions remembered at once (bounded memory).
+    max_sessions: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigurationError("must be True or False", field="reconnect.enabled")
+        object.__setattr__(self, "max_uses", _count(self.max_uses, "reconnect.max_uses", 1, _MAX_USES))
+        object.__setattr__(self, "lifetime", _seconds(self.lifetime, "reconnect.lifetime", ceiling=_MAX_LIFETIME))
+        object.__setattr__(self, "max_sessions",
+                           _count(self.max_sessions, "reconnect.max_sessions", 1, _MAX_SESSIONS))
+
+
+def _sub(value: Any, cls: type, name: str) -> None:
+    if not isinstance(value, cls):
+        raise ConfigurationError(f"must be a {cls.__name__}, not {type(value).__name__}", field=name)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """Everything :func:`hybridkex.connect` / :func:`hybridkex.open_connection` need besides the
+    address and the key source.
+
+    Args:
+        handshake: the hybrid handshake's initiator configuration (identity, authenticators,
+            policy, QKD place, expected server identity).
+        tls: TLS options.
+        reconnect: the reconnect policy (off by default).
+        timeout: deadline in seconds for the whole connection setup: TCP connect, hybrid
+            handshake (itself bounded by ``handshake.policy.timeouts``) and TLS handshake.
+    """
+
+    handshake: InitiatorConfig
+    tls: TLSOptions = field(default_factory=TLSOptions)
+    reconnect: ReconnectPolicy = field(default_factory=ReconnectPolicy)
+    timeout: float = DEFAULT_SETUP_TIMEOUT
+
+    def __post_init__(self) -> None:
+        _sub(self.handshake, InitiatorConfig, "handshake")
+        _sub(self.tls, TLSOptions, "tls")
+        _sub(self.reconnect, ReconnectPolicy, "reconnect")
+        object.__setattr__(self, "timeout", _seconds(self.timeout, "timeout"))
+
+    @classmethod
+    def coerce(cls, config: ClientConfig | InitiatorConfig) -> ClientConfig:
+        """``config`` itself, or a :class:`ClientConfig` with defaults around an InitiatorConfig."""
+        if isinstance(config, ClientConfig):
+            return config
+        if isinstance(config, InitiatorConfig):
+            return cls(config)
+        raise ConfigurationError(f"must be a ClientConfig or an InitiatorConfig, not {type(config).__name__}",
+                                 field="config")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything a hybridkex server needs besides the address, the handler and the key source.
+
+    Args:
+        handshake: the hybrid handshake's responder configuration.
+        tls: TLS options.
+        reconnect: the reconnect policy (off by default; enforced here for every client).
+        timeout: deadline in seconds for one connection's setup, from accept to the verified TLS
+            session (first byte, hybrid handshake, TLS handshake).  A silent or slow peer is
+            dropped when it passes; it never delays other connections.
+        max_connections: connections handled at once (handshakes and handlers); more are closed
+            at once, with a log line.
+    """
+
+    handshake: ResponderConfig
+    tls: TLSOptions = field(default_factory=TLSOptions)
+    reconnect: ReconnectPolicy = field(default_factory=ReconnectPolicy)
+    timeout: float = DEFAULT_SETUP_TIMEOUT
+    max_connections: int = 256
+
+    def __post_init__(self) -> None:
+        _sub(self.handshake, ResponderConfig, "handshake")
+        _sub(self.tls, TLSOptions, "tls")
+        _sub(self.reconnect, ReconnectPolicy, "reconnect")
+        object.__setattr__(self, "timeout", _seconds(self.timeout, "timeout"))
+        object.__setattr__(self, "max_connections", _count(self.max_connections, "max_connections", 1, 1_000_000))
+
+    @classmethod
+    def coerce(cls, config: ServerConfig | ResponderConfig) -> ServerConfig:
+        """``config`` itself, or a :class:`ServerConfig` with defaults around a ResponderConfig."""
+        if isinstance(config, ServerConfig):
+            return config
+        if isinstance(config, ResponderConfig):
+            return cls(config)
+        raise ConfigurationError(f"must be a ServerConfig or a ResponderConfig, not {type(config).__name__}",
+                                 field="config")

@@ -1,0 +1,365 @@
+"""Zero-extra-round-trip reconnects: per-connection PSKs derived from a parent hybrid session.
+
+After a full hybrid handshake (ML-KEM + X25519 + QKD, then TLS), both ends may keep the parent's
+combined secret ``S`` for a bounded time and count.  Reconnect number ``i`` (1, 2, ...) then goes
+straight to TLS 1.3, with no hybrid exchange before it, using::
+
+    handle   = derive(S, "reconnect session handle", 16)                 # names the parent
+    tag_i    = derive(S, "reconnect psk identity", 16, context=u32(i))
+    identity = handle || u32(i) || tag_i                                  # 36 bytes, sent in clear
+    psk_i    = derive(S, "reconnect psk", HashLen, context=u32(i))
+
+The server finds the parent by ``handle``, checks ``tag_i`` in constant time (so nobody who lacks
+``S`` can spend a counter), refuses any ``i`` it accepted before or beyond ``max_uses``, and
+forgets the parent when it expires or is used up.  Each reconnect's TLS handshake is psk_dhe_ke
+with X25519MLKEM768 only, so it also gets a fresh post-quantum and classical secret of its own.
+
+* :class:`ReconnectTicket`: the client's side (hands out each counter once).
+* :class:`ReconnectRegistry`: the server's side (bounded, expiring, replay-refusing).
+* :func:`client_hello_cipher`: how a server tells which PSK hash a reconnect uses before TLS starts.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final, NoReturn
+
+from ..combiner import CombinedSecret
+from ..exceptions import AlreadyFinalized, RemoteProtocolError, TLSError
+from ..hazmat import labels
+from ..hazmat.encoding import Reader, u32
+from ..protocol import SessionInfo
+from ..tls._common import CIPHER_ID
+from .config import ReconnectPolicy
+
+__all__ = [
+    "IDENTITY_LEN",
+    "ReconnectKey",
+    "ReconnectMatch",
+    "ReconnectRegistry",
+    "ReconnectTicket",
+    "client_hello_cipher",
+    "reconnect_identity",
+    "reconnect_psk",
+    "session_handle",
+]
+
+_log = logging.getLogger("hybridkex.reconnect")
+
+HANDLE_LEN: Final = 16
+TAG_LEN: Final = 16
+#: handle (16) || u32 counter (4) || tag (16).
+IDENTITY_LEN: Final = HANDLE_LEN + 4 + TAG_LEN
+
+#: First byte of a TLS handshake record (a ClientHello); a hybridkex Hello starts with "H" (0x48).
+TLS_HANDSHAKE_BYTE: Final = 0x16
+#: TLS record header: content type (1), legacy version (2), length (2).
+TLS_RECORD_HEADER_LEN: Final = 5
+#: RFC 8446 section 5.1: a plaintext record carries at most 2^14 bytes.
+TLS_MAX_RECORD: Final = 2**14
+
+_CIPHER_BY_ID: Final = {int.from_bytes(v, "big"): k for k, v in CIPHER_ID.items()}
+
+
+def session_handle(secret: CombinedSecret) -> bytes:
+    """The 16-byte handle that names a parent session in its reconnect identities."""
+    return secret.derive(labels.RECONNECT_HANDLE, HANDLE_LEN)
+
+
+def reconnect_identity(secret: CombinedSecret, index: int, handle: bytes | None = None) -> bytes:
+    """The TLS PSK identity of reconnect ``index`` (public: it travels in the ClientHello)."""
+    handle = handle if handle is not None else session_handle(secret)
+    return handle + u32(index) + secret.derive(labels.RECONNECT_IDENTITY, TAG_LEN, u32(index))
+
+
+def reconnect_psk(secret: CombinedSecret, index: int) -> bytes:
+    """The TLS PSK of reconnect ``index`` (HashLen bytes of the parent suite's hash)."""
+    return secret.derive(labels.RECONNECT_PSK, secret.suite.hash_len, u32(index))
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectKey:
+    """One reconnect's identity and key (the key never appears in ``repr``)."""
+
+    index: int
+    identity: bytes
+    psk: bytes = field(repr=False)
+    #: The TLS 1.3 cipher suite the PSK is bound to (the parent suite's hash).
+    cipher: str
+    #: The parent session.
+    info: SessionInfo = field(repr=False)
+
+
+class ReconnectTicket:
+    """The client's right to reconnect to one server without a hybrid exchange.
+
+    Obtained from a connection that ran a full hybrid handshake with reconnects enabled
+    (``sock.reconnect_ticket``, ``writer.get_extra_info("hybridkex_ticket")``), and passed as
+    ``ticket=`` to :func:`hybridkex.connect` / :func:`hybridkex.open_connection` (or kept for you
+    by :class:`hybridkex.HybridClient`).  Thread-safe: each counter is handed out once.  Holds the
+    parent's combined secret until it is used up or expires; :meth:`erase` drops it early.  Never
+    printed, never pickled.
+    """
+
+    __slots__ = ("_clock", "_expires", "_handle", "_lock", "_max", "_next", "_secret", "info")
+
+    def __init__(self, secret: CombinedSecret, info: SessionInfo, policy: ReconnectPolicy, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._secret: CombinedSecret | None = secret
+        self.info = info
+        self._handle = session_handle(secret)
+        self._max = policy.max_uses
+        self._clock = clock
+        self._expires = clock() + policy.lifetime
+        self._next = 1
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (f"<ReconnectTicket peer={self.info.peer_identity!r} suite={self.info.suite} "
+                f"remaining={self.remaining} expires_in={self.expires_in:.0f}s>")
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("ReconnectTicket cannot be pickled: it holds the parent session's secret")
+
+    @property
+    def remaining(self) -> int:
+        """Reconnects left (0 once expired or erased)."""
+        with self._lock:
+            if self._secret is None or self._clock() >= self._expires:
+                return 0
+            return self._max - self._next + 1
+
+    @property
+    def expires_in(self) -> float:
+        """Seconds until the ticket expires (0 when it has)."""
+        return max(0.0, self._expires - self._clock())
+
+    @property
+    def usable(self) -> bool:
+        """Whether :meth:`take` would hand out a key now."""
+        return self.remaining > 0
+
+    def take(self) -> ReconnectKey | None:
+        """The next reconnect's identity and key, or None when the ticket is used up or expired
+        (it then erases the parent secret)."""
+        with self._lock:
+            secret = self._secret
+            if secret is None:
+                return None
+            if self._clock() >= self._expires or self._next > self._max:
+                self._erase_locked()
+                return None
+            index = self._next
+            self._next += 1
+            try:
+                key = ReconnectKey(index, reconnect_identity(secret, index, self._handle),
+                                   reconnect_psk(secret, index), secret.suite.tls_cipher, self.info)
+            except AlreadyFinalized:
+                self._secret = None
+                return None
+            if self._next > self._max:
+                self._erase_locked()
+            return key
+
+    def _erase_locked(self) -> None:
+        if self._secret is not None:
+            self._secret.erase()
+            self._secret = None
+
+    def erase(self) -> None:
+        """Drop the parent secret now; the ticket is unusable afterwards."""
+        with self._lock:
+            self._erase_locked()
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectMatch:
+    """What the registry found for an identity: the key to accept it with and whom it belongs to."""
+
+    index: int
+    psk: bytes = field(repr=False)
+    info: SessionInfo
+
+
+class _Parent:
+    __slots__ = ("count", "expires", "info", "max_uses", "secret", "used")
+
+    def __init__(self, secret: CombinedSecret, info: SessionInfo, expires: float, max_uses: int) -> None:
+        self.secret = secret
+        self.info = info
+        self.expires = expires
+        self.max_uses = max_uses
+        self.used = bytearray((max_uses + 7) // 8)  # one bit per counter: bounded, whatever the order
+        self.count = 0
+
+    def __repr__(self) -> str:
+        return f"<reconnect parent {self.info.peer_identity!r} used={self.count}/{self.max_uses}>"
+
+
+@dataclass(slots=True)
+class RegistryStats:
+    """Counters of a :class:`ReconnectRegistry` (for metrics and tests)."""
+
+    registered: int = 0
+    accepted: int = 0
+    replayed: int = 0
+    expired: int = 0
+    unknown: int = 0
+    evicted: int = 0
+
+
+class ReconnectRegistry:
+    """The server's parent sessions, each accepting every reconnect counter at most once.
+
+    Bounded: at most ``policy.max_sessions`` parents (the oldest is dropped, and its secret erased,
+    when a new one arrives), each remembered for ``policy.lifetime`` seconds and up to
+    ``policy.max_uses`` reconnects, with one bit of state per counter.  Thread-safe.
+    """
+
+    def __init__(self, policy: ReconnectPolicy, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Insertion order is expiry order (one lifetime for all), so expired parents are at the front.
+        self._parents: OrderedDict[bytes, _Parent] = OrderedDict()
+        self.stats = RegistryStats()
+
+    def __repr__(self) -> str:
+        return f"<ReconnectRegistry sessions={len(self)} max_sessions={self.policy.max_sessions}>"
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._purge_locked()
+            return len(self._parents)
+
+    def register(self, secret: CombinedSecret, info: SessionInfo) -> bytes:
+        """Remember a parent session (the registry now owns ``secret`` and erases it); its handle."""
+        handle = session_handle(secret)
+        with self._lock:
+            self._purge_locked()
+            old = self._parents.pop(handle, None)
+            if old is not None:  # pragma: no cover - a 128-bit handle collision
+                old.secret.erase()
+            while len(self._parents) >= self.policy.max_sessions:
+                _, evicted = self._parents.popitem(last=False)
+                evicted.secret.erase()
+                self.stats.evicted += 1
+            self._parents[handle] = _Parent(secret, info, self._clock() + self.policy.lifetime,
+                                            self.policy.max_uses)
+            self.stats.registered += 1
+        return handle
+
+    def discard(self, handle: bytes) -> None:
+        """Forget a parent (e.g. its own TLS handshake failed) and erase its secret."""
+        with self._lock:
+            parent = self._parents.pop(handle, None)
+            if parent is not None:
+                parent.secret.erase()
+
+    def clear(self) -> None:
+        """Forget every parent and erase every secret (server shutdown)."""
+        with self._lock:
+            for parent in self._parents.values():
+                parent.secret.erase()
+            self._parents.clear()
+
+    def _purge_locked(self) -> None:
+        now = self._clock()
+        while self._parents:
+            handle, parent = next(iter(self._parents.items()))
+            if parent.expires > now:
+                break
+            del self._parents[handle]
+            parent.secret.erase()
+
+    def lookup(self, identity: bytes, cipher: str) -> ReconnectMatch | None:
+        """The key for reconnect ``identity`` if it is valid now, else None.
+
+        Valid means: a known, unexpired parent; a counter within its limit, never accepted before;
+        a tag that only a holder of the parent secret can compute; and a parent whose suite binds
+        the PSK to ``cipher``.  A valid counter is spent here, before the TLS handshake completes,
+        so it can never be accepted twice (a failed handshake spends it too: fail closed).
+        """
+        if len(identity) != IDENTITY_LEN:
+            self.stats.unknown += 1
+            return None
+        handle = identity[:HANDLE_LEN]
+        index = int.from_bytes(identity[HANDLE_LEN:HANDLE_LEN + 4], "big")
+        tag = identity[HANDLE_LEN + 4:]
+        with self._lock:
+            parent = self._parents.get(handle)
+            if parent is not None and parent.expires <= self._clock():
+                del self._parents[handle]
+                parent.secret.erase()
+                self.stats.expired += 1
+                _log.info("reconnect refused: the parent session of %r expired", parent.info.peer_identity)
+                return None
+            if parent is None:
+                self.stats.unknown += 1
+                return None
+            if not 1 <= index <= parent.max_uses or parent.secret.suite.tls_cipher != cipher:
+                self.stats.unknown += 1
+                return None
+            expected = parent.secret.derive(labels.RECONNECT_IDENTITY, TAG_LEN, u32(index))
+            if not hmac.compare_digest(tag, expected):
+                self.stats.unknown += 1
+                return None
+            byte, bit = divmod(index - 1, 8)
+            if parent.used[byte] & (1 << bit):
+                self.stats.replayed += 1
+                _log.warning("reconnect refused: identity #%d of %r was already used (replay)", index,
+                             parent.info.peer_identity)
+                return None
+            parent.used[byte] |= 1 << bit
+            parent.count += 1
+            psk = reconnect_psk(parent.secret, index)
+            if parent.count >= parent.max_uses:
+                del self._parents[handle]
+                parent.secret.erase()
+            self.stats.accepted += 1
+            return ReconnectMatch(index, psk, parent.info)
+
+
+def tls_record_length(header: bytes) -> int:
+    """Check the 5-byte header of the first TLS record of a reconnect; its body length."""
+    if len(header) != TLS_RECORD_HEADER_LEN or header[0] != TLS_HANDSHAKE_BYTE or header[1] != 3:
+        raise RemoteProtocolError("the peer's first bytes are not a TLS handshake record")
+    length = int.from_bytes(header[3:5], "big")
+    if not 4 <= length <= TLS_MAX_RECORD:
+        raise RemoteProtocolError(f"TLS record of {length} bytes is outside 4..{TLS_MAX_RECORD}")
+    return length
+
+
+def client_hello_cipher(record_body: bytes) -> str:
+    """The cipher suite to bind a reconnect PSK to, from the body of the first TLS record.
+
+    A server must choose the PSK's hash (SHA-256 or SHA-384) before OpenSSL reads the ClientHello,
+    so it reads the ClientHello's cipher list first: the first suite the client offers that carries
+    an external PSK here.  hybridkex clients offer exactly one (the parent suite's).  Strict: a
+    malformed or fragmented ClientHello raises :class:`RemoteProtocolError`.
+    """
+    r = Reader(record_body, "TLS ClientHello")
+    if r.u8("msg_type") != 1:
+        raise RemoteProtocolError("the first TLS handshake message is not a ClientHello")
+    r.fixed(3, "length")
+    r.u16("legacy_version")
+    r.fixed(32, "random")
+    sid_len = r.u8("legacy_session_id")
+    if sid_len > 32:
+        raise RemoteProtocolError("TLS ClientHello: legacy_session_id longer than 32 bytes")
+    r.fixed(sid_len, "legacy_session_id")
+    suites = r.vec16("cipher_suites", min_len=2, max_len=65534)
+    if len(suites) % 2:
+        raise RemoteProtocolError("TLS ClientHello: odd cipher_suites length")
+    for i in range(0, len(suites), 2):
+        name = _CIPHER_BY_ID.get(int.from_bytes(suites[i:i + 2], "big"))
+        if name is not None:
+            return name
+    raise TLSError("the ClientHello offers no TLS 1.3 cipher suite that an external PSK is bound to here "
+                   f"({', '.join(CIPHER_ID)})")
