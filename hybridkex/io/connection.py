@@ -365,7 +365,9 @@ class HybridSocket:
             raise TimeoutError("timed out")
 
     def _check_open(self) -> None:
-        if self._closed:
+        # As for a socket: close() with makefile() objects still open leaves the connection usable
+        # through them until the last one is closed.
+        if self._real_closed:
             raise OSError(errno.EBADF, "Bad file descriptor")
 
     # --- reading -------------------------------------------------------------------------------------
@@ -543,7 +545,8 @@ class HybridSocket:
         reading = "r" in mode or not writing
         binary = "b" in mode
         rawmode = ("r" if reading else "") + ("w" if writing else "")
-        self._check_open()
+        if self._closed:
+            raise OSError(errno.EBADF, "Bad file descriptor")
         raw = _HybridRawIO(self, rawmode)
         self._io_refs += 1
         if buffering is None:
