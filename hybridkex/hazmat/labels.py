@@ -31,6 +31,8 @@ def combiner_label(suite_name: bytes) -> bytes:
 TLS_PSK = b"tls13 external psk"
 TLS_PSK_IDENTITY = b"tls13 external psk identity"
 NEXT_AUTH_KEY = b"next authentication key"
+#: The public 16-byte ID of the next authentication key (both sides derive the same; docs/recycle.md).
+NEXT_AUTH_KEY_ID = b"next authentication key id"
 EXPORTER = b"exporter"
 CONFIRM_INITIATOR = b"key confirmation initiator"
 CONFIRM_RESPONDER = b"key confirmation responder"
@@ -44,6 +46,7 @@ PURPOSES: tuple[bytes, ...] = (
     TLS_PSK,
     TLS_PSK_IDENTITY,
     NEXT_AUTH_KEY,
+    NEXT_AUTH_KEY_ID,
     EXPORTER,
     CONFIRM_INITIATOR,
     CONFIRM_RESPONDER,
@@ -60,6 +63,11 @@ PSK_AUTH_SALT = b"hybridkex/v1 psk authentication"
 #: Purposes of the two role-separated MAC keys derived from one bootstrap PSK.
 PSK_AUTH_INITIATOR = b"psk auth initiator"
 PSK_AUTH_RESPONDER = b"psk auth responder"
+#: HKDF salt and role-separated purposes of the MAC keys derived from a recycled key (mode 5): the
+#: same construction as PSK mode under its own labels, with the key's public ID as context.
+RECYCLED_AUTH_SALT = b"hybridkex/v1 recycled authentication"
+RECYCLED_AUTH_INITIATOR = b"recycled auth initiator"
+RECYCLED_AUTH_RESPONDER = b"recycled auth responder"
 #: Prefixes of the data signed in a Finished message (like TLS 1.3 CertificateVerify contexts).
 SIGNATURE_INITIATOR = b"hybridkex/v1 initiator finished signature"
 SIGNATURE_RESPONDER = b"hybridkex/v1 responder finished signature"
@@ -69,6 +77,9 @@ AUTH_LABELS: tuple[bytes, ...] = (
     PSK_AUTH_SALT,
     PSK_AUTH_INITIATOR,
     PSK_AUTH_RESPONDER,
+    RECYCLED_AUTH_SALT,
+    RECYCLED_AUTH_INITIATOR,
+    RECYCLED_AUTH_RESPONDER,
     SIGNATURE_INITIATOR,
     SIGNATURE_RESPONDER,
 )

@@ -7,6 +7,11 @@ a :class:`~hybridkex.io.keys.QKDKeyManager` under the policy's KME timeout.
 
 On failure the driver sends the core's Abort (best effort) and raises; the caller closes the
 socket.  On success the socket is left open and positioned right after the handshake.
+
+After a successful handshake the driver calls every configured authenticator's
+``after_handshake(session)``: the initiator once its Finished is sent, the responder once it has
+verified the initiator's.  The recycling authenticator records its key rotation there
+(docs/recycle.md); if that fails the session is erased and the error raised.
 """
 
 from __future__ import annotations
@@ -107,8 +112,13 @@ def _flush(conn: Initiator | Responder, sock: socket.socket, deadline: _Deadline
         sock.sendall(data)
 
 
+def _after_handshake(config: InitiatorConfig | ResponderConfig, session: Session) -> None:
+    for auth in config.authenticators:
+        auth.after_handshake(session)
+
+
 def _drive(conn: Initiator | Responder, sock: socket.socket, keys: QKDKeyManager | None, timeout: float,
-           kme_timeout: float) -> Session:
+           kme_timeout: float, *, on_complete: Callable[[Session], None] | None = None) -> Session:
     deadline = _Deadline(timeout)
     previous_timeout = sock.gettimeout()
     try:
@@ -122,7 +132,13 @@ def _drive(conn: Initiator | Responder, sock: socket.socket, keys: QKDKeyManager
             elif isinstance(event, QKDKeysRequired | QKDKeysByIdRequired):
                 _answer(conn, keys, event, min(kme_timeout, deadline.remaining()))
             elif isinstance(event, HandshakeComplete):
-                _flush(conn, sock, deadline)
+                _flush(conn, sock, deadline)  # the initiator's Finished leaves before anything is recorded
+                if on_complete is not None:
+                    try:
+                        on_complete(event.session)
+                    except BaseException:
+                        event.session.erase()
+                        raise
                 return event.session
             _flush(conn, sock, deadline)
     except (TimeoutError, HandshakeTimeout) as exc:
@@ -192,7 +208,8 @@ def run_initiator(sock: socket.socket, config: InitiatorConfig, key_source: _Key
     keys = _manager(key_source, config)
     conn = Initiator(config, randbytes=randbytes, clock=clock)
     t = config.policy.timeouts
-    return _drive(conn, sock, keys, timeout or t.handshake, t.kme)
+    return _drive(conn, sock, keys, timeout or t.handshake, t.kme,
+                  on_complete=lambda session: _after_handshake(config, session))
 
 
 def run_responder(sock: socket.socket, config: ResponderConfig, key_source: _Keys = None, *,
@@ -206,4 +223,5 @@ def run_responder(sock: socket.socket, config: ResponderConfig, key_source: _Key
     keys = _manager(key_source, config)
     conn = Responder(config, randbytes=randbytes, clock=clock)
     t = config.policy.timeouts
-    return _drive(conn, sock, keys, timeout or t.handshake, t.kme)
+    return _drive(conn, sock, keys, timeout or t.handshake, t.kme,
+                  on_complete=lambda session: _after_handshake(config, session))

@@ -8,7 +8,7 @@ from types import MappingProxyType
 
 from ..exceptions import ConfigurationError
 from ..policy import Policy, QKDConfig, QKDMode
-from .auth import Authenticator
+from .auth import Authenticator, AuthMode
 
 __all__ = ["InitiatorConfig", "ResponderConfig"]
 
@@ -31,6 +31,10 @@ def _normalise_common(obj: InitiatorConfig | ResponderConfig) -> None:
             raise ConfigurationError(f"{a!r} is not an Authenticator", field="authenticators")
     if len({a.mode for a in auths}) != len(auths):
         raise ConfigurationError("two authenticators for one mode", field="authenticators")
+    if any(a.mode is AuthMode.RECYCLED for a in auths[1:]):
+        # Otherwise the bootstrap would win every handshake and recycling would never take over.
+        raise ConfigurationError("the recycled authenticator must come first (the bootstrap follows it)",
+                                 field="authenticators")
     object.__setattr__(obj, "authenticators", auths)
     if not isinstance(obj.policy, Policy):
         raise ConfigurationError("must be a Policy", field="policy")

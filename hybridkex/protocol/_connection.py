@@ -47,7 +47,7 @@ from . import _wire as w
 from ._config import InitiatorConfig, ResponderConfig
 from ._session import Component, Session, SessionInfo
 from ._state import FRAME_INPUT, INITIATOR, RESPONDER, Input, State, Table, allowed, expected_frames
-from .auth import AuthContext, Authenticator, AuthMode
+from .auth import AuthContext, Authenticator, AuthMode, AuthOffer
 from .events import NEED_DATA, PAUSED, Event, HandshakeComplete, QKDKeysByIdRequired, QKDKeysRequired, Sentinel
 
 __all__ = ["Initiator", "Responder"]
@@ -141,6 +141,11 @@ def _note_text(note: w.QKDNote, who: str) -> str:
     if note is w.QKDNote.KEY_SOURCE_UNAVAILABLE:
         return f"the {who}'s key source was unavailable and its policy allows running without QKD"
     return f"the {who} offered no QKD suite"
+
+
+def _mode_names(modes: Sequence[int]) -> tuple[str, ...]:
+    known = {m.value for m in AuthMode}
+    return tuple(AuthMode(m).label if m in known else str(m) for m in modes)
 
 
 def _pq_kem(suite: Suite) -> KEM:
@@ -412,8 +417,9 @@ class _Connection:
                                          f"{self._suite.name} needs {self._suite.qkd_key_bits}")
 
     def _session(self, *, peer_identity: str, binding: QKDBinding | None, usage: w.QKDUsage,
-                 note: str | None) -> Session:
+                 note: str | None, offered_modes: Sequence[int] = ()) -> Session:
         assert self._suite is not None and self._secret is not None and self._authenticator is not None
+        auth_key_id = self._authenticator.key_id if self._authenticator.mode is AuthMode.RECYCLED else None
         info = SessionInfo(
             version=w.VERSION,
             role=self._role,
@@ -433,6 +439,8 @@ class _Connection:
             slave_kme_id=binding.slave_kme_id if binding else None,
             qkd_note=None if binding is not None else note,
             transcript_hash=self._th().hex(),
+            offered_auth_modes=_mode_names(offered_modes),
+            auth_key_id=auth_key_id.hex() if auth_key_id is not None else None,
         )
         session = Session(self._secret, info)
         self._secret = None  # owned by the session now
@@ -495,6 +503,8 @@ class Initiator(_Connection):
         self._binding: QKDBinding | None = None
         self._th_responder = b""
         self._confirm_responder = b""
+        # Decided before any QKD key is taken: a side with nothing to offer fails without spending one.
+        self._offers = self._make_offers()
         qkd = config.qkd
         qkd_suites = [s for s in self._offered if s.qkd]
         if qkd is not None and qkd.master == "initiator" and qkd_suites:
@@ -509,6 +519,28 @@ class Initiator(_Connection):
 
     def _offered_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self._offered)
+
+    def _make_offers(self) -> tuple[AuthOffer, ...]:
+        """Ask each authenticator what it offers this peer (every one may veto a mode, e.g. a retired
+        bootstrap); a keyed mode with no key only says "I recycle" and cannot be chosen alone."""
+        cfg = self._cfg
+        peer = cfg.peer_identity
+        offers: list[AuthOffer] = []
+        for a in cfg.authenticators:
+            if not all(g.permits(a.mode, cfg.identity, peer) for g in cfg.authenticators):
+                continue
+            offer = a.offer(cfg.identity, peer)
+            if offer is None:
+                continue
+            if offer.mode is not a.mode:
+                raise LocalProtocolError(f"authenticator {a!r} offered mode {offer.mode.label}, not its own")
+            offers.append(offer)
+        if not any(o.usable for o in offers):
+            hint = ("; recycled authentication holds no key for this peer and the bootstrap credential is "
+                    "retired or refused by policy: re-bootstrap the pair on both sides (hybridkex recycle "
+                    "rebootstrap)" if any(a.mode is AuthMode.RECYCLED for a in cfg.authenticators) else "")
+            raise PolicyViolation(f"no authentication mode can be offered to {peer!r}{hint}", ("auth_mode",))
+        return tuple(offers)
 
     def _drop_private_keys(self) -> None:
         self._x_priv = None
@@ -548,8 +580,9 @@ class Initiator(_Connection):
             nonce=nonce,
             x25519=self._x_priv.public_bytes(),
             key_shares=tuple(shares),
-            auth_modes=tuple(a.mode for a in cfg.authenticators),
+            auth_modes=tuple(o.mode for o in self._offers),
             qkd=hq,
+            recycled_key_ids=next((o.key_ids for o in self._offers if o.mode is AuthMode.RECYCLED), ()),
         )
         self._send(w.FrameType.HELLO, self._hello.encode())
 
@@ -598,8 +631,12 @@ class Initiator(_Connection):
             raise RemoteProtocolError(f"the responder chose suite 0x{msg.suite:04x}, which was not offered")
         if msg.auth_mode not in hello.auth_modes:
             raise RemoteProtocolError(f"the responder chose authentication mode {msg.auth_mode}, which was not offered")
-        auth = self._auth_for(msg.auth_mode)
-        assert auth is not None
+        offer = next(o for o in self._offers if o.mode == msg.auth_mode)
+        auth = offer.choose(msg.recycled_key_id)
+        if auth is None:
+            raise RemoteProtocolError("the responder named a recycled authentication key that was not offered"
+                                      if msg.recycled_key_id is not None else
+                                      "the responder named no recycled authentication key")
         self._suite, self._authenticator, self._response = suite, auth, msg
         expected = self._cfg.peer_identity
         if expected is not None and msg.identity != expected:
@@ -681,7 +718,8 @@ class Initiator(_Connection):
             else:
                 note = "the responder chose a suite without QKD"
         usage = msg.qkd.usage if hello.qkd.master is w.QKDMaster.RESPONDER else hello.qkd.usage
-        session = self._session(peer_identity=msg.identity, binding=self._binding, usage=usage, note=note)
+        session = self._session(peer_identity=msg.identity, binding=self._binding, usage=usage, note=note,
+                                offered_modes=hello.auth_modes)
         self._move(Input.QKD_KEYS if self._state is State.WAIT_SLAVE_KEYS else Input.RECV_FINISHED, State.COMPLETE)
         self._events.append(HandshakeComplete(session))
 
@@ -731,11 +769,7 @@ class Responder(_Connection):
         self._hello = hello
         cfg = self._cfg
         policy = cfg.policy
-        auth = next((a for a in cfg.authenticators if a.mode in hello.auth_modes), None)
-        if auth is None:
-            names = [AuthMode(m).label if m in {a.value for a in AuthMode} else str(m) for m in hello.auth_modes]
-            raise PolicyViolation(f"no authentication mode acceptable to both sides (offered: {', '.join(names)})",
-                                  ("auth_mode",))
+        auth = self._select_authenticator(hello)
         self._authenticator = auth
         auth.check_peer(hello.identity)  # unknown peers are refused before any QKD key is spent
         shares = {s.kem_code: s.public_key for s in hello.key_shares}
@@ -794,6 +828,32 @@ class Responder(_Connection):
             self._usage = hello.qkd.usage
             self._request = QKDKeysByIdRequired(hello.qkd.sae_id, hello.qkd.key_ids, _usage_name(hello.qkd.usage))
             self._move(Input.RECV_HELLO, State.WAIT_SLAVE_KEYS)
+
+    def _select_authenticator(self, hello: w.HelloMsg) -> Authenticator:
+        """The first of this side's modes that the Hello offers, this side permits for the peer and
+        that can serve it (a recycled key in common).  Before any QKD key is spent."""
+        cfg = self._cfg
+        common = [a for a in cfg.authenticators if a.mode in hello.auth_modes]
+        if not common:
+            raise PolicyViolation("no authentication mode acceptable to both sides (offered: "
+                                  f"{', '.join(_mode_names(hello.auth_modes))})", ("auth_mode",))
+        reasons: list[str] = []
+        for a in common:
+            if not all(g.permits(a.mode, cfg.identity, hello.identity) for g in cfg.authenticators):
+                reasons.append(f"{a.mode.label} is refused for this peer by policy")
+                continue
+            chosen = a.accept(cfg.identity, hello.identity,
+                              hello.recycled_key_ids if a.mode is AuthMode.RECYCLED else ())
+            if chosen is None:
+                reasons.append(f"{a.mode.label} holds no key in common with the peer")
+                continue
+            if chosen.mode is not a.mode:
+                raise LocalProtocolError(f"authenticator {a!r} accepted with mode {chosen.mode.label}")
+            return chosen
+        # Deliberately the generic authentication failure: the peer learns nothing about which keys
+        # this side holds or whether its bootstrap is retired.
+        raise AuthenticationError(f"no offered authentication mode is usable for {hello.identity!r}: "
+                                  + "; ".join(reasons))
 
     def _check_qkd_hello(self, hello: w.HelloMsg) -> None:
         qkd = self._cfg.qkd
@@ -865,7 +925,8 @@ class Responder(_Connection):
                                binding.key_ids if hello.qkd.master is w.QKDMaster.RESPONDER else ())
         else:
             rq = w.ResponseQKD(w.QKDUsage.NONE, self._note, "", "", ())
-        msg = w.ResponseMsg(suite.code, auth.mode, self._cfg.identity, nonce, x_priv.public_bytes(), ct, rq)
+        msg = w.ResponseMsg(suite.code, auth.mode, self._cfg.identity, nonce, x_priv.public_bytes(), ct, rq,
+                            auth.key_id if auth.mode is AuthMode.RECYCLED else None)
         self._send(w.FrameType.RESPONSE, msg.encode())
         cert = auth.certificate() if auth.sends_certificate else None
         if cert is not None:
@@ -891,6 +952,6 @@ class Responder(_Connection):
         if not hmac.compare_digest(self._confirm(labels.CONFIRM_INITIATOR, th_before), fin.confirm):
             raise KeyMismatchError("key confirmation failed: the authenticated initiator derived a different key")
         session = self._session(peer_identity=hello.identity, binding=self._binding if suite.qkd else None,
-                                usage=self._usage, note=self._note_text)
+                                usage=self._usage, note=self._note_text, offered_modes=hello.auth_modes)
         self._move(Input.RECV_FINISHED, State.COMPLETE)
         self._events.append(HandshakeComplete(session))

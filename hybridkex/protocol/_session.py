@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal, NoReturn
 
 from ..combiner import CombinedSecret
+from ..hazmat import labels
 
 __all__ = ["Component", "Session", "SessionInfo"]
 
@@ -61,6 +62,10 @@ class SessionInfo:
     qkd_note: str | None
     #: Hash (the suite's) of every handshake message, hex.  Both sides compute the same value.
     transcript_hash: str
+    #: Authentication modes the initiator offered, in its order (all authenticated).
+    offered_auth_modes: tuple[str, ...] = ()
+    #: Recycled mode: the public ID (hex) of the recycled key that authenticated this handshake.
+    auth_key_id: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (for logs and the CLI)."""
@@ -68,6 +73,7 @@ class SessionInfo:
         d["components"] = [asdict(c) for c in self.components]
         d["offered_suites"] = list(self.offered_suites)
         d["qkd_key_ids"] = list(self.qkd_key_ids)
+        d["offered_auth_modes"] = list(self.offered_auth_modes)
         return d
 
     def summary(self) -> str:
@@ -114,6 +120,10 @@ class Session:
     def next_auth_key(self) -> bytes:
         """The authentication key for the next handshake of this peer pair (recycled mode)."""
         return self._secret.next_auth_key()
+
+    def next_auth_key_id(self) -> bytes:
+        """The public 16-byte ID of :meth:`next_auth_key` (both sides derive the same; not secret)."""
+        return self._secret.derive(labels.NEXT_AUTH_KEY_ID, 16)
 
     def exporter(self, label: bytes, length: int, context: bytes = b"") -> bytes:
         """An application key named by ``label`` (like the TLS exporter)."""

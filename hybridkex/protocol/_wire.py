@@ -155,6 +155,12 @@ _MAX_CHAIN = 4
 _MAX_CERT = 16 * 1024
 _MAX_PROOF = 6 * 1024
 NONCE_LEN = 32
+#: Wire id of the recycled authentication mode (``auth.AuthMode.RECYCLED``; auth imports this module).
+RECYCLED_MODE = 5
+#: Recycled authentication keys are named by public 16-byte IDs (docs/spec.md, "Recycled authentication").
+RECYCLED_KEY_ID_LEN = 16
+#: Most recycled key IDs a Hello may list.
+MAX_RECYCLED_KEY_IDS = 16
 _E = TypeVar("_E", bound=IntEnum)
 X25519_LEN = 32
 
@@ -229,6 +235,22 @@ def _read_key_ids(r: Reader, what: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _recycled_ids(ids: tuple[bytes, ...], most: int) -> bytes:
+    if len(ids) > most or any(len(k) != RECYCLED_KEY_ID_LEN for k in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"at most {most} distinct {RECYCLED_KEY_ID_LEN}-byte recycled key IDs")
+    return u8(len(ids)) + b"".join(ids)
+
+
+def _read_recycled_ids(r: Reader, most: int, what: str) -> tuple[bytes, ...]:
+    n = r.u8(f"{what} count")
+    if n > most:
+        raise RemoteProtocolError(f"{what}: {n} key IDs, at most {most} allowed")
+    ids = tuple(r.fixed(RECYCLED_KEY_ID_LEN, what) for _ in range(n))
+    if len(set(ids)) != n:
+        raise RemoteProtocolError(f"{what}: duplicate key ID")
+    return ids
+
+
 def _read_enum(r: Reader, enum: type[_E], field: str) -> _E:
     raw = r.u8(field)
     try:
@@ -280,9 +302,18 @@ class HelloMsg:
     key_shares: tuple[KeyShare, ...]
     auth_modes: tuple[int, ...]
     qkd: HelloQKD
+    #: Recycled authentication (present on the wire iff mode 5 is offered): the IDs of the keys the
+    #: initiator holds for the responder, newest first; none = "recycling, but no key yet".
+    recycled_key_ids: tuple[bytes, ...] = ()
 
     def encode(self) -> bytes:
         q = self.qkd
+        if RECYCLED_MODE in self.auth_modes:
+            recycled = _recycled_ids(self.recycled_key_ids, MAX_RECYCLED_KEY_IDS)
+        elif self.recycled_key_ids:
+            raise ValueError("recycled key IDs without the recycled authentication mode")
+        else:
+            recycled = b""
         return b"".join((
             u8(len(self.suites)), *(u16(s) for s in self.suites),
             _text(self.identity),
@@ -292,6 +323,7 @@ class HelloMsg:
             u8(len(self.auth_modes)), *(u8(m) for m in self.auth_modes),
             u8(q.master), _text(q.sae_id), _text(q.kme_id), u8(q.accepted_usages), u8(q.note),
             _text(q.peer_sae_id), u8(q.usage), u8(len(q.key_ids)), *(_key_id(k) for k in q.key_ids),
+            recycled,
         ))
 
     @classmethod
@@ -329,6 +361,8 @@ class HelloMsg:
         peer_sae_id = r.text16("qkd peer sae id", max_len=_MAX_TEXT)
         usage = _read_enum(r, QKDUsage, "qkd usage")
         key_ids = _read_key_ids(r, "Hello qkd key ids")
+        recycled = (_read_recycled_ids(r, MAX_RECYCLED_KEY_IDS, "Hello recycled key ids")
+                    if RECYCLED_MODE in modes else ())
         r.end()
         # Consistency of the QKD fields: shapes only; what is acceptable is policy (the connection).
         if accepted & ~0x03:
@@ -347,7 +381,7 @@ class HelloMsg:
             elif not peer_sae_id or usage is QKDUsage.NONE or not key_ids or accepted:
                 raise RemoteProtocolError("Hello: inconsistent QKD fields for an initiator master")
         return cls(suites, identity, nonce, x25519, tuple(shares), modes,
-                   HelloQKD(master, sae_id, kme_id, accepted, note, peer_sae_id, usage, key_ids))
+                   HelloQKD(master, sae_id, kme_id, accepted, note, peer_sae_id, usage, key_ids), recycled)
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,14 +408,25 @@ class ResponseMsg:
     x25519: bytes
     kem_ciphertext: bytes
     qkd: ResponseQKD
+    #: Recycled authentication (present on the wire iff ``auth_mode`` is 5): the ID of the key the
+    #: responder chose from the Hello's list (None for a recycled authenticator without key IDs).
+    recycled_key_id: bytes | None = None
 
     def encode(self) -> bytes:
         q = self.qkd
+        chosen = () if self.recycled_key_id is None else (self.recycled_key_id,)
+        if self.auth_mode == RECYCLED_MODE:
+            recycled = _recycled_ids(chosen, 1)
+        elif chosen:
+            raise ValueError("a recycled key ID without the recycled authentication mode")
+        else:
+            recycled = b""
         return b"".join((
             u16(self.suite), u8(self.auth_mode), _text(self.identity), self.nonce, self.x25519,
             _vec16(self.kem_ciphertext),
             u8(q.usage), u8(q.note), _text(q.sae_id), _text(q.kme_id),
             u8(len(q.key_ids)), *(_key_id(k) for k in q.key_ids),
+            recycled,
         ))
 
     @classmethod
@@ -398,6 +443,7 @@ class ResponseMsg:
         sae_id = r.text16("qkd sae id", max_len=_MAX_TEXT)
         kme_id = r.text16("qkd kme id", max_len=_MAX_TEXT)
         key_ids = _read_key_ids(r, "Response qkd key ids")
+        chosen = _read_recycled_ids(r, 1, "Response recycled key id") if auth_mode == RECYCLED_MODE else ()
         r.end()
         if usage is QKDUsage.NONE:
             if sae_id or kme_id or key_ids:
@@ -407,7 +453,8 @@ class ResponseMsg:
                 raise RemoteProtocolError("Response: QKD used but SAE or KME ID missing")
             if note is not QKDNote.NONE:
                 raise RemoteProtocolError("Response: a QKD note is set although QKD is used")
-        return cls(suite, auth_mode, identity, nonce, x25519, ct, ResponseQKD(usage, note, sae_id, kme_id, key_ids))
+        return cls(suite, auth_mode, identity, nonce, x25519, ct, ResponseQKD(usage, note, sae_id, kme_id, key_ids),
+                   chosen[0] if chosen else None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,15 @@ id     name              proof
 2      ``pki-ed25519``   Ed25519 signature; X.509 chain to a configured trust anchor
 3      ``pki-mldsa65``   ML-DSA-65 signature; X.509 chain (ML-DSA-signed) to a trust anchor
 4      ``pki-hybrid``    both signatures, two chains each signed end to end with its own algorithm
-5      ``recycled``      reserved for [recycle]: HMAC with the previous handshake's next_auth_key
+5      ``recycled``      HMAC with a key recycled from an earlier handshake's ``next_auth_key``
+                         (:class:`hybridkex.recycle.RecycledAuthenticator`; docs/recycle.md)
 =====  ================  ========================================================================
+
+Per-handshake negotiation hooks (defaults keep modes 1-4 as they are): an initiator asks each
+authenticator for an :class:`AuthOffer` (:meth:`Authenticator.offer`), a responder lets the first
+common mode :meth:`~Authenticator.accept` the Hello's key IDs, every configured authenticator may
+veto a mode for a peer (:meth:`~Authenticator.permits`: a retired bootstrap), and drivers call
+:meth:`~Authenticator.after_handshake` once a handshake succeeded (key rotation).
 
 Failures raise :class:`~hybridkex.exceptions.AuthenticationError` whose message is always
 "authentication failed"; the precise reason (unknown identity, wrong PSK, untrusted or expired
@@ -40,7 +47,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
 from types import MappingProxyType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -55,9 +62,13 @@ from ..hazmat.kdf import hkdf
 from ..suites import Suite
 from ._wire import CertificateChain, CertificateMsg, SignatureAlgorithm
 
+if TYPE_CHECKING:
+    from ._session import Session
+
 __all__ = [
     "AuthContext",
     "AuthMode",
+    "AuthOffer",
     "Authenticator",
     "MACAuthenticator",
     "PKIAuthenticator",
@@ -81,7 +92,7 @@ class AuthMode(IntEnum):
     PKI_ED25519 = 2
     PKI_MLDSA65 = 3
     PKI_HYBRID = 4
-    #: Reserved for [recycle]; no authenticator in this release implements it.
+    #: Keys recycled from earlier handshakes (:mod:`hybridkex.recycle`).
     RECYCLED = 5
 
     @property
@@ -149,6 +160,87 @@ class Authenticator(ABC):
     def verify(self, ctx: AuthContext, data: bytes, proof: bytes, certificate: CertificateMsg | None) -> None:
         """Check the peer's proof over ``data``; raise AuthenticationError(detail) if it fails."""
 
+    # --- per-handshake negotiation (defaults: a mode with one fixed credential) -------------------
+
+    @property
+    def key_id(self) -> bytes | None:
+        """The public ID of the one key this authenticator is bound to (keyed modes), else None."""
+        return None
+
+    def offer(self, local_identity: str, peer_identity: str | None) -> AuthOffer | None:
+        """Initiator, before its Hello: what this mode offers ``peer_identity`` in one handshake.
+
+        None leaves the mode out of this Hello.  The default offers the mode as it is.  Called once
+        per handshake, from the Initiator's constructor (before any QKD key is taken).
+        """
+        return AuthOffer(self)
+
+    def accept(self, local_identity: str, peer_identity: str, key_ids: tuple[bytes, ...]) -> Authenticator | None:
+        """Responder, on a Hello offering this mode: the authenticator to run it with, or None.
+
+        ``key_ids`` are the key IDs the Hello lists for this mode (recycled mode only).  None means
+        this side cannot serve the mode for this peer (e.g. it holds none of the keys); the next
+        common mode is tried.  The default accepts with ``self``.
+        """
+        return self
+
+    def permits(self, mode: AuthMode, local_identity: str, peer_identity: str | None) -> bool:
+        """Whether this side lets ``mode`` authenticate a handshake with ``peer_identity``.
+
+        Asked of every configured authenticator before a mode is offered (initiator) or accepted
+        (responder); one refusal excludes the mode.  The recycling authenticator refuses a retired
+        bootstrap here.  Default: no objection.
+        """
+        return True
+
+    def after_handshake(self, session: Session) -> None:
+        """Called by a driver after a handshake succeeded: by the initiator once its Finished was
+        sent, by the responder once it verified the initiator's.  May do blocking I/O (the
+        recycling authenticator records a key rotation); not called by the sans-IO core."""
+        return None
+
+
+class AuthOffer:
+    """One authentication mode as an initiator offers it in one Hello.
+
+    A plain mode offers its authenticator.  A keyed mode (recycled) passes ``keys``: the key IDs
+    it lists, newest first, each mapped to the authenticator bound to that key; the responder
+    must then name one of them.  ``repr`` shows the mode and key IDs only.
+    """
+
+    __slots__ = ("_authenticator", "_keys")
+
+    def __init__(self, authenticator: Authenticator,
+                 keys: Sequence[tuple[bytes, Authenticator]] | None = None) -> None:
+        self._authenticator = authenticator
+        self._keys = None if keys is None else dict(keys)
+        if self._keys is not None and len(self._keys) != len(keys or ()):
+            raise ValueError("an offer lists a key ID twice")
+
+    def __repr__(self) -> str:
+        ids = "" if self._keys is None else f", key_ids={[k.hex() for k in self._keys]}"
+        return f"AuthOffer(mode={self.mode.label!r}{ids})"
+
+    @property
+    def mode(self) -> AuthMode:
+        return self._authenticator.mode
+
+    @property
+    def key_ids(self) -> tuple[bytes, ...]:
+        """The key IDs listed in the Hello for this mode (empty for plain modes)."""
+        return () if self._keys is None else tuple(self._keys)
+
+    @property
+    def usable(self) -> bool:
+        """Whether the responder can choose this offer (a keyed offer without keys only signals support)."""
+        return self._keys is None or bool(self._keys)
+
+    def choose(self, key_id: bytes | None) -> Authenticator | None:
+        """The authenticator for the responder's choice; None if it named a key that was not offered."""
+        if self._keys is None:
+            return self._authenticator if key_id is None else None
+        return None if key_id is None else self._keys.get(key_id)
+
 
 # --- MAC modes -------------------------------------------------------------------------------------
 
@@ -166,12 +258,15 @@ class MACAuthenticator(Authenticator):
     def pair_key(self, peer_identity: str) -> bytes:
         """The key shared with ``peer_identity``; AuthenticationError if there is none."""
 
-    def _mac(self, ctx: AuthContext, peer: str, data: bytes) -> bytes:
+    def _mac_key(self, ctx: AuthContext, peer: str) -> bytes:
+        """The role-separated MAC key (a keyed subclass may use other labels)."""
         purpose = labels.PSK_AUTH_INITIATOR if ctx.prover_role == "initiator" else labels.PSK_AUTH_RESPONDER
         s = ctx.suite
-        key = hkdf(s.hash, salt=labels.PSK_AUTH_SALT, ikm=self.pair_key(peer),
-                   info=lp_join(labels.PROTOCOL, s.label, purpose), length=s.hash_len)
-        return hmac.digest(key, data, s.hash)
+        return hkdf(s.hash, salt=labels.PSK_AUTH_SALT, ikm=self.pair_key(peer),
+                    info=lp_join(labels.PROTOCOL, s.label, purpose), length=s.hash_len)
+
+    def _mac(self, ctx: AuthContext, peer: str, data: bytes) -> bytes:
+        return hmac.digest(self._mac_key(ctx, peer), data, ctx.suite.hash)
 
     def check_peer(self, peer_identity: str) -> None:
         self.pair_key(peer_identity)

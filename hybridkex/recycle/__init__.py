@@ -1,5 +1,20 @@
-"""Authentication after bootstrap: keys recycled from earlier QKD-mixed handshake output."""
+"""Authentication after bootstrap: keys recycled from earlier QKD-mixed handshake output.
 
-from .store import AuthKey, AuthKeyStore, PairSummary, SQLiteAuthKeyStore, StoreError
+See docs/recycle.md and docs/spec.md ("Recycled authentication").
+"""
 
-__all__ = ["AuthKey", "AuthKeyStore", "PairSummary", "SQLiteAuthKeyStore", "StoreError"]
+from .authenticator import BootstrapPolicy, RecycledAuthenticator, RecycledKey, RecyclePolicy
+from .store import AuthKey, AuthKeyStore, BootstrapState, PairSummary, SQLiteAuthKeyStore, StoreError
+
+__all__ = [
+    "AuthKey",
+    "AuthKeyStore",
+    "BootstrapPolicy",
+    "BootstrapState",
+    "PairSummary",
+    "RecyclePolicy",
+    "RecycledAuthenticator",
+    "RecycledKey",
+    "SQLiteAuthKeyStore",
+    "StoreError",
+]

@@ -34,14 +34,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from ..exceptions import ConfigurationError, InvalidKeyMaterial, StoreError
 
-__all__ = ["AuthKey", "AuthKeyStore", "PairSummary", "SQLiteAuthKeyStore", "StoreError"]
+__all__ = ["AuthKey", "AuthKeyStore", "BootstrapState", "PairSummary", "SQLiteAuthKeyStore", "StoreError"]
 
 KEY_ID_LEN = 16
 KEY_LEN = 32
+
+#: What a store knows about a pair's bootstrap credential: never seen (no record of the pair),
+#: still accepted, or retired (after the first recycled success, or by the operator).
+BootstrapState = Literal["unknown", "active", "retired"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,10 @@ class AuthKeyStore(Protocol):
 
     def bootstrap_retired(self, local_id: str, peer_id: str) -> bool:
         """Whether the bootstrap credential of the pair may no longer be used."""
+        ...
+
+    def bootstrap_state(self, local_id: str, peer_id: str) -> BootstrapState:
+        """``"unknown"`` (no record of the pair), ``"active"`` or ``"retired"``."""
         ...
 
     def retire_bootstrap(self, local_id: str, peer_id: str) -> None: ...
@@ -193,6 +201,19 @@ class SQLiteAuthKeyStore:
             row = self._db.execute("SELECT bootstrap_retired FROM pairs WHERE local_id=? AND peer_id=?",
                                    (local_id, peer_id)).fetchone()
         return bool(row and row[0])
+
+    def bootstrap_state(self, local_id: str, peer_id: str) -> BootstrapState:
+        """``"unknown"`` when the store has no record of the pair (never rotated, never armed by
+        :meth:`rebootstrap`), else ``"active"`` or ``"retired"``."""
+        with self._lock:
+            try:
+                row = self._db.execute("SELECT bootstrap_retired FROM pairs WHERE local_id=? AND peer_id=?",
+                                       (local_id, peer_id)).fetchone()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read authentication-key store {self.path}: {exc}") from exc
+        if row is None:
+            return "unknown"
+        return "retired" if row[0] else "active"
 
     def is_spent(self, local_id: str, peer_id: str, key_id: bytes) -> bool:
         """Whether ``key_id`` was held once and has since been superseded (never accepted again)."""
