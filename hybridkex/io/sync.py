@@ -126,6 +126,7 @@ def _drive(conn: Initiator | Responder, sock: socket.socket, keys: QKDKeyManager
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
+                _flush(conn, sock, deadline)  # a flight next_event() produced (no QKD answer came first)
                 sock.settimeout(deadline.remaining())
                 data = sock.recv(max(conn.bytes_wanted(), 1))
                 conn.receive_data(data)
