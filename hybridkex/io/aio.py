@@ -33,6 +33,7 @@ from ..exceptions import (
 )
 from ..protocol import (
     NEED_DATA,
+    Authenticator,
     HandshakeComplete,
     Initiator,
     InitiatorConfig,
@@ -225,8 +226,32 @@ async def _answer(conn: Initiator | Responder, keys: QKDKeyManager | None,
     conn.provide_qkd_keys(delivered)
 
 
+def _hooks(config: InitiatorConfig | ResponderConfig) -> list[Authenticator]:
+    """Authenticators with an ``after_handshake`` of their own (recycled keys record a rotation)."""
+    return [a for a in config.authenticators if type(a).after_handshake is not Authenticator.after_handshake]
+
+
+async def _after_handshake(config: InitiatorConfig | ResponderConfig, session: Session, timeout: float) -> None:
+    """Run the authenticators' after-handshake hooks, as the blocking driver does (in a thread:
+    they may block); a failure erases the session."""
+    hooks = _hooks(config)
+    if not hooks:
+        return
+
+    def run() -> None:
+        for auth in hooks:
+            auth.after_handshake(session)
+
+    try:
+        await _in_thread(run, timeout, "the after-handshake hook")
+    except BaseException:
+        session.erase()
+        raise
+
+
 async def _drive(conn: Initiator | Responder, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 keys: QKDKeyManager | None, *, timeout: float, kme_timeout: float) -> Session:
+                 keys: QKDKeyManager | None, *, timeout: float, kme_timeout: float,
+                 config: InitiatorConfig | ResponderConfig) -> Session:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     try:
@@ -235,12 +260,14 @@ async def _drive(conn: Initiator | Responder, reader: asyncio.StreamReader, writ
             while True:
                 event = conn.next_event()
                 if event is NEED_DATA:
+                    await _flush(conn, writer)  # whatever next_event() produced goes out before we wait
                     # Exactly the current frame's bytes: what follows (TLS) stays in the reader.
                     conn.receive_data(await reader.read(max(conn.bytes_wanted(), 1)))
                 elif isinstance(event, QKDKeysRequired | QKDKeysByIdRequired):
                     await _answer(conn, keys, event, min(kme_timeout, max(end - loop.time(), 0.0)))
                 elif isinstance(event, HandshakeComplete):
-                    await _flush(conn, writer)
+                    await _flush(conn, writer)  # the initiator's Finished leaves before anything is recorded
+                    await _after_handshake(config, event.session, max(end - loop.time(), 0.0))
                     return event.session
                 await _flush(conn, writer)
     except TimeoutError as exc:
@@ -274,7 +301,7 @@ async def run_initiator(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     keys = _manager(key_source, config)
     conn = Initiator(config, randbytes=randbytes, clock=clock)
     t = config.policy.timeouts
-    return await _drive(conn, reader, writer, keys, timeout=timeout or t.handshake, kme_timeout=t.kme)
+    return await _drive(conn, reader, writer, keys, timeout=timeout or t.handshake, kme_timeout=t.kme, config=config)
 
 
 async def run_responder(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, config: ResponderConfig,
@@ -288,7 +315,7 @@ async def run_responder(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     if initial:
         conn.receive_data(initial)
     t = config.policy.timeouts
-    return await _drive(conn, reader, writer, keys, timeout=timeout or t.handshake, kme_timeout=t.kme)
+    return await _drive(conn, reader, writer, keys, timeout=timeout or t.handshake, kme_timeout=t.kme, config=config)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import re
 from typing import Any
 
 from ..exceptions import ConfigurationError
@@ -48,8 +49,8 @@ class HybridHTTPConnection(http.client.HTTPConnection):
         super().__init__(host, port, timeout, source_address, blocksize)
         if (config is None) == (client is None):
             raise ConfigurationError("give either config= or client=", field="config")
-        if self.port is None:
-            raise ConfigurationError("a port is required", field="port")
+        if port is None and not re.search(r":\d+$", host):
+            raise ConfigurationError("a port is required (hybridkex has no well-known port)", field="port")
         self._hybrid_config = config
         self._hybrid_keys = key_source
         self._hybrid_client = client
