@@ -204,13 +204,10 @@ class RecycledAuthenticator(Authenticator):
                                 for k in chosen])
 
     def accept(self, local_identity: str, peer_identity: str, key_ids: tuple[bytes, ...]) -> RecycledKey | None:
-        offered = set(key_ids)
-        if not offered:
-            return None
-        for k in self._store.keys(local_identity, peer_identity):  # newest first: take the newest in common
-            if k.key_id in offered:
-                return RecycledKey.from_stored(local_identity, peer_identity, k)
-        return None
+        # Newest first: take the newest in common.  Superseded keys inside the grace period count too,
+        # so a handshake whose Hello predates a concurrent rotation still completes.
+        held = self._store.find(local_identity, peer_identity, key_ids)
+        return RecycledKey.from_stored(local_identity, peer_identity, held[0]) if held else None
 
     def permits(self, mode: AuthMode, local_identity: str, peer_identity: str | None) -> bool:
         if mode is AuthMode.RECYCLED or peer_identity is None:

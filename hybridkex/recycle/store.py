@@ -17,6 +17,11 @@ Rotation semantics (docs/spec.md, "Recycled authentication"):
   message at any point leaves both sides with at least one common key: no lockout.  A deleted key
   is never accepted again.  At most ``max_keys`` keys are kept per pair; beyond that the oldest
   *unconfirmed* keys go first.
+* Superseded keys are *spent* at once (:meth:`is_spent`, never offered, never stored again) but,
+  for ``grace`` seconds, still accepted by a responder (``keys(..., include_superseded=True)``):
+  a handshake that started before the supersession (its Hello was built from an older snapshot,
+  e.g. one of 20 concurrent handshakes of the pair) then still finds its key.  With a grace at
+  least the handshake timeout every handshake in flight completes; ``grace=0`` deletes at once.
 
 The SQLite implementation uses WAL mode and one ``BEGIN IMMEDIATE`` transaction per rotation, so a
 process killed at any instant leaves either the old or the new state.  Other databases can
@@ -31,7 +36,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -57,9 +62,12 @@ class AuthKey:
     key: bytes = field(repr=False)
     created_at: float
     confirmed: bool
+    #: Superseded, still accepted during the grace period (only with ``include_superseded``).
+    superseded: bool = False
 
     def __repr__(self) -> str:
-        return (f"AuthKey(key_id={self.key_id.hex()}, epoch={self.epoch}, confirmed={self.confirmed}, "
+        gone = ", superseded" if self.superseded else ""
+        return (f"AuthKey(key_id={self.key_id.hex()}, epoch={self.epoch}, confirmed={self.confirmed}{gone}, "
                 "key=<redacted>)")
 
 
@@ -80,8 +88,14 @@ class PairSummary:
 class AuthKeyStore(Protocol):
     """Storage for recycled authentication keys of (local identity, peer identity) pairs."""
 
-    def keys(self, local_id: str, peer_id: str) -> list[AuthKey]:
-        """Every key held for the pair, newest epoch first (ties: newest first)."""
+    def keys(self, local_id: str, peer_id: str, *, include_superseded: bool = False) -> list[AuthKey]:
+        """Every key held for the pair, newest epoch first (ties: newest first); with
+        ``include_superseded`` also superseded keys still inside the grace period (a responder's view)."""
+        ...
+
+    def find(self, local_id: str, peer_id: str, key_ids: Sequence[bytes]) -> list[AuthKey]:
+        """The keys among ``key_ids`` this side can accept (live, or superseded within the grace
+        period), newest first: a responder's choice, without reading the whole window."""
         ...
 
     def rotate(self, local_id: str, peer_id: str, *, used_key_id: bytes | None, new_key_id: bytes,
@@ -115,6 +129,7 @@ CREATE TABLE IF NOT EXISTS auth_keys (
     key        BLOB NOT NULL,
     created_at REAL NOT NULL,
     confirmed  INTEGER NOT NULL DEFAULT 0,
+    superseded_at REAL,
     PRIMARY KEY (local_id, peer_id, key_id)
 );
 CREATE TABLE IF NOT EXISTS pairs (
@@ -146,13 +161,17 @@ CREATE TABLE IF NOT EXISTS audit (
 class SQLiteAuthKeyStore:
     """:class:`AuthKeyStore` in one SQLite file (WAL, created 0600). Safe across threads and processes."""
 
-    def __init__(self, path: str | os.PathLike[str], *, max_keys: int = 8,
+    def __init__(self, path: str | os.PathLike[str], *, max_keys: int = 8, grace: float = 60.0,
                  clock: Callable[[], float] = time.time,
                  crash_hook: Callable[[str], None] | None = None) -> None:
         if max_keys < 2:
             raise ConfigurationError("max_keys must be at least 2 (a two-key window)", field="max_keys")
+        if not isinstance(grace, int | float) or isinstance(grace, bool) or not 0 <= grace <= 3600:
+            raise ConfigurationError("grace must be 0..3600 seconds (at least the handshake timeout)",
+                                     field="grace")
         self.path = Path(path)
         self._max_keys = max_keys
+        self._grace = float(grace)
         self._clock = clock
         # Test hook: called with a stage name inside the rotation transaction (crash-injection tests).
         self._crash_hook = crash_hook
@@ -166,6 +185,9 @@ class SQLiteAuthKeyStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(auth_keys)")}
+            if "superseded_at" not in columns:  # a store written before the grace period existed
+                self._db.execute("ALTER TABLE auth_keys ADD COLUMN superseded_at REAL")
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open authentication-key store {self.path}: {exc}") from exc
 
@@ -184,17 +206,41 @@ class SQLiteAuthKeyStore:
 
     # -- reads ------------------------------------------------------------------------------------------
 
-    def keys(self, local_id: str, peer_id: str) -> list[AuthKey]:
+    def keys(self, local_id: str, peer_id: str, *, include_superseded: bool = False) -> list[AuthKey]:
+        # Superseded keys past the grace period may linger until the next rotation purges them;
+        # they are never returned.
+        horizon = self._clock() - self._grace if include_superseded else float("inf")
         with self._lock:
             try:
                 rows = self._db.execute(
-                    "SELECT key_id, epoch, key, created_at, confirmed FROM auth_keys "
-                    "WHERE local_id=? AND peer_id=? ORDER BY epoch DESC, created_at DESC, rowid DESC",
-                    (local_id, peer_id),
+                    "SELECT key_id, epoch, key, created_at, confirmed, superseded_at FROM auth_keys "
+                    "WHERE local_id=? AND peer_id=? AND (superseded_at IS NULL OR superseded_at > ?) "
+                    "ORDER BY epoch DESC, created_at DESC, rowid DESC",
+                    (local_id, peer_id, horizon),
                 ).fetchall()
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot read authentication keys: {exc}") from exc
-        return [AuthKey(bytes(r[0]), r[1], bytes(r[2]), r[3], bool(r[4])) for r in rows]
+        return [AuthKey(bytes(r[0]), r[1], bytes(r[2]), r[3], bool(r[4]), r[5] is not None) for r in rows]
+
+    def find(self, local_id: str, peer_id: str, key_ids: Sequence[bytes]) -> list[AuthKey]:
+        ids = list(dict.fromkeys(bytes(k) for k in key_ids))[:64]  # bounded: a Hello lists at most 16
+        if not ids:
+            return []
+        horizon = self._clock() - self._grace
+        rows = []
+        with self._lock:
+            try:
+                for key_id in ids:  # one primary-key lookup each
+                    row = self._db.execute(
+                        "SELECT key_id, epoch, key, created_at, confirmed, superseded_at, rowid FROM auth_keys "
+                        "WHERE local_id=? AND peer_id=? AND key_id=? AND (superseded_at IS NULL OR superseded_at > ?)",
+                        (local_id, peer_id, key_id, horizon)).fetchone()
+                    if row is not None:
+                        rows.append(row)
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read authentication keys: {exc}") from exc
+        rows.sort(key=lambda r: (r[1], r[3], r[6]), reverse=True)
+        return [AuthKey(bytes(r[0]), r[1], bytes(r[2]), r[3], bool(r[4]), r[5] is not None) for r in rows]
 
     def bootstrap_retired(self, local_id: str, peer_id: str) -> bool:
         with self._lock:
@@ -216,7 +262,8 @@ class SQLiteAuthKeyStore:
         return "retired" if row[0] else "active"
 
     def is_spent(self, local_id: str, peer_id: str, key_id: bytes) -> bool:
-        """Whether ``key_id`` was held once and has since been superseded (never accepted again)."""
+        """Whether ``key_id`` was held once and has since been superseded: never offered or stored
+        again, and never accepted again once the grace period is over."""
         with self._lock:
             row = self._db.execute("SELECT 1 FROM spent_key_ids WHERE local_id=? AND peer_id=? AND key_id=?",
                                    (local_id, peer_id, key_id)).fetchone()
@@ -226,10 +273,12 @@ class SQLiteAuthKeyStore:
         with self._lock:
             rows = self._db.execute(
                 "SELECT p.local_id, p.peer_id, p.bootstrap_retired, p.rotations, p.last_rotation_at, "
-                "(SELECT COUNT(*) FROM auth_keys k WHERE k.local_id=p.local_id AND k.peer_id=p.peer_id), "
-                "(SELECT MAX(epoch) FROM auth_keys k WHERE k.local_id=p.local_id AND k.peer_id=p.peer_id), "
+                "(SELECT COUNT(*) FROM auth_keys k WHERE k.local_id=p.local_id AND k.peer_id=p.peer_id "
+                " AND k.superseded_at IS NULL), "
                 "(SELECT MAX(epoch) FROM auth_keys k WHERE k.local_id=p.local_id AND k.peer_id=p.peer_id "
-                " AND k.confirmed=1) FROM pairs p ORDER BY p.local_id, p.peer_id"
+                " AND k.superseded_at IS NULL), "
+                "(SELECT MAX(epoch) FROM auth_keys k WHERE k.local_id=p.local_id AND k.peer_id=p.peer_id "
+                " AND k.confirmed=1 AND k.superseded_at IS NULL) FROM pairs p ORDER BY p.local_id, p.peer_id"
             ).fetchall()
         return [PairSummary(r[0], r[1], r[5], r[6], r[7], bool(r[2]), r[4], r[3]) for r in rows]
 
@@ -262,8 +311,8 @@ class SQLiteAuthKeyStore:
                         # Superseded by a concurrent rotation: the key this handshake derived is still
                         # stored (the peer may hold it), but nothing older than what exists is deleted.
                         used_epoch = self._db.execute(
-                            "SELECT COALESCE(MIN(epoch), 1) FROM auth_keys WHERE local_id=? AND peer_id=?",
-                            (local_id, peer_id)).fetchone()[0]
+                            "SELECT COALESCE(MIN(epoch), 1) FROM auth_keys WHERE local_id=? AND peer_id=? "
+                            "AND superseded_at IS NULL", (local_id, peer_id)).fetchone()[0]
                     else:
                         used_epoch = row[0]
                         self._db.execute("UPDATE auth_keys SET confirmed=1 WHERE local_id=? AND peer_id=? AND key_id=?",
@@ -272,10 +321,14 @@ class SQLiteAuthKeyStore:
                         self._db.execute(
                             "INSERT OR IGNORE INTO spent_key_ids SELECT local_id, peer_id, key_id, ? FROM auth_keys "
                             "WHERE local_id=? AND peer_id=? AND epoch < ?", (now, local_id, peer_id, used_epoch))
-                        self._db.execute("DELETE FROM auth_keys WHERE local_id=? AND peer_id=? AND epoch < ?",
-                                         (local_id, peer_id, used_epoch))
+                        # Spent at once; kept (never offered) for the grace period, for handshakes in flight.
+                        self._db.execute("UPDATE auth_keys SET superseded_at=? WHERE local_id=? AND peer_id=? "
+                                         "AND epoch < ? AND superseded_at IS NULL",
+                                         (now, local_id, peer_id, used_epoch))
                         self._db.execute("UPDATE pairs SET bootstrap_retired=1 WHERE local_id=? AND peer_id=? "
                                          "AND bootstrap_retired=0", (local_id, peer_id))
+                self._db.execute("DELETE FROM auth_keys WHERE local_id=? AND peer_id=? AND superseded_at IS NOT "
+                                 "NULL AND superseded_at <= ?", (local_id, peer_id, now - self._grace))
                 self._hook("after-delete")
                 if self._db.execute("SELECT 1 FROM spent_key_ids WHERE local_id=? AND peer_id=? AND key_id=?",
                                     (local_id, peer_id, new_key_id)).fetchone():
@@ -302,14 +355,15 @@ class SQLiteAuthKeyStore:
                 raise
 
     def _evict(self, local_id: str, peer_id: str, now: float) -> None:
-        count = self._db.execute("SELECT COUNT(*) FROM auth_keys WHERE local_id=? AND peer_id=?",
-                                 (local_id, peer_id)).fetchone()[0]
+        # Only live keys count: superseded ones are already spent and expire with the grace period.
+        count = self._db.execute("SELECT COUNT(*) FROM auth_keys WHERE local_id=? AND peer_id=? AND "
+                                 "superseded_at IS NULL", (local_id, peer_id)).fetchone()[0]
         excess = count - self._max_keys
         if excess <= 0:
             return
         victims = self._db.execute(
-            "SELECT key_id FROM auth_keys WHERE local_id=? AND peer_id=? ORDER BY confirmed ASC, epoch ASC, "
-            "created_at ASC LIMIT ?", (local_id, peer_id, excess)).fetchall()
+            "SELECT key_id FROM auth_keys WHERE local_id=? AND peer_id=? AND superseded_at IS NULL "
+            "ORDER BY confirmed ASC, epoch ASC, created_at ASC LIMIT ?", (local_id, peer_id, excess)).fetchall()
         for (key_id,) in victims:
             self._db.execute("INSERT OR IGNORE INTO spent_key_ids VALUES (?,?,?,?)", (local_id, peer_id, key_id, now))
             self._db.execute("DELETE FROM auth_keys WHERE local_id=? AND peer_id=? AND key_id=?",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,16 @@ def recycled_configs(ini_store: SQLiteAuthKeyStore | None, res_store: SQLiteAuth
     return replace(ini, authenticators=tuple(ini_auths)), replace(res, authenticators=tuple(res_auths))
 
 
+class SkewedClock:
+    """The stores' wall clock plus ``skew`` seconds (to step past the grace period without sleeping)."""
+
+    def __init__(self) -> None:
+        self.skew = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.skew
+
+
 @dataclass
 class Peers:
     """Two peers with a store each; :meth:`handshake` runs one real handshake in memory and records
@@ -76,11 +87,14 @@ class Peers:
     qkd: QKDPair
     policy: str = "bootstrap-once"
     seed: int = 1
+    clock: SkewedClock | None = None
 
     @classmethod
-    def create(cls, tmp: Path, *, policy: str = "bootstrap-once", max_keys: int = 8) -> Peers:
-        return cls(SQLiteAuthKeyStore(tmp / "initiator.sqlite3", max_keys=max_keys),
-                   SQLiteAuthKeyStore(tmp / "responder.sqlite3", max_keys=max_keys), QKDPair.create(), policy)
+    def create(cls, tmp: Path, *, policy: str = "bootstrap-once", max_keys: int = 8, grace: float = 60.0) -> Peers:
+        now = SkewedClock()
+        return cls(SQLiteAuthKeyStore(tmp / "initiator.sqlite3", max_keys=max_keys, grace=grace, clock=now),
+                   SQLiteAuthKeyStore(tmp / "responder.sqlite3", max_keys=max_keys, grace=grace, clock=now),
+                   QKDPair.create(), policy, clock=now)
 
     def close(self) -> None:
         self.ini_store.close()

@@ -325,15 +325,25 @@ def test_replayed_recycled_transcripts_are_rejected(peers: Peers) -> None:
     _, result = feed(ini, frames[RESPONSE] + frames[FINISHED_R], peers.qkd)
     assert isinstance(result, AuthenticationError | RemoteProtocolError)
     assert _rotations(peers) == before
-    # Once the pair moved on, the recorded Hello names only spent keys: refused at the Hello.
+    # Once the pair moved on, the recorded Hello names only spent keys.  Within the grace period
+    # (for handshakes in flight) the responder still answers, and the replayed Finished fails as above;
+    # after it the replay is refused at the Hello, before any QKD key is spent.
     peers.handshake()
     peers.handshake()
     used = bytes.fromhex(recorded.ini_session.info.auth_key_id)
     assert peers.res_store.is_spent(RES_ID, INI_ID, used)
     res = Responder(res_cfg, randbytes=DeterministicRandom(97), clock=clock)
+    feed(res, frames[HELLO], peers.qkd)
+    _, result = feed(res, frames[FINISHED_I], peers.qkd)
+    assert "does not verify" in _opaque(result).detail
+    peers.clock.skew = 61.0
+    takes = peers.qkd.res.kme_takes
+    res = Responder(res_cfg, randbytes=DeterministicRandom(96), clock=clock)
     sent, result = feed(res, frames[HELLO], peers.qkd)
     assert "no key in common" in _opaque(result).detail
     assert [w.parse_header(f[: w.HEADER_LEN])[0] for f in sent] == [w.FrameType.ABORT]
+    assert peers.qkd.res.kme_takes == takes
+    assert _rotations(peers) == (before[0] + 2, before[1] + 2)
 
 
 def test_the_key_lists_and_the_choice_are_authenticated(peers: Peers) -> None:
