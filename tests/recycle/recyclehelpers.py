@@ -44,8 +44,8 @@ from hybridkex.protocol import (  # noqa: E402
 )
 from hybridkex.recycle import RecycledAuthenticator, RecyclePolicy, SQLiteAuthKeyStore  # noqa: E402
 
-__all__ = ["INI_ID", "PSK", "RES_ID", "DeterministicRandom", "Initiator", "Peers", "QKDPair", "Responder", "clock",
-           "feed", "loopback_pair", "recycled_configs", "split_frames"]
+__all__ = ["INI_ID", "PSK", "RES_ID", "ConnectionPair", "DeterministicRandom", "Initiator", "Peers", "QKDPair",
+           "Responder", "clock", "feed", "loopback_pair", "recycled_configs", "split_frames"]
 
 
 def recycled_configs(ini_store: SQLiteAuthKeyStore | None, res_store: SQLiteAuthKeyStore | None, *,

@@ -15,6 +15,7 @@ from recyclehelpers import (
     INI_ID,
     PSK,
     RES_ID,
+    ConnectionPair,
     DeterministicRandom,
     Initiator,
     Peers,
@@ -121,6 +122,32 @@ def test_lost_final_messages_never_lock_out(peers: Peers) -> None:
     assert [k.key_id for k in ini_keys if k.confirmed] == [ini_keys[-1].key_id] and ini_keys[-1].key_id in held
     out = peers.handshake()
     assert out.ok and bytes.fromhex(out.res_session.info.auth_key_id) in held
+
+
+@pytest.mark.parametrize("grace", [60.0, 0.0])
+def test_a_handshake_in_flight_survives_a_concurrent_rotation(tmp_path: Path, grace: float) -> None:
+    """B builds its Hello with key K; meanwhile A uses K and C uses A's key, superseding K on both
+    sides.  Within the grace period B still completes; with grace=0 it fails (and the next succeeds)."""
+    peers = Peers.create(tmp_path, grace=grace)
+    try:
+        _warm_up(peers)
+        ini_cfg, res_cfg = peers.configs()
+        b_ini = Initiator(ini_cfg, randbytes=DeterministicRandom(500), clock=clock)
+        k = peers.key_ids("initiator")[0]
+        a, c = peers.handshake(), peers.handshake()
+        assert bytes.fromhex(a.res_session.info.auth_key_id) == k and c.ok
+        assert peers.res_store.is_spent(RES_ID, INI_ID, k)
+        b_res = Responder(res_cfg, randbytes=DeterministicRandom(501), clock=clock)
+        out = ConnectionPair(b_ini, b_res, peers.qkd.ini.answer, peers.qkd.res.answer).run()
+        if grace:
+            assert out.ok and bytes.fromhex(out.res_session.info.auth_key_id) == k
+            for session, cfg in ((out.ini_session, ini_cfg), (out.res_session, res_cfg)):
+                cfg.authenticators[0].after_handshake(session)  # a sibling of C's key; nothing breaks
+        else:
+            assert "no key in common" in _opaque(out.res_error).detail
+        assert peers.handshake().ok
+    finally:
+        peers.close()
 
 
 def test_the_newest_confirmed_key_is_always_offered(tmp_path: Path) -> None:
