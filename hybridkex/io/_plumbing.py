@@ -214,7 +214,8 @@ class ServerState:
             if not is_async_source(key_source) else None
         self.async_source = key_source if is_async_source(key_source) else None
         if config.reconnect.enabled:
-            self.registry: ReconnectRegistry | None = registry or ReconnectRegistry(config.reconnect)
+            self.registry: ReconnectRegistry | None = (
+                registry if registry is not None else ReconnectRegistry(config.reconnect))
         else:
             self.registry = None
 

@@ -328,8 +328,8 @@ def test_truncation_is_an_error(setup: Any) -> None:
             writer.close()
 
         async with await serve(setup, handler) as server:
-            reader, writer = await hybridkex.open_connection("127.0.0.1", port_of(server), setup.client,
-                                                             key_source=setup.client_keys)
+            _, writer = await hybridkex.open_connection("127.0.0.1", port_of(server), setup.client,
+                                                        key_source=setup.client_keys)
             writer.write(b"cut")
             await writer.drain()
             writer.transport.write_eof()  # TCP FIN without close_notify  # type: ignore[attr-defined]
@@ -346,7 +346,7 @@ def test_max_connections_async(server_log: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         async with await serve(setup) as server:
             port = port_of(server)
-            holder_r, holder_w = await asyncio.open_connection("127.0.0.1", port)
+            _, holder_w = await asyncio.open_connection("127.0.0.1", port)
             await asyncio.sleep(0)  # let the server take the holder's slot
             for _ in range(50):
                 if server.active_connections == 1:

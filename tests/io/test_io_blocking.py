@@ -314,7 +314,8 @@ def test_slow_kme_bounded_by_the_kme_timeout(server_log: pytest.LogCaptureFixtur
     for mode in ("required", "optional"):
         setup = make_setup(qkd=mode, kme_timeout=0.3)
         slow = SlowKeySource(setup.server_keys, 3.0, stop)
-        with HybridServer(("127.0.0.1", 0), setup.server, lambda c, a: c.sendall(b"ok"), key_source=slow).start(0.05) as srv:
+        server = HybridServer(("127.0.0.1", 0), setup.server, lambda c, a: c.sendall(b"ok"), key_source=slow)
+        with server.start(0.05) as srv:
             if mode == "required":
                 with pytest.raises(HybridKEXError):
                     hybridkex.connect(srv.server_address, setup.client, key_source=setup.client_keys)
@@ -372,11 +373,11 @@ def test_configuration_errors() -> None:
         ClientConfig(setup.client.handshake, timeout=0)
     with pytest.raises(ConfigurationError, match="max_connections"):
         ServerConfig(setup.server.handshake, max_connections=0)
-    with pytest.raises(ConfigurationError, match="reconnect.max_uses"):
+    with pytest.raises(ConfigurationError, match=r"reconnect\.max_uses"):
         ReconnectPolicy(enabled=True, max_uses=0)
-    with pytest.raises(ConfigurationError, match="reconnect.lifetime"):
+    with pytest.raises(ConfigurationError, match=r"reconnect\.lifetime"):
         ReconnectPolicy(lifetime=float("inf"))
-    with pytest.raises(ConfigurationError, match="tls.groups"):
+    with pytest.raises(ConfigurationError, match=r"tls\.groups"):
         TLSOptions(groups="")
     with pytest.raises(ConfigurationError, match="config"):
         ClientConfig.coerce(setup.server.handshake)  # type: ignore[arg-type]
