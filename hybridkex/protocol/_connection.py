@@ -481,6 +481,11 @@ class Initiator(_Connection):
         config: identity, authenticators, policy and QKD place.
         randbytes: source of random bytes (default ``os.urandom``).
         clock: seconds since the epoch (default ``time.time``), for certificate validity.
+
+    Raises:
+        PolicyViolation: no authentication mode can be offered to the expected responder (e.g. no
+            recycled key and a retired bootstrap); nothing is sent and no QKD key is taken.
+        StoreError: a recycled-key store could not be read.
     """
 
     _role: Role = "initiator"

@@ -525,3 +525,42 @@ def test_the_sync_driver_records_rotations(tmp_path: Path) -> None:
     assert ini_store.summaries()[0].rotations == res_store.summaries()[0].rotations == 3
     ini_store.close()
     res_store.close()
+
+
+def test_a_broken_store_fails_closed(peers: Peers, tmp_path: Path) -> None:
+    _warm_up(peers)
+    takes = peers.qkd.res.kme_takes
+    broken = SQLiteAuthKeyStore(tmp_path / "broken.sqlite3")
+    broken.close()  # every later read or write fails
+    out = peers.handshake(peers.configs()[0], recycled_configs(None, broken)[1])
+    assert isinstance(out.res_error, StoreError) and out.ini_session is None and out.res_session is None
+    assert peers.qkd.res.kme_takes == takes  # refused on the Hello, before any QKD key
+    with pytest.raises(StoreError):
+        Initiator(recycled_configs(broken, None)[0], clock=clock)
+    assert peers.handshake().ok
+
+
+def test_a_failed_rotation_erases_the_session_and_raises(tmp_path: Path) -> None:
+    """The blocking driver: if recording the rotation fails, the caller gets the error, not a session;
+    the store rolled back and the pair goes on."""
+    from recyclehelpers import loopback_pair
+
+    def refuse(stage: str) -> None:
+        if stage == "before-commit":
+            raise StoreError("disk full (simulated)")
+
+    qkd = QKDPair.create()
+    path = tmp_path / "i.sqlite3"
+    res_store = SQLiteAuthKeyStore(tmp_path / "r.sqlite3")
+    good = SQLiteAuthKeyStore(path)
+    ini_cfg, res_cfg = recycled_configs(good, res_store)
+    loopback_pair(ini_cfg, res_cfg, qkd)
+    before = good.keys(INI_ID, RES_ID)
+    failing = SQLiteAuthKeyStore(path, crash_hook=refuse)
+    ini, res = loopback_pair(recycled_configs(failing, res_store)[0], res_cfg, qkd)
+    assert isinstance(ini, StoreError) and isinstance(res, Session)
+    assert good.keys(INI_ID, RES_ID) == before  # rolled back
+    ini, res = loopback_pair(ini_cfg, res_cfg, qkd)
+    assert isinstance(ini, Session) and isinstance(res, Session) and res.info.auth_mode == "recycled"
+    for s in (good, failing, res_store):
+        s.close()
