@@ -564,3 +564,21 @@ def test_a_failed_rotation_erases_the_session_and_raises(tmp_path: Path) -> None
     assert isinstance(ini, Session) and isinstance(res, Session) and res.info.auth_mode == "recycled"
     for s in (good, failing, res_store):
         s.close()
+
+
+def test_a_pki_bootstrap_is_retired_like_a_psk(peers: Peers) -> None:
+    """Certificates bootstrap the pair; afterwards no Certificate is sent and certificates are refused."""
+    from protocol.helpers import authenticators
+
+    ini_cfg, res_cfg = peers.configs(ini_psk=None, res_psk=None)
+    ini_cfg = replace(ini_cfg, authenticators=(*ini_cfg.authenticators, *authenticators("pki-ed25519", "initiator")))
+    res_cfg = replace(res_cfg, authenticators=(*res_cfg.authenticators, *authenticators("pki-ed25519", "responder")))
+    first = peers.handshake(ini_cfg, res_cfg)
+    assert first.ok and first.res_session.info.auth_mode == "pki-ed25519"
+    assert w.FrameType.CERTIFICATE in [w.parse_header(f[: w.HEADER_LEN])[0] for _, f in first.frames]
+    second = peers.handshake(ini_cfg, res_cfg)
+    assert second.ok and second.res_session.info.auth_mode == "recycled" and len(second.frames) == 4
+    # a holder of a valid certificate (say, a compromised CA) no longer gets in
+    pki_only = replace(ini_cfg, authenticators=ini_cfg.authenticators[1:])
+    out = peers.handshake(pki_only, res_cfg)
+    assert "refused" in _opaque(out.res_error).detail
