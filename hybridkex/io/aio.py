@@ -766,6 +766,9 @@ class HybridAsyncServer:
                 log_rejection(peer, exc)
                 writer.close()
                 return
+            except BaseException:  # cancelled (the loop is shutting down): do not leak the transport
+                writer.close()
+                raise
             try:
                 result = self._callback(hreader, hwriter)
                 if inspect.isawaitable(result):
@@ -773,6 +776,9 @@ class HybridAsyncServer:
             except Exception:
                 _log.error("client_connected_cb failed for %s", peer, exc_info=True)
                 hwriter.close()
+            except BaseException:
+                hwriter.close()
+                raise
         finally:
             self._active -= 1
 

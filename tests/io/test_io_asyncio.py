@@ -230,7 +230,10 @@ def test_bad_peers_rejected_while_others_served(server_log: pytest.LogCaptureFix
 def test_client_timeout_against_silent_server(setup: Any) -> None:
     async def main() -> None:
         async def never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await asyncio.sleep(WAIT)
+            try:
+                await reader.read()  # never answers; returns when the client gives up
+            finally:
+                writer.close()
 
         plain = await asyncio.start_server(never, "127.0.0.1", 0)
         port = plain.sockets[0].getsockname()[1]
