@@ -806,3 +806,59 @@ async def start_server(client_connected_cb: ClientConnected, host: str | Sequenc
     server = HybridAsyncServer(state, client_connected_cb, limit)
     server._server = await asyncio.start_server(server._on_connect, host, port, limit=limit, **kwargs)
     return server
+
+
+# ---------------------------------------------------------------------------------------------
+# Over streams the caller already has (tunnels, proxies, custom transports)
+# ---------------------------------------------------------------------------------------------
+
+
+class ServerSide:
+    """Server-side state shared by every connection handed to :func:`accept_on_streams`.
+
+    Holds the configuration, one QKD key manager (so a pool and epoch keys serve all connections)
+    and the reconnect registry.  Build it once inside the event loop; :meth:`close` erases it.
+    """
+
+    def __init__(self, config: ServerConfig | ResponderConfig, *, key_source: Any = None,
+                 reconnect_registry: ReconnectRegistry | None = None) -> None:
+        cfg = ServerConfig.coerce(config)
+        self._state = ServerState(cfg, key_source, reconnect_registry)
+        if self._state.async_source is not None:
+            self._state.keys = QKDKeyManager(_BlockingBridge(self._state.async_source, asyncio.get_running_loop()),
+                                             cfg.handshake.policy.key_budget)
+
+    @property
+    def config(self) -> ServerConfig:
+        return self._state.config
+
+    def close(self) -> None:
+        self._state.close()
+
+
+async def accept_on_streams(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: ServerSide, *,
+                            limit: int = DEFAULT_LIMIT) -> tuple[HybridStreamReader, HybridStreamWriter]:
+    """Run the server side of a hybridkex connection over an accepted ``(reader, writer)`` pair.
+
+    The same setup as :func:`start_server` runs per connection (hybrid handshake or reconnect, then
+    TLS), under ``config.timeout``.  Raises the typed error on failure; the caller closes ``writer``.
+    """
+    return await _accept(reader, writer, server._state, limit)
+
+
+async def connect_on_streams(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             config: ClientConfig | InitiatorConfig, *, key_source: Any = None,
+                             timeout: float | None = None, ticket: ReconnectTicket | None = None,
+                             limit: int = DEFAULT_LIMIT) -> tuple[HybridStreamReader, HybridStreamWriter]:
+    """Run the client side of a hybridkex connection over an already connected ``(reader, writer)``.
+
+    Like :func:`open_connection` without the TCP connect.  Raises the typed error on failure; the
+    caller closes ``writer``.
+    """
+    cfg = ClientConfig.coerce(config)
+    deadline = Deadline(cfg.timeout if timeout is None else timeout)
+    key = ticket.take() if ticket is not None else None
+    if key is not None:
+        return await _client_reconnect((reader, writer), cfg, key, deadline, limit)
+    check_key_source(cfg, key_source)
+    return await _client_full((reader, writer), cfg, _manager(key_source, cfg.handshake), deadline, limit)
