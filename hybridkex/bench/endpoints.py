@@ -1,0 +1,512 @@
+"""Both ends of every variant: built from plain specs, driven in memory or over a socket.
+
+A client is described by a :class:`ClientSpec` (only strings, bytes and numbers, so it can be sent
+to the client worker process) and built into a :class:`ClientKit`; the server side is a
+:class:`ServerKit` built in the benchmark process.  Each kit offers
+
+* ``memory_end()``: a fresh in-memory end for one handshake (no sockets), and
+* ``handshake(sock)``: one handshake over a connected socket, returning what must be closed.
+
+The hybridkex ends run the real path: the sans-IO :class:`~hybridkex.protocol.Initiator` /
+:class:`~hybridkex.protocol.Responder` with QKD requests answered by a
+:class:`~hybridkex.io.QKDKeyManager`, then TLS 1.3 with the session's external PSK bound per
+connection (:func:`hybridkex.tls.bind_psk`).  Over sockets the blocking driver
+(:func:`hybridkex.io.run_initiator` / :func:`~hybridkex.io.run_responder`) runs the first part.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa
+from OpenSSL import SSL
+
+from .. import tls
+from ..exceptions import ConfigurationError, LocalProtocolError
+from ..io import QKDKeyManager, run_initiator, run_responder
+from ..policy import KeyBudget, Policy, QKDConfig
+from ..protocol import (
+    NEED_DATA,
+    PAUSED,
+    Authenticator,
+    HandshakeComplete,
+    Initiator,
+    InitiatorConfig,
+    PKIAuthenticator,
+    PSKAuthenticator,
+    QKDKeysByIdRequired,
+    QKDKeysRequired,
+    Responder,
+    ResponderConfig,
+    Session,
+    SigningCredential,
+)
+from ..qkd.base import KeySource
+from ..qkd.client import ETSI014Client
+from ..tls import _shim
+from .stages import NullStages
+
+__all__ = ["ClientKit", "ClientSpec", "End", "ServerKit", "pump"]
+
+#: Bounds on the in-memory pump (a handshake that needs more exchanges is broken).
+_MAX_EXCHANGES = 16
+_SOCKET_TIMEOUT = 30.0
+
+
+class End(Protocol):
+    """One side of an in-memory handshake."""
+
+    def step(self) -> bool:
+        """Advance with the input received so far; True once this side's handshake is complete."""
+        ...
+
+    def outgoing(self) -> bytes:
+        """Bytes to send to the peer now."""
+        ...
+
+    def incoming(self, data: bytes) -> None:
+        """Bytes from the peer."""
+        ...
+
+
+class _Wire(Protocol):
+    def record(self, direction: Any, nbytes: int) -> None: ...
+
+    def client_done(self) -> None: ...
+
+
+def pump(client: End, server: End, wire: _Wire | None = None) -> None:
+    """Run one handshake between two in-memory ends, like a network would: each side consumes
+    everything the other sent before it answers, so flights and round trips are real."""
+    c_done = s_done = False
+    for _ in range(_MAX_EXCHANGES):
+        if not c_done:
+            c_done = client.step()
+            if c_done and wire is not None:
+                wire.client_done()
+        out = client.outgoing()
+        if out:
+            if wire is not None:
+                wire.record("c2s", len(out))
+            server.incoming(out)
+        if not s_done:
+            s_done = server.step()
+        out = server.outgoing()
+        if out:
+            if wire is not None:
+                wire.record("s2c", len(out))
+            client.incoming(out)
+        if c_done and s_done:
+            return
+    raise LocalProtocolError(f"the in-memory handshake did not finish within {_MAX_EXCHANGES} exchanges")
+
+
+# --- baselines ---------------------------------------------------------------------------------------
+
+
+class _StdlibEnd:
+    def __init__(self, ctx: ssl.SSLContext, server_side: bool, host: str | None) -> None:
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._obj = ctx.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=host)
+
+    def step(self) -> bool:
+        try:
+            self._obj.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        return True
+
+    def outgoing(self) -> bytes:
+        return self._out.read()
+
+    def incoming(self, data: bytes) -> None:
+        self._in.write(data)
+
+
+class _PyOpenSSLEnd:
+    def __init__(self, ctx: SSL.Context, server_side: bool, host: bytes | None) -> None:
+        self.conn = SSL.Connection(ctx, None)
+        if server_side:
+            self.conn.set_accept_state()
+        else:
+            if host:
+                self.conn.set_tlsext_host_name(host)
+            self.conn.set_connect_state()
+
+    def step(self) -> bool:
+        try:
+            self.conn.do_handshake()
+        except SSL.WantReadError:
+            return False
+        return True
+
+    def outgoing(self) -> bytes:
+        chunks = []
+        while True:
+            try:
+                chunks.append(self.conn.bio_read(65536))
+            except SSL.WantReadError:
+                return b"".join(chunks)
+
+    def incoming(self, data: bytes) -> None:
+        self.conn.bio_write(data)
+
+
+class _MemoryTLSEnd:
+    """hybridkex.tls over memory BIOs (with its post-handshake verification)."""
+
+    def __init__(self, tls_end: tls.MemoryTLS) -> None:
+        self._tls = tls_end
+
+    def step(self) -> bool:
+        return self._tls.do_handshake() is not None
+
+    def outgoing(self) -> bytes:
+        return bytes(self._tls.data_to_send())
+
+    def incoming(self, data: bytes) -> None:
+        self._tls.receive_data(data)
+
+
+def stdlib_client_context(ca_path: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the chain and the host name
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_verify_locations(ca_path)
+    return ctx
+
+
+def stdlib_server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(cert_path, key_path)
+    ctx.num_tickets = 0  # no resumption anywhere in this comparison
+    return ctx
+
+
+def pyopenssl_context(server_side: bool, groups: str, *, ca_path: str = "", cert_path: str = "",
+                      key_path: str = "") -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD if server_side else SSL.TLS_CLIENT_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    if server_side:
+        ctx.use_certificate_file(cert_path)
+        ctx.use_privatekey_file(key_path)
+        ctx.set_options(SSL.OP_NO_TICKET)
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    else:
+        ctx.set_verify(SSL.VERIFY_PEER)
+        ctx.load_verify_locations(ca_path)
+    # pyOpenSSL has no public group setter; hybridkex.tls's shim holds the one binding for it.
+    if not _shim.set_groups(ctx, groups):
+        raise ConfigurationError(f"the OpenSSL bundled with pyOpenSSL rejects the group list {groups!r}",
+                                 field="groups")
+    return ctx
+
+
+# --- hybridkex ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KMEClientSpec:
+    """How to reach this side's KME (ETSI GS QKD 014 over mutual TLS)."""
+
+    url: str
+    cert: str
+    key: str
+    ca: str
+    sae_id: str
+    kme_id: str
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """Everything a client needs, as plain data (sent to the worker process as JSON)."""
+
+    kind: str
+    groups: str | None = None
+    # certificate baselines
+    ca_path: str = ""
+    server_host: str = ""
+    # TLS-PSK baseline
+    psk_identity: bytes = b""
+    psk: bytes = b""
+    # hybridkex
+    identity: str = ""
+    peer_identity: str = ""
+    auth: str = "psk"
+    auth_psk: bytes = b""
+    #: DER trust anchors, one per algorithm name.
+    anchors: dict[str, bytes] = field(default_factory=dict)
+    #: Credentials: algorithm name -> (leaf certificate DER, PKCS#8 private key DER).
+    credentials: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
+    suite: str = ""
+    qkd: str = "none"
+    budget: str = "fresh"
+    sae_id: str = ""
+    kme_id: str = ""
+    kme: KMEClientSpec | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (bytes as hex)."""
+        return {
+            "kind": self.kind, "groups": self.groups, "ca_path": self.ca_path, "server_host": self.server_host,
+            "psk_identity": self.psk_identity.hex(), "psk": self.psk.hex(), "identity": self.identity,
+            "peer_identity": self.peer_identity, "auth": self.auth, "auth_psk": self.auth_psk.hex(),
+            "anchors": {k: v.hex() for k, v in self.anchors.items()},
+            "credentials": {k: [c.hex(), p.hex()] for k, (c, p) in self.credentials.items()},
+            "suite": self.suite, "qkd": self.qkd, "budget": self.budget, "sae_id": self.sae_id,
+            "kme_id": self.kme_id, "kme": None if self.kme is None else vars(self.kme),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ClientSpec:
+        return cls(
+            kind=d["kind"], groups=d["groups"], ca_path=d["ca_path"], server_host=d["server_host"],
+            psk_identity=bytes.fromhex(d["psk_identity"]), psk=bytes.fromhex(d["psk"]), identity=d["identity"],
+            peer_identity=d["peer_identity"], auth=d["auth"], auth_psk=bytes.fromhex(d["auth_psk"]),
+            anchors={k: bytes.fromhex(v) for k, v in d["anchors"].items()},
+            credentials={k: (bytes.fromhex(c), bytes.fromhex(p)) for k, (c, p) in d["credentials"].items()},
+            suite=d["suite"], qkd=d["qkd"], budget=d["budget"], sae_id=d["sae_id"], kme_id=d["kme_id"],
+            kme=None if d["kme"] is None else KMEClientSpec(**d["kme"]),
+        )
+
+
+def pki_from_material(mode: str, anchors: dict[str, bytes],
+                      credentials: dict[str, tuple[bytes, bytes]]) -> PKIAuthenticator:
+    """A PKI authenticator from DER material (``mode``: pki-ed25519, pki-mldsa65, pki-hybrid)."""
+    algs = ("ed25519", "mldsa65") if mode == "pki-hybrid" else (mode.removeprefix("pki-"),)
+    creds: dict[str, SigningCredential] = {}
+    for alg in algs:
+        cert_der, key_der = credentials[alg]
+        key = serialization.load_der_private_key(key_der, None)
+        if not isinstance(key, ed25519.Ed25519PrivateKey | mldsa.MLDSA65PrivateKey):
+            raise ConfigurationError(f"the {alg} credential holds a {type(key).__name__}", field="pki")
+        creds[alg] = SigningCredential((x509.load_der_x509_certificate(cert_der),), key)
+    return PKIAuthenticator([x509.load_der_x509_certificate(anchors[a]) for a in algs],
+                            ed25519=creds.get("ed25519"), mldsa65=creds.get("mldsa65"))
+
+
+def key_budget(mode: str) -> KeyBudget:
+    return KeyBudget(mode="epoch") if mode == "epoch" else KeyBudget()
+
+
+def _tls_contexts(server_side: bool) -> Callable[[str], SSL.Context]:
+    """A cache of hybridkex.tls contexts per suite: the PSK's hash fixes the TLS cipher suite."""
+    cache: dict[str, SSL.Context] = {}
+
+    def for_suite(suite: str) -> SSL.Context:
+        ctx = cache.get(suite)
+        if ctx is None:
+            ctx = tls.server_context(suite=suite) if server_side else tls.client_context(suite=suite)
+            cache[suite] = ctx
+        return ctx
+
+    return for_suite
+
+
+class _HybridEnd:
+    """The hybrid handshake in memory, then TLS with the session's PSK: what connect/serve run."""
+
+    def __init__(self, conn: Initiator | Responder, keys: QKDKeyManager | None,
+                 contexts: Callable[[str], SSL.Context], stages: NullStages) -> None:
+        self._conn = conn
+        self._keys = keys
+        self._contexts = contexts
+        self._stages = stages
+        self._server_side = isinstance(conn, Responder)
+        self._tls: tls.MemoryTLS | None = None
+        self._pending = b""
+        self.session: Session | None = None
+
+    def incoming(self, data: bytes) -> None:
+        if self._tls is None:
+            self._conn.receive_data(data)
+        else:
+            self._tls.receive_data(data)
+
+    def outgoing(self) -> bytes:
+        out, self._pending = self._pending, b""
+        if self._tls is None:
+            return out + self._conn.data_to_send()
+        return out + self._tls.data_to_send()
+
+    def _run_protocol(self) -> Session | None:
+        conn, st = self._conn, self._stages
+        for _ in range(32):
+            event = conn.next_event()
+            if event is NEED_DATA:
+                return None
+            if event is PAUSED:  # cannot happen: every request is answered at once below
+                raise LocalProtocolError("the handshake paused on an unanswered QKD request")
+            if isinstance(event, QKDKeysRequired | QKDKeysByIdRequired):
+                if self._keys is None:
+                    conn.qkd_unavailable("no key source is configured")
+                    continue
+                st.push("kme")
+                try:
+                    keys = self._keys.answer(event)
+                finally:
+                    st.pop()
+                conn.provide_qkd_keys(keys)
+            elif isinstance(event, HandshakeComplete):
+                return event.session
+        raise LocalProtocolError("the hybrid handshake produced too many events")
+
+    def step(self) -> bool:
+        st = self._stages
+        if self._tls is None:
+            session = self._run_protocol()
+            if session is None:
+                return False
+            self.session = session
+            self._pending += self._conn.data_to_send()  # the initiator's Finished goes first
+            st.push("tls")
+            try:
+                end = tls.MemoryTLS(self._contexts(session.info.suite), server_side=self._server_side)
+                tls.bind_psk(end.connection, session.tls_identity(), session.tls_psk())
+                trailing = self._conn.trailing_data
+                if trailing:
+                    end.receive_data(trailing)
+            finally:
+                st.pop()
+            self._tls = end
+        st.push("tls")
+        try:
+            return self._tls.do_handshake() is not None
+        finally:
+            st.pop()
+
+
+class ClientKit:
+    """A client built from a :class:`ClientSpec` (contexts and configurations made once).
+
+    ``key_source`` overrides the spec's KME (the in-memory link, which cannot travel as data).
+    """
+
+    def __init__(self, spec: ClientSpec, key_source: KeySource | None = None) -> None:
+        self.spec = spec
+        self._owned: list[Any] = []
+        kind = spec.kind
+        if kind == "stdlib-cert":
+            self._stdlib = stdlib_client_context(spec.ca_path)
+        elif kind == "pyopenssl-cert":
+            self._pyo = pyopenssl_context(False, spec.groups or "X25519", ca_path=spec.ca_path)
+        elif kind == "tls-psk":
+            self._psk_ctx = tls.client_context(spec.psk_identity, spec.psk)
+        elif kind == "hybridkex":
+            self.config = self._initiator_config(spec)
+            self._contexts = _tls_contexts(server_side=False)
+            self.keys: QKDKeyManager | None = None
+            source = key_source
+            if source is None and spec.kme is not None:
+                k = spec.kme
+                source = ETSI014Client(k.url, cert=k.cert, key=k.key, ca=k.ca, sae_id=k.sae_id, kme_id=k.kme_id)
+                self._owned.append(source)
+            if source is not None:
+                self.keys = QKDKeyManager(source, key_budget(spec.budget))
+        else:
+            raise ConfigurationError(f"unknown client kind {kind!r}", field="kind")
+
+    @staticmethod
+    def _initiator_config(spec: ClientSpec) -> InitiatorConfig:
+        auth: Authenticator
+        if spec.auth == "psk":
+            auth = PSKAuthenticator({spec.peer_identity: spec.auth_psk})
+        else:
+            auth = pki_from_material(spec.auth, spec.anchors, spec.credentials)
+        uses_qkd = spec.qkd != "none"
+        policy = Policy(suites=(spec.suite,), qkd="required" if uses_qkd else "disabled",  # type: ignore[arg-type]
+                        key_budget=key_budget(spec.budget))
+        qkd = QKDConfig(spec.sae_id, spec.kme_id) if uses_qkd else None
+        return InitiatorConfig(spec.identity, (auth,), policy, qkd, peer_identity=spec.peer_identity)
+
+    def memory_end(self, stages: NullStages | None = None) -> End:
+        kind = self.spec.kind
+        if kind == "stdlib-cert":
+            return _StdlibEnd(self._stdlib, False, self.spec.server_host)
+        if kind == "pyopenssl-cert":
+            return _PyOpenSSLEnd(self._pyo, False, self.spec.server_host.encode())
+        if kind == "tls-psk":
+            return _MemoryTLSEnd(tls.MemoryTLS(self._psk_ctx, server_side=False))
+        return _HybridEnd(Initiator(self.config), self.keys, self._contexts, stages or NullStages())
+
+    def handshake(self, sock: socket.socket) -> Any:
+        """One client handshake over the connected ``sock``; returns the object to close."""
+        kind = self.spec.kind
+        if kind == "stdlib-cert":
+            return self._stdlib.wrap_socket(sock, server_hostname=self.spec.server_host)
+        if kind == "pyopenssl-cert":
+            conn = SSL.Connection(self._pyo, sock)
+            conn.set_tlsext_host_name(self.spec.server_host.encode())
+            conn.set_connect_state()
+            conn.do_handshake()
+            return conn
+        if kind == "tls-psk":
+            conn, _ = tls.wrap_socket(self._psk_ctx, sock, server_side=False, timeout=_SOCKET_TIMEOUT)
+            return conn
+        session = run_initiator(sock, self.config, self.keys)
+        conn, _ = tls.wrap_socket(self._contexts(session.info.suite), sock, server_side=False,
+                                  timeout=_SOCKET_TIMEOUT, psk=(session.tls_identity(), session.tls_psk()))
+        return conn
+
+    def close(self) -> None:
+        for obj in self._owned:
+            with contextlib.suppress(Exception):
+                obj.close()
+
+
+class ServerKit:
+    """The server side of one variant (built in the benchmark process)."""
+
+    def __init__(self, kind: str, *, groups: str | None = None, cert_path: str = "", key_path: str = "",
+                 psk_table: dict[bytes, bytes] | None = None, config: ResponderConfig | None = None,
+                 keys: QKDKeyManager | None = None) -> None:
+        self.kind = kind
+        if kind == "stdlib-cert":
+            self._stdlib = stdlib_server_context(cert_path, key_path)
+        elif kind == "pyopenssl-cert":
+            self._pyo = pyopenssl_context(True, groups or "X25519", cert_path=cert_path, key_path=key_path)
+        elif kind == "tls-psk":
+            self._psk_ctx = tls.server_context(psk_table or {})
+        elif kind == "hybridkex":
+            if config is None:
+                raise ConfigurationError("a hybridkex server needs a ResponderConfig", field="config")
+            self.config = config
+            self.keys = keys
+            self._contexts = _tls_contexts(server_side=True)
+        else:
+            raise ConfigurationError(f"unknown server kind {kind!r}", field="kind")
+
+    def memory_end(self, stages: NullStages | None = None) -> End:
+        kind = self.kind
+        if kind == "stdlib-cert":
+            return _StdlibEnd(self._stdlib, True, None)
+        if kind == "pyopenssl-cert":
+            return _PyOpenSSLEnd(self._pyo, True, None)
+        if kind == "tls-psk":
+            return _MemoryTLSEnd(tls.MemoryTLS(self._psk_ctx, server_side=True))
+        return _HybridEnd(Responder(self.config), self.keys, self._contexts, stages or NullStages())
+
+    def handshake(self, sock: socket.socket) -> Any:
+        """One server handshake over the accepted ``sock``; returns the object to close."""
+        kind = self.kind
+        if kind == "stdlib-cert":
+            return self._stdlib.wrap_socket(sock, server_side=True)
+        if kind == "pyopenssl-cert":
+            conn = SSL.Connection(self._pyo, sock)
+            conn.set_accept_state()
+            conn.do_handshake()
+            return conn
+        if kind == "tls-psk":
+            conn, _ = tls.wrap_socket(self._psk_ctx, sock, server_side=True, timeout=_SOCKET_TIMEOUT)
+            return conn
+        session = run_responder(sock, self.config, self.keys)
+        conn, _ = tls.wrap_socket(self._contexts(session.info.suite), sock, server_side=True,
+                                  timeout=_SOCKET_TIMEOUT, psk=(session.tls_identity(), session.tls_psk()))
+        return conn

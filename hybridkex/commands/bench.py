@@ -1,0 +1,89 @@
+"""``hybridkex bench``: handshake costs of hybridkex against today's TLS, measured in one run."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from ..exceptions import ConfigurationError
+
+HELP = "benchmark handshakes: hybridkex variants against TLS 1.3 baselines, as ratios from one run"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="a smoke run of every variant (under a minute)")
+    parser.add_argument("--variants", metavar="IDS",
+                        help="comma-separated variant ids or wildcards (default: all; see --list)")
+    parser.add_argument("--list", action="store_true", help="list the variants and exit")
+    parser.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
+    parser.add_argument("--plots", metavar="DIR", help="also write PNG plots (needs matplotlib)")
+    parser.add_argument("--rounds", type=int, metavar="N", help="interleaved rounds in memory (default 7)")
+    parser.add_argument("--n", type=int, metavar="N", help="most handshakes per variant and round (default 200)")
+    parser.add_argument("--warmup", type=int, metavar="N", help="warm-up handshakes per variant (default 20)")
+    parser.add_argument("--samples", type=int, metavar="N",
+                        help="loopback latency samples per variant (default 200, fewer for slow variants)")
+    parser.add_argument("--clients", type=int, metavar="N",
+                        help="concurrent clients for the throughput measurement, 0 to skip (default 8)")
+    parser.add_argument("--seconds", type=float, metavar="S", help="duration of each throughput run (default 1.5)")
+    parser.add_argument("--proxy-rtt", type=float, metavar="MS", default=0.0,
+                        help="also measure latency through a proxy adding this round-trip time")
+    parser.add_argument("--no-loopback", action="store_true", help="in-memory measurements only")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _positive(value: float | None, name: str, minimum: float) -> None:
+    if value is not None and value < minimum:
+        raise ConfigurationError(f"must be >= {minimum:g}, got {value:g}", field=name)
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (options in a fixed order)."""
+    parts = ["hybridkex", "bench"]
+    for flag in ("quick", "no_loopback"):
+        if getattr(args, flag):
+            parts.append("--" + flag.replace("_", "-"))
+    for name in ("variants", "rounds", "n", "warmup", "samples", "clients", "seconds", "proxy_rtt", "json", "plots"):
+        value = getattr(args, name)
+        if value is not None and not (name == "proxy_rtt" and not value):
+            parts += ["--" + name.replace("_", "-"), str(value)]
+    return shlex.join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: `hybridkex --help` must not load the benchmark's dependencies.
+    from ..bench import BenchOptions, run_benchmark  # noqa: PLC0415
+    from ..bench.report import format_report, write_json  # noqa: PLC0415
+    from ..bench.variants import VARIANTS, select  # noqa: PLC0415
+
+    if args.list:
+        for v in VARIANTS:
+            print(f"{v.id:33} ({v.item}) {v.label}")
+        return 0
+    for name, minimum in (("rounds", 1), ("n", 1), ("warmup", 0), ("samples", 5), ("clients", 0),
+                          ("seconds", 0.1), ("proxy_rtt", 0)):
+        _positive(getattr(args, name), f"--{name.replace('_', '-')}", minimum)
+    patterns = tuple(args.variants.split(",")) if args.variants else None
+    select(patterns)  # unknown ids fail here, before anything starts
+    if args.plots:
+        from ..bench.plots import _pyplot  # noqa: PLC0415
+
+        _pyplot()  # fail early, not after minutes of measuring, when matplotlib is missing
+    opts = BenchOptions.quick() if args.quick else BenchOptions()
+    opts.variants = patterns
+    for field, value in (("rounds", args.rounds), ("n", args.n), ("warmup", args.warmup), ("samples", args.samples),
+                         ("clients", args.clients), ("throughput_seconds", args.seconds)):
+        if value is not None:
+            setattr(opts, field, value)
+    opts.proxy_rtt_ms = args.proxy_rtt
+    opts.loopback = not args.no_loopback
+    report = run_benchmark(opts, progress=not args.no_progress, command=_command(args))
+    print(format_report(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"\nJSON: {args.json}")
+    if args.plots:
+        from ..bench.plots import write_plots  # noqa: PLC0415
+
+        for path in write_plots(report, args.plots):
+            print(f"plot: {path}")
+    return 0
