@@ -29,6 +29,7 @@ COMMANDS: tuple[str, ...] = (
     "pki",
     "kme",
     "recycle",
+    "bench",
 )
 
 EXIT_INTERNAL = 70
