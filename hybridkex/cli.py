@@ -29,6 +29,7 @@ COMMANDS: tuple[str, ...] = (
     "pki",
     "kme",
     "recycle",
+    "genpsk",
     "bench",
 )
 
