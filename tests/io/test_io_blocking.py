@@ -423,3 +423,20 @@ def test_peer_closing_mid_handshake_is_typed(setup: Any) -> None:
     finally:
         t.join(WAIT)
         listener.close()
+
+
+def test_tls_stage_timeout_after_the_hybrid_handshake(server_log: pytest.LogCaptureFixture) -> None:
+    """A client that completes the hybrid handshake and then never sends its ClientHello is dropped
+    at the TLS stage's deadline, and the parent session it would have had is forgotten."""
+    from hybridkex.io.sync import run_initiator
+
+    setup = make_setup(reconnect=ReconnectPolicy(enabled=True),
+                       tls=TLSOptions(timeout=0.5))
+    with running_server(setup) as srv, socket.create_connection(srv.server_address, timeout=WAIT) as raw:
+        session = run_initiator(raw, setup.client.handshake, setup.client_keys)
+        assert session.info.peer_identity == SERVER_ID
+        assert raw.recv(100) == b""  # closed by the server when the TLS stage's 0.5 s passed
+        registry = srv.reconnect_registry
+        assert registry is not None and registry.stats.registered == 1 and len(registry) == 0
+    lines = [r.getMessage() for r in server_log.records if "rejected connection" in r.getMessage()]
+    assert len(lines) == 1 and "HandshakeTimeout" in lines[0] and "TLS handshake" in lines[0], lines
