@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from ..exceptions import ConfigurationError, InvalidKeyMaterial, StoreError
 
@@ -242,11 +242,17 @@ class SQLiteAuthKeyStore:
         rows.sort(key=lambda r: (r[1], r[3], r[6]), reverse=True)
         return [AuthKey(bytes(r[0]), r[1], bytes(r[2]), r[3], bool(r[4]), r[5] is not None) for r in rows]
 
-    def bootstrap_retired(self, local_id: str, peer_id: str) -> bool:
+    def _query(self, sql: str, params: tuple[object, ...]) -> list[Any]:
+        """Run a read under the lock; a database failure becomes a StoreError naming the file."""
         with self._lock:
-            row = self._db.execute("SELECT bootstrap_retired FROM pairs WHERE local_id=? AND peer_id=?",
-                                   (local_id, peer_id)).fetchone()
-        return bool(row and row[0])
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read authentication-key store {self.path}: {exc}") from exc
+
+    def bootstrap_retired(self, local_id: str, peer_id: str) -> bool:
+        rows = self._query("SELECT bootstrap_retired FROM pairs WHERE local_id=? AND peer_id=?", (local_id, peer_id))
+        return bool(rows and rows[0][0])
 
     def bootstrap_state(self, local_id: str, peer_id: str) -> BootstrapState:
         """``"unknown"`` when the store has no record of the pair (never rotated, never armed by
@@ -264,29 +270,24 @@ class SQLiteAuthKeyStore:
     def is_spent(self, local_id: str, peer_id: str, key_id: bytes) -> bool:
         """Whether ``key_id`` was held once and has since been superseded: never offered or stored
         again, and never accepted again once the grace period is over."""
-        with self._lock:
-            row = self._db.execute("SELECT 1 FROM spent_key_ids WHERE local_id=? AND peer_id=? AND key_id=?",
-                                   (local_id, peer_id, key_id)).fetchone()
-        return row is not None
+        return bool(self._query("SELECT 1 FROM spent_key_ids WHERE local_id=? AND peer_id=? AND key_id=?",
+                                (local_id, peer_id, key_id)))
 
     def summaries(self) -> list[PairSummary]:
-        with self._lock:
-            rows = self._db.execute(
+        rows = self._query(
                 "SELECT p.local_id, p.peer_id, p.bootstrap_retired, p.rotations, p.last_rotation_at, "
                 "(SELECT COUNT(*) FROM auth_keys k WHERE k.local_id=p.local_id AND k.peer_id=p.peer_id "
                 " AND k.superseded_at IS NULL), "
                 "(SELECT MAX(epoch) FROM auth_keys k WHERE k.local_id=p.local_id AND k.peer_id=p.peer_id "
                 " AND k.superseded_at IS NULL), "
                 "(SELECT MAX(epoch) FROM auth_keys k WHERE k.local_id=p.local_id AND k.peer_id=p.peer_id "
-                " AND k.confirmed=1 AND k.superseded_at IS NULL) FROM pairs p ORDER BY p.local_id, p.peer_id"
-            ).fetchall()
+                " AND k.confirmed=1 AND k.superseded_at IS NULL) FROM pairs p ORDER BY p.local_id, p.peer_id", ())
         return [PairSummary(r[0], r[1], r[5], r[6], r[7], bool(r[2]), r[4], r[3]) for r in rows]
 
     def audit_log(self, local_id: str, peer_id: str) -> list[tuple[str, int | None, float]]:
         """(event, epoch, timestamp) rows of the pair, oldest first."""
-        with self._lock:
-            rows = self._db.execute("SELECT event, epoch, at FROM audit WHERE local_id=? AND peer_id=? ORDER BY id",
-                                    (local_id, peer_id)).fetchall()
+        rows = self._query("SELECT event, epoch, at FROM audit WHERE local_id=? AND peer_id=? ORDER BY id",
+                           (local_id, peer_id))
         return [(r[0], r[1], r[2]) for r in rows]
 
     # -- writes -----------------------------------------------------------------------------------------

@@ -211,3 +211,16 @@ def test_cli_inspects_retires_and_rebootstraps(tmp_path: Path) -> None:
     missing = _cli("--store", str(tmp_path / "nope.sqlite3"), "list")
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no key store" in missing.stderr
     assert not (tmp_path / "nope.sqlite3").exists()
+
+
+def test_reads_of_a_broken_store_raise_store_error(tmp_path: Path) -> None:
+    from hybridkex.exceptions import StoreError
+
+    s = SQLiteAuthKeyStore(tmp_path / "broken.sqlite3")
+    for table in ("pairs", "audit", "spent_key_ids"):  # simulate a damaged or foreign database file
+        s._db.execute(f"DROP TABLE {table}")
+    for call in (lambda: s.bootstrap_retired(A, B), s.summaries, lambda: s.audit_log(A, B),
+                 lambda: s.is_spent(A, B, kid(1))):
+        with pytest.raises(StoreError, match=r"broken\.sqlite3"):
+            call()
+    s.close()
