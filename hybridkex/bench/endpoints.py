@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,7 +31,20 @@ from OpenSSL import SSL
 
 from .. import tls
 from ..exceptions import ConfigurationError, LocalProtocolError
-from ..io import QKDKeyManager, run_initiator, run_responder
+from ..io import QKDKeyManager
+from ..io._plumbing import ReconnectLookup, ServerState, client_keys, server_keys, tls_context
+from ..io.client import HybridClient
+from ..io.config import ClientConfig, ReconnectPolicy, ServerConfig, TLSOptions
+from ..io.connection import accept
+from ..io.reconnect import (
+    TLS_HANDSHAKE_BYTE,
+    TLS_RECORD_HEADER_LEN,
+    ReconnectKey,
+    ReconnectRegistry,
+    ReconnectTicket,
+    client_hello_cipher,
+    tls_record_length,
+)
 from ..policy import KeyBudget, Policy, QKDConfig
 from ..protocol import (
     NEED_DATA,
@@ -44,12 +58,13 @@ from ..protocol import (
     QKDKeysByIdRequired,
     QKDKeysRequired,
     Responder,
-    ResponderConfig,
     Session,
     SigningCredential,
 )
+from ..protocol._wire import MAGIC
 from ..qkd.base import KeySource
 from ..qkd.client import ETSI014Client
+from ..recycle import RecycledAuthenticator, SQLiteAuthKeyStore
 from ..tls import _shim
 from .stages import NullStages
 
@@ -162,11 +177,16 @@ class _PyOpenSSLEnd:
 class _MemoryTLSEnd:
     """hybridkex.tls over memory BIOs (with its post-handshake verification)."""
 
-    def __init__(self, tls_end: tls.MemoryTLS) -> None:
+    def __init__(self, tls_end: tls.MemoryTLS, stages: NullStages | None = None) -> None:
         self._tls = tls_end
+        self._stages = stages or NullStages()
 
     def step(self) -> bool:
-        return self._tls.do_handshake() is not None
+        self._stages.push("tls")
+        try:
+            return self._tls.do_handshake() is not None
+        finally:
+            self._stages.pop()
 
     def outgoing(self) -> bytes:
         return bytes(self._tls.data_to_send())
@@ -251,6 +271,9 @@ class ClientSpec:
     sae_id: str = ""
     kme_id: str = ""
     kme: KMEClientSpec | None = None
+    reconnect: bool = False
+    recycle_store: str = ""
+    tls_groups: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (bytes as hex)."""
@@ -262,6 +285,7 @@ class ClientSpec:
             "credentials": {k: [c.hex(), p.hex()] for k, (c, p) in self.credentials.items()},
             "suite": self.suite, "qkd": self.qkd, "budget": self.budget, "sae_id": self.sae_id,
             "kme_id": self.kme_id, "kme": None if self.kme is None else vars(self.kme),
+            "reconnect": self.reconnect, "recycle_store": self.recycle_store, "tls_groups": self.tls_groups,
         }
 
     @classmethod
@@ -273,7 +297,8 @@ class ClientSpec:
             anchors={k: bytes.fromhex(v) for k, v in d["anchors"].items()},
             credentials={k: (bytes.fromhex(c), bytes.fromhex(p)) for k, (c, p) in d["credentials"].items()},
             suite=d["suite"], qkd=d["qkd"], budget=d["budget"], sae_id=d["sae_id"], kme_id=d["kme_id"],
-            kme=None if d["kme"] is None else KMEClientSpec(**d["kme"]),
+            kme=None if d["kme"] is None else KMEClientSpec(**d["kme"]), reconnect=d["reconnect"],
+            recycle_store=d["recycle_store"], tls_groups=d["tls_groups"],
         )
 
 
@@ -296,33 +321,57 @@ def key_budget(mode: str) -> KeyBudget:
     return KeyBudget(mode="epoch") if mode == "epoch" else KeyBudget()
 
 
-def _tls_contexts(server_side: bool) -> Callable[[str], SSL.Context]:
-    """A cache of hybridkex.tls contexts per suite: the PSK's hash fixes the TLS cipher suite."""
-    cache: dict[str, SSL.Context] = {}
+def reconnect_policy(enabled: bool) -> ReconnectPolicy:
+    """Reconnects on, with limits high enough that a benchmark run never needs a second full
+    handshake (so a reconnect variant measures reconnects); off otherwise (the default)."""
+    if not enabled:
+        return ReconnectPolicy()
+    return ReconnectPolicy(enabled=True, max_uses=65536, lifetime=24 * 3600.0)
 
-    def for_suite(suite: str) -> SSL.Context:
-        ctx = cache.get(suite)
-        if ctx is None:
-            ctx = tls.server_context(suite=suite) if server_side else tls.client_context(suite=suite)
-            cache[suite] = ctx
-        return ctx
 
-    return for_suite
+def prepare(sock: socket.socket) -> None:
+    """TCP_NODELAY (handshake flights are small writes) and kernel timeouts on a blocking socket, so
+    that a blocking handshake (pyOpenSSL, stdlib ssl) can never hang when the peer vanishes."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(None)  # pyOpenSSL wants a blocking socket
+    tv = struct.pack("ll", int(_SOCKET_TIMEOUT), 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+class _Closing:
+    """Closes a baseline's TLS object and its socket together."""
+
+    def __init__(self, conn: Any, sock: socket.socket) -> None:
+        self._objs = (conn, sock)
+
+    def close(self) -> None:
+        for obj in self._objs:
+            with contextlib.suppress(Exception):
+                obj.close()
 
 
 class _HybridEnd:
-    """The hybrid handshake in memory, then TLS with the session's PSK: what connect/serve run."""
+    """One side of a full hybridkex connection setup in memory, step for step what
+    :func:`hybridkex.connect` (``_client_full``) and the server's ``accept`` (``_server_full``) do:
+    the hybrid handshake, ``after_handshake`` on every authenticator (recycled keys rotate there),
+    the TLS PSK from the session (kept in a reconnect ticket or registry when reconnects are on,
+    otherwise erased), then TLS on the shared context for the suite's cipher with the PSK bound to
+    this connection."""
 
     def __init__(self, conn: Initiator | Responder, keys: QKDKeyManager | None,
-                 contexts: Callable[[str], SSL.Context], stages: NullStages) -> None:
+                 config: ClientConfig | ServerConfig, stages: NullStages, *,
+                 registry: ReconnectRegistry | None = None,
+                 on_ticket: Callable[[ReconnectTicket | None], None] | None = None) -> None:
         self._conn = conn
         self._keys = keys
-        self._contexts = contexts
+        self._config = config
         self._stages = stages
+        self._registry = registry
+        self._on_ticket = on_ticket
         self._server_side = isinstance(conn, Responder)
         self._tls: tls.MemoryTLS | None = None
         self._pending = b""
-        self.session: Session | None = None
 
     def incoming(self, data: bytes) -> None:
         if self._tls is None:
@@ -364,12 +413,24 @@ class _HybridEnd:
             session = self._run_protocol()
             if session is None:
                 return False
-            self.session = session
-            self._pending += self._conn.data_to_send()  # the initiator's Finished goes first
+            self._pending += self._conn.data_to_send()  # the initiator's Finished leaves first
+            st.push("auth")
+            try:  # the driver's on_complete hook
+                for auth in self._config.handshake.authenticators:
+                    auth.after_handshake(session)
+            finally:
+                st.pop()
             st.push("tls")
             try:
-                end = tls.MemoryTLS(self._contexts(session.info.suite), server_side=self._server_side)
-                tls.bind_psk(end.connection, session.tls_identity(), session.tls_psk())
+                if self._server_side:
+                    keys = server_keys(session, self._registry)
+                else:
+                    keys = client_keys(session, self._config.reconnect)
+                    if self._on_ticket is not None:
+                        self._on_ticket(keys.ticket)
+                role = "server" if self._server_side else "client"
+                end = tls.MemoryTLS(tls_context(role, keys.cipher, self._config.tls), server_side=self._server_side)
+                tls.bind_psk(end.connection, keys.identity, keys.psk)
                 trailing = self._conn.trailing_data
                 if trailing:
                     end.receive_data(trailing)
@@ -381,6 +442,64 @@ class _HybridEnd:
             return self._tls.do_handshake() is not None
         finally:
             st.pop()
+
+
+class _ReconnectClientEnd(_MemoryTLSEnd):
+    """A reconnect in memory (``_client_reconnect``): TLS straight away with a ticket's PSK."""
+
+    def __init__(self, config: ClientConfig, key: ReconnectKey, stages: NullStages) -> None:
+        stages.push("tls")
+        try:
+            end = tls.MemoryTLS(tls_context("client", key.cipher, config.tls, reconnect=True), server_side=False)
+            tls.bind_psk(end.connection, key.identity, key.psk)
+        finally:
+            stages.pop()
+        super().__init__(end, stages)
+
+
+class _ServerDispatchEnd:
+    """The server's ``accept`` in memory: the first byte picks a full setup or a reconnect; a
+    reconnect reads the ClientHello's cipher before TLS starts (``_server_reconnect``)."""
+
+    def __init__(self, kit: ServerKit, stages: NullStages) -> None:
+        self._kit = kit
+        self._stages = stages
+        self._end: End | None = None
+        self._buffer = b""
+
+    def incoming(self, data: bytes) -> None:
+        if self._end is not None:
+            self._end.incoming(data)
+            return
+        self._buffer += data
+        if self._buffer[0] == MAGIC[0]:
+            self._end = self._kit.full_end(self._stages)
+        elif self._buffer[0] == TLS_HANDSHAKE_BYTE:
+            self._stages.push("tls")
+            try:
+                self._end = self._reconnect_end()
+            finally:
+                self._stages.pop()
+        else:
+            raise LocalProtocolError(f"first byte 0x{self._buffer[0]:02x} is neither a Hello nor a ClientHello")
+        self._end.incoming(self._buffer)
+        self._buffer = b""
+
+    def _reconnect_end(self) -> End:
+        header = self._buffer[:TLS_RECORD_HEADER_LEN]
+        body = self._buffer[TLS_RECORD_HEADER_LEN:TLS_RECORD_HEADER_LEN + tls_record_length(header)]
+        cipher = client_hello_cipher(body)
+        state = self._kit.state
+        lookup = ReconnectLookup(state.registry, cipher)
+        end = tls.MemoryTLS(tls_context("server", cipher, state.config.tls, reconnect=True), server_side=True)
+        tls.bind_psk_lookup(end.connection, lookup)
+        return _MemoryTLSEnd(end, self._stages)
+
+    def step(self) -> bool:
+        return self._end is not None and self._end.step()
+
+    def outgoing(self) -> bytes:
+        return self._end.outgoing() if self._end is not None else b""
 
 
 class ClientKit:
@@ -400,8 +519,8 @@ class ClientKit:
         elif kind == "tls-psk":
             self._psk_ctx = tls.client_context(spec.psk_identity, spec.psk)
         elif kind == "hybridkex":
-            self.config = self._initiator_config(spec)
-            self._contexts = _tls_contexts(server_side=False)
+            self.config = ClientConfig(self._initiator_config(spec), tls=TLSOptions(groups=spec.tls_groups),
+                                       reconnect=reconnect_policy(spec.reconnect))
             self.keys: QKDKeyManager | None = None
             source = key_source
             if source is None and spec.kme is not None:
@@ -410,21 +529,28 @@ class ClientKit:
                 self._owned.append(source)
             if source is not None:
                 self.keys = QKDKeyManager(source, key_budget(spec.budget))
+            # The public client: one long-lived key manager, and reconnect tickets when enabled.
+            self.client = HybridClient(self.config, key_source=self.keys)
+            self._owned.append(self.client)
+            self._ticket: ReconnectTicket | None = None
         else:
             raise ConfigurationError(f"unknown client kind {kind!r}", field="kind")
 
-    @staticmethod
-    def _initiator_config(spec: ClientSpec) -> InitiatorConfig:
-        auth: Authenticator
+    def _initiator_config(self, spec: ClientSpec) -> InitiatorConfig:
+        auths: tuple[Authenticator, ...]
         if spec.auth == "psk":
-            auth = PSKAuthenticator({spec.peer_identity: spec.auth_psk})
+            auths = (PSKAuthenticator({spec.peer_identity: spec.auth_psk}),)
+        elif spec.auth == "recycled":
+            store = SQLiteAuthKeyStore(spec.recycle_store)
+            self._owned.append(store)
+            auths = (RecycledAuthenticator(store), PSKAuthenticator({spec.peer_identity: spec.auth_psk}))
         else:
-            auth = pki_from_material(spec.auth, spec.anchors, spec.credentials)
+            auths = (pki_from_material(spec.auth, spec.anchors, spec.credentials),)
         uses_qkd = spec.qkd != "none"
         policy = Policy(suites=(spec.suite,), qkd="required" if uses_qkd else "disabled",  # type: ignore[arg-type]
                         key_budget=key_budget(spec.budget))
         qkd = QKDConfig(spec.sae_id, spec.kme_id) if uses_qkd else None
-        return InitiatorConfig(spec.identity, (auth,), policy, qkd, peer_identity=spec.peer_identity)
+        return InitiatorConfig(spec.identity, auths, policy, qkd, peer_identity=spec.peer_identity)
 
     def memory_end(self, stages: NullStages | None = None) -> End:
         kind = self.spec.kind
@@ -434,10 +560,34 @@ class ClientKit:
             return _PyOpenSSLEnd(self._pyo, False, self.spec.server_host.encode())
         if kind == "tls-psk":
             return _MemoryTLSEnd(tls.MemoryTLS(self._psk_ctx, server_side=False))
-        return _HybridEnd(Initiator(self.config), self.keys, self._contexts, stages or NullStages())
+        st = stages or NullStages()
+        if self.spec.reconnect and self._ticket is not None:
+            key = self._ticket.take()
+            if key is not None:
+                return _ReconnectClientEnd(self.config, key, st)
+        return _HybridEnd(Initiator(self.config.handshake), self.keys, self.config, st, on_ticket=self._keep_ticket)
+
+    def _keep_ticket(self, ticket: ReconnectTicket | None) -> None:
+        if ticket is not None:
+            if self._ticket is not None:
+                self._ticket.erase()
+            self._ticket = ticket
+
+    def connect(self, address: tuple[str, int]) -> Any:
+        """One connection set up to ``address`` (TCP connect included); returns what to close."""
+        if self.spec.kind == "hybridkex":
+            return self.client.connect(address, timeout=_SOCKET_TIMEOUT)
+        sock = socket.create_connection(address, timeout=_SOCKET_TIMEOUT)
+        try:
+            prepare(sock)
+            conn = self.handshake(sock)
+        except BaseException:
+            sock.close()
+            raise
+        return _Closing(conn, sock)
 
     def handshake(self, sock: socket.socket) -> Any:
-        """One client handshake over the connected ``sock``; returns the object to close."""
+        """One client handshake of a TLS baseline over the connected ``sock``; returns the object to close."""
         kind = self.spec.kind
         if kind == "stdlib-cert":
             return self._stdlib.wrap_socket(sock, server_hostname=self.spec.server_host)
@@ -450,10 +600,7 @@ class ClientKit:
         if kind == "tls-psk":
             conn, _ = tls.wrap_socket(self._psk_ctx, sock, server_side=False, timeout=_SOCKET_TIMEOUT)
             return conn
-        session = run_initiator(sock, self.config, self.keys)
-        conn, _ = tls.wrap_socket(self._contexts(session.info.suite), sock, server_side=False,
-                                  timeout=_SOCKET_TIMEOUT, psk=(session.tls_identity(), session.tls_psk()))
-        return conn
+        raise LocalProtocolError("hybridkex clients connect through hybridkex.HybridClient (connect())")
 
     def close(self) -> None:
         for obj in self._owned:
@@ -465,7 +612,7 @@ class ServerKit:
     """The server side of one variant (built in the benchmark process)."""
 
     def __init__(self, kind: str, *, groups: str | None = None, cert_path: str = "", key_path: str = "",
-                 psk_table: dict[bytes, bytes] | None = None, config: ResponderConfig | None = None,
+                 psk_table: dict[bytes, bytes] | None = None, config: ServerConfig | None = None,
                  keys: QKDKeyManager | None = None) -> None:
         self.kind = kind
         if kind == "stdlib-cert":
@@ -476,10 +623,11 @@ class ServerKit:
             self._psk_ctx = tls.server_context(psk_table or {})
         elif kind == "hybridkex":
             if config is None:
-                raise ConfigurationError("a hybridkex server needs a ResponderConfig", field="config")
+                raise ConfigurationError("a hybridkex server needs a ServerConfig", field="config")
             self.config = config
             self.keys = keys
-            self._contexts = _tls_contexts(server_side=True)
+            # What serve()/HybridServer keep across connections: key manager, reconnect registry.
+            self.state = ServerState(config, keys)
         else:
             raise ConfigurationError(f"unknown server kind {kind!r}", field="kind")
 
@@ -491,10 +639,25 @@ class ServerKit:
             return _PyOpenSSLEnd(self._pyo, True, None)
         if kind == "tls-psk":
             return _MemoryTLSEnd(tls.MemoryTLS(self._psk_ctx, server_side=True))
-        return _HybridEnd(Responder(self.config), self.keys, self._contexts, stages or NullStages())
+        return _ServerDispatchEnd(self, stages or NullStages())
+
+    def finish(self, conn: Any) -> None:
+        """Wait (bounded) until the client closes ``conn``, as a server reading a request would, so
+        that closing never races the client's end of the handshake."""
+        if self.kind == "hybridkex":
+            conn.settimeout(_SOCKET_TIMEOUT)
+        with contextlib.suppress(Exception):  # EOF, close_notify or a reset: the client is gone
+            conn.recv(1)
+
+    def full_end(self, stages: NullStages) -> End:
+        return _HybridEnd(Responder(self.config.handshake), self.keys, self.config, stages,
+                          registry=self.state.registry)
 
     def handshake(self, sock: socket.socket) -> Any:
-        """One server handshake over the accepted ``sock``; returns the object to close."""
+        """One server handshake over the accepted ``sock``; returns the object to close.
+
+        hybridkex runs the server's real per-connection path, ``hybridkex.io.connection.accept``
+        (what :class:`hybridkex.HybridServer` runs in each connection's thread)."""
         kind = self.kind
         if kind == "stdlib-cert":
             return self._stdlib.wrap_socket(sock, server_side=True)
@@ -506,7 +669,4 @@ class ServerKit:
         if kind == "tls-psk":
             conn, _ = tls.wrap_socket(self._psk_ctx, sock, server_side=True, timeout=_SOCKET_TIMEOUT)
             return conn
-        session = run_responder(sock, self.config, self.keys)
-        conn, _ = tls.wrap_socket(self._contexts(session.info.suite), sock, server_side=True,
-                                  timeout=_SOCKET_TIMEOUT, psk=(session.tls_identity(), session.tls_psk()))
-        return conn
+        return accept(sock, self.state)

@@ -22,6 +22,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from ..io import QKDKeyManager
+from ..io.config import ServerConfig, TLSOptions
 from ..policy import Policy, QKDConfig
 from ..protocol import Authenticator, PSKAuthenticator, ResponderConfig
 from ..qkd.base import KeySource
@@ -29,11 +30,12 @@ from ..qkd.kme import KMELimits, SimulatedKMEPair
 from ..qkd.memory import MemoryKeyLink
 from ..qkd.pki import DemoPKI
 from ..qkd.pool import KeyPool
+from ..recycle import RecycledAuthenticator, SQLiteAuthKeyStore
 from ._certs import SERVER_HOST, BaselineCerts, HybridPKI
-from .endpoints import ClientKit, ClientSpec, KMEClientSpec, ServerKit, key_budget
+from .endpoints import ClientKit, ClientSpec, KMEClientSpec, ServerKit, key_budget, reconnect_policy
 from .variants import Variant
 
-__all__ = ["CLIENT_ID", "SERVER_ID", "BenchEnv", "recycled_available"]
+__all__ = ["CLIENT_ID", "SERVER_ID", "BenchEnv"]
 
 CLIENT_ID = "bench-client.example"
 SERVER_ID = "bench-server.example"
@@ -41,17 +43,6 @@ MASTER_SAE, SLAVE_SAE = "sae-a", "sae-b"
 
 #: Pool watermarks: deep enough that a burst of concurrent handshakes never waits on the KME.
 POOL_LOW, POOL_HIGH, POOL_BATCH = 64, 512, 128
-
-
-def recycled_available() -> bool:
-    """Whether this release has an authenticator for the reserved ``recycled`` mode."""
-    pending = list(Authenticator.__subclasses__())
-    while pending:
-        cls = pending.pop()
-        pending.extend(cls.__subclasses__())
-        if "recycl" in cls.__name__.lower() and not getattr(cls, "__abstractmethods__", None):
-            return True
-    return False
 
 
 class BenchEnv:
@@ -72,7 +63,7 @@ class BenchEnv:
             self.certs = BaselineCerts.create(self.tmp)
             self.psk_identity, self.psk = b"bench-psk-client", os.urandom(32)
             self.auth_psk = os.urandom(32)
-            needs_pki = any(v.is_hybridkex and v.auth != "psk" for v in variants)
+            needs_pki = any(v.is_hybridkex and v.auth.startswith("pki-") for v in variants)
             self.pki = HybridPKI.create({"client": CLIENT_ID, "server": SERVER_ID}) if needs_pki else None
             self._demo_pki: DemoPKI | None = None
             for v in variants:
@@ -119,11 +110,17 @@ class BenchEnv:
 
     # --- variants ---------------------------------------------------------------------------------
 
-    def _auth(self, v: Variant, role: str) -> Authenticator:
+    def _server_auths(self, v: Variant) -> tuple[Authenticator, ...]:
+        psk = PSKAuthenticator({CLIENT_ID: self.auth_psk})
         if v.auth == "psk":
-            return PSKAuthenticator({CLIENT_ID if role == "server" else SERVER_ID: self.auth_psk})
+            return (psk,)
+        if v.auth == "recycled":
+            # Recycled keys first, the bootstrap PSK after it (docs/recycle.md); each side its own store.
+            store = SQLiteAuthKeyStore(self.tmp / f"{v.id}-server.sqlite3")
+            self._stack.callback(store.close)
+            return (RecycledAuthenticator(store), psk)
         assert self.pki is not None
-        return self.pki.authenticator(v.auth, role)
+        return (self.pki.authenticator(v.auth, "server"),)
 
     def _build(self, v: Variant) -> None:
         c = self.certs
@@ -165,15 +162,16 @@ class BenchEnv:
                                 str(pki.ca_cert), SLAVE_SAE, kme_ids[1])
         policy = Policy(suites=(v.suite,), qkd="required" if uses_qkd else "disabled",  # type: ignore[arg-type]
                         key_budget=budget)
-        res_cfg = ResponderConfig(SERVER_ID, (self._auth(v, "server"),), policy,
+        res_cfg = ResponderConfig(SERVER_ID, self._server_auths(v), policy,
                                   QKDConfig(MASTER_SAE, kme_ids[0]) if uses_qkd else None)
         keys = QKDKeyManager(master_source, budget) if master_source is not None else None
-        self._servers[v.id] = ServerKit("hybridkex", config=res_cfg, keys=keys)
+        server_cfg = ServerConfig(res_cfg, tls=TLSOptions(groups=v.tls_groups), reconnect=reconnect_policy(v.reconnect))
+        self._servers[v.id] = ServerKit("hybridkex", config=server_cfg, keys=keys)
         if master_source is not None:
             self._master_sources[v.id] = master_source
         anchors: dict[str, bytes] = {}
         creds: dict[str, tuple[bytes, bytes]] = {}
-        if v.auth != "psk":
+        if v.auth.startswith("pki-"):
             assert self.pki is not None
             enc = serialization.Encoding.DER
             for alg, anchor in self.pki.anchors.items():
@@ -184,7 +182,8 @@ class BenchEnv:
         self._client_specs[v.id] = ClientSpec(
             "hybridkex", identity=CLIENT_ID, peer_identity=SERVER_ID, auth=v.auth, auth_psk=self.auth_psk,
             anchors=anchors, credentials=creds, suite=v.suite, qkd=v.qkd, budget=v.budget, sae_id=SLAVE_SAE,
-            kme_id=kme_ids[1], kme=kme)
+            kme_id=kme_ids[1], kme=kme, reconnect=v.reconnect, tls_groups=v.tls_groups,
+            recycle_store=str(self.tmp / f"{v.id}-client.sqlite3") if v.auth == "recycled" else "")
         if v.qkd == "memory":
             self._memory_clients[v.id] = self._own_client(
                 ClientKit(self._client_specs[v.id], key_source=self.memory_link().source(SLAVE_SAE, 1)))
@@ -205,11 +204,11 @@ class BenchEnv:
         key manager never saw the in-memory phase's epoch key, which the KME delivered once already.
         """
         kit = self._servers[vid]
-        source = self._master_sources.get(vid)
-        if kit.kind != "hybridkex" or source is None:
+        if kit.kind != "hybridkex":
             return kit
-        budget = kit.config.policy.key_budget
-        return ServerKit("hybridkex", config=kit.config, keys=QKDKeyManager(source, budget))
+        source = self._master_sources.get(vid)
+        keys = QKDKeyManager(source, kit.config.handshake.policy.key_budget) if source is not None else None
+        return ServerKit("hybridkex", config=kit.config, keys=keys)
 
     def client_spec(self, vid: str) -> ClientSpec:
         return self._client_specs[vid]

@@ -14,7 +14,6 @@ import json
 import os
 import queue
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -24,29 +23,16 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from ..exceptions import HybridKEXError
+from .endpoints import prepare
 from .wire import WireLog, WireSummary
 
-__all__ = ["ClientWorker", "DelayProxy", "LoopbackServer", "WorkerError", "prepare_socket"]
+__all__ = ["ClientWorker", "DelayProxy", "LoopbackServer", "WorkerError"]
 
 _HOST = "127.0.0.1"
 
 
 class WorkerError(HybridKEXError):
     """The client worker process failed (its message says why)."""
-
-
-#: Kernel-level send/receive timeout on benchmark sockets, so that a blocking handshake (pyOpenSSL and
-#: stdlib ssl on blocking sockets) can never hang the run when the peer vanishes.
-SOCKET_TIMEOUT_S = 30
-
-
-def prepare_socket(sock: socket.socket) -> None:
-    """TCP_NODELAY (handshake flights are small writes) and kernel timeouts on a blocking socket."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.settimeout(None)
-    tv = struct.pack("ll", SOCKET_TIMEOUT_S, 0)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 def _close_listener(listener: socket.socket) -> None:
@@ -60,12 +46,15 @@ def _close_listener(listener: socket.socket) -> None:
 class LoopbackServer:
     """Accepts on 127.0.0.1 and runs ``handshake(sock)`` for each connection on a worker thread.
 
-    ``handshake`` returns the object to close (an SSL connection); the server then closes it.
+    ``handshake`` returns the object to close (an SSL connection); ``finish(conn)`` then waits for
+    the client to close (as a server reading a request would), and the server closes it.
     Counts completed handshakes and failures; :meth:`stop` unblocks and joins every thread.
     """
 
-    def __init__(self, handshake: Callable[[socket.socket], Any], workers: int = 4) -> None:
+    def __init__(self, handshake: Callable[[socket.socket], Any], workers: int = 4,
+                 finish: Callable[[Any], None] | None = None) -> None:
         self._handshake = handshake
+        self._finish = finish
         self._listener = socket.create_server((_HOST, 0), backlog=256)
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._queue: queue.Queue[socket.socket | None] = queue.Queue()
@@ -87,7 +76,7 @@ class LoopbackServer:
                 sock, _ = self._listener.accept()
             except OSError:
                 return
-            prepare_socket(sock)
+            prepare(sock)
             self._queue.put(sock)
 
     def _work(self) -> None:
@@ -102,6 +91,8 @@ class LoopbackServer:
                 conn = self._handshake(sock)
                 with self._lock:
                     self.completed += 1
+                if self._finish is not None:
+                    self._finish(conn)
             except Exception as exc:  # a failed handshake is counted, the server keeps serving
                 with self._lock:
                     self.failed += 1
@@ -148,6 +139,7 @@ class DelayProxy:
         self.address: tuple[str, int] = self._listener.getsockname()[:2]
         self._lock = threading.Lock()
         self._logs: list[WireLog] = []
+        self._live: list[WireLog] = []
         self._socks: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
         self._stopping = False
@@ -174,6 +166,8 @@ class DelayProxy:
                 continue
             log = WireLog()
             done = [0]
+            with self._lock:
+                self._live.append(log)
             for s in (client, server):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
@@ -223,14 +217,22 @@ class DelayProxy:
                 return
 
     def wire_logs(self) -> list[WireSummary]:
-        """A summary of every connection relayed and finished so far.
+        """A summary of every connection relayed and finished so far (see :meth:`live_logs`)."""
+        with self._lock:
+            return self._summaries(list(self._logs))
+
+    def live_logs(self) -> list[WireSummary]:
+        """A summary of what every connection relayed so far, finished or not.
 
         The client's last flight marks its completion (the proxy cannot see inside TLS), so round
         trips are the server flights that a later client flight answered.
         """
-        out = []
         with self._lock:
-            logs = list(self._logs)
+            return self._summaries([WireLog(list(log.transfers)) for log in self._live])
+
+    @staticmethod
+    def _summaries(logs: list[WireLog]) -> list[WireSummary]:
+        out = []
         for log in logs:
             last_c2s = max((i for i, (d, _) in enumerate(log.transfers) if d == "c2s"), default=None)
             marked = WireLog(list(log.transfers), last_c2s)

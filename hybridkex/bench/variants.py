@@ -50,6 +50,10 @@ class Variant:
     kme_delay_ms: int = 0
     #: hybridkex: key budget.
     budget: Literal["fresh", "epoch"] = "fresh"
+    #: hybridkex: reconnects on (the measured connections are reconnects of one full handshake).
+    reconnect: bool = False
+    #: hybridkex: the TLS layer's key-exchange groups (TLSOptions.groups); None: the default.
+    tls_groups: str | None = None
 
     @property
     def is_hybridkex(self) -> bool:
@@ -68,7 +72,7 @@ class Variant:
         d: dict[str, object] = {"id": self.id, "label": self.label, "item": self.item, "kind": self.kind}
         if self.is_hybridkex:
             d.update(auth=self.auth, suite=self.suite, qkd=self.qkd, kme_delay_ms=self.kme_delay_ms,
-                     key_budget=self.budget)
+                     key_budget=self.budget, reconnect=self.reconnect, tls_groups=self.tls_groups)
         else:
             d["groups"] = self.groups
         return d
@@ -91,6 +95,8 @@ def _build() -> tuple[Variant, ...]:
         _hybrid("hybridkex-pki-ed25519", "hybridkex, Ed25519 certificates", "e", auth="pki-ed25519"),
         _hybrid("hybridkex-pki-mldsa65", "hybridkex, ML-DSA-65 certificates", "e", auth="pki-mldsa65"),
         _hybrid("hybridkex-pki-hybrid", "hybridkex, Ed25519 + ML-DSA-65 certificates", "e", auth="pki-hybrid"),
+        _hybrid("hybridkex-recycled", "hybridkex, recycled authentication keys (SQLite store)", "e",
+                auth="recycled"),
         _hybrid("hybridkex-memory-qkd", "hybridkex, PSK auth, QKD from an in-memory link (no KME)", "e",
                 qkd="memory"),
         _hybrid("hybridkex-no-qkd", "hybridkex without QKD (X25519+ML-KEM-768)", "f", suite=NO_QKD_SUITE_NAME,
@@ -108,12 +114,15 @@ def _build() -> tuple[Variant, ...]:
         _hybrid("hybridkex-epoch", "hybridkex, epoch key budget (pool)", "i", budget="epoch"),
         _hybrid("hybridkex-epoch-kme5ms", "hybridkex, epoch key budget, KME +5 ms (pool)", "i", budget="epoch",
                 kme_delay_ms=5),
+        _hybrid("hybridkex-reconnect", "hybridkex reconnect: TLS only, PSK from an earlier session", "+",
+                reconnect=True),
+        _hybrid("hybridkex-tls-x25519", "hybridkex, TLS layer with X25519 only (TLSOptions(groups=...))", "+",
+                tls_groups="X25519"),
     ]
     return tuple(out)
 
 
-#: Every variant, in display order.  (The protocol's "recycled" mode is reserved and has no
-#: authenticator yet; :func:`hybridkex.bench.env.recycled_available` checks at run time.)
+#: Every variant, in display order.
 VARIANTS: tuple[Variant, ...] = _build()
 
 #: Ids the report's goals need (always measured when present in the selection).

@@ -6,6 +6,8 @@ Reads one JSON request per line on stdin, answers one JSON line on stdout:
   answers the client-side wall time of each (TCP connect to verified TLS session), in ms;
 * ``{"op": "throughput", "variant", "spec", "address", "clients", "seconds"}``: ``clients``
   threads doing handshakes back to back for ``seconds``; answers the count and the elapsed time;
+* ``{"op": "hold", "variant", "spec", "address"}``: one connection, kept open until
+  ``{"op": "release"}`` (the counting proxy reads the setup's bytes meanwhile);
 * ``{"op": "ping"}`` and ``{"op": "exit"}``.
 
 Clients are built once per variant and reused, like a long-running client process would.
@@ -15,14 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import sys
 import threading
 import time
 from typing import Any
 
 from .endpoints import ClientKit, ClientSpec
-from .loopback import prepare_socket
 
 _kits: dict[str, ClientKit] = {}
 
@@ -35,18 +35,13 @@ def _kit(msg: dict[str, Any]) -> ClientKit:
 
 
 def _one(kit: ClientKit, address: tuple[str, int]) -> float:
+    """One connection: TCP connect to a verified TLS session, client-side wall time in ms."""
     t0 = time.perf_counter()
-    sock = socket.create_connection(address, timeout=30)
-    prepare_socket(sock)  # blocking (pyOpenSSL wants that), TCP_NODELAY, kernel timeouts
-    conn: Any = None
-    try:
-        conn = kit.handshake(sock)
-        return (time.perf_counter() - t0) * 1e3
-    finally:
-        for obj in (conn, sock):
-            if obj is not None:
-                with contextlib.suppress(Exception):
-                    obj.close()
+    conn = kit.connect(address)
+    elapsed = (time.perf_counter() - t0) * 1e3
+    with contextlib.suppress(Exception):
+        conn.close()
+    return elapsed
 
 
 def _latency(msg: dict[str, Any]) -> dict[str, Any]:
@@ -62,6 +57,22 @@ def _latency(msg: dict[str, Any]) -> dict[str, Any]:
             errors += 1
             last = f"{type(exc).__name__}: {exc}"
     return {"samples_ms": samples, "errors": errors, "last_error": last}
+
+
+_held: list[Any] = []
+
+
+def _hold(msg: dict[str, Any]) -> dict[str, Any]:
+    """One connection set up and kept open until ``release``."""
+    _held.append(_kit(msg).connect((msg["address"][0], int(msg["address"][1]))))
+    return {"ok": True}
+
+
+def _release() -> dict[str, Any]:
+    while _held:
+        with contextlib.suppress(Exception):
+            _held.pop().close()
+    return {"ok": True}
 
 
 def _throughput(msg: dict[str, Any]) -> dict[str, Any]:
@@ -106,12 +117,17 @@ def main() -> int:
                 answer = _latency(msg)
             elif op == "throughput":
                 answer = _throughput(msg)
+            elif op == "hold":
+                answer = _hold(msg)
+            elif op == "release":
+                answer = _release()
             else:
                 answer = {"error": f"unknown op {op!r}"}
         except Exception as exc:  # reported to the benchmark process as one line
             answer = {"error": f"{type(exc).__name__}: {exc}"}
         sys.stdout.write(json.dumps(answer) + "\n")
         sys.stdout.flush()
+    _release()
     for kit in _kits.values():
         kit.close()
     return 0

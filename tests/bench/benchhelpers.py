@@ -12,7 +12,7 @@ REQUIRED_IDS = ("stdlib-cert", "pyopenssl-cert-x25519mlkem768", "tls-psk", "hybr
 #: still exercise every phase (memory, breakdown, loopback latency, counting proxy, throughput,
 #: delaying proxy).  Numbers from it mean nothing; only the shape of the output is checked.
 TINY_VARIANTS = ",".join((*REQUIRED_IDS, "hybridkex-no-qkd", "hybridkex-kme5ms-pool", "hybridkex-epoch-kme5ms",
-                          "hybridkex-memory-qkd"))
+                          "hybridkex-memory-qkd", "hybridkex-reconnect"))
 TINY_ARGS = ("--quick", "--variants", TINY_VARIANTS, "--rounds", "2", "--n", "3", "--warmup", "1",
              "--samples", "10", "--clients", "2", "--seconds", "0.2", "--proxy-rtt", "4")
 

@@ -58,6 +58,9 @@ def test_round_trips_and_bytes_are_counted_on_the_wire(tiny_run: Any) -> None:
         assert rows[vid]["round_trips"] == 2, vid
     # The hybrid handshake sends an ML-KEM-768 key (1184 B) and ciphertext (1088 B) on top of TLS.
     assert rows["hybridkex"]["bytes_on_wire"] > rows["tls-psk"]["bytes_on_wire"] + 1184 + 1088
+    # A reconnect skips the hybrid exchange: TLS alone, one round trip.
+    assert rows["hybridkex-reconnect"]["round_trips"] == 1
+    assert rows["hybridkex-reconnect"]["bytes_on_wire"] < rows["hybridkex"]["bytes_on_wire"] - 1184 - 1088
     # Over real sockets (counting proxy) the same flights and about the same bytes cross the wire.
     for vid, row in rows.items():
         lw = row["loopback_wire"]
@@ -75,6 +78,8 @@ def test_the_stage_breakdown_finds_every_stage(tiny_run: Any) -> None:
         assert b[stage] > 0, stage
     assert not [n for n in rows["hybridkex"]["notes"] if n.startswith("breakdown")]
     assert rows["hybridkex-no-qkd"]["breakdown_ms"]["kme"] == 0
+    reconnect = rows["hybridkex-reconnect"]["breakdown_ms"]
+    assert reconnect["tls"] > 0 and reconnect["kem"] == reconnect["kme"] == reconnect["auth"] == 0
     assert set(rows["stdlib-cert"]["breakdown_ms"]) == {"tls"}
 
 

@@ -70,7 +70,7 @@ def test_variant_ids_and_selection() -> None:
     assert len(ids) == len(set(ids))
     for needed in ("stdlib-cert", "pyopenssl-cert-x25519", "pyopenssl-cert-x25519mlkem768", "tls-psk", "hybridkex",
                    "hybridkex-pki-ed25519", "hybridkex-pki-mldsa65", "hybridkex-pki-hybrid", "hybridkex-no-qkd",
-                   "hybridkex-mlkem1024", "hybridkex-epoch"):
+                   "hybridkex-mlkem1024", "hybridkex-epoch", "hybridkex-recycled", "hybridkex-reconnect"):
         assert needed in ids
     for ms in (0, 1, 5, 20):
         assert f"hybridkex-kme{ms}ms-direct" in ids
