@@ -54,7 +54,15 @@ _API = frozenset({
 
 def __getattr__(name: str) -> object:
     if name in _API:
-        value = getattr(_importlib.import_module(".api", __name__), name)
+        try:
+            api = _importlib.import_module(".api", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("cryptography", "OpenSSL"):
+                raise
+            raise _exceptions.UnsupportedAlgorithm(
+                f"hybridkex.{name} needs the {exc.name} package, which is not installed: "
+                "pip install 'cryptography>=49,<51' 'pyOpenSSL>=26.2,<27'") from exc
+        value = getattr(api, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
