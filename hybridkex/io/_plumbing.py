@@ -8,7 +8,6 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -223,5 +222,3 @@ class ServerState:
         if self.registry is not None:
             self.registry.clear()
 
-
-Callback = Callable[..., Any]

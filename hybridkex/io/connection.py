@@ -455,17 +455,21 @@ class HybridSocket:
                 self._write_lock.release()
 
     def send(self, data: Any) -> int:
-        """Send up to 64 KiB of ``data``; returns how many bytes were taken (all of them once
-        encrypted: TLS records are never half-sent from the caller's point of view)."""
+        """Send up to 64 KiB of ``data``; returns how many bytes were taken.
+
+        Bytes are taken once encrypted: if the socket then cannot take the records before the
+        timeout (or at once, in non-blocking mode), they stay queued and go out first on the next
+        call (which raises if it cannot send them either), so nothing is ever sent twice."""
         self._check_open()
         view = memoryview(data).cast("B")[:_SEND_CHUNK]
         if not view:
             return 0
         with self._write_lock:
             deadline = self._deadline()
-            self._flush(deadline)  # records a timed-out call left behind go first
+            self._flush(deadline)  # records an earlier call left behind go first; nothing taken yet
             self._encrypt(view)
-            self._flush(deadline)
+            with contextlib.suppress(BlockingIOError, TimeoutError):
+                self._flush(deadline)
         return len(view)
 
     def sendall(self, data: Any) -> None:

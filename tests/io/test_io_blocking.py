@@ -440,3 +440,32 @@ def test_tls_stage_timeout_after_the_hybrid_handshake(server_log: pytest.LogCapt
         assert registry is not None and registry.stats.registered == 1 and len(registry) == 0
     lines = [r.getMessage() for r in server_log.records if "rejected connection" in r.getMessage()]
     assert len(lines) == 1 and "HandshakeTimeout" in lines[0] and "TLS handshake" in lines[0], lines
+
+
+def test_nonblocking_send_never_duplicates_or_loses_bytes(setup: Any) -> None:
+    """Send without blocking into a peer that is not reading until the kernel pushes back; what
+    send() reported as taken must arrive exactly once, in order."""
+    data = os.urandom(32 * 1024 * 1024)
+    go = threading.Event()
+    got: queue.Queue[Any] = queue.Queue()
+
+    def handler(conn: HybridSocket, address: Any) -> None:
+        go.wait(WAIT)
+        got.put(digest(recv_all(conn)))
+
+    with running_server(setup, handler) as srv, \
+            hybridkex.connect(srv.server_address, setup.client, key_source=setup.client_keys) as sock:
+        sock.setblocking(False)
+        offset, pushed_back = 0, False
+        while offset < len(data):
+            try:
+                offset += sock.send(data[offset:offset + 65536])
+            except BlockingIOError:
+                pushed_back = True
+                break
+        assert pushed_back  # 32 MiB do not fit in loopback buffers
+        go.set()
+        sock.settimeout(WAIT)
+        sock.sendall(data[offset:])
+        sock.shutdown(socket.SHUT_WR)
+        assert got.get(timeout=WAIT) == digest(data)
