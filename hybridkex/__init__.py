@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib as _importlib
 from importlib import metadata as _metadata
+from typing import TYPE_CHECKING
 
 from . import exceptions as _exceptions
 from .combiner import CombinedSecret, PartyView, QKDBinding, combine, encode_party
@@ -50,6 +51,28 @@ _API = frozenset({
     "HybridTCPServer", "ReconnectPolicy", "ReconnectRegistry", "ReconnectTicket", "ServerConfig",
     "TLSOptions", "connect", "open_connection", "serve", "start_server",
 })
+
+if TYPE_CHECKING:  # type checkers see the lazy names' real types (without this, each is an `object`)
+    from .api import ClientConfig as ClientConfig
+    from .api import HybridAsyncServer as HybridAsyncServer
+    from .api import HybridClient as HybridClient
+    from .api import HybridHTTPConnection as HybridHTTPConnection
+    from .api import HybridHTTPServer as HybridHTTPServer
+    from .api import HybridServer as HybridServer
+    from .api import HybridSession as HybridSession
+    from .api import HybridSocket as HybridSocket
+    from .api import HybridStreamReader as HybridStreamReader
+    from .api import HybridStreamWriter as HybridStreamWriter
+    from .api import HybridTCPServer as HybridTCPServer
+    from .api import ReconnectPolicy as ReconnectPolicy
+    from .api import ReconnectRegistry as ReconnectRegistry
+    from .api import ReconnectTicket as ReconnectTicket
+    from .api import ServerConfig as ServerConfig
+    from .api import TLSOptions as TLSOptions
+    from .api import connect as connect
+    from .api import open_connection as open_connection
+    from .api import serve as serve
+    from .api import start_server as start_server
 
 
 def __getattr__(name: str) -> object:
