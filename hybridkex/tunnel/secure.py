@@ -14,9 +14,9 @@ import asyncio
 import binascii
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -28,6 +28,7 @@ from ..io.config import ClientConfig, ServerConfig, TLSOptions
 from ..policy import KeyBudget, Policy, QKDConfig, QKDMode, Timeouts
 from ..protocol import InitiatorConfig, PKIAuthenticator, PSKAuthenticator, ResponderConfig, SigningCredential
 from ..protocol.auth import Authenticator
+from .channel import PlainStream
 from .config import KMEConfig, PeerConfig, TunnelConfig
 from .metrics import TunnelMetrics
 
@@ -126,52 +127,33 @@ def _policy(config: TunnelConfig) -> Policy:
                   key_budget=KeyBudget(mode=config.policy.key_budget), timeouts=timeouts)
 
 
-class HybridStream:
-    """A verified hybridkex connection as the tunnel relay uses it (SecureStream)."""
+def _session_facts(session: Any) -> dict[str, object]:
+    """What the tunnel logs about a connection: negotiated facts, never keys."""
+    info = session.info
+    return {
+        "peer": info.peer_identity,
+        "suite": info.suite,
+        "components": [f"{c.name}:{c.secret_bytes * 8}" for c in info.components],
+        "auth": info.auth_mode,
+        "qkd": info.qkd_usage if info.qkd_used else f"none ({info.qkd_note})",
+        "qkd_key_ids": list(info.qkd_key_ids),
+        "tls_group": session.group,
+        "tls_cipher": session.cipher,
+        "reconnect": session.reconnect,
+    }
+
+
+class HybridStream(PlainStream):
+    """A verified hybridkex connection as the tunnel relay uses it.
+
+    The hybrid streams have asyncio's stream interface, so the relay adapter is the same as for
+    plain TCP; this adds the session and its loggable facts.
+    """
 
     def __init__(self, reader: HybridStreamReader, writer: HybridStreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-        s = writer.session
-        info = s.info
-        self._facts: dict[str, object] = {
-            "peer": info.peer_identity,
-            "suite": info.suite,
-            "components": [f"{c.name}:{c.secret_bytes * 8}" for c in info.components],
-            "auth": info.auth_mode,
-            "qkd": info.qkd_usage if info.qkd_used else f"none ({info.qkd_note})",
-            "qkd_key_ids": list(info.qkd_key_ids),
-            "tls_group": s.group,
-            "tls_cipher": s.cipher,
-            "reconnect": s.reconnect,
-        }
-
-    @property
-    def session_facts(self) -> Mapping[str, object]:
-        return self._facts
-
-    @property
-    def session(self) -> Any:
-        return self._writer.session
-
-    async def read(self, n: int) -> bytes:
-        return await self._reader.read(n)
-
-    def write(self, data: bytes) -> None:
-        self._writer.write(data)
-
-    async def drain(self) -> None:
-        await self._writer.drain()
-
-    async def write_eof(self) -> None:
-        await self._writer.drain()
-        self._writer.write_eof()
-
-    def close(self) -> None:
-        self._writer.close()
-
-    async def wait_closed(self) -> None:
-        await self._writer.wait_closed()
+        super().__init__(cast(asyncio.StreamReader, reader), cast(asyncio.StreamWriter, writer),
+                         _session_facts(writer.session))
+        self.session = writer.session
 
 
 class HybridChannelFactory:
