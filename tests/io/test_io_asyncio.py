@@ -394,3 +394,42 @@ def test_thread_pool_not_used_for_key_sources(setup: Any) -> None:
         run(main())
     finally:
         stop.set()
+
+
+def test_on_streams_the_caller_owns(setup: Any) -> None:
+    """accept_on_streams / connect_on_streams run the same setup over streams the caller opened
+    (the tunnel's seam), including a reconnect."""
+    from hybridkex.api import ReconnectPolicy
+    from hybridkex.io.aio import ServerSide, accept_on_streams, connect_on_streams
+
+    rc = make_setup(reconnect=ReconnectPolicy(enabled=True))
+
+    async def main() -> list[Any]:
+        side = ServerSide(rc.server, key_source=rc.server_keys)
+
+        async def on_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                hreader, hwriter = await accept_on_streams(reader, writer, side)
+            except hybridkex.HybridKEXError:
+                writer.close()
+                return
+            hwriter.write(await hreader.readexactly(3))
+            await hwriter.drain()
+            await hwriter.aclose()
+
+        plain = await asyncio.start_server(on_tcp, "127.0.0.1", 0)
+        port = plain.sockets[0].getsockname()[1]
+        out = []
+        ticket = None
+        for _ in range(2):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            hr, hw = await connect_on_streams(r, w, rc.client, key_source=rc.client_keys, ticket=ticket)
+            hw.write(b"abc")
+            out.append((await hr.read(), hw.session.reconnect))
+            ticket = ticket or hw.reconnect_ticket
+            await hw.aclose()
+        plain.close()
+        side.close()
+        return out
+
+    assert run(main()) == [(b"abc", False), (b"abc", True)]
