@@ -196,3 +196,12 @@ def test_end_to_end_with_real_kems() -> None:
     s1 = combine(SUITE, qkd_key=k, x25519_secret=ss_x, pq_secret=ss_m, ma=ma, mb=mb)
     s2 = combine(SUITE, qkd_key=k, x25519_secret=xa.decapsulate(x_ct), pq_secret=pa.decapsulate(m_ct), ma=ma, mb=mb)
     assert s1.equals(s2)
+
+
+def test_spec_documents_every_purpose_label() -> None:
+    """docs/spec.md section 4.3 is normative: every label the code derives with must be in it."""
+    from pathlib import Path
+
+    spec = (Path(__file__).resolve().parent.parent / "docs" / "spec.md").read_text(encoding="utf-8")
+    for label in labels.PURPOSES:
+        assert f"`{label.decode()}`" in spec, label
