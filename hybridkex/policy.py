@@ -85,9 +85,9 @@ class Timeouts:
     """Deadlines, in seconds, that drivers apply (the sans-IO core has no clock for them)."""
 
     #: The whole handshake, from the first byte to the session.
-    handshake: float = 30.0
+    handshake: float = 10.0
     #: One call to the key source (KME request).
-    kme: float = 10.0
+    kme: float = 5.0
 
     def __post_init__(self) -> None:
         _positive_or_none(self.handshake, "timeouts.handshake", integer=False)

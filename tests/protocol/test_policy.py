@@ -18,7 +18,7 @@ def test_defaults():
     p = Policy()
     assert p.qkd is QKDMode.REQUIRED
     assert [s.name for s in p.allowed_suites] == ["x25519-mlkem768-qkd-hkdfsha256"]
-    assert p.key_budget.mode == "fresh" and p.timeouts.handshake == 30.0
+    assert p.key_budget.mode == "fresh" and p.timeouts.handshake == 10.0 and p.timeouts.kme == 5.0
     assert [s.name for s in Policy(qkd="disabled").allowed_suites] == ["x25519-mlkem768-hkdfsha256"]
 
 
