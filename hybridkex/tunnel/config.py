@@ -338,6 +338,9 @@ def load_config(role: Role, path: str | os.PathLike[str] | None = None,
             raise ConfigurationError(f"config {file_label}: cannot read: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigurationError(f"config {file_label}: invalid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:  # tomllib decodes the whole file first; TOML is UTF-8
+            raise ConfigurationError(f"config {file_label}: not UTF-8 text (byte {exc.start}); save the file "
+                                     "as UTF-8") from None
     for key, value in overrides.values.items():
         _set_dotted(raw, key, value)
     try:
