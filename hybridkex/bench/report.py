@@ -33,7 +33,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"  in memory: warm-up {o['warmup']}, {o['rounds']} interleaved rounds of up to {o['n']} handshakes "
         f"({o['round_seconds']:g} s budget per variant and round); medians over rounds",
         f"  loopback: up to {o['samples']} sequential handshakes per variant in {o['latency_rounds']} rounds; "
-        f"throughput with {o['clients']} concurrent clients for {o['throughput_seconds']:g} s"
+        + (f"throughput with {o['clients']} concurrent clients for {o['throughput_seconds']:g} s" if o["clients"]
+           else "no throughput run")
         + (f"; proxy adds {o['proxy_rtt_ms']:g} ms RTT" if o["proxy_rtt_ms"] else ""),
         f"  noise: per-round CPU spread (max-min)/median: median {_pct(report['noise_cpu_median'])}, "
         f"worst {_pct(report['noise_cpu_max'])}",
