@@ -277,8 +277,7 @@ class _Bench:
                 for _ in range(2):
                     worker.request({"op": "hold", "variant": v.id, "spec": env.client_spec(v.id).to_json(),
                                     "address": list(proxy.address)})
-                    time.sleep(0.1)  # let post-handshake records (a session ticket) reach the proxy
-                    logs = proxy.live_logs()
+                    logs = _settled(proxy)
                     worker.request({"op": "release"})
             if logs:
                 self.rows[v.id].loopback_wire = logs[-1].as_dict()
@@ -339,6 +338,22 @@ class _Bench:
             d.update(r.wire)
             out.append(d)
         return out
+
+
+def _settled(proxy: DelayProxy, timeout: float = 3.0) -> list[Any]:
+    """The proxy's counts once nothing has moved for 0.15 s: post-handshake records (a session
+    ticket) arrive after the client is done, later still on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    last: tuple[int, ...] = ()
+    quiet_since = time.monotonic()
+    while True:
+        logs = proxy.live_logs()
+        now = tuple(s.total for s in logs)
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= 0.15 or time.monotonic() > deadline:
+            return logs
+        time.sleep(0.03)
 
 
 def _goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
