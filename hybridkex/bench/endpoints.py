@@ -59,6 +59,7 @@ from ..protocol import (
     QKDKeysRequired,
     Responder,
     Session,
+    SessionInfo,
     SigningCredential,
 )
 from ..protocol._wire import MAGIC
@@ -88,6 +89,12 @@ class End(Protocol):
 
     def incoming(self, data: bytes) -> None:
         """Bytes from the peer."""
+        ...
+
+    def facts(self) -> dict[str, Any]:
+        """What the completed handshake established (public facts, to check the variant ran as
+        described): TLS version, cipher and group; for hybridkex also suite, authentication mode,
+        QKD use and whether it was a reconnect."""
         ...
 
 
@@ -144,6 +151,11 @@ class _StdlibEnd:
     def incoming(self, data: bytes) -> None:
         self._in.write(data)
 
+    def facts(self) -> dict[str, Any]:
+        cipher = self._obj.cipher()
+        return {"tls_version": self._obj.version(), "tls_cipher": cipher[0] if cipher else None,
+                "tls_group": None}  # the ssl module reports the group only from Python 3.15
+
 
 class _PyOpenSSLEnd:
     def __init__(self, ctx: SSL.Context, server_side: bool, host: bytes | None) -> None:
@@ -173,6 +185,10 @@ class _PyOpenSSLEnd:
     def incoming(self, data: bytes) -> None:
         self.conn.bio_write(data)
 
+    def facts(self) -> dict[str, Any]:
+        return {"tls_version": self.conn.get_protocol_version_name(), "tls_cipher": self.conn.get_cipher_name(),
+                "tls_group": self.conn.get_group_name()}
+
 
 class _MemoryTLSEnd:
     """hybridkex.tls over memory BIOs (with its post-handshake verification)."""
@@ -193,6 +209,16 @@ class _MemoryTLSEnd:
 
     def incoming(self, data: bytes) -> None:
         self._tls.receive_data(data)
+
+    def facts(self) -> dict[str, Any]:
+        return _tls_facts(self._tls)
+
+
+def _tls_facts(end: tls.MemoryTLS | None) -> dict[str, Any]:
+    info = end.info if end is not None else None
+    if info is None:
+        return {}
+    return {"tls_version": info.version, "tls_cipher": info.cipher, "tls_group": info.group}
 
 
 def stdlib_client_context(ca_path: str) -> ssl.SSLContext:
@@ -372,6 +398,15 @@ class _HybridEnd:
         self._server_side = isinstance(conn, Responder)
         self._tls: tls.MemoryTLS | None = None
         self._pending = b""
+        self._info: SessionInfo | None = None
+
+    def facts(self) -> dict[str, Any]:
+        out = _tls_facts(self._tls)
+        if self._info is not None:
+            i = self._info
+            out.update(reconnect=False, suite=i.suite, auth_mode=i.auth_mode, qkd_used=i.qkd_used,
+                       qkd_usage=i.qkd_usage, components=[c.name for c in i.components])
+        return out
 
     def incoming(self, data: bytes) -> None:
         if self._tls is None:
@@ -413,6 +448,7 @@ class _HybridEnd:
             session = self._run_protocol()
             if session is None:
                 return False
+            self._info = session.info
             self._pending += self._conn.data_to_send()  # the initiator's Finished leaves first
             st.push("auth")
             try:  # the driver's on_complete hook
@@ -455,6 +491,13 @@ class _ReconnectClientEnd(_MemoryTLSEnd):
         finally:
             stages.pop()
         super().__init__(end, stages)
+        self._parent = key.info
+
+    def facts(self) -> dict[str, Any]:
+        i = self._parent
+        return super().facts() | {"reconnect": True, "suite": i.suite, "auth_mode": i.auth_mode,
+                                  "qkd_used": i.qkd_used, "qkd_usage": i.qkd_usage,
+                                  "components": [c.name for c in i.components]}
 
 
 class _ServerDispatchEnd:
@@ -500,6 +543,9 @@ class _ServerDispatchEnd:
 
     def outgoing(self) -> bytes:
         return self._end.outgoing() if self._end is not None else b""
+
+    def facts(self) -> dict[str, Any]:
+        return self._end.facts() if self._end is not None else {}
 
 
 class ClientKit:

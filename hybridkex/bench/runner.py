@@ -90,6 +90,7 @@ class _Row:
     wall_rounds: list[float] = field(default_factory=list)
     n_per_round: int = 0
     wire: dict[str, int] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
     loopback_wire: dict[str, int] | None = None
     breakdown: dict[str, float] | None = None
     latency: list[float] = field(default_factory=list)
@@ -153,8 +154,10 @@ class _Bench:
             # Counted after the warm-up: a reconnect needs its first full handshake, recycled keys
             # their bootstrap, before a handshake looks like every later one.
             wire = WireLog()
-            pump(client.memory_end(), server.memory_end(), wire)
+            c_end = client.memory_end()
+            pump(c_end, server.memory_end(), wire)
             self.rows[v.id].wire = wire.summary().as_dict()
+            self.rows[v.id].facts = c_end.facts()
             # Slow variants (waiting on a KME) get fewer handshakes per round, never fewer than 3.
             n = max(3, min(o.n, int(o.round_seconds / max(per_hs_wall[v.id], 1e-6))))
             self.rows[v.id].n_per_round = n
@@ -330,6 +333,7 @@ class _Bench:
                 throughput_errors=r.throughput_errors,
                 proxy_latency_ms_median=statistics.median(r.proxy_latency) if r.proxy_latency else None,
                 breakdown_ms=r.breakdown,
+                established=r.facts,
                 loopback_wire=r.loopback_wire,
                 latency_ms_samples=[round(x, 4) for x in r.latency],
                 notes=r.notes + ([f"loopback client errors: {r.latency_errors} ({r.latency_error_text})"]

@@ -113,3 +113,18 @@ def test_plots_are_png_files(tiny_run: Any) -> None:
     for name in names:
         data = (tiny_run.plots / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+
+
+def test_each_variant_ran_as_described(tiny_run: Any) -> None:
+    """What the measured handshakes established (read from the sessions, not from the config)."""
+    est = {v["id"]: v["established"] for v in tiny_run.report["variants"]}
+    for vid, facts in est.items():
+        assert facts["tls_version"] == "TLSv1.3", vid
+    assert est["pyopenssl-cert-x25519mlkem768"]["tls_group"] == "X25519MLKEM768"
+    h = est["hybridkex"]
+    assert (h["suite"], h["auth_mode"], h["qkd_used"], h["qkd_usage"], h["reconnect"]) == (
+        "x25519-mlkem768-qkd-hkdfsha256", "psk", True, "fresh", False)
+    assert h["components"] == ["QKD", "X25519", "ML-KEM-768"]
+    assert (est["hybridkex-no-qkd"]["qkd_used"], est["hybridkex-no-qkd"]["qkd_usage"]) == (False, "none")
+    assert est["hybridkex-epoch-kme5ms"]["qkd_usage"] == "epoch"
+    assert est["hybridkex-reconnect"]["reconnect"] is True

@@ -103,3 +103,21 @@ def test_the_benchmarks_script_is_the_same_command() -> None:
                           capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[0].startswith("stdlib-cert ")
+
+
+def test_recycled_and_pki_variants_in_memory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The authentication variants run, in memory only, and really use their mode (recycled keys
+    after the bootstrap handshake of the warm-up)."""
+    import json
+
+    out = tmp_path / "auth.json"
+    code = main(["bench", "--quick", "--no-loopback", "--no-progress", "--variants",
+                 "hybridkex-recycled,hybridkex-pki-ed25519", "--rounds", "1", "--n", "2", "--warmup", "2",
+                 "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    rows = {r["id"]: r for r in json.loads(out.read_text(encoding="utf-8"))["variants"]}
+    assert rows["hybridkex-recycled"]["established"]["auth_mode"] == "recycled"
+    assert rows["hybridkex-pki-ed25519"]["established"]["auth_mode"] == "pki-ed25519"
+    for row in rows.values():
+        assert row["cpu_ms_median"] > 0 and row["latency_ms_median"] is None and row["round_trips"] == 2
+        assert row["breakdown_ms"]["auth"] > 0
