@@ -9,7 +9,7 @@ from typing import Any
 
 from .stages import STAGES
 
-__all__ = ["format_report", "write_json"]
+__all__ = ["format_markdown", "format_report", "write_json"]
 
 
 def _f(x: Any, fmt: str = "8.3f", width: int = 8) -> str:
@@ -102,6 +102,37 @@ def _breakdown(rows: list[dict[str, Any]]) -> list[str]:
                    + f" {_f(sum(b.values()), '8.3f')}")
     out.append("(wall time in one thread with the stage functions wrapped; kme includes waiting for the KME)")
     return out
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The results, goals and stage breakdown as Markdown tables (for docs/benchmarks.md)."""
+    rows = report["variants"]
+    base = next((r["cpu_ms_median"] for r in rows if r["id"] == "stdlib-cert"), None)
+    m = report["machine"]
+    out = [f"`{report['command']}`: {m['cpu']}, {m['cores']} cores, load {m.get('loadavg_start')} -> "
+           f"{m.get('loadavg_end')}, {report['duration_s']:g} s, CPU noise median "
+           f"{_pct(report['noise_cpu_median'])} (worst {_pct(report['noise_cpu_max'])})", "",
+           "| variant | CPU ms | x stdlib | mem ms | loopback median / p95 / p99 ms | hs/s | bytes | RTs |",
+           "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        cpu = r["cpu_ms_median"]
+        lat = ("(memory only)" if r["latency_ms_median"] is None else
+               f"{r['latency_ms_median']:.2f} / {r['latency_ms_p95']:.2f} / {r['latency_ms_p99']:.2f}")
+        out.append(f"| {r['id']} | {_f(cpu, '.3f', 0)} | {_f(cpu / base if cpu and base else None, '.2f', 0)} | "
+                   f"{_f(r['wall_memory_ms_median'], '.2f', 0)} | {lat} | {_f(r['handshakes_per_s'], '.0f', 0)} | "
+                   f"{r['bytes_on_wire']} | {r['round_trips']} |")
+    out += ["", "| goal | ratio | verdict |", "|---|---:|---|"]
+    for g in report["goals"]:
+        verdict = "n/a" if g["met"] is None else ("met" if g["met"] else "missed")
+        out.append(f"| {g['text']} | {_f(g['ratio'], '.2f', 0)}x | {verdict} |")
+    hyb = [r for r in rows if r["kind"] == "hybridkex" and r.get("breakdown_ms")]
+    if hyb:
+        out += ["", "| variant | " + " | ".join(STAGES) + " | total |", "|---|" + "---:|" * (len(STAGES) + 1)]
+        for r in hyb:
+            b = r["breakdown_ms"]
+            out.append(f"| {r['id']} | " + " | ".join(_f(b.get(st), ".3f", 0) for st in STAGES)
+                       + f" | {sum(b.values()):.2f} |")
+    return "\n".join(out) + "\n"
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:

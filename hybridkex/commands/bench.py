@@ -17,6 +17,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     parser.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
     parser.add_argument("--plots", metavar="DIR", help="also write PNG plots (needs matplotlib)")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown")
     parser.add_argument("--rounds", type=int, metavar="N", help="interleaved rounds in memory (default 7)")
     parser.add_argument("--n", type=int, metavar="N", help="most handshakes per variant and round (default 200)")
     parser.add_argument("--warmup", type=int, metavar="N", help="warm-up handshakes per variant (default 20)")
@@ -42,7 +43,8 @@ def _command(args: argparse.Namespace) -> str:
     for flag in ("quick", "no_loopback"):
         if getattr(args, flag):
             parts.append("--" + flag.replace("_", "-"))
-    for name in ("variants", "rounds", "n", "warmup", "samples", "clients", "seconds", "proxy_rtt", "json", "plots"):
+    for name in ("variants", "rounds", "n", "warmup", "samples", "clients", "seconds", "proxy_rtt", "json", "plots",
+                 "markdown"):
         value = getattr(args, name)
         if value is not None and not (name == "proxy_rtt" and not value):
             parts += ["--" + name.replace("_", "-"), str(value)]
@@ -52,7 +54,7 @@ def _command(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     # Imported here, not at the top: `hybridkex --help` must not load the benchmark's dependencies.
     from ..bench import BenchOptions, run_benchmark  # noqa: PLC0415
-    from ..bench.report import format_report, write_json  # noqa: PLC0415
+    from ..bench.report import format_markdown, format_report, write_json  # noqa: PLC0415
     from ..bench.variants import VARIANTS, select  # noqa: PLC0415
 
     if args.list:
@@ -81,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json(report, args.json)
         print(f"\nJSON: {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(format_markdown(report))
+        print(f"Markdown: {args.markdown}")
     if args.plots:
         from ..bench.plots import write_plots  # noqa: PLC0415
 

@@ -24,6 +24,7 @@ class TinyRun:
     stderr: str
     report: dict[str, Any]
     plots: Path
+    markdown: str
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +33,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
     from hybridkex.cli import main
 
     out = tmp_path_factory.mktemp("bench")
-    json_path, plots = out / "bench.json", out / "plots"
+    json_path, plots, md = out / "bench.json", out / "plots", out / "bench.md"
     # capsys is function-scoped; this fixture is shared by the module, so redirect by hand.
     std, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(std), contextlib.redirect_stderr(err):
-        code = main(["bench", *TINY_ARGS, "--json", str(json_path), "--plots", str(plots)])
+        code = main(["bench", *TINY_ARGS, "--json", str(json_path), "--plots", str(plots), "--markdown", str(md)])
     report = json.loads(json_path.read_text(encoding="utf-8")) if json_path.exists() else {}
-    return TinyRun(code, std.getvalue(), err.getvalue(), report, plots)
+    markdown = md.read_text(encoding="utf-8") if md.exists() else ""
+    return TinyRun(code, std.getvalue(), err.getvalue(), report, plots, markdown)

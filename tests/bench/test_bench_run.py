@@ -128,3 +128,12 @@ def test_each_variant_ran_as_described(tiny_run: Any) -> None:
     assert (est["hybridkex-no-qkd"]["qkd_used"], est["hybridkex-no-qkd"]["qkd_usage"]) == (False, "none")
     assert est["hybridkex-epoch-kme5ms"]["qkd_usage"] == "epoch"
     assert est["hybridkex-reconnect"]["reconnect"] is True
+
+
+def test_markdown_tables(tiny_run: Any) -> None:
+    md = tiny_run.markdown
+    assert md.startswith("`hybridkex bench --quick")
+    assert "| variant | CPU ms | x stdlib |" in md and "| goal | ratio | verdict |" in md
+    for vid in REQUIRED_IDS:
+        assert f"| {vid} | " in md
+    assert "| stdlib-cert | " in md and " | 1.00 | " in md  # the baseline's ratio to itself
