@@ -145,8 +145,11 @@ def test_tunnel_http_service_example() -> None:
 
 
 def test_tunnel_http_service_example_cleans_up_on_ctrl_c() -> None:
+    # SIGINT may be inherited as ignored (a test runner started in the background); a terminal's Ctrl-C
+    # is live, so restore the default disposition in the child before it starts Python.
     proc = subprocess.Popen([sys.executable, str(EXAMPLES / "tunnel_http_service.py")], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=CLEAN_ENV, cwd=EXAMPLES.parent)
+                            stderr=subprocess.STDOUT, text=True, env=CLEAN_ENV, cwd=EXAMPLES.parent,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout is not None
         seen = []
