@@ -11,9 +11,17 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import AuthenticationError, ConfigurationError, HandshakeTimeout, HybridKEXError
+from ..exceptions import (
+    AuthenticationError,
+    ConfigurationError,
+    HandshakeTimeout,
+    HybridKEXError,
+    RemoteProtocolError,
+)
 from ..policy import KeyBudget
 from ..protocol import Session
+from ..protocol._connection import _peer_abort_error
+from ..protocol._wire import HEADER_LEN, MAGIC, FrameType
 from ..tls._common import PQ_GROUP
 from ..tls.pyopenssl import client_context, server_context
 from .config import ClientConfig, ServerConfig, TLSOptions
@@ -222,3 +230,17 @@ class ServerState:
         if self.registry is not None:
             self.registry.clear()
 
+
+
+def check_server_first_bytes(first: bytes) -> None:
+    """Check the server's first bytes after the client's last hybrid message.
+
+    The server answers with TLS (a handshake record, 0x16) or, when it rejected the client's
+    authentication or key confirmation, with a hybridkex Abort frame.  Without this check the
+    Abort would reach OpenSSL and surface as a confusing TLS error instead of the peer's verdict.
+    """
+    if not first.startswith(MAGIC[:1]):
+        return
+    if len(first) > HEADER_LEN and first.startswith(MAGIC) and first[3] == FrameType.ABORT:
+        raise _peer_abort_error(first[HEADER_LEN])
+    raise RemoteProtocolError("the peer sent a hybridkex frame where the TLS handshake was expected")

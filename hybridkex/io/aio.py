@@ -21,7 +21,7 @@ import inspect
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ..exceptions import (
     ConfigurationError,
@@ -53,6 +53,7 @@ from ._plumbing import (
     ServerState,
     Stage,
     check_key_source,
+    check_server_first_bytes,
     client_keys,
     is_async_source,
     log_rejection,
@@ -558,14 +559,31 @@ async def _within(stage: Stage, awaitable: Awaitable[T]) -> T:
         raise HandshakeTimeout(f"{stage.name} did not complete within {stage.limit:.3g} s") from None
 
 
+class _FirstReadCheck:
+    """A stream reader whose first chunk is shown to ``check`` (which may raise) before anyone else."""
+
+    def __init__(self, reader: asyncio.StreamReader, check: Callable[[bytes], None]) -> None:
+        self._reader = reader
+        self._check: Callable[[bytes], None] | None = check
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await self._reader.read(n)
+        if self._check is not None:
+            check, self._check = self._check, None
+            check(data)
+        return data
+
+
 async def _tls(ctx_role: str, cipher: str, cfg: ClientConfig | ServerConfig, streams: _Streams, stage: Stage, *,
-               reconnect: bool, bind: Callable[[Any], None], initial: bytes = b"") -> tuple[AsyncTLSStream, TLSInfo]:
+               reconnect: bool, bind: Callable[[Any], None], initial: bytes = b"",
+               check_first: Callable[[bytes], None] | None = None) -> tuple[AsyncTLSStream, TLSInfo]:
     reader, writer = streams
     tls = MemoryTLS(tls_context(ctx_role, cipher, cfg.tls, reconnect=reconnect), server_side=ctx_role == "server")
     bind(tls.connection)
     if initial:
         tls.receive_data(initial)
-    stream = AsyncTLSStream(tls, reader, writer)
+    source = cast(asyncio.StreamReader, _FirstReadCheck(reader, check_first)) if check_first else reader
+    stream = AsyncTLSStream(tls, source, writer)
     info = await stream.handshake(stage.left())
     return stream, info
 
@@ -580,7 +598,8 @@ async def _client_full(streams: _Streams, cfg: ClientConfig, keys: Any, deadline
     try:
         stream, info = await _tls("client", k.cipher, cfg, streams,
                                   deadline.stage("the TLS handshake", cfg.tls.timeout), reconnect=False,
-                                  bind=lambda c: bind_psk(c, k.identity, k.psk))
+                                  bind=lambda c: bind_psk(c, k.identity, k.psk),
+                                  check_first=check_server_first_bytes)
     except BaseException:
         if k.ticket is not None:
             k.ticket.erase()

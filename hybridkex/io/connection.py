@@ -28,6 +28,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from ..exceptions import (
@@ -49,6 +50,7 @@ from ._plumbing import (
     ServerState,
     Stage,
     check_key_source,
+    check_server_first_bytes,
     client_keys,
     is_async_source,
     server_keys,
@@ -129,8 +131,12 @@ def _sendall(sock: socket.socket, data: bytes, stage: Stage) -> None:
             stage.left()
 
 
-def _tls_handshake(sock: socket.socket, tls: MemoryTLS, stage: Stage, initial: bytes = b"") -> TLSInfo:
-    """Drive the TLS handshake of ``tls`` over ``sock`` (non-blocking) before ``stage`` ends."""
+def _tls_handshake(sock: socket.socket, tls: MemoryTLS, stage: Stage, initial: bytes = b"",
+                   check_first: Callable[[bytes], None] | None = None) -> TLSInfo:
+    """Drive the TLS handshake of ``tls`` over ``sock`` (non-blocking) before ``stage`` ends.
+
+    ``check_first`` sees the first bytes received (before OpenSSL does) and may raise.
+    """
     sock.setblocking(False)
     try:
         if initial:
@@ -149,7 +155,11 @@ def _tls_handshake(sock: socket.socket, tls: MemoryTLS, stage: Stage, initial: b
                 _sendall(sock, out, stage)
             if info is not None:
                 return info
-            tls.receive_data(_recv_some(sock, stage))
+            data = _recv_some(sock, stage)
+            if check_first is not None:
+                check_first(data)
+                check_first = None
+            tls.receive_data(data)
     except (ConnectionError, TimeoutError) as exc:
         if isinstance(exc, HandshakeTimeout):
             raise
@@ -632,7 +642,8 @@ def _client_full(sock: socket.socket, cfg: ClientConfig, key_source: Any, deadli
     try:
         tls = MemoryTLS(tls_context("client", keys.cipher, cfg.tls), server_side=False)
         bind_psk(tls.connection, keys.identity, keys.psk)
-        info = _tls_handshake(sock, tls, deadline.stage("the TLS handshake", cfg.tls.timeout))
+        info = _tls_handshake(sock, tls, deadline.stage("the TLS handshake", cfg.tls.timeout),
+                              check_first=check_server_first_bytes)
     except BaseException:
         if keys.ticket is not None:
             keys.ticket.erase()

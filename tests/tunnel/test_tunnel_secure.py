@@ -21,15 +21,17 @@ SECURE_ENV = {"HYBRIDKEX_TUNNEL_INSECURE_PLAIN_CHANNEL": "", "HYBRIDKEX_TESTING"
 def kme(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str, str]]:
     pki = tmp_path_factory.mktemp("pki")
     subprocess.run([PY, "-m", "hybridkex", "pki", "init", str(pki)], check=True, capture_output=True, timeout=60)
+    # stderr goes to a file: an unread pipe could fill up and block the KME.
+    log = open(pki / "kme.log", "w")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen([PY, "-m", "hybridkex", "kme", "--pki", str(pki), "--port-a", "0", "--port-b", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=log, text=True)
     urls = {}
     try:
         assert proc.stdout is not None
         while len(urls) < 2:
             line = proc.stdout.readline()
             if not line:
-                raise AssertionError(f"hybridkex kme exited: {proc.stderr.read() if proc.stderr else ''}")
+                raise AssertionError(f"hybridkex kme exited: {(pki / 'kme.log').read_text()}")
             m = re.match(r"(KME-[AB]) (https://\S+)", line)
             if m:
                 urls[m.group(1)] = m.group(2)
@@ -37,6 +39,7 @@ def kme(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str, s
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+        log.close()
 
 
 def _psk(directory: Path, name: str) -> Path:

@@ -589,12 +589,6 @@ def test_pki_authenticated_tunnel_pair(tunnels: SecureTunnels, echo: EchoService
     assert not rogue.events("handshake_ok") and not wrong_role.events("handshake_ok")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: after the initiator's last hybrid flight (Certificate + Finished in PKI mode) the client "
-    "starts TLS at once; when the server then rejects the client's certificate it sends an Abort frame, "
-    "which the client's TLS stage parses as a TLS record and reports as TLSError 'the peer does not speak "
-    "TLS 1.3' (tunnel outcome tls_error) instead of an AuthenticationError (auth_failed). Same with "
-    "hybridkex.connect (blocking) and the asyncio client."))
 def test_a_client_whose_certificate_is_refused_is_told_authentication_failed(
         tunnels: SecureTunnels, echo: EchoService, tmp_path: Path) -> None:
     ca = EdPKI(tmp_path, "tunnel-ca")
