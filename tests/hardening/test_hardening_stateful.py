@@ -17,6 +17,7 @@ IDs, other bytes) or unavailable, and API calls in the wrong state.  After every
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -46,11 +47,19 @@ STATS = {"runs": 0, "steps": 0, "completed_both": 0, "failed_typed": 0, "misuse"
 
 
 class Handshake(RuleBasedStateMachine):
+    """Bytes in flight are segments tagged "tainted" when their sender had consumed tampered input
+    (or used wrong QKD keys) when it produced them; each side records the offset of the first
+    tampered byte it received.  A side may complete only if everything it consumed (its input
+    minus the trailing bytes left for the next layer) is untainted."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conn: dict[str, Initiator | Responder] = {}
-        self.pending = {"ini": bytearray(), "res": bytearray()}
-        self.tampered = False
+        self.pending: dict[str, list[tuple[bytes, bool]]] = {"ini": [], "res": []}
+        self.received = {"ini": 0, "res": 0}
+        self.first_tamper: dict[str, int | None] = {"ini": None, "res": None}
+        self.wrong_keys = {"ini": False, "res": False}
+        self.drop_next = {"ini": False, "res": False}
         self.failed = {"ini": False, "res": False}
         self.sessions: dict[str, Any] = {}
         self.request: dict[str, QKDKeysRequired | QKDKeysByIdRequired | None] = {"ini": None, "res": None}
@@ -66,15 +75,46 @@ class Handshake(RuleBasedStateMachine):
         self.counter = [seed * 1000]
         self._step("ini")
 
+    # --- bookkeeping ---------------------------------------------------------------------------
+
+    def _consumed(self, side: str) -> int:
+        conn = self.conn[side]
+        left = len(conn.trailing_data) if conn.state is State.COMPLETE else len(conn._inbuf)
+        return self.received[side] - left
+
+    def _tainted_output(self, side: str) -> bool:
+        first = self.first_tamper[side]
+        return self.wrong_keys[side] or (first is not None and first < self._consumed(side))
+
+    def _mark(self, side: str, offset: int) -> None:
+        first = self.first_tamper[side]
+        self.first_tamper[side] = offset if first is None else min(first, offset)
+
+    def _take(self, side: str, n: int) -> tuple[bytes, int | None]:
+        """Up to ``n`` bytes from the front of what is in flight to ``side``, and the offset of its
+        first tainted byte (None: all honest)."""
+        out, taint = bytearray(), None
+        segs = self.pending[side]
+        while segs and len(out) < n:
+            data, tainted = segs[0]
+            part = data[: n - len(out)]
+            if tainted and taint is None:
+                taint = len(out)
+            out += part
+            if len(part) == len(data):
+                segs.pop(0)
+            else:
+                segs[0] = (data[len(part):], tainted)
+        return bytes(out), taint
+
     # --- driving one side ----------------------------------------------------------------------
 
     def _collect(self, side: str) -> None:
         data = self.conn[side].data_to_send()
         if data:
-            self.pending[OTHER[side]] += data
+            self.pending[OTHER[side]].append((data, self._tainted_output(side)))
 
     def _on_error(self, side: str, exc: HybridKEXError) -> None:
-        assert not isinstance(exc, LocalProtocolError) or self.failed[side] or "internal" not in str(exc), exc
         assert self.conn[side].state is State.FAILED, (side, exc, self.conn[side].state)
         assert side not in self.sessions
         self.failed[side] = True
@@ -87,6 +127,7 @@ class Handshake(RuleBasedStateMachine):
             return
         try:
             for _ in range(16):
+                self._collect(side)  # output produced so far is tagged before more input is consumed
                 event = conn.next_event()
                 if event is NEED_DATA or event is PAUSED:
                     break
@@ -94,20 +135,28 @@ class Handshake(RuleBasedStateMachine):
                     self.request[side] = event
                     break
                 assert isinstance(event, HandshakeComplete), f"undefined event {event!r}"
-                assert not self.tampered, f"{side} completed a tampered handshake"
                 assert conn.state is State.COMPLETE
+                first = self.first_tamper[side]
+                assert not self.wrong_keys[side], f"{side} completed with wrong QKD keys"
+                assert first is None or first >= self._consumed(side), f"{side} completed a tampered handshake"
                 self.sessions[side] = event.session
                 break
         except HybridKEXError as exc:
             self._on_error(side, exc)
         self._collect(side)
 
-    def _receive(self, side: str, data: bytes) -> None:
+    def _receive(self, side: str, data: bytes, tamper_at: int | None = None) -> None:
         conn = self.conn[side]
         if self.failed[side]:
             with pytest.raises(LocalProtocolError):
                 conn.receive_data(data)
             return
+        if data and self.drop_next[side]:  # the stream continues after a gap
+            self.drop_next[side] = False
+            tamper_at = 0
+        if tamper_at is not None:
+            self._mark(side, self.received[side] + tamper_at)
+        self.received[side] += len(data)
         try:
             conn.receive_data(data)
         except HybridKEXError as exc:
@@ -120,15 +169,14 @@ class Handshake(RuleBasedStateMachine):
 
     @rule(side=st.sampled_from(SIDES), n=st.integers(1, 4096))
     def deliver(self, side: str, n: int) -> None:
-        """Honest bytes, in a chunk of any size."""
-        chunk = bytes(self.pending[side][:n])
-        del self.pending[side][:n]
+        """What the peer sent, in a chunk of any size (tainted if the peer had been misled)."""
+        chunk, taint = self._take(side, n)
         if chunk:
-            self._receive(side, chunk)
+            self._receive(side, chunk, taint)
 
     @rule()
     def honest_round(self) -> None:
-        """Everything pending delivered whole and every QKD request answered right, both ways."""
+        """Everything in flight delivered whole and every QKD request answered right, both ways."""
         for side in ("res", "ini"):
             if self.request[side] is not None:
                 self.answer_qkd(side, "right")
@@ -137,34 +185,31 @@ class Handshake(RuleBasedStateMachine):
     @precondition(lambda self: any(self.pending[s] for s in SIDES))
     @rule(side=st.sampled_from(SIDES), pos=st.integers(0, 1 << 16), xor=st.integers(1, 255))
     def deliver_flipped(self, side: str, pos: int, xor: int) -> None:
-        """The next honest bytes with one byte changed."""
-        data = bytearray(self.pending[side])
-        self.pending[side].clear()
+        """Everything in flight with one byte changed."""
+        data, taint = self._take(side, 1 << 30)
         if not data:
             return
-        data[pos % len(data)] ^= xor
-        self.tampered = True
-        self._receive(side, bytes(data))
+        at = pos % len(data)
+        flipped = bytearray(data)
+        flipped[at] ^= xor
+        self._receive(side, bytes(flipped), at if taint is None else min(at, taint))
 
     @rule(side=st.sampled_from(SIDES), data=st.binary(min_size=1, max_size=64))
     def inject(self, side: str, data: bytes) -> None:
-        self.tampered = True
-        self._receive(side, data)
+        self._receive(side, data, 0)
 
     @rule(side=st.sampled_from(SIDES), index=st.integers(0, len(REPLAY) - 1))
     def replay(self, side: str, index: int) -> None:
-        self.tampered = True
-        self._receive(side, REPLAY[index])
+        self._receive(side, REPLAY[index], 0)
 
-    @precondition(lambda self: any(len(self.pending[s]) >= 8 for s in SIDES))
+    @precondition(lambda self: any(sum(len(d) for d, _ in self.pending[s]) >= 8 for s in SIDES))
     @rule(side=st.sampled_from(SIDES))
     def drop_frame(self, side: str) -> None:
-        buf = self.pending[side]
-        if len(buf) < 8:
+        head, _ = self._take(side, 8)
+        if len(head) < 8:
             return
-        n = 8 + int.from_bytes(buf[4:8], "big")
-        del buf[:n]
-        self.tampered = True
+        self._take(side, int.from_bytes(head[4:8], "big"))
+        self.drop_next[side] = True
 
     @rule(side=st.sampled_from(SIDES))
     def eof(self, side: str) -> None:
@@ -190,12 +235,13 @@ class Handshake(RuleBasedStateMachine):
         keys = self._keys(side, how == "wrong") if how != "unavailable" else []
         self.request[side] = None
         if how == "wrong":
-            self.tampered = True
+            self.wrong_keys[side] = True
         try:
             if how == "unavailable":
                 conn.qkd_unavailable("the KME is down (test)")
             else:
                 conn.provide_qkd_keys(keys)
+            self._collect(side)
         except HybridKEXError as exc:
             self._on_error(side, exc)
             self._collect(side)
@@ -244,7 +290,9 @@ class Handshake(RuleBasedStateMachine):
             STATS["completed_both"] += 1
 
 
-Handshake.TestCase.settings = settings(max_examples=150, stateful_step_count=30, deadline=None, database=None,
+#: Runs of the machine in the default test run (raise it for a longer search).
+EXAMPLES = int(os.environ.get("HYBRIDKEX_STATEFUL_EXAMPLES", "150"))
+Handshake.TestCase.settings = settings(max_examples=EXAMPLES, stateful_step_count=30, deadline=None, database=None,
                                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 TestHandshakeStateMachines = Handshake.TestCase
 
