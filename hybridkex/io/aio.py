@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -47,6 +46,7 @@ from ..protocol._wire import MAGIC, AbortCode
 from ..qkd.base import KeySourceStatus, QKDKey
 from ..tls._bio import AsyncTLSStream, MemoryTLS
 from ..tls.pyopenssl import bind_psk, bind_psk_lookup, export_keying_material
+from . import _workers
 from ._plumbing import (
     Deadline,
     ReconnectLookup,
@@ -159,10 +159,10 @@ def _manager(source: Any, config: InitiatorConfig | ResponderConfig) -> QKDKeyMa
 
 
 async def _in_thread(fn: Callable[[], T], timeout: float, what: str) -> T:
-    """Run a blocking call in a thread of its own; give up after ``timeout`` seconds.
+    """Run a blocking call on a key-source worker thread; give up after ``timeout`` seconds.
 
-    A thread per call (not the loop's shared executor): a key source that hangs then holds only its
-    own thread, and whatever it returns late is dropped (a late QKD key is never used)."""
+    Not the loop's shared executor: a key source that hangs then holds only its own worker, and
+    whatever it returns late is dropped (a late QKD key is never used)."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
@@ -173,15 +173,11 @@ async def _in_thread(fn: Callable[[], T], timeout: float, what: str) -> T:
             else:
                 future.set_result(value)
 
-    def run() -> None:
-        try:
-            value, error = fn(), None
-        except BaseException as exc:  # handed to the loop below
-            value, error = None, exc
+    def done(value: Any, error: BaseException | None) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
             loop.call_soon_threadsafe(settle, value, error)
 
-    threading.Thread(target=run, name="hybridkex-key-source", daemon=True).start()
+    _workers.submit(fn, done)
     try:
         async with asyncio.timeout(max(timeout, 0.0)):
             return await future

@@ -44,6 +44,7 @@ from ..protocol import (
     Session,
 )
 from ..qkd.base import KeySource
+from . import _workers
 from .keys import QKDKeyManager
 
 __all__ = ["run_initiator", "run_responder"]
@@ -69,7 +70,7 @@ def _manager(keys: _Keys, config: InitiatorConfig | ResponderConfig) -> QKDKeyMa
 
 
 def call_with_timeout(fn: Callable[[], T], timeout: float, what: str) -> T:
-    """Run a blocking call in a worker thread and give up after ``timeout`` seconds.
+    """Run a blocking call on a key-source worker thread and give up after ``timeout`` seconds.
 
     A call that gives up leaves the worker to finish on its own; whatever it returns then is
     dropped (QKD keys that arrive late are never used).
@@ -77,15 +78,14 @@ def call_with_timeout(fn: Callable[[], T], timeout: float, what: str) -> T:
     box: dict[str, object] = {}
     done = threading.Event()
 
-    def run() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # handed to the caller's thread below
-            box["error"] = exc
-        finally:
-            done.set()
+    def settle(value: object, error: BaseException | None) -> None:
+        if error is not None:
+            box["error"] = error
+        else:
+            box["value"] = value
+        done.set()
 
-    threading.Thread(target=run, name="hybridkex-key-source", daemon=True).start()
+    _workers.submit(fn, settle)
     if not done.wait(max(timeout, 0.0)):
         raise HandshakeTimeout(f"{what} did not answer within {timeout:.3g} s")
     if "error" in box:
