@@ -223,7 +223,8 @@ class Handshake(RuleBasedStateMachine):
         assert request is not None
         keys = ft._answer(request, self.counter)
         if wrong:
-            keys = [QKDKey(k.key_id, bytes(b ^ 0x5A for b in k.key)) for k in keys]
+            flip = 0x5A if side == "ini" else 0xA5  # two wrong answers must not agree with each other
+            keys = [QKDKey(k.key_id, bytes(b ^ flip for b in k.key)) for k in keys]
         return keys
 
     @precondition(lambda self: any(self.request[s] for s in SIDES))
