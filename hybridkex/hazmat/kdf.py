@@ -169,10 +169,14 @@ def _kdf_hash(kdf: str) -> str:
 def context_function(kdf: str, a1: bytes, a2: bytes, a3: bytes) -> bytes:
     """ETSI TS 103 744 section 7.2: ``f_ch`` (hashed) for HKDF/HMAC, ``f_c`` (plain) for KMAC."""
     _check_kdf(kdf)
-    joined = lp_join(a1, a2, a3)
     if kdf.startswith("kmac"):
-        return joined
-    return _CONSTRUCTORS[_kdf_hash(kdf)](joined).digest()
+        return lp_join(a1, a2, a3)
+    # Hash the length-prefixed fields as a stream: MA and MB are kilobytes, so no joined copy.
+    h = _CONSTRUCTORS[_kdf_hash(kdf)]()
+    for field_ in (a1, a2, a3):
+        h.update(u32(len(field_)))
+        h.update(field_)
+    return h.digest()
 
 
 def etsi_kdf(kdf: str, *, secret: bytes, label: bytes, context: bytes, length: int) -> bytes:
