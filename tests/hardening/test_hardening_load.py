@@ -185,7 +185,7 @@ def test_configured_limit_refuses_the_excess(caplog: pytest.LogCaptureFixture) -
 def test_exhaustion_attempts(attack: str) -> None:
     """Many hostile connections at once; legitimate clients served meanwhile; all closed by the
     server's deadline; memory and file descriptors bounded."""
-    setup = make_setup(max_connections=1024, server_timeout=2.0, client_timeout=30)
+    setup = make_setup(max_connections=1024, server_timeout=3.0, client_timeout=30)
     hostile = 300
 
     async def main() -> dict[str, Any]:
