@@ -11,10 +11,30 @@ from hybridkex.io import _workers
 from hybridkex.io.sync import call_with_timeout
 
 
+def _run(pool: _workers._Pool, fn: object) -> object:
+    box: list[object] = []
+    done = threading.Event()
+    pool.submit(fn, lambda value, error: (box.append(value), done.set()))  # type: ignore[arg-type]
+    assert done.wait(5)
+    return box[0]
+
+
 def test_sequential_calls_reuse_one_thread() -> None:
-    idents = {call_with_timeout(threading.get_ident, 5, "probe") for _ in range(50)}
+    pool = _workers._Pool()  # a fresh pool: the shared one may hold idle workers from other tests
+    idents = {_run(pool, threading.get_ident) for _ in range(50)}
     assert len(idents) == 1
     assert threading.get_ident() not in idents
+
+
+def test_shared_pool_does_not_grow_with_sequential_calls() -> None:
+    def workers() -> int:
+        return sum(t.name == "hybridkex-key-source" for t in threading.enumerate())
+
+    call_with_timeout(lambda: None, 5, "warm-up")
+    before = workers()
+    for _ in range(50):
+        call_with_timeout(lambda: None, 5, "probe")
+    assert workers() <= before
 
 
 def test_errors_reach_the_caller() -> None:
