@@ -160,8 +160,18 @@ class FullHandshakeKeys:
     handle: bytes | None = None
 
 
+def report_qkd_fallback(session: Session) -> None:
+    """Log, loudly, a session that ran without QKD although the policy prefers it (never silent)."""
+    info = session.info
+    if not info.qkd_used and info.qkd_policy == "optional":
+        logging.getLogger("hybridkex.session").warning(
+            "session with %s ran WITHOUT QKD (policy: optional): %s; suite %s",
+            info.peer_identity, info.qkd_note, info.suite)
+
+
 def client_keys(session: Session, policy: ReconnectPolicy) -> FullHandshakeKeys:
     """Derive the TLS PSK; keep the secret in a ticket when reconnects are on, else erase it."""
+    report_qkd_fallback(session)
     keys = FullHandshakeKeys(session.tls_identity(), session.tls_psk(), session.secret.suite.tls_cipher)
     if policy.enabled:
         keys.ticket = ReconnectTicket(session.secret, session.info, policy)
@@ -173,6 +183,7 @@ def client_keys(session: Session, policy: ReconnectPolicy) -> FullHandshakeKeys:
 def server_keys(session: Session, registry: ReconnectRegistry | None) -> FullHandshakeKeys:
     """Derive the TLS PSK; register the parent for reconnects (before TLS starts, so a client that
     finished TLS can reconnect at once) or erase the secret."""
+    report_qkd_fallback(session)
     keys = FullHandshakeKeys(session.tls_identity(), session.tls_psk(), session.secret.suite.tls_cipher)
     if registry is not None:
         keys.handle = registry.register(session.secret, session.info)

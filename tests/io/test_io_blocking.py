@@ -327,6 +327,9 @@ def test_slow_kme_bounded_by_the_kme_timeout(server_log: pytest.LogCaptureFixtur
     lines = [r.getMessage() for r in server_log.records if "rejected connection" in r.getMessage()]
     assert len(lines) == 1 and "KeyUnavailableError" in lines[0], lines
     assert issubclass(KeyUnavailableError, HybridKEXError)
+    fallbacks = [r for r in server_log.records if "WITHOUT QKD" in r.getMessage()]
+    assert len(fallbacks) == 2  # both ends of the optional-mode session say so (one process here)
+    assert all(r.levelname == "WARNING" and "x25519-mlkem768-hkdfsha256" in r.getMessage() for r in fallbacks)
 
 
 def test_max_connections_bound(server_log: pytest.LogCaptureFixture) -> None:
