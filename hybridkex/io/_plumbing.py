@@ -130,9 +130,11 @@ def describe(exc: BaseException) -> str:
     text = str(exc) or "no message"
     if isinstance(exc, AuthenticationError) and exc.detail:
         text = f"{text} ({exc.detail})"
+    # Name the public class a user can catch, not a private subclass.
+    name = next(c.__name__ for c in type(exc).__mro__ if not c.__name__.startswith("_"))
     if not isinstance(exc, HybridKEXError | OSError):
-        return f"{type(exc).__name__} (internal error): {text}"
-    return f"{type(exc).__name__}: {text}"
+        return f"{name} (internal error): {text}"
+    return f"{name}: {text}"
 
 
 def log_rejection(peer: object, exc: BaseException) -> None:
