@@ -76,7 +76,8 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{type(exc).__name__}: {exc.strerror}"
     text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    name = next(c.__name__ for c in type(exc).__mro__ if not c.__name__.startswith("_"))  # a public class
+    return f"{name}: {text}" if text else name
 
 
 def _os_error(exc: OSError) -> str:
