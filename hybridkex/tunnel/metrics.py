@@ -90,7 +90,21 @@ class _Metric:
         raise NotImplementedError
 
 
-class Counter(_Metric):
+class _Valued(_Metric):
+    """A metric with one number per label combination (counters and gauges)."""
+
+    _values: dict[tuple[str, ...], float]
+
+    def value(self, **labels: str) -> float:
+        return self._values.get(self._key(labels), 0.0)
+
+    def render(self) -> list[str]:
+        with self._lock:
+            items = sorted(self._values.items())
+        return [*self.header(), *(f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items)]
+
+
+class Counter(_Valued):
     """A monotonically increasing count, optionally split by labels."""
 
     kind = "counter"
@@ -111,16 +125,9 @@ class Counter(_Metric):
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
-    def value(self, **labels: str) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
-    def render(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [*self.header(), *(f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items)]
 
 
-class Gauge(_Metric):
+class Gauge(_Valued):
     """A value that goes up and down, optionally split by labels."""
 
     kind = "gauge"
@@ -147,13 +154,6 @@ class Gauge(_Metric):
         with self._lock:
             self._values.pop(self._key(labels), None)
 
-    def value(self, **labels: str) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
-    def render(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [*self.header(), *(f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items)]
 
 
 class Histogram(_Metric):
