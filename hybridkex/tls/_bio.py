@@ -122,7 +122,7 @@ class MemoryTLS:
         except SSL.SysCallError:
             raise TLSError("the peer closed the connection without close_notify (possible truncation)") from None
         except SSL.Error as exc:
-            raise _translate_error(self.connection, exc) from exc
+            raise _translate_error(self.connection, exc, established=True) from exc
 
     def close(self) -> None:
         """Queue a close_notify alert (send :meth:`data_to_send` afterwards)."""

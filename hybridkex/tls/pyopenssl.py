@@ -447,13 +447,23 @@ def _raise_captured(st: _ConnState) -> None:
         raise err
 
 
-def _translate_error(conn: SSL.Connection, exc: SSL.Error) -> HybridKEXError | BaseException:
+def _translate_error(conn: SSL.Connection, exc: SSL.Error, *,
+                     established: bool = False) -> HybridKEXError | BaseException:
     """The error to raise for ``exc`` from ``conn``: a captured callback exception first, else the
-    typed translation of OpenSSL's reasons."""
+    typed translation of OpenSSL's reasons.
+
+    ``established``: the failure came after our side finished the handshake.  The peer had
+    accepted our PSK by then, so no PSK diagnosis applies: the records (or our Finished, which the
+    client sends last) were altered in transit, or the peer failed.
+    """
     st = _state(conn)
     if st.error is not None:
         err, st.error = st.error, None
         return err
+    if established:
+        reasons = "; ".join(r for r in _reasons(exc) if r) or "no reason given"
+        return TLSError(f"the TLS connection failed after the handshake ({reasons}): data or our Finished "
+                        "message was altered in transit, or the peer failed; the connection is closed")
     cfg = _CONFIGS.get(conn.get_context())
     return translate(
         _reasons(exc),

@@ -11,7 +11,7 @@ import pytest
 from tlshelpers import memory_pair, pump
 
 from hybridkex import tls
-from hybridkex.exceptions import HandshakeTimeout, LocalProtocolError, PSKMismatch, TLSError
+from hybridkex.exceptions import HandshakeTimeout, LocalProtocolError, PSKMismatch, PSKRejected, TLSError
 
 SIZES = [1, 1000, 16383, 16384, 16385, 65537, 1 << 20]
 
@@ -256,3 +256,29 @@ def test_asyncio_both_ends_send_1_mib_at_once_small_socket_buffers(identity: byt
         assert received == [to_server]
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_altered_client_finished_is_reported_as_tampering_not_a_psk_problem(identity: bytes, psk: bytes) -> None:
+    """The client finishes its handshake when it sends Finished; if that record is altered in
+    transit the server refuses it, and the client learns only on its first read.  The peer had
+    accepted the PSK by then, so the error must not blame the PSK."""
+    from hybridkex.tls import MemoryTLS
+
+    c = MemoryTLS(tls.client_context(identity, psk), server_side=False)
+    s = MemoryTLS(tls.server_context({identity: psk}), server_side=True)
+    assert c.do_handshake() is None
+    s.receive_data(c.data_to_send())  # ClientHello
+    assert s.do_handshake() is None
+    c.receive_data(s.data_to_send())  # ServerHello ... server Finished
+    assert c.do_handshake() is not None  # the client is done; its Finished is queued
+    flight = bytearray(c.data_to_send())
+    flight[-1] ^= 0x01  # one bit of the (encrypted) client Finished
+    s.receive_data(bytes(flight))
+    with pytest.raises(TLSError):
+        s.do_handshake()
+    c.receive_data(s.data_to_send())  # the server's alert
+    with pytest.raises(TLSError) as info:
+        while c.recv(100) is None:
+            pass
+    assert "after the handshake" in str(info.value)
+    assert not isinstance(info.value, PSKRejected)
