@@ -45,7 +45,7 @@ class _Stages:
         self.rows.append((name, (time.perf_counter() - t0) * 1000))
 
 
-def _tunnel_toml(path: Path, *, role: str, listen: str, target: str, identity: str, peer: str, peer_sae: str,
+def _tunnel_toml(path: Path, *, listen: str, target: str, identity: str, peer: str, peer_sae: str,
                  psk: Path, kme_url: str, sae: str, pki: Path, suite: str) -> Path:
     path.write_text("\n".join([
         f'listen = "{listen}"', f'target = "{target}"', f'identity = "{identity}"', "",
@@ -54,7 +54,6 @@ def _tunnel_toml(path: Path, *, role: str, listen: str, target: str, identity: s
         "[kme]", f'url = "{kme_url}"', f'sae_id = "{sae}"', f'cert = "{pki / (sae + ".crt")}"',
         f'key = "{pki / (sae + ".key")}"', f'ca = "{pki / "ca.crt"}"', "",
     ]) + "\n")
-    del role
     return path
 
 
@@ -119,14 +118,14 @@ async def _run(args: argparse.Namespace, workdir: Path, stages: _Stages) -> dict
             f.write(secrets.token_hex(32))
         with stages("tunnel server + client (config, KME client, key pool)"):
             server_cfg = load_config("server", _tunnel_toml(
-                workdir / "server.toml", role="server", listen="127.0.0.1:0", target=f"127.0.0.1:{echo_port}",
+                workdir / "server.toml", listen="127.0.0.1:0", target=f"127.0.0.1:{echo_port}",
                 identity="server.demo", peer="client.demo", peer_sae="sae-a", psk=psk, kme_url=kmes.url_b,
                 sae="sae-b", pki=pki.directory, suite=suite.name))
             server = make_runtime(server_cfg, provider)
             await server.start()
             runtimes.append(server)
             client_cfg = load_config("client", _tunnel_toml(
-                workdir / "client.toml", role="client", listen="127.0.0.1:0",
+                workdir / "client.toml", listen="127.0.0.1:0",
                 target=f"127.0.0.1:{server.address.port}", identity="client.demo", peer="server.demo",
                 peer_sae="sae-b", psk=psk, kme_url=kmes.url_a, sae="sae-a", pki=pki.directory, suite=suite.name))
             client = make_runtime(client_cfg, provider)
