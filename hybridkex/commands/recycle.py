@@ -1,6 +1,9 @@
 """``hybridkex recycle``: inspect and manage a store of recycled authentication keys.
 
-Shows peers, epochs and times, never key material.
+Shows peers, epochs and times, never key material.  ``list`` and ``audit`` open the store
+read-only (they never create, write or chmod a file); ``retire-bootstrap`` and ``rebootstrap``
+write, creating a new store when the path does not exist (how a pair is enrolled under policy
+``rebootstrap``).  Anything that is not a hybridkex store is refused and left untouched.
 """
 
 from __future__ import annotations
@@ -14,9 +17,14 @@ from ..exceptions import ConfigurationError
 
 HELP = "inspect a recycled-authentication-key store; retire a bootstrap PSK; re-bootstrap a peer"
 
+#: Actions that only read: they open the store read-only.
+READ_ONLY_ACTIONS = frozenset({"list", "audit"})
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", required=True, type=Path, help="path of the SQLite key store")
+    parser.add_argument("--store", required=True, type=Path,
+                        help="path of the SQLite key store (list and audit only read it; retire-bootstrap "
+                             "and rebootstrap create it if it does not exist)")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     show = sub.add_parser("list", help="peers, key counts, epochs and last rotation (no key material)")
     show.add_argument("--json", action="store_true", help="machine-readable output")
@@ -39,9 +47,12 @@ def _when(ts: float | None) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..recycle import SQLiteAuthKeyStore  # noqa: PLC0415 - keep `hybridkex --help` light
 
-    if not args.store.exists():  # never create a store by inspecting a mistyped path
+    read_only = args.action in READ_ONLY_ACTIONS
+    if read_only and not args.store.exists():  # never create a store by inspecting a mistyped path
         raise ConfigurationError(f"no key store at {args.store}", field="--store")
-    with SQLiteAuthKeyStore(args.store) as store:
+    with SQLiteAuthKeyStore(args.store, read_only=read_only) as store:
+        if store.created:
+            print(f"created a new key store at {args.store} (mode 0600)")
         if args.action == "list":
             rows = store.summaries()
             if args.json:

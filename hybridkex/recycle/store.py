@@ -158,18 +158,94 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
+#: SQLite ``PRAGMA application_id`` of a hybridkex key store ("HKXS"); 0.1.0 stores have 0.
+APPLICATION_ID = 0x484B5853
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+#: The columns each table of a store has at least.
+_REQUIRED: dict[str, frozenset[str]] = {
+    "auth_keys": frozenset({"local_id", "peer_id", "key_id", "epoch", "key", "created_at", "confirmed"}),
+    "pairs": frozenset({"local_id", "peer_id", "bootstrap_retired", "rotations", "last_rotation_at"}),
+    "spent_key_ids": frozenset({"local_id", "peer_id", "key_id", "spent_at"}),
+    "audit": frozenset({"id", "local_id", "peer_id", "event", "epoch", "at"}),
+}
+
+
+def _uri(path: Path, mode: str, *, immutable: bool = False) -> str:
+    # as_uri() percent-encodes '?' and '#', so no file name can smuggle URI parameters in.
+    return f"{path.resolve().as_uri()}?mode={mode}" + ("&immutable=1" if immutable else "")
+
+
+def _not_a_store(path: Path, why: str) -> StoreError:
+    return StoreError(f"not a hybridkex key store: {path} ({why}); it was left untouched. Pass the store "
+                      "file the application created, or a path that does not exist yet")
+
+
+def _check_store(path: Path, *, upgradable: bool) -> Literal["empty", "store"]:
+    """Whether ``path`` is an empty file or a hybridkex store; raise StoreError otherwise.
+
+    Reads only: the header by hand, then the schema through a read-only connection that is also
+    ``immutable`` when no WAL file exists, so not even SQLite's ``-shm``/``-wal`` files appear next to
+    a file that turns out not to be ours.
+    """
+    if not path.is_file():
+        raise _not_a_store(path, "not a regular file")
+    with path.open("rb") as f:
+        header = f.read(100)
+    if not header:
+        if upgradable:
+            return "empty"
+        raise _not_a_store(path, "an empty file")
+    if not header.startswith(_SQLITE_MAGIC) or len(header) < 100:
+        raise _not_a_store(path, "not an SQLite database")
+    app_id = int.from_bytes(header[68:72], "big")
+    if app_id not in (0, APPLICATION_ID):
+        raise _not_a_store(path, f"an SQLite database of another application, application_id {app_id:#010x}")
+    immutable = not path.with_name(path.name + "-wal").exists()
+    try:
+        db = sqlite3.connect(_uri(path, "ro", immutable=immutable), uri=True, timeout=30)
+        try:
+            tables = {name: frozenset(r[1] for r in db.execute(f"PRAGMA table_info({name})"))
+                      for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                      if name in _REQUIRED}
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise _not_a_store(path, f"unreadable as SQLite: {exc}") from exc
+    # auth_keys identifies a store; the other tables and superseded_at arrived during development
+    # before 0.1.0, and a read-write open adds them.
+    if "auth_keys" not in tables:
+        raise _not_a_store(path, "no table auth_keys")
+    for name, columns in tables.items():
+        if missing := _REQUIRED[name] - columns:
+            raise _not_a_store(path, f"table {name} lacks {', '.join(sorted(missing))}")
+    if not upgradable and (len(tables) < len(_REQUIRED) or "superseded_at" not in tables["auth_keys"]):
+        raise StoreError(f"{path} was written by a development version before hybridkex 0.1.0; open it "
+                         "read-write once (any write command) to upgrade it")
+    return "store"
+
+
 class SQLiteAuthKeyStore:
-    """:class:`AuthKeyStore` in one SQLite file (WAL, created 0600). Safe across threads and processes."""
+    """:class:`AuthKeyStore` in one SQLite file (WAL, created 0600). Safe across threads and processes.
+
+    Opening for writing (the default) creates a new store when ``path`` does not exist (or is an
+    empty file) and otherwise accepts only a valid hybridkex store: any other file, an SQLite
+    database of another application included, is refused with :class:`StoreError` and left
+    untouched.  ``read_only=True`` (inspection: ``hybridkex recycle list``) never creates, writes or
+    chmods anything; it opens the file through SQLite's ``mode=ro`` and refuses writes.
+    """
 
     def __init__(self, path: str | os.PathLike[str], *, max_keys: int = 8, grace: float = 60.0,
                  clock: Callable[[], float] = time.time,
-                 crash_hook: Callable[[str], None] | None = None) -> None:
+                 crash_hook: Callable[[str], None] | None = None, read_only: bool = False) -> None:
         if max_keys < 2:
             raise ConfigurationError("max_keys must be at least 2 (a two-key window)", field="max_keys")
         if not isinstance(grace, int | float) or isinstance(grace, bool) or not 0 <= grace <= 3600:
             raise ConfigurationError("grace must be 0..3600 seconds (at least the handshake timeout)",
                                      field="grace")
         self.path = Path(path)
+        self.read_only = read_only
+        #: Whether this call created the store (a new file, or an empty one).
+        self.created = False
         self._max_keys = max_keys
         self._grace = float(grace)
         self._clock = clock
@@ -177,19 +253,47 @@ class SQLiteAuthKeyStore:
         self._crash_hook = crash_hook
         self._lock = threading.Lock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
-            os.chmod(self.path, 0o600)
-            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            columns = {r[1] for r in self._db.execute("PRAGMA table_info(auth_keys)")}
-            if "superseded_at" not in columns:  # a store written before the grace period existed
-                self._db.execute("ALTER TABLE auth_keys ADD COLUMN superseded_at REAL")
+            self._db = self._open_read_only() if read_only else self._open_read_write()
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open authentication-key store {self.path}: {exc}") from exc
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        if not self.path.exists():
+            raise StoreError(f"no key store at {self.path} (a read-only open creates nothing)")
+        _check_store(self.path, upgradable=False)
+        return sqlite3.connect(_uri(self.path, "ro"), uri=True, timeout=30, isolation_level=None,
+                               check_same_thread=False)
+
+    def _open_read_write(self) -> sqlite3.Connection:
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            self.created = True
+        except FileExistsError:
+            # Never adopt a file that is not ours: validate before anything writes to it.
+            self.created = _check_store(path, upgradable=True) == "empty"
+        os.chmod(path, 0o600)  # a new file, an empty one, or a valid store: it holds key material
+        db = sqlite3.connect(_uri(path, "rw"), uri=True, timeout=30, isolation_level=None,
+                             check_same_thread=False)
+        try:
+            if self.created:
+                # Schema and application ID are written before WAL mode is on, so they are in the main
+                # file itself: a read-only validation sees them even while a writer holds the WAL.
+                db.executescript(f"BEGIN; PRAGMA application_id={APPLICATION_ID}; {_SCHEMA} COMMIT;")
+            else:
+                if db.execute("PRAGMA application_id").fetchone()[0] == 0:  # a 0.1.0 store: mark it
+                    db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                db.executescript(_SCHEMA)  # IF NOT EXISTS: adds what a development version lacked
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            columns = {r[1] for r in db.execute("PRAGMA table_info(auth_keys)")}
+            if "superseded_at" not in columns:  # a store written before the grace period existed
+                db.execute("ALTER TABLE auth_keys ADD COLUMN superseded_at REAL")
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     def __repr__(self) -> str:
         return f"SQLiteAuthKeyStore({str(self.path)!r})"
@@ -296,6 +400,7 @@ class SQLiteAuthKeyStore:
                new_key: bytes) -> None:
         if len(new_key_id) != KEY_ID_LEN or len(new_key) != KEY_LEN:
             raise InvalidKeyMaterial(f"recycled keys are {KEY_LEN} bytes with {KEY_ID_LEN}-byte IDs")
+        self._check_writable()
         now = self._clock()
         with self._lock:
             try:
@@ -380,6 +485,7 @@ class SQLiteAuthKeyStore:
                            "DELETE FROM auth_keys WHERE local_id=? AND peer_id=?")
 
     def _simple_write(self, local_id: str, peer_id: str, event: str, *statements: str) -> None:
+        self._check_writable()
         now = self._clock()
         with self._lock:
             try:
@@ -396,6 +502,10 @@ class SQLiteAuthKeyStore:
             except sqlite3.Error as exc:
                 self._rollback()
                 raise StoreError(f"cannot update {self.path}: {exc}") from exc
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise StoreError(f"{self.path} was opened read-only; open it without read_only=True to change it")
 
     def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error):  # no transaction was open
