@@ -22,6 +22,23 @@ def test_combine_keys_example() -> None:
     assert "<redacted>" in proc.stdout
 
 
+
+def test_recycled_auth_example(tmp_path: Path) -> None:
+    """A PSK bootstrap, then recycled keys that retire it; a second run is recycled throughout."""
+    def run() -> list[str]:
+        proc = subprocess.run([sys.executable, str(EXAMPLES / "recycled_auth.py"), str(tmp_path)],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout.splitlines()
+
+    first = run()
+    assert first[:3] == ["connection 1: authenticated by psk", "connection 2: authenticated by recycled",
+                         "connection 3: authenticated by recycled"], first
+    assert all("newest epoch 3, bootstrap retired" in line for line in first[3:5]), first
+    assert sorted(p.name for p in tmp_path.glob("*.sqlite3")) == ["client-keys.sqlite3", "server-keys.sqlite3"]
+    again = run()
+    assert all(line.endswith("recycled") for line in again[:3]) and "newest epoch 6" in again[3], again
+
 # --- the connection examples (blocking, asyncio, http.server) ------------------------------------------
 
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
