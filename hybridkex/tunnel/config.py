@@ -241,7 +241,9 @@ FLAGS: Final[tuple[Flag, ...]] = (
     Flag("--kme-cert", "kme.cert", "str", "FILE", "client certificate for the KME (PEM)"),
     Flag("--kme-key", "kme.key", "str", "FILE", "private key of --kme-cert (PEM)"),
     Flag("--kme-ca", "kme.ca", "str", "FILE", "CA certificate(s) that sign the KME's certificate (PEM)"),
-    Flag("--kme-embedded", "kme.embedded", "bool", "", "use the embedded simulated KME (testing and demos)"),
+    Flag("--kme-embedded", "kme.embedded", "bool", "",
+         "reserved, refused by the tunnel: an in-process simulated KME cannot serve a peer in another "
+         "process; run 'hybridkex kme' and pass --kme-url"),
     Flag("--suite", "policy.suites", "list", "SUITE", "allowed suite, most preferred first (repeatable)"),
     Flag("--qkd", "policy.qkd", "str", "MODE", "QKD policy: required, optional or disabled"),
     Flag("--key-budget", "policy.key_budget", "str", "BUDGET", "QKD key budget: fresh or epoch"),
@@ -587,7 +589,7 @@ class _Validator:
         kme = self.kme(top)
         if policy.qkd != "disabled" and kme is None:
             raise ConfigurationError(
-                f'"{policy.qkd}" needs a [kme] table (or kme.embedded = true); configure a KME or set '
+                f'"{policy.qkd}" needs a [kme] table; configure a KME or set '
                 'policy.qkd = "disabled"', field="policy.qkd")
         if policy.qkd != "disabled":
             for i, p in enumerate(peers):
@@ -690,11 +692,11 @@ class _Validator:
             sae_id = t.string("sae_id", None)
             t.finish()
             return KMEConfig(embedded=True, sae_id=sae_id)
-        url = t.string("url", hint="set url = \"https://KME\" or embedded = true")
+        url = t.string("url", hint="set url = \"https://KME:PORT\" (a real KME, or `hybridkex kme`)")
         if not url.startswith("https://") or len(url) <= len("https://"):
             raise ConfigurationError(f"must be an https:// URL (ETSI GS QKD 014 uses mutual TLS), got {url!r}",
                                      field="kme.url")
-        sae_id = t.string("sae_id")
+        sae_id = t.string("sae_id", hint="set sae_id = \"ID\": this side's SAE ID at its KME (kme.cert's CN)")
         cert = self.path(t, "cert", required=True)
         key = self.path(t, "key", required=True, sensitive="key")
         ca = self.path(t, "ca", required=True)

@@ -118,10 +118,10 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     ("qkd-mode", GOOD.replace('qkd = "disabled"', 'qkd = "maybe"'),
      'policy.qkd: expected one of "required", "optional", "disabled", got "maybe"'),
     ("qkd-required-without-kme", GOOD.replace('qkd = "disabled"', 'qkd = "required"'),
-     'policy.qkd: "required" needs a [kme] table (or kme.embedded = true); configure a KME or set '
+     'policy.qkd: "required" needs a [kme] table; configure a KME or set '
      'policy.qkd = "disabled"'),
     ("qkd-default-is-required", GOOD.replace('qkd = "disabled"', ""),
-     'policy.qkd: "required" needs a [kme] table (or kme.embedded = true); configure a KME or set '
+     'policy.qkd: "required" needs a [kme] table; configure a KME or set '
      'policy.qkd = "disabled"'),
     ("suite-unknown", GOOD + 'suites = ["x25519-mlkem768-hkdfsha256", "x25519-rsa"]\n',
      f"policy.suites[1]: unknown suite 'x25519-rsa'; known suites: {', '.join(SUITES)}"),
