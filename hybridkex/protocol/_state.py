@@ -154,10 +154,13 @@ def render() -> str:
     out = ["# Handshake state diagrams", "",
            "Generated from the transition tables in `hybridkex/protocol/_state.py`; do not edit by hand.",
            "Regenerate with:", "",
+           # Excerpt markers: tests/test_docs.py runs every unmarked block of docs/*.md.
+           "<!-- excerpt: writes into a checkout; tests/protocol/test_state.py checks this file is its output -->",
            "```sh",
            "python -c 'from hybridkex.protocol._state import render; print(render(), end=\"\")' \\",
            "    > docs/state-diagram.md",
            "```", ""]
     for role in TABLES:
-        out += [f"## {role.capitalize()}", "", "```mermaid", mermaid(role), "```", ""]
+        out += [f"## {role.capitalize()}", "", "<!-- excerpt: generated from the transition tables -->",
+                "```mermaid", mermaid(role), "```", ""]
     return "\n".join(out)
