@@ -26,7 +26,7 @@ from typing import Literal
 
 from .exceptions import AlreadyFinalized, ConfigurationError, InvalidKeyMaterial
 from .hazmat import labels
-from .hazmat.encoding import lp_join, u16
+from .hazmat.encoding import b64url, lp_join, u16
 from .hazmat.kdf import cat_kdf, hkdf_expand
 from .suites import Suite, get_suite
 
@@ -42,6 +42,8 @@ __all__ = [
 Role = Literal["initiator", "responder"]
 
 _MAX_ID = 1024
+#: Derived bytes behind a full handshake's TLS PSK identity (before its text encoding).
+TLS_IDENTITY_BYTES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +143,12 @@ class CombinedSecret:
         return self.derive(labels.TLS_PSK, self.suite.hash_len)
 
     def tls_identity(self) -> bytes:
-        """A 16-byte PSK identity for TLS, derived so both ends agree without sending it first."""
-        return self.derive(labels.TLS_PSK_IDENTITY, 16)
+        """The TLS PSK identity, derived so both ends agree without sending it first.
+
+        Printable ASCII (30 bytes): ``"hk1-psk." || base64url(derive("tls13 external psk identity",
+        16))`` without padding (docs/spec.md 4.3); public, it travels in clear in the ClientHello.
+        """
+        return labels.TLS_IDENTITY_PREFIX + b64url(self.derive(labels.TLS_PSK_IDENTITY, TLS_IDENTITY_BYTES))
 
     def next_auth_key(self) -> bytes:
         """The authentication key for the next handshake of this peer pair (recycled mode)."""

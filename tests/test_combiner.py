@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import pickle
 
 import pytest
@@ -23,8 +24,10 @@ from hybridkex import (
 )
 from hybridkex.combiner import combine_raw
 from hybridkex.hazmat import labels
+from hybridkex.hazmat.encoding import u32
 from hybridkex.hazmat.kdf import cat_kdf, context_function
 from hybridkex.hazmat.kem import get_kem
+from hybridkex.io.reconnect import reconnect_identity, reconnect_psk, session_handle
 
 KAT = load_vectors("hybridkex-v1.json")
 
@@ -70,8 +73,17 @@ def test_known_answer_vectors(case: dict) -> None:
     assert combine_raw(suite, qkd_key=q, x25519_secret=xs, pq_secret=ms, ma=ma, mb=mb) == h(case["epsk"])
     secret = combine(suite, qkd_key=q, x25519_secret=xs, pq_secret=ms, ma=ma, mb=mb)
     assert secret.tls_psk() == h(case["tls_psk"])
-    assert secret.tls_identity() == h(case["tls_psk_identity"])
+    assert secret.derive(labels.TLS_PSK_IDENTITY, 16) == h(case["tls_psk_identity_bytes"])
+    # The identity is text (docs/spec.md 4.3): prefix, then unpadded base64url of the derived bytes.
+    b64 = base64.urlsafe_b64encode(h(case["tls_psk_identity_bytes"])).rstrip(b"=")
+    assert secret.tls_identity() == b"hk1-psk." + b64 == case["tls_psk_identity"].encode("ascii")
     assert secret.next_auth_key() == h(case["next_auth_key"])
+    rc = case["reconnect_1"]
+    assert session_handle(secret) == h(rc["handle"])
+    assert secret.derive(labels.RECONNECT_IDENTITY, 16, u32(1)) == h(rc["tag"])
+    raw = h(rc["handle"]) + u32(1) + h(rc["tag"])
+    assert reconnect_identity(secret, 1) == b"hk1-rc." + base64.urlsafe_b64encode(raw) == rc["identity"].encode()
+    assert reconnect_psk(secret, 1) == h(rc["psk"])
 
 
 def test_vectors_cover_what_the_issue_asks() -> None:

@@ -3,6 +3,7 @@ as an independent peer, over real TCP on 127.0.0.1."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -24,8 +25,9 @@ from tlshelpers import (
     recv_line,
 )
 
-from hybridkex import tls
+from hybridkex import CombinedSecret, get_suite, tls
 from hybridkex.exceptions import HybridKEXError, PSKHashMismatch, PSKMismatch, PSKRejected, TLSError, UnknownPSKIdentity
+from hybridkex.io.reconnect import reconnect_identity, reconnect_psk
 
 IDENTITY = b"client1"
 KEYMAT = ["-keymatexport", "EXPORTER-Channel-Binding", "-keymatexportlen", "32"]
@@ -37,23 +39,27 @@ def _keying_material(output: str) -> bytes:
     return bytes.fromhex(m.group(1))
 
 
-def _s_client(openssl_cli: str, port: int, key: bytes, identity: bytes, *extra: str) -> subprocess.Popen[bytes]:
+def _s_client(openssl_cli: str, port: int, key: bytes, identity: bytes, *extra: str,
+              shell_line: bool = False) -> subprocess.Popen[bytes]:
     cmd = [
         openssl_cli, "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-ign_eof",
         "-psk", key.hex(), "-psk_identity", identity.decode(), *KEYMAT, *extra,
     ]
+    if shell_line:  # as a user would type it: unquoted, so the identity must be shell-safe text
+        return subprocess.Popen("exec " + " ".join(cmd), shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _serve_one(sctx: SSL.Context, openssl_cli: str, key: bytes, identity: bytes, *extra: str,
-               request: bytes = b"hello from openssl\n") -> tuple[dict[str, Any], str]:
+               request: bytes = b"hello from openssl\n", shell_line: bool = False) -> tuple[dict[str, Any], str]:
     """Accept one `openssl s_client` connection with our server context; echo one line upper-cased."""
     result: dict[str, Any] = {}
     with socket.socket() as ls:
         ls.bind(("127.0.0.1", 0))
         ls.listen(1)
         ls.settimeout(15)
-        proc = _s_client(openssl_cli, ls.getsockname()[1], key, identity, *extra)
+        proc = _s_client(openssl_cli, ls.getsockname()[1], key, identity, *extra, shell_line=shell_line)
         try:
             assert proc.stdin is not None
             proc.stdin.write(request)  # read by s_client after its handshake
@@ -212,3 +218,39 @@ def test_s_client_cannot_resume_with_the_ticket(openssl_cli: str, psk: bytes, tm
     assert len(hellos) == 2
     offered = hellos[1].psk_identities()
     assert len(offered) == 2 and offered[1] == b"not-a-client"  # the ticket was offered, and refused
+
+
+# --- identities as hybridkex derives them (issue 12, item 1) -------------------------------------------
+
+#: Under 0.1.0 the raw identity derived from this seed contained a 0x00 byte (a1 0b ... 80 00 32 ...).
+NUL_SEED = b"hybridkex issue 12 seed 45"
+
+
+def _derived() -> list[tuple[str, bytes, bytes]]:
+    secret = CombinedSecret(get_suite("x25519-mlkem768-qkd-hkdfsha256"), hashlib.sha256(NUL_SEED).digest())
+    return [("full handshake", secret.tls_identity(), secret.tls_psk()),
+            ("reconnect", reconnect_identity(secret, 1), reconnect_psk(secret, 1))]
+
+
+@pytest.mark.parametrize(("kind", "identity", "psk"), _derived(), ids=["full-handshake", "reconnect"])
+def test_s_client_line_with_a_derived_identity(openssl_cli: str, kind: str, identity: bytes, psk: bytes) -> None:
+    sctx = tls.server_context({identity: psk})
+    result, output = _serve_one(sctx, openssl_cli, psk, identity, shell_line=True)
+    assert "error" not in result, (kind, result, output[-800:])
+    assert result["info"].psk_identity == identity and result["received"] == b"hello from openssl\n"
+    assert "HELLO FROM OPENSSL" in output
+    assert _keying_material(output) == result["binding"]
+
+
+@pytest.mark.parametrize(("kind", "identity", "psk"), _derived(), ids=["full-handshake", "reconnect"])
+def test_our_client_with_a_derived_identity_against_s_server(openssl_cli: str, kind: str, identity: bytes,
+                                                             psk: bytes) -> None:
+    args = ["-psk", psk.hex(), "-psk_identity", identity.decode()]
+    with openssl_server(args) as (proc, port), socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        conn, info = tls.wrap_socket(tls.client_context(identity, psk), sock, server_side=False, timeout=15)
+        assert info.psk_identity == identity, kind
+        conn.sendall(b"ping from hybridkex\n")
+        conn.shutdown()
+        sock.close()
+        output = finish(proc)
+    assert "ping from hybridkex" in output

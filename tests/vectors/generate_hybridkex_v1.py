@@ -18,8 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 
 from hybridkex.combiner import PartyView, QKDBinding, combine, combine_raw, encode_party
 from hybridkex.hazmat import labels
+from hybridkex.hazmat.encoding import u32
 from hybridkex.hazmat.kdf import context_function
 from hybridkex.hazmat.kem import get_kem
+from hybridkex.io.reconnect import reconnect_identity, reconnect_psk, session_handle
 from hybridkex.suites import get_suite
 
 
@@ -91,8 +93,15 @@ def make_case(description: str, suite_name: str, seed: str, with_qkd: bool) -> d
         "kdf_context_hash": context_function(suite.kdf, labels.COMBINER_CONTEXT, ma, mb).hex(),
         "epsk": epsk.hex(),
         "tls_psk": secret.tls_psk().hex(),
-        "tls_psk_identity": secret.tls_identity().hex(),
+        "tls_psk_identity_bytes": secret.derive(labels.TLS_PSK_IDENTITY, 16).hex(),
+        "tls_psk_identity": secret.tls_identity().decode("ascii"),
         "next_auth_key": secret.next_auth_key().hex(),
+        "reconnect_1": {
+            "handle": session_handle(secret).hex(),
+            "tag": secret.derive(labels.RECONNECT_IDENTITY, 16, u32(1)).hex(),
+            "identity": reconnect_identity(secret, 1).decode("ascii"),
+            "psk": reconnect_psk(secret, 1).hex(),
+        },
     }
 
 
@@ -102,9 +111,12 @@ def main() -> None:
                   "docs/spec.md section 'Combiner'. Not an independent check.",
         "algorithm": "ETSI TS 103 744 V1.2.1 CatKDF with HKDF; psk = QKD key, k1 = X25519, k2 = ML-KEM "
                      "(ordering 'etsi'), or IKM = ss_ML-KEM || ss_X25519 || k_qkd (ordering 'sp800-56c')",
-        "fields": "hex strings; epsk = CatKDF(qkd_key, x25519_secret, mlkem_secret; ma, mb, label, context); "
-                  "tls_psk/tls_psk_identity/next_auth_key = HKDF-Expand(epsk, lp('hybridkex/v1') || lp(suite) || "
-                  "lp(purpose) || lp(''), L)",
+        "fields": "hex strings, except the identities (ASCII text, sent as these octets); "
+                  "epsk = CatKDF(qkd_key, x25519_secret, mlkem_secret; ma, mb, label, context); "
+                  "tls_psk/tls_psk_identity_bytes/next_auth_key = HKDF-Expand(epsk, lp('hybridkex/v1') || lp(suite) || "
+                  "lp(purpose) || lp(''), L); tls_psk_identity = 'hk1-psk.' || base64url(tls_psk_identity_bytes) "
+                  "without padding; reconnect_1: handle, tag (context u32(1)), identity = 'hk1-rc.' || "
+                  "base64url(handle || u32(1) || tag), psk (context u32(1)), docs/spec.md 4.3",
         "cases": [make_case(*c) for c in CASES],
     }
     json.dump(doc, sys.stdout, indent=1)
