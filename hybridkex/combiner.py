@@ -41,7 +41,9 @@ __all__ = [
 
 Role = Literal["initiator", "responder"]
 
-_MAX_ID = 1024
+#: Identities are 1..255 bytes, as the handshake's configuration and wire format allow (docs/spec.md
+#: 4.2, 6.2): one limit everywhere, so MA/MB can always be sent.
+_MAX_ID = 255
 #: Derived bytes behind a full handshake's TLS PSK identity (before its text encoding).
 TLS_IDENTITY_BYTES = 16
 
@@ -87,8 +89,8 @@ def encode_party(suite: Suite | str, party: PartyView, qkd: QKDBinding | None) -
     s = get_suite(suite)
     if party.role not in ("initiator", "responder"):
         raise ConfigurationError(f"role must be 'initiator' or 'responder', not {party.role!r}")
-    if len(party.identity) > _MAX_ID:
-        raise ConfigurationError(f"identity longer than {_MAX_ID} bytes")
+    if not 1 <= len(party.identity) <= _MAX_ID:
+        raise ConfigurationError(f"identity must be 1..{_MAX_ID} bytes, got {len(party.identity)}")
     return u16(s.code) + lp_join(
         labels.PROTOCOL + b" " + party.role.encode("ascii"),
         s.label,

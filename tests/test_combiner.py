@@ -182,6 +182,21 @@ def test_encode_party_is_injective_on_field_boundaries() -> None:
         encode_party(SUITE, PartyView("attacker", b"a", b"b", bytes(32), b"k"), None)  # type: ignore[arg-type]
 
 
+def test_identity_limit_is_the_handshakes_1_to_255_bytes() -> None:
+    """docs/spec.md 4.2 and 6.2 state one limit; 0.1.0's combiner allowed 1024 bytes and empty ones."""
+    encode_party(SUITE, PartyView("initiator", b"x" * 255, bytes(32), bytes(32), b"k"), None)
+    for bad in (b"", b"x" * 256, b"x" * 1024):
+        with pytest.raises(ConfigurationError, match=r"1\.\.255"):
+            encode_party(SUITE, PartyView("initiator", bad, bytes(32), bytes(32), b"k"), None)
+    # The configuration refuses the same identities, so a handshake can always encode them.
+    from hybridkex.protocol import InitiatorConfig, PSKAuthenticator
+
+    with pytest.raises(ConfigurationError, match="255"):
+        InitiatorConfig("x" * 256, [PSKAuthenticator({"peer": bytes(32)})], peer_identity="peer")
+    with pytest.raises(ConfigurationError, match="255"):
+        InitiatorConfig("", [PSKAuthenticator({"peer": bytes(32)})], peer_identity="peer")
+
+
 def test_qkd_binding_changes_output() -> None:
     """Substituting a key ID or an SAE ID in the binding changes MA and so the key (dependent-key attacks)."""
     view = PartyView("initiator", b"a", bytes(32), bytes(32), b"k")
