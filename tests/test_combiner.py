@@ -61,7 +61,7 @@ def test_known_answer_vectors(case: dict) -> None:
     assert h(case["label"]) == labels.combiner_label(suite.label)
     assert h(case["context"]) == labels.COMBINER_CONTEXT
     assert context_function(suite.kdf, labels.COMBINER_CONTEXT, ma, mb) == h(case["kdf_context_hash"])
-    # epsk through the generic CatKDF, written out from the spec (independent of combine_raw's ordering code)
+    # S through the generic CatKDF, written out from the spec (independent of combine_raw's ordering code)
     q, xs, ms = h(case["qkd_key"]), h(case["x25519_secret"]), h(case["mlkem_secret"])
     if case["ordering"] == "etsi":
         generic = cat_kdf([xs, ms], psk=q, ma=ma, mb=mb, context=h(case["context"]), label=h(case["label"]),
@@ -69,8 +69,8 @@ def test_known_answer_vectors(case: dict) -> None:
     else:
         generic = cat_kdf([ms, xs, q] if q else [ms, xs], ma=ma, mb=mb, context=h(case["context"]),
                           label=h(case["label"]), length=suite.hash_len, kdf=case["kdf"])
-    assert generic == h(case["epsk"])
-    assert combine_raw(suite, qkd_key=q, x25519_secret=xs, pq_secret=ms, ma=ma, mb=mb) == h(case["epsk"])
+    assert generic == h(case["combined_secret"])
+    assert combine_raw(suite, qkd_key=q, x25519_secret=xs, pq_secret=ms, ma=ma, mb=mb) == h(case["combined_secret"])
     secret = combine(suite, qkd_key=q, x25519_secret=xs, pq_secret=ms, ma=ma, mb=mb)
     assert secret.tls_psk() == h(case["tls_psk"])
     assert secret.derive(labels.TLS_PSK_IDENTITY, 16) == h(case["tls_psk_identity_bytes"])
@@ -92,7 +92,8 @@ def test_vectors_cover_what_the_issue_asks() -> None:
     assert any(c["qkd_key"] for c in cases) and any(not c["qkd_key"] for c in cases)
     assert {get_suite(c["suite"]).hash for c in cases} == {"sha256", "sha384"}
     for c in cases:
-        for fieldname in ("qkd_key", "x25519_secret", "mlkem_secret", "ma", "mb", "label", "context", "epsk"):
+        for fieldname in ("qkd_key", "x25519_secret", "mlkem_secret", "ma", "mb", "label", "context",
+                          "combined_secret", "mlkem_encaps_m"):
             bytes.fromhex(c[fieldname])
 
 
