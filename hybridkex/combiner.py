@@ -26,7 +26,7 @@ from typing import Literal
 
 from .exceptions import AlreadyFinalized, ConfigurationError, InvalidKeyMaterial
 from .hazmat import labels
-from .hazmat.encoding import lp_join, u16
+from .hazmat.encoding import b64url, lp_join, u16
 from .hazmat.kdf import cat_kdf, hkdf_expand
 from .suites import Suite, get_suite
 
@@ -41,7 +41,11 @@ __all__ = [
 
 Role = Literal["initiator", "responder"]
 
-_MAX_ID = 1024
+#: Identities are 1..255 bytes, as the handshake's configuration and wire format allow (docs/spec.md
+#: 4.2, 6.2): one limit everywhere, so MA/MB can always be sent.
+_MAX_ID = 255
+#: Derived bytes behind a full handshake's TLS PSK identity (before its text encoding).
+TLS_IDENTITY_BYTES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +89,8 @@ def encode_party(suite: Suite | str, party: PartyView, qkd: QKDBinding | None) -
     s = get_suite(suite)
     if party.role not in ("initiator", "responder"):
         raise ConfigurationError(f"role must be 'initiator' or 'responder', not {party.role!r}")
-    if len(party.identity) > _MAX_ID:
-        raise ConfigurationError(f"identity longer than {_MAX_ID} bytes")
+    if not 1 <= len(party.identity) <= _MAX_ID:
+        raise ConfigurationError(f"identity must be 1..{_MAX_ID} bytes, got {len(party.identity)}")
     return u16(s.code) + lp_join(
         labels.PROTOCOL + b" " + party.role.encode("ascii"),
         s.label,
@@ -141,8 +145,12 @@ class CombinedSecret:
         return self.derive(labels.TLS_PSK, self.suite.hash_len)
 
     def tls_identity(self) -> bytes:
-        """A 16-byte PSK identity for TLS, derived so both ends agree without sending it first."""
-        return self.derive(labels.TLS_PSK_IDENTITY, 16)
+        """The TLS PSK identity, derived so both ends agree without sending it first.
+
+        Printable ASCII (30 bytes): ``"hk1-psk." || base64url(derive("tls13 external psk identity",
+        16))`` without padding (docs/spec.md 4.3); public, it travels in clear in the ClientHello.
+        """
+        return labels.TLS_IDENTITY_PREFIX + b64url(self.derive(labels.TLS_PSK_IDENTITY, TLS_IDENTITY_BYTES))
 
     def next_auth_key(self) -> bytes:
         """The authentication key for the next handshake of this peer pair (recycled mode)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import pickle
 
 import pytest
@@ -23,8 +24,10 @@ from hybridkex import (
 )
 from hybridkex.combiner import combine_raw
 from hybridkex.hazmat import labels
+from hybridkex.hazmat.encoding import u32
 from hybridkex.hazmat.kdf import cat_kdf, context_function
 from hybridkex.hazmat.kem import get_kem
+from hybridkex.io.reconnect import reconnect_identity, reconnect_psk, session_handle
 
 KAT = load_vectors("hybridkex-v1.json")
 
@@ -58,7 +61,7 @@ def test_known_answer_vectors(case: dict) -> None:
     assert h(case["label"]) == labels.combiner_label(suite.label)
     assert h(case["context"]) == labels.COMBINER_CONTEXT
     assert context_function(suite.kdf, labels.COMBINER_CONTEXT, ma, mb) == h(case["kdf_context_hash"])
-    # epsk through the generic CatKDF, written out from the spec (independent of combine_raw's ordering code)
+    # S through the generic CatKDF, written out from the spec (independent of combine_raw's ordering code)
     q, xs, ms = h(case["qkd_key"]), h(case["x25519_secret"]), h(case["mlkem_secret"])
     if case["ordering"] == "etsi":
         generic = cat_kdf([xs, ms], psk=q, ma=ma, mb=mb, context=h(case["context"]), label=h(case["label"]),
@@ -66,12 +69,21 @@ def test_known_answer_vectors(case: dict) -> None:
     else:
         generic = cat_kdf([ms, xs, q] if q else [ms, xs], ma=ma, mb=mb, context=h(case["context"]),
                           label=h(case["label"]), length=suite.hash_len, kdf=case["kdf"])
-    assert generic == h(case["epsk"])
-    assert combine_raw(suite, qkd_key=q, x25519_secret=xs, pq_secret=ms, ma=ma, mb=mb) == h(case["epsk"])
+    assert generic == h(case["combined_secret"])
+    assert combine_raw(suite, qkd_key=q, x25519_secret=xs, pq_secret=ms, ma=ma, mb=mb) == h(case["combined_secret"])
     secret = combine(suite, qkd_key=q, x25519_secret=xs, pq_secret=ms, ma=ma, mb=mb)
     assert secret.tls_psk() == h(case["tls_psk"])
-    assert secret.tls_identity() == h(case["tls_psk_identity"])
+    assert secret.derive(labels.TLS_PSK_IDENTITY, 16) == h(case["tls_psk_identity_bytes"])
+    # The identity is text (docs/spec.md 4.3): prefix, then unpadded base64url of the derived bytes.
+    b64 = base64.urlsafe_b64encode(h(case["tls_psk_identity_bytes"])).rstrip(b"=")
+    assert secret.tls_identity() == b"hk1-psk." + b64 == case["tls_psk_identity"].encode("ascii")
     assert secret.next_auth_key() == h(case["next_auth_key"])
+    rc = case["reconnect_1"]
+    assert session_handle(secret) == h(rc["handle"])
+    assert secret.derive(labels.RECONNECT_IDENTITY, 16, u32(1)) == h(rc["tag"])
+    raw = h(rc["handle"]) + u32(1) + h(rc["tag"])
+    assert reconnect_identity(secret, 1) == b"hk1-rc." + base64.urlsafe_b64encode(raw) == rc["identity"].encode()
+    assert reconnect_psk(secret, 1) == h(rc["psk"])
 
 
 def test_vectors_cover_what_the_issue_asks() -> None:
@@ -80,7 +92,8 @@ def test_vectors_cover_what_the_issue_asks() -> None:
     assert any(c["qkd_key"] for c in cases) and any(not c["qkd_key"] for c in cases)
     assert {get_suite(c["suite"]).hash for c in cases} == {"sha256", "sha384"}
     for c in cases:
-        for fieldname in ("qkd_key", "x25519_secret", "mlkem_secret", "ma", "mb", "label", "context", "epsk"):
+        for fieldname in ("qkd_key", "x25519_secret", "mlkem_secret", "ma", "mb", "label", "context",
+                          "combined_secret", "mlkem_encaps_m"):
             bytes.fromhex(c[fieldname])
 
 
@@ -168,6 +181,21 @@ def test_encode_party_is_injective_on_field_boundaries() -> None:
     assert a != b
     with pytest.raises(ConfigurationError):
         encode_party(SUITE, PartyView("attacker", b"a", b"b", bytes(32), b"k"), None)  # type: ignore[arg-type]
+
+
+def test_identity_limit_is_the_handshakes_1_to_255_bytes() -> None:
+    """docs/spec.md 4.2 and 6.2 state one limit; 0.1.0's combiner allowed 1024 bytes and empty ones."""
+    encode_party(SUITE, PartyView("initiator", b"x" * 255, bytes(32), bytes(32), b"k"), None)
+    for bad in (b"", b"x" * 256, b"x" * 1024):
+        with pytest.raises(ConfigurationError, match=r"1\.\.255"):
+            encode_party(SUITE, PartyView("initiator", bad, bytes(32), bytes(32), b"k"), None)
+    # The configuration refuses the same identities, so a handshake can always encode them.
+    from hybridkex.protocol import InitiatorConfig, PSKAuthenticator
+
+    with pytest.raises(ConfigurationError, match="255"):
+        InitiatorConfig("x" * 256, [PSKAuthenticator({"peer": bytes(32)})], peer_identity="peer")
+    with pytest.raises(ConfigurationError, match="255"):
+        InitiatorConfig("", [PSKAuthenticator({"peer": bytes(32)})], peer_identity="peer")
 
 
 def test_qkd_binding_changes_output() -> None:

@@ -8,11 +8,15 @@ truncation, overrun or trailing byte becomes a :class:`~hybridkex.exceptions.Rem
 
 from __future__ import annotations
 
+import base64
+import binascii
 import struct
 
 from ..exceptions import RemoteProtocolError
 
-__all__ = ["Reader", "lp", "lp_join", "u8", "u16", "u32"]
+__all__ = ["Reader", "b64url", "b64url_decode", "lp", "lp_join", "u8", "u16", "u32"]
+
+_B64URL_ALPHABET = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -38,6 +42,28 @@ def lp(data: bytes) -> bytes:
 def lp_join(*fields: bytes) -> bytes:
     """The concatenation of ``lp(field)`` for every field."""
     return b"".join(_U32.pack(len(f)) + f for f in fields)
+
+
+def b64url(data: bytes) -> bytes:
+    """RFC 4648 section 5 base64url of ``data`` without ``=`` padding (ASCII bytes)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def b64url_decode(text: bytes, length: int) -> bytes:
+    """Strict inverse of :func:`b64url` for exactly ``length`` decoded bytes.
+
+    Only the canonical encoding is accepted: no padding, no other alphabet, no whitespace, no
+    non-zero unused bits.  Anything else raises :class:`RemoteProtocolError`.
+    """
+    if len(text) != (4 * length + 2) // 3 or not _B64URL_ALPHABET.issuperset(text):
+        raise RemoteProtocolError(f"not the base64url encoding of {length} bytes")
+    try:
+        data = base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):  # pragma: no cover - excluded by the checks above
+        raise RemoteProtocolError(f"not the base64url encoding of {length} bytes") from None
+    if len(data) != length or b64url(data) != text:  # unused low bits set: not canonical
+        raise RemoteProtocolError(f"not the canonical base64url encoding of {length} bytes")
+    return data
 
 
 class Reader:

@@ -41,6 +41,17 @@ RECONNECT_IDENTITY = b"reconnect psk identity"
 #: Names a parent session in its reconnect PSK identities, so a server finds it without a search.
 RECONNECT_HANDLE = b"reconnect session handle"
 
+# --- TLS PSK identities (docs/spec.md 4.3). They travel in clear in the ClientHello and are sent as
+# printable ASCII text: stacks that treat identities as C strings or UTF-8 (OpenSSL's legacy PSK
+# callbacks, Python's ssl, the openssl tool) cannot carry raw derived bytes.  The two prefixes differ
+# before either ends, so a server tells a full handshake's identity from a reconnect's by its first
+# bytes, and "hk1" names this identity format's version.
+
+#: Identity of a full handshake: this prefix, then base64url (no padding) of 16 derived bytes.
+TLS_IDENTITY_PREFIX = b"hk1-psk."
+#: Identity of a reconnect: this prefix, then base64url of handle (16) || u32(counter) || tag (16).
+RECONNECT_IDENTITY_PREFIX = b"hk1-rc."
+
 #: Every purpose label, for tests that check they are distinct.
 PURPOSES: tuple[bytes, ...] = (
     TLS_PSK,

@@ -6,7 +6,7 @@ straight to TLS 1.3, with no hybrid exchange before it, using::
 
     handle   = derive(S, "reconnect session handle", 16)                 # names the parent
     tag_i    = derive(S, "reconnect psk identity", 16, context=u32(i))
-    identity = handle || u32(i) || tag_i                                  # 36 bytes, sent in clear
+    identity = "hk1-rc." || base64url(handle || u32(i) || tag_i)         # 55 ASCII bytes, in clear
     psk_i    = derive(S, "reconnect psk", HashLen, context=u32(i))
 
 The server finds the parent by ``handle``, checks ``tag_i`` in constant time (so nobody who lacks
@@ -33,18 +33,20 @@ from typing import Final, NoReturn
 from ..combiner import CombinedSecret
 from ..exceptions import AlreadyFinalized, RemoteProtocolError, TLSError
 from ..hazmat import labels
-from ..hazmat.encoding import Reader, u32
+from ..hazmat.encoding import Reader, b64url, b64url_decode, u32
 from ..protocol import SessionInfo
 from ..tls._common import CIPHER_ID
 from .config import ReconnectPolicy
 
 __all__ = [
     "IDENTITY_LEN",
+    "RAW_IDENTITY_LEN",
     "ReconnectKey",
     "ReconnectMatch",
     "ReconnectRegistry",
     "ReconnectTicket",
     "client_hello_cipher",
+    "parse_reconnect_identity",
     "reconnect_identity",
     "reconnect_psk",
     "session_handle",
@@ -54,8 +56,10 @@ _log = logging.getLogger("hybridkex.reconnect")
 
 HANDLE_LEN: Final = 16
 TAG_LEN: Final = 16
-#: handle (16) || u32 counter (4) || tag (16).
-IDENTITY_LEN: Final = HANDLE_LEN + 4 + TAG_LEN
+#: handle (16) || u32 counter (4) || tag (16): the bytes a reconnect identity encodes.
+RAW_IDENTITY_LEN: Final = HANDLE_LEN + 4 + TAG_LEN
+#: Length of a reconnect identity: the prefix and 48 base64url characters (36 bytes, no padding).
+IDENTITY_LEN: Final = len(labels.RECONNECT_IDENTITY_PREFIX) + (4 * RAW_IDENTITY_LEN + 2) // 3
 
 #: First byte of a TLS handshake record (a ClientHello); a hybridkex Hello starts with "H" (0x48).
 TLS_HANDSHAKE_BYTE: Final = 0x16
@@ -73,9 +77,27 @@ def session_handle(secret: CombinedSecret) -> bytes:
 
 
 def reconnect_identity(secret: CombinedSecret, index: int, handle: bytes | None = None) -> bytes:
-    """The TLS PSK identity of reconnect ``index`` (public: it travels in the ClientHello)."""
+    """The TLS PSK identity of reconnect ``index``: printable ASCII text (public: it travels in the
+    ClientHello), ``"hk1-rc." || base64url(handle || u32(index) || tag)`` without padding."""
     handle = handle if handle is not None else session_handle(secret)
-    return handle + u32(index) + secret.derive(labels.RECONNECT_IDENTITY, TAG_LEN, u32(index))
+    raw = handle + u32(index) + secret.derive(labels.RECONNECT_IDENTITY, TAG_LEN, u32(index))
+    return labels.RECONNECT_IDENTITY_PREFIX + b64url(raw)
+
+
+def parse_reconnect_identity(identity: bytes) -> tuple[bytes, int, bytes] | None:
+    """``(handle, index, tag)`` of a well-formed reconnect identity, else None (never raises).
+
+    Strict: the exact prefix, then exactly the canonical base64url of 36 bytes; a full handshake's
+    identity, a 0.1.0 raw binary identity, padding, whitespace or any other byte is "not one".
+    """
+    if (not isinstance(identity, bytes) or len(identity) != IDENTITY_LEN
+            or not identity.startswith(labels.RECONNECT_IDENTITY_PREFIX)):
+        return None
+    try:
+        raw = b64url_decode(identity[len(labels.RECONNECT_IDENTITY_PREFIX):], RAW_IDENTITY_LEN)
+    except RemoteProtocolError:
+        return None
+    return raw[:HANDLE_LEN], int.from_bytes(raw[HANDLE_LEN:HANDLE_LEN + 4], "big"), raw[HANDLE_LEN + 4:]
 
 
 def reconnect_psk(secret: CombinedSecret, index: int) -> bytes:
@@ -286,12 +308,12 @@ class ReconnectRegistry:
         the PSK to ``cipher``.  A valid counter is spent here, before the TLS handshake completes,
         so it can never be accepted twice (a failed handshake spends it too: fail closed).
         """
-        if len(identity) != IDENTITY_LEN:
-            self.stats.unknown += 1
+        parsed = parse_reconnect_identity(identity)
+        if parsed is None:  # malformed, or not a reconnect identity at all: unknown, never an error
+            with self._lock:
+                self.stats.unknown += 1
             return None
-        handle = identity[:HANDLE_LEN]
-        index = int.from_bytes(identity[HANDLE_LEN:HANDLE_LEN + 4], "big")
-        tag = identity[HANDLE_LEN + 4:]
+        handle, index, tag = parsed
         with self._lock:
             parent = self._parents.get(handle)
             if parent is not None and parent.expires <= self._clock():

@@ -755,6 +755,9 @@ class Responder(_Connection):
         self._note_text: str | None = None
         self._binding: QKDBinding | None = None
         self._usage = w.QKDUsage.NONE
+        # Hazmat, for known-answer vectors only: set by hybridkex.hazmat.deterministic, never by a
+        # driver. None means the KEM's own randomised encapsulation.
+        self._encapsulate_with: Callable[[str, bytes], tuple[bytes, bytes]] | None = None
 
     def _offered_names(self) -> tuple[str, ...]:
         assert self._hello is not None
@@ -944,9 +947,15 @@ class Responder(_Connection):
 
     def _encapsulate(self, kem: KEM) -> tuple[bytes, bytes]:
         try:
-            return kem.encapsulate(self._share)
+            if self._encapsulate_with is None:
+                return kem.encapsulate(self._share)
+            kem.encapsulate(self._share)  # the same checks of the peer's key as without the hook
+            ss, ct = self._encapsulate_with(kem.name, self._share)
         except InvalidKeyMaterial as exc:
             raise RemoteProtocolError(f"invalid {kem.name} encapsulation key from the peer: {exc}") from exc
+        if len(ss) != kem.shared_secret_size or len(ct) != kem.ciphertext_size:
+            raise LocalProtocolError(f"the injected {kem.name} encapsulation returned a result of the wrong size")
+        return bytes(ss), bytes(ct)
 
     def _on_finished(self, body: bytes, th_before: bytes) -> None:
         suite, hello, auth = self._suite, self._hello, self._authenticator

@@ -114,7 +114,7 @@ class Session:
         return self._secret.tls_psk()
 
     def tls_identity(self) -> bytes:
-        """The 16-byte TLS 1.3 PSK identity both sides derive."""
+        """The TLS 1.3 PSK identity both sides derive (printable ASCII, docs/spec.md 4.3)."""
         return self._secret.tls_identity()
 
     def next_auth_key(self) -> bytes:

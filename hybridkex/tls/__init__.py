@@ -22,6 +22,7 @@ from ._common import (
     EXPORTER_LENGTH,
     PQ_GROUP,
     TLSInfo,
+    psk_session_pem,
 )
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ __all__ = [
     "client_context",
     "export_keying_material",
     "handshake",
+    "psk_session_pem",
     "server_context",
     "verify_connection",
     "wrap_socket",

@@ -3,6 +3,7 @@ without pyOpenSSL or cryptography installed)."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -25,6 +26,7 @@ __all__ = [
     "check_psk",
     "group_names",
     "normalize_group",
+    "psk_session_pem",
     "resolve_cipher",
 ]
 
@@ -102,6 +104,31 @@ def check_identity(identity: object, *, max_len: int = MAX_IDENTITY_LEN) -> byte
     if not 1 <= len(ident) <= max_len:
         raise ConfigurationError(f"must be 1..{max_len} bytes long, got {len(ident)}", field="identity")
     return ident
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    if n < 0x80:
+        return bytes((tag, n)) + body
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(size))) + size + body
+
+
+def psk_session_pem(psk: bytes, suite: Suite | str) -> str:
+    """An external PSK as an OpenSSL ``SSL SESSION PARAMETERS`` PEM, for ``openssl s_client
+    -psk_session FILE`` / ``s_server -psk_session FILE``.
+
+    The tools' ``-psk HEX`` always binds the key to SHA-256 (TLS_AES_128_GCM_SHA256); a session file
+    also names the cipher suite, which is how a SHA-384 PSK reaches them.  The file holds the key:
+    treat it as a secret.  Encoding: OpenSSL's SSL_SESSION ASN.1 (ssl/ssl_asn1.c) with version 1,
+    TLS 1.3, the suite's 2-byte code, an empty session ID and the PSK as master key.
+    """
+    key = check_psk(psk)
+    cipher = resolve_cipher(suite)
+    body = _der(0x02, b"\x01") + _der(0x02, b"\x03\x04") + _der(0x04, CIPHER_ID[cipher]) + _der(0x04, b"") \
+        + _der(0x04, key)
+    text = base64.encodebytes(_der(0x30, body)).decode("ascii")
+    return f"-----BEGIN SSL SESSION PARAMETERS-----\n{text}-----END SSL SESSION PARAMETERS-----\n"
 
 
 def normalize_group(name: str) -> str:

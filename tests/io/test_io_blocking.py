@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import queue
+import re
 import socket
 import threading
 import time
@@ -60,7 +61,8 @@ def test_connect_and_serve_report_both_sessions(setup: Any) -> None:
         assert cli.version == "TLSv1.3" and cli.cipher == "TLS_AES_128_GCM_SHA256"
         assert cli.group == srv_session.group == "X25519MLKEM768" and cli.post_quantum_tls
         assert cli.reconnect is False and cli.reconnect_index is None
-        assert cli.tls.psk_identity == srv_session.tls.psk_identity and len(cli.tls.psk_identity or b"") == 16
+        assert cli.tls.psk_identity == srv_session.tls.psk_identity
+        assert re.fullmatch(rb"hk1-psk\.[A-Za-z0-9_-]{22}", cli.tls.psk_identity or b"")  # printable (spec 4.3)
         # The TLS exporter agrees on both ends: channel binding and application keys.
         assert sock.channel_binding() == cli.channel_binding() == srv_binding and len(srv_binding) == 32
         assert sock.export_keying_material(b"app", 24, b"ctx") == srv_key

@@ -119,3 +119,29 @@ def test_unavailable_suite_fails_at_construction(monkeypatch):
     with pytest.raises(UnsupportedAlgorithm, match="liboqs"):
         Responder(res)
     assert get_suite("x25519-hqc128-qkd-hkdfsha256").backend == "liboqs"
+
+
+@pytest.mark.parametrize("suite", ["x25519-mlkem1024-qkd-hkdfsha384", "mlkem768-x25519-qkd-hkdfsha256-sp80056c"])
+def test_the_default_policy_refuses_sha384_and_sp800_56c_suites(suite: str) -> None:
+    """docs/api.md: a responder with the default Policy() refuses a peer offering only these."""
+    from hybridkex.exceptions import PolicyViolation
+
+    from .helpers import QKDPair, run_pair
+
+    ini, res = configs(suites=(suite,), res_suites=())
+    out = run_pair(ini, res, QKDPair.create())
+    assert isinstance(out.res_error, PolicyViolation) and "no suite acceptable" in str(out.res_error)
+    assert isinstance(out.ini_error, PolicyViolation)
+    # Listed on both sides, the same suite works.
+    out = run_pair(*configs(suites=(suite,)), QKDPair.create())
+    assert out.ok and out.ini_session is not None and out.ini_session.info.suite == suite
+
+
+def test_the_responders_suite_order_wins() -> None:
+    """docs/spec.md 5.1: the initiator's preference decides nothing."""
+    from .helpers import QKDPair, run_pair
+
+    a, b = "x25519-mlkem768-qkd-hkdfsha256", "x25519-mlkem1024-qkd-hkdfsha384"
+    for ini_order, res_order in (((a, b), (b, a)), ((b, a), (a, b))):
+        out = run_pair(*configs(suites=ini_order, res_suites=res_order), QKDPair.create())
+        assert out.ok and out.ini_session is not None and out.ini_session.info.suite == res_order[0]

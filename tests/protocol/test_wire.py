@@ -221,3 +221,38 @@ def test_wrong_size_ml_kem_share_is_refused_even_if_not_chosen():
     res.receive_data(wire.encode_frame(wire.FrameType.HELLO, forged.encode()))
     with pytest.raises(RemoteProtocolError, match="ML-KEM-1024 key share of 100 bytes"):
         res.next_event()
+
+
+def test_qkd_master_zero_semantics_as_the_spec_states():
+    """docs/spec.md 6.2: master 0 is valid without QKD suites, a decode error with a known QKD suite;
+    master != 0 with only no-QKD suites is accepted (the QKD fields go unused)."""
+    import dataclasses
+
+    from .helpers import DeterministicRandom
+
+    ini_cfg, res_cfg = configs(qkd="optional", res_qkd="optional")
+    hello = w.HelloMsg.decode(Initiator(ini_cfg, randbytes=DeterministicRandom(3), clock=clock).data_to_send()[8:])
+    assert hello.qkd.master is w.QKDMaster.RESPONDER and len(hello.suites) == 2
+    no_qkd = 0x0003  # x25519-mlkem768-hkdfsha256
+    cases = {
+        "master 1, no QKD suite": (dataclasses.replace(hello, suites=(no_qkd,)), None),
+        "master 0, no QKD suite": (dataclasses.replace(hello, suites=(no_qkd,),
+                                                       qkd=w.HelloQKD(w.QKDMaster.NONE, "", "", 0,
+                                                                      w.QKDNote.DISABLED_BY_POLICY)), None),
+        "master 0, QKD suite": (dataclasses.replace(hello, qkd=w.HelloQKD(w.QKDMaster.NONE, "", "", 0,
+                                                                          w.QKDNote.NONE)), RemoteProtocolError),
+    }
+    for name, (msg, error) in cases.items():
+        res = Responder(res_cfg, randbytes=DeterministicRandom(4), clock=clock)
+        res.receive_data(w.encode_frame(w.FrameType.HELLO, msg.encode()))
+        if error is None:
+            res.next_event()
+            assert res.state is State.WAIT_FINISHED, name  # answered without QKD
+        else:
+            with pytest.raises(error, match="without QKD parameters"):
+                res.next_event()
+    bad_master = bytearray(w.encode_frame(w.FrameType.HELLO, hello.encode()))
+    index = 8 + hello.encode().index(b"\x01" + b"\x00" + bytes([len(hello.qkd.sae_id)]) + hello.qkd.sae_id.encode())
+    bad_master[index] = 3  # neither none, responder nor initiator
+    with pytest.raises(RemoteProtocolError, match="qkd master"):
+        w.HelloMsg.decode(bytes(bad_master[8:]))

@@ -4,6 +4,10 @@ hybridkex.tls.stdlib only: this interpreter has neither pyOpenSSL nor cryptograp
     py313_peer.py client PORT IDENTITY HEXKEY      connect, send a line, print the reply
     py313_peer.py server IDENTITY HEXKEY [raise]   print the port, accept one client, echo a line reversed
     py313_peer.py selftest                         stdlib <-> stdlib scenarios
+    py313_peer.py bulk-client PORT                 one handshake per (identity hex, key hex) pair read as a
+                                                   JSON list from stdin; count failures
+    py313_peer.py bulk-server COUNT                the same pairs as the server's table; print the port,
+                                                   accept COUNT clients one after the other
 
 Every result is one JSON line on stdout.
 """
@@ -115,6 +119,58 @@ def _pair(
     return out
 
 
+def _read_pairs() -> list[tuple[bytes, bytes]]:
+    return [(bytes.fromhex(i), bytes.fromhex(k)) for i, k in json.load(sys.stdin)]
+
+
+def bulk_client(port: int) -> dict[str, Any]:
+    """Many handshakes in one process (starting an interpreter per handshake would dominate the test)."""
+    failures: list[dict[str, Any]] = []
+    ok = 0
+    for n, (identity, key) in enumerate(_read_pairs()):
+        try:
+            ctx = st.client_context(identity, key)
+            with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+                ssock, info = st.wrap_socket(ctx, sock, server_side=False, timeout=15)
+                ssock.sendall(b"ping %d\n" % n)
+                reply = _recv_line(ssock)
+                ssock.close()
+            if reply != b"PING %d\n" % n or info.psk_identity != identity:
+                raise AssertionError(f"wrong reply {reply!r} or identity {info.psk_identity!r}")
+            ok += 1
+        except (HybridKEXError, OSError, AssertionError) as exc:
+            failures.append({"index": n, "identity": identity.hex(), **_error(exc)})
+    return {"ok": ok, "failures": failures}
+
+
+def bulk_server(count: int) -> dict[str, Any]:
+    table = dict(_read_pairs())
+    ctx = st.server_context(table)
+    failures: list[dict[str, Any]] = []
+    seen: list[str] = []
+    with socket.socket() as ls:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(8)
+        ls.settimeout(15)
+        print(json.dumps({"port": ls.getsockname()[1]}), flush=True)
+        for n in range(count):
+            try:
+                sock, _ = ls.accept()
+            except TimeoutError as exc:
+                failures.append({"index": n, **_error(exc)})
+                break
+            with sock:
+                try:
+                    ssock, info = st.wrap_socket(ctx, sock, server_side=True, timeout=15)
+                    line = _recv_line(ssock)
+                    ssock.sendall(line[:-1][::-1] + b"\n")
+                    ssock.unwrap()
+                    seen.append((info.psk_identity or b"").hex())
+                except (HybridKEXError, OSError) as exc:
+                    failures.append({"index": n, **_error(exc)})
+    return {"ok": len(seen), "identities": seen, "failures": failures}
+
+
 def selftest() -> dict[str, Any]:
     key = os.urandom(32)
     results: dict[str, Any] = {
@@ -154,6 +210,10 @@ def main(argv: list[str]) -> int:
         result = client(int(argv[1]), argv[2], bytes.fromhex(argv[3]))
     elif argv[0] == "server":
         result = server(argv[1], bytes.fromhex(argv[2]), argv[3] if len(argv) > 3 else "")
+    elif argv[0] == "bulk-client":
+        result = bulk_client(int(argv[1]))
+    elif argv[0] == "bulk-server":
+        result = bulk_server(int(argv[1]))
     else:
         result = selftest()
     result["python"] = sys.version.split()[0]

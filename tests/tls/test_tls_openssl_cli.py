@@ -3,10 +3,14 @@ as an independent peer, over real TCP on 127.0.0.1."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shlex
 import socket
 import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,10 +28,21 @@ from tlshelpers import (
     recv_line,
 )
 
-from hybridkex import tls
-from hybridkex.exceptions import HybridKEXError, PSKHashMismatch, PSKMismatch, PSKRejected, TLSError, UnknownPSKIdentity
+from hybridkex import CombinedSecret, get_suite, tls
+from hybridkex.exceptions import (
+    HybridKEXError,
+    InvalidKeyMaterial,
+    PSKHashMismatch,
+    PSKMismatch,
+    PSKRejected,
+    TLSError,
+    UnknownPSKIdentity,
+)
+from hybridkex.io.reconnect import reconnect_identity, reconnect_psk
 
 IDENTITY = b"client1"
+ROOT = Path(__file__).resolve().parents[2]
+TLS_MD = ROOT / "docs" / "tls.md"
 KEYMAT = ["-keymatexport", "EXPORTER-Channel-Binding", "-keymatexportlen", "32"]
 
 
@@ -37,23 +52,27 @@ def _keying_material(output: str) -> bytes:
     return bytes.fromhex(m.group(1))
 
 
-def _s_client(openssl_cli: str, port: int, key: bytes, identity: bytes, *extra: str) -> subprocess.Popen[bytes]:
+def _s_client(openssl_cli: str, port: int, key: bytes, identity: bytes, *extra: str,
+              shell_line: bool = False) -> subprocess.Popen[bytes]:
     cmd = [
         openssl_cli, "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-ign_eof",
         "-psk", key.hex(), "-psk_identity", identity.decode(), *KEYMAT, *extra,
     ]
+    if shell_line:  # as a user would type it: unquoted, so the identity must be shell-safe text
+        return subprocess.Popen("exec " + " ".join(cmd), shell=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _serve_one(sctx: SSL.Context, openssl_cli: str, key: bytes, identity: bytes, *extra: str,
-               request: bytes = b"hello from openssl\n") -> tuple[dict[str, Any], str]:
+               request: bytes = b"hello from openssl\n", shell_line: bool = False) -> tuple[dict[str, Any], str]:
     """Accept one `openssl s_client` connection with our server context; echo one line upper-cased."""
     result: dict[str, Any] = {}
     with socket.socket() as ls:
         ls.bind(("127.0.0.1", 0))
         ls.listen(1)
         ls.settimeout(15)
-        proc = _s_client(openssl_cli, ls.getsockname()[1], key, identity, *extra)
+        proc = _s_client(openssl_cli, ls.getsockname()[1], key, identity, *extra, shell_line=shell_line)
         try:
             assert proc.stdin is not None
             proc.stdin.write(request)  # read by s_client after its handshake
@@ -212,3 +231,132 @@ def test_s_client_cannot_resume_with_the_ticket(openssl_cli: str, psk: bytes, tm
     assert len(hellos) == 2
     offered = hellos[1].psk_identities()
     assert len(offered) == 2 and offered[1] == b"not-a-client"  # the ticket was offered, and refused
+
+
+# --- identities as hybridkex derives them (issue 12, item 1) -------------------------------------------
+
+#: Under 0.1.0 the raw identity derived from this seed contained a 0x00 byte (a1 0b ... 80 00 32 ...).
+NUL_SEED = b"hybridkex issue 12 seed 45"
+
+
+def _derived() -> list[tuple[str, bytes, bytes]]:
+    secret = CombinedSecret(get_suite("x25519-mlkem768-qkd-hkdfsha256"), hashlib.sha256(NUL_SEED).digest())
+    return [("full handshake", secret.tls_identity(), secret.tls_psk()),
+            ("reconnect", reconnect_identity(secret, 1), reconnect_psk(secret, 1))]
+
+
+@pytest.mark.parametrize(("kind", "identity", "psk"), _derived(), ids=["full-handshake", "reconnect"])
+def test_s_client_line_with_a_derived_identity(openssl_cli: str, kind: str, identity: bytes, psk: bytes) -> None:
+    sctx = tls.server_context({identity: psk})
+    result, output = _serve_one(sctx, openssl_cli, psk, identity, shell_line=True)
+    assert "error" not in result, (kind, result, output[-800:])
+    assert result["info"].psk_identity == identity and result["received"] == b"hello from openssl\n"
+    assert "HELLO FROM OPENSSL" in output
+    assert _keying_material(output) == result["binding"]
+
+
+def _exchange(conn: SSL.Connection, sock: socket.socket, proc: subprocess.Popen[bytes], line: bytes) -> None:
+    """One line each way with `openssl s_server`, so nothing is unread when the socket closes (a close
+    with unread data sends RST, which can discard our line before s_server prints it)."""
+    sock.settimeout(None)
+    conn.sendall(line)
+    assert proc.stdin is not None
+    proc.stdin.write(b"pong from openssl\n")
+    proc.stdin.flush()
+    assert recv_line(conn) == b"pong from openssl\n"
+    conn.shutdown()
+
+
+@pytest.mark.parametrize(("kind", "identity", "psk"), _derived(), ids=["full-handshake", "reconnect"])
+def test_our_client_with_a_derived_identity_against_s_server(openssl_cli: str, kind: str, identity: bytes,
+                                                             psk: bytes) -> None:
+    args = ["-psk", psk.hex(), "-psk_identity", identity.decode()]
+    with openssl_server(args) as (proc, port), socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        conn, info = tls.wrap_socket(tls.client_context(identity, psk), sock, server_side=False, timeout=15)
+        assert info.psk_identity == identity, kind
+        _exchange(conn, sock, proc, b"ping from hybridkex\n")
+        sock.close()
+        output = finish(proc)
+    assert "ping from hybridkex" in output
+
+
+# --- SHA-384 PSKs: the openssl tool needs a session file (-psk binds the key to SHA-256) ----------------
+
+
+def _sha384_derived() -> tuple[bytes, bytes]:
+    secret = CombinedSecret(get_suite("x25519-mlkem1024-qkd-hkdfsha384"), hashlib.sha384(NUL_SEED).digest())
+    return secret.tls_identity(), secret.tls_psk()
+
+
+def _tls_md_line(start: str) -> str:
+    """The one indented command line of docs/tls.md that starts with ``start``."""
+    lines = [ln.strip() for ln in TLS_MD.read_text(encoding="utf-8").splitlines() if ln.startswith("    " + start)]
+    assert len(lines) == 1, (start, lines)
+    return lines[0]
+
+
+def test_s_client_psk_session_line_with_a_sha384_psk(openssl_cli: str, tmp_path: Any) -> None:
+    """docs/tls.md's two lines, run as written: the session file from python, then s_client."""
+    identity, psk = _sha384_derived()
+    make_pem = _tls_md_line("python -c").replace("python", shlex.quote(sys.executable), 1)
+    subprocess.run(make_pem.replace("HEXKEY", psk.hex()), shell=True, cwd=tmp_path, check=True, timeout=60,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert (tmp_path / "psk.pem").read_text() == tls.psk_session_pem(psk, "TLS_AES_256_GCM_SHA384")
+    sctx = tls.server_context({identity: psk}, suite="TLS_AES_256_GCM_SHA384")
+    result: dict[str, Any] = {}
+    with socket.socket() as ls:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(1)
+        ls.settimeout(15)
+        line = (_tls_md_line("openssl s_client -connect 127.0.0.1:PORT -tls1_3 -psk_session")
+                .replace("openssl", shlex.quote(openssl_cli), 1).replace("PORT", str(ls.getsockname()[1]))
+                .replace(" ID", " " + identity.decode()))
+        proc = subprocess.Popen(f"exec {line} -ign_eof", shell=True, cwd=tmp_path, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(b"sha384 ping\n")
+            proc.stdin.close()
+            sock, _ = ls.accept()
+            with sock:
+                conn, result["info"] = tls.wrap_socket(sctx, sock, server_side=True, timeout=15)
+                sock.settimeout(None)
+                result["received"] = recv_line(conn)
+                conn.sendall(b"SHA384 PONG\n")
+                conn.shutdown()
+            output = finish(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+    assert result["info"].cipher == "TLS_AES_256_GCM_SHA384" and result["info"].psk_identity == identity
+    assert result["received"] == b"sha384 ping\n" and "SHA384 PONG" in output
+    assert "Cipher is TLS_AES_256_GCM_SHA384" in output
+
+
+def test_our_sha384_client_against_s_server_psk_session(openssl_cli: str, tmp_path: Any) -> None:
+    identity, psk = _sha384_derived()
+    session = tmp_path / "psk.pem"
+    session.write_text(tls.psk_session_pem(psk, "TLS_AES_256_GCM_SHA384"))
+    cctx = tls.client_context(identity, psk, suite="TLS_AES_256_GCM_SHA384")
+    args = ["-psk_session", str(session), "-psk_identity", identity.decode()]
+    with openssl_server(args) as (proc, port), socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        conn, info = tls.wrap_socket(cctx, sock, server_side=False, timeout=15)
+        assert info.cipher == "TLS_AES_256_GCM_SHA384" and info.psk_identity == identity
+        _exchange(conn, sock, proc, b"ping over sha384\n")
+        sock.close()
+        output = finish(proc)
+    assert "ping over sha384" in output and "TLS_AES_256_GCM_SHA384" in output
+
+
+def test_psk_session_pem_is_what_openssl_reads(openssl_cli: str) -> None:
+    psk = bytes(range(48))
+    pem = tls.psk_session_pem(psk, "x25519-mlkem1024-qkd-hkdfsha384")
+    out = subprocess.run([openssl_cli, "sess_id", "-text", "-noout"], input=pem.encode(), capture_output=True,
+                         check=True, timeout=15).stdout.decode()
+    assert "Protocol  : TLSv1.3" in out and "Cipher    : TLS_AES_256_GCM_SHA384" in out
+    assert psk.hex().upper() in out.replace(" ", "")
+    with pytest.raises(InvalidKeyMaterial):
+        tls.psk_session_pem(b"short", "TLS_AES_256_GCM_SHA384")

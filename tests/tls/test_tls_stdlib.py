@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +31,17 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _spawn(python313: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+def _spawn(python313: str, *args: str, stdin: str | None = None) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
         [python313, str(PEER), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-        cwd=str(PEER.parent),
+        cwd=str(PEER.parent), stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
     )
+    if stdin is not None:
+        assert proc.stdin is not None
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+        proc.stdin = None  # communicate() would flush the closed pipe
+    return proc
 
 
 def _result(proc: subprocess.Popen[str]) -> tuple[dict[str, Any], str]:
@@ -163,3 +171,95 @@ def test_stdlib_selftest_under_313(python313: str) -> None:
     assert result["short_key"]["error"] == "InvalidKeyMaterial"
     assert result["no_has_psk"]["error"] == "UnsupportedAlgorithm"
     assert "without PSK support" in result["no_has_psk"]["message"]
+
+
+# --- hybridkex's own derived identities through the stdlib adapter (issue 12, item 1) -----------------
+
+#: Under 0.1.0 the raw identity derived from this seed contained a 0x00 byte (a1 0b ... 80 00 32 ...).
+NUL_SEED = b"hybridkex issue 12 seed 45"
+BULK = 300
+
+
+def _derived_pairs(n: int) -> list[tuple[bytes, bytes]]:
+    """``n`` (identity, PSK) pairs exactly as hybridkex derives them: alternately a full handshake's and
+    a reconnect's, from independent SHA-256-suite combined secrets (the stdlib adapter is SHA-256 only)."""
+    from hybridkex.combiner import CombinedSecret
+    from hybridkex.io.reconnect import reconnect_identity, reconnect_psk
+    from hybridkex.suites import get_suite
+
+    suite = get_suite("x25519-mlkem768-qkd-hkdfsha256")
+    pairs = []
+    for i in range(n):
+        secret = CombinedSecret(suite, hashlib.sha256(NUL_SEED if i == 0 else os.urandom(32)).digest())
+        if i % 2 == 0:
+            pairs.append((secret.tls_identity(), secret.tls_psk()))
+        else:
+            index = 1 + i % 7
+            pairs.append((reconnect_identity(secret, index), reconnect_psk(secret, index)))
+    return pairs
+
+
+def _pairs_json(pairs: list[tuple[bytes, bytes]]) -> str:
+    return json.dumps([[i.hex(), k.hex()] for i, k in pairs])
+
+
+def test_derived_identities_stdlib_client_to_pyopenssl_server(python313: str) -> None:
+    pairs = _derived_pairs(BULK)
+    sctx = tls.server_context(dict(pairs))
+    served: list[bytes] = []
+    failures: list[BaseException] = []
+
+    with socket.socket() as ls:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(8)
+        ls.settimeout(20)
+
+        def serve() -> None:
+            for _ in range(BULK):
+                try:
+                    sock, _ = ls.accept()
+                except OSError:  # timed out (the client gave up) or closed by the test
+                    return
+                with sock:
+                    try:
+                        conn, info = tls.wrap_socket(sctx, sock, server_side=True, timeout=15)
+                        sock.settimeout(None)  # pyOpenSSL needs a blocking socket after the handshake
+                        conn.sendall(recv_line(conn).upper())
+                        conn.shutdown()
+                        served.append(info.psk_identity or b"")
+                    except Exception as exc:
+                        failures.append(exc)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        proc = _spawn(python313, "bulk-client", str(ls.getsockname()[1]), stdin=_pairs_json(pairs))
+        result, _ = _result(proc)
+        thread.join(30)
+    assert result["failures"] == [] and failures == [], (result["failures"][:5], failures[:5])
+    assert result["ok"] == BULK and served == [i for i, _ in pairs]
+
+
+def test_derived_identities_pyopenssl_client_to_stdlib_server(python313: str) -> None:
+    pairs = _derived_pairs(BULK)
+    proc = _spawn(python313, "bulk-server", str(BULK), stdin=_pairs_json(pairs))
+    failures: list[tuple[int, BaseException]] = []
+    try:
+        assert proc.stdout is not None
+        port = json.loads(proc.stdout.readline())["port"]
+        for n, (identity, key) in enumerate(pairs):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no delayed-ACK stall per request
+                    conn, info = tls.wrap_socket(tls.client_context(identity, key), sock, server_side=False,
+                                                 timeout=15)
+                    sock.settimeout(None)
+                    conn.sendall(b"ping %d\n" % n)
+                    assert recv_line(conn) == (b"ping %d" % n)[::-1] + b"\n"
+                    conn.shutdown()
+                    assert info.psk_identity == identity
+            except Exception as exc:
+                failures.append((n, exc))
+    finally:
+        result, _ = _result(proc)
+    assert failures == [] and result["failures"] == [], (failures[:5], result["failures"][:5])
+    assert result["ok"] == BULK and result["identities"] == [i.hex() for i, _ in pairs]
