@@ -78,8 +78,10 @@ def _json(status: int, body: Mapping[str, Any], headers: Mapping[str, str] | Non
                         headers=headers)
 
 
-async def _json_body(request: web.Request) -> Any:
+async def _json_body(request: web.Request, *, empty: Any = None) -> Any:
     raw = await request.read()
+    if not raw and empty is not None:
+        return empty
     try:
         return loads_strict(raw)
     except ValueError:
@@ -142,7 +144,8 @@ def create_kme_app(
         if request.method == "GET":
             key_request = parse_key_request_query(request.query.items())
         else:
-            key_request = parse_key_request(await _json_body(request))
+            # ETSI GS QKD 014 cl. 6.2: the Key request "may be empty", i.e. all defaults, as {}.
+            key_request = parse_key_request(await _json_body(request, empty={}))
         keys = store.enc_keys(kme_id, caller(request), request.match_info["sae"], key_request)
         return _json(200, key_container_body(keys))
 
