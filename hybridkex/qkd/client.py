@@ -97,8 +97,9 @@ T = TypeVar("T")
 #: Largest KME answer accepted (a full container of 128 keys of 8192 bits is ~180 KB).
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 # Idle keep-alive connections older than this are closed instead of reused: servers drop idle
-# connections after their own timeout (aiohttp: 75 s) and a reuse racing that close wastes a retry.
-_IDLE_MAX_AGE = 10.0
+# connections after their own timeout (the simulated KME: 5 s) and a reuse racing that close wastes
+# a round trip (the request is then sent again on a new connection).
+_IDLE_MAX_AGE = 4.0
 _MAX_IDLE_CONNECTIONS = 8
 # How many key IDs each client remembers to refuse a repeated one (per role).
 _SEEN_IDS_LIMIT = 1 << 17
