@@ -12,6 +12,8 @@ Rules the pool keeps:
 * a key leaves the pool exactly once: it is removed under the lock before it is returned, and
   there is no way to put it back, so a key whose handshake failed is never handed out again;
 * keys live only in memory, never on disk; ``close()`` drops every pooled key;
+* shutting down is not a KME failure: a fetch that ends because the pool or its source was closed
+  is neither counted nor logged, and a closed source ends the refill (close the pool first);
 * ``get_keys`` answers from the pool without touching the KME when the queue holds enough keys;
   otherwise it fetches directly from the source (the pool is left as it is);
 * keys older than ``max_key_age`` (if set) are discarded, never handed out;
@@ -122,6 +124,7 @@ class _PoolCore:
         self.lock = threading.Lock()
         self.subs: dict[str, _SubPool] = {}
         self.closed = False
+        self.source_closed = False
         self.c = dict.fromkeys(("fetched", "handed_out", "hits", "direct", "discarded", "failures"), 0)
         self.last_error: str | None = None
         self.last_latency: float | None = None
@@ -170,6 +173,8 @@ class _PoolCore:
         now = self.clock()
         work: list[tuple[_SubPool, int]] = []
         wait: float | None = None
+        if self.source_closed:
+            return work, None
         for sub in self.subs.values():
             self._expire(sub, now)
             level = len(sub.keys)
@@ -213,6 +218,13 @@ class _PoolCore:
 
     def failed(self, sub: _SubPool, exc: BaseException) -> None:
         sub.in_flight = False
+        if self.closed or isinstance(exc, AlreadyFinalized):
+            # Shutdown, not a KME failure: the pool, or the source under it, was closed while this fetch
+            # was in flight (an owner closing the source first).  A closed source serves nothing more,
+            # so the refill stops; keys already pooled can still be handed out.
+            self.source_closed = self.source_closed or not self.closed
+            log.debug("key pool: fetch for slave %s ended by shutdown (%s)", sub.slave, type(exc).__name__)
+            return
         sub.failures += 1
         delay = min(self.max_retry_backoff, self.retry_backoff * 2 ** (sub.failures - 1))
         sub.retry_at = self.clock() + delay
@@ -395,7 +407,7 @@ class KeyPool:
     def _run(self) -> None:
         while True:
             with self._cond:
-                if self._core.closed:
+                if self._core.closed or self._core.source_closed:
                     return
                 work, wait = self._core.plan()
                 if not work:
@@ -409,6 +421,10 @@ class KeyPool:
             try:
                 max_per_request = self._source.status(sub.slave).max_key_per_request
             except Exception as exc:  # no usable status (yet): the default batch, and ask again next time
+                if self._core.closed or isinstance(exc, AlreadyFinalized):
+                    with self._cond:
+                        self._core.failed(sub, exc)  # shutdown: quiet
+                    return
                 log.info("key pool: no status for slave %s (%s); batches of %d", sub.slave, exc, _DEFAULT_BATCH)
             else:
                 with self._cond:
@@ -573,6 +589,8 @@ class AsyncKeyPool:
                 try:
                     max_per_request = (await self._source.status(sub.slave)).max_key_per_request
                 except Exception as exc:  # no usable status (yet): the default batch, and ask again next time
+                    if self._core.closed or isinstance(exc, AlreadyFinalized):
+                        raise  # shutdown: handled (quietly) below
                     log.info("key pool: no status for slave %s (%s); batches of %d", sub.slave, exc,
                              _DEFAULT_BATCH)
                 else:
