@@ -451,7 +451,8 @@ class ETSI014Client(_ClientCore):
         sae_id: this SAE's ID, if it is not the certificate CN.
         kme_id: the KME ID expected in the KME certificate's subject CN; learned from it if ``None``.
         timeout: seconds for connecting and for each read.
-        retries: extra attempts after a connection failure or a 503.
+        retries: extra attempts after a connection failure or a 503 (the default, 5 with the default
+            backoff, keeps trying for about 1.5 to 3 s: long enough to ride out a KME restart).
         backoff, max_backoff: first retry delay and cap (seconds); the delay doubles, with jitter.
         trusted_networks: networks (``"10.1.0.0/16"``) inside the secure site besides loopback.
         allow_insecure_http: permit ``http://`` to a loopback address (tests only).
@@ -470,7 +471,7 @@ class ETSI014Client(_ClientCore):
         sae_id: str | None = None,
         kme_id: str | None = None,
         timeout: float = 10.0,
-        retries: int = 3,
+        retries: int = 5,
         backoff: float = 0.1,
         max_backoff: float = 2.0,
         trusted_networks: Iterable[str | ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
@@ -542,9 +543,7 @@ class ETSI014Client(_ClientCore):
         """Close the idle connections; later requests raise :class:`~hybridkex.exceptions.AlreadyFinalized`."""
         with self._lock:
             self._closed = True
-            idle, self._idle = self._idle, []
-        for conn, _ in idle:
-            conn.close()
+        self._drop_idle()
 
     def __enter__(self) -> ETSI014Client:
         return self
@@ -608,6 +607,12 @@ class ETSI014Client(_ClientCore):
             conn.close()
         return found, found is not None
 
+    def _drop_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            conn.close()
+
     def _release(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
             if not self._closed and len(self._idle) < _MAX_IDLE_CONNECTIONS:
@@ -631,6 +636,7 @@ class ETSI014Client(_ClientCore):
             except tlsfail.CONNECTION_DROPPED as exc:  # includes http.client.RemoteDisconnected
                 conn.close()
                 if reused:  # closed while idle, or the KME restarted: it never saw this request
+                    self._drop_idle()  # the other idle ones are as old: the retry gets a new connection
                     continue
                 self._raise_dropped(where, exc)
             except TimeoutError:
@@ -732,7 +738,7 @@ class AsyncETSI014Client(_ClientCore):
         sae_id: str | None = None,
         kme_id: str | None = None,
         timeout: float = 10.0,
-        retries: int = 3,
+        retries: int = 5,
         backoff: float = 0.1,
         max_backoff: float = 2.0,
         trusted_networks: Iterable[str | ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
