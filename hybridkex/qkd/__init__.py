@@ -14,6 +14,7 @@ from ..exceptions import (
     KeySourceError,
     KeyUnavailableError,
     KMEError,
+    QKDKeyUnknownError,
 )
 from .base import AsyncKeySource, KeySource, KeySourceStatus, QKDKey
 from .memory import MemoryKeyLink, MemoryKeySource
@@ -97,6 +98,7 @@ __all__ = [
     "MemoryKeySource",
     "PoolStats",
     "QKDKey",
+    "QKDKeyUnknownError",
     "SecureSiteWarning",
     "SimulatedKMEPair",
     "ThreadedAsyncKeySource",
