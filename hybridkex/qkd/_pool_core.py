@@ -1,14 +1,22 @@
 """The state and decisions of the master-side key pool, shared by :class:`~.pool.KeyPool` (a thread)
-and :class:`~.pool.AsyncKeyPool` (a task).  No I/O here; every method but :meth:`_PoolCore.stats`
-is called with the core's lock held.
+and :class:`~.pool.AsyncKeyPool` (a task).  No I/O here; every method is called with the core's lock
+held.
 
+Stale keys: when a KME turns out not to know a key this pool handed out (it restarted without
+persistence), :meth:`_PoolCore.discard_stale` drops that slave's queue and starts a new
+*generation*: a fetch that was in flight then delivers into the old generation, so its keys are
+dropped too, and later reports about keys of an old generation change nothing (they were dropped
+already).  Such a report may come from an unauthenticated peer (its Abort), so the drops of one
+slave's queue are rate-limited: up to ``_STALE_BURST`` in a row (KME restarts close together), then
+one per ``stale_discard_interval`` seconds.  A dropped key is gone from memory: it is never handed
+out.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +27,10 @@ log = logging.getLogger("hybridkex.qkd.pool")
 
 _DEFAULT_BATCH = 32
 _EWMA_WEIGHT = 0.2
+# Key IDs the pool got that it remembers (with their generation) to judge a stale-key report.
+_ISSUED_MEMORY = 16384
+# Stale-key drops of one queue allowed in a row before the rate limit applies.
+_STALE_BURST = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,11 +43,12 @@ class PoolStats:
         handed_out: keys given to callers (from the pool or fetched directly).
         pool_hits: requests answered from the pool without contacting the KME.
         direct_fetches: requests that had to go to the KME because the pool was short.
-        discarded: keys dropped unused (expired, or at close).
+        discarded: keys dropped unused (expired, stale, or at close).
         fetch_failures: failed background fetches; ``consecutive_failures`` since the last success.
         last_error: type and message of the last failure (never key material).
         last_fetch_latency, mean_fetch_latency: seconds per background fetch (mean is an EWMA).
         running: the refill worker is active.
+        stale_discards: times a slave's queue was dropped because a KME did not know one of its keys.
     """
 
     level: int
@@ -51,6 +64,7 @@ class PoolStats:
     last_fetch_latency: float | None
     mean_fetch_latency: float | None
     running: bool
+    stale_discards: int = 0
 
 
 @dataclass
@@ -62,6 +76,10 @@ class _SubPool:
     retry_at: float = 0.0
     failures: int = 0
     batch: int | None = None
+    generation: int = 0  # bumped by discard_stale()
+    fetch_generation: int = 0  # the generation the in-flight fetch delivers into
+    stale_tokens: float = _STALE_BURST  # rate limit of discard_stale() (a token bucket)
+    stale_at: float | None = None
 
 
 class _PoolCore:
@@ -79,6 +97,7 @@ class _PoolCore:
         retry_backoff: float,
         max_retry_backoff: float,
         clock: Callable[[], float],
+        stale_discard_interval: float = 5.0,
     ) -> None:
         if size_bits <= 0 or size_bits % 8:
             raise ConfigurationError("must be a positive multiple of 8", field="size_bits")
@@ -90,6 +109,8 @@ class _PoolCore:
             raise ConfigurationError("must be > 0 seconds", field="max_key_age")
         if not 0 < retry_backoff <= max_retry_backoff:
             raise ConfigurationError("need 0 < retry_backoff <= max_retry_backoff", field="retry_backoff")
+        if stale_discard_interval < 0:
+            raise ConfigurationError("must be >= 0 seconds", field="stale_discard_interval")
         self.size_bits = size_bits
         self.low = low_watermark
         self.high = high_watermark
@@ -98,11 +119,13 @@ class _PoolCore:
         self.retry_backoff = retry_backoff
         self.max_retry_backoff = max_retry_backoff
         self.clock = clock
+        self.stale_interval = stale_discard_interval
+        self.issued: OrderedDict[str, tuple[str, int]] = OrderedDict()  # key ID -> (slave, generation)
         self.lock = threading.Lock()
         self.subs: dict[str, _SubPool] = {}
         self.closed = False
         self.source_closed = False
-        self.c = dict.fromkeys(("fetched", "handed_out", "hits", "direct", "discarded", "failures"), 0)
+        self.c = dict.fromkeys(("fetched", "handed_out", "hits", "direct", "discarded", "failures", "stale"), 0)
         self.last_error: str | None = None
         self.last_latency: float | None = None
         self.mean_latency: float | None = None
@@ -142,8 +165,49 @@ class _PoolCore:
             wake = True
         return keys, wake
 
-    def note_direct(self, number: int) -> None:
-        self.c["handed_out"] += number
+    def note_direct(self, slave: str, keys: Sequence[QKDKey]) -> None:
+        self.c["handed_out"] += len(keys)
+        sub = self.subs.get(slave)
+        if sub is not None:
+            self._remember(sub, keys)
+
+    def _remember(self, sub: _SubPool, keys: Sequence[QKDKey]) -> None:
+        for k in keys:
+            self.issued[k.key_id.lower()] = (sub.slave, sub.generation)
+        while len(self.issued) > _ISSUED_MEMORY:
+            self.issued.popitem(last=False)
+
+    def discard_stale(self, slave: str, key_ids: Sequence[str], reporter: str) -> int:
+        """A KME does not know ``key_ids`` (shared with ``slave``): drop that slave's queue, if due.
+
+        Returns the number of keys dropped (0 when the report changes nothing).
+        """
+        sub = self.subs.get(slave)
+        if sub is None or self.closed:
+            return 0
+        generations = [entry[1] for i in key_ids if (entry := self.issued.get(i.lower())) and entry[0] == slave]
+        if generations and max(generations) < sub.generation:
+            return 0  # keys of an earlier generation: that queue was dropped already
+        now = self.clock()
+        if sub.stale_at is not None:
+            refill = (now - sub.stale_at) / self.stale_interval if self.stale_interval else _STALE_BURST
+            sub.stale_tokens = min(_STALE_BURST, sub.stale_tokens + refill)
+        sub.stale_at = now
+        if sub.stale_tokens < 1:
+            log.info("key pool: stale-key report for slave %s (%s) ignored: too many lately (one per %g s)",
+                     slave, reporter, self.stale_interval)
+            return 0
+        sub.stale_tokens -= 1
+        dropped = len(sub.keys)
+        sub.keys.clear()
+        sub.generation += 1
+        sub.filling = True
+        self.c["discarded"] += dropped
+        self.c["stale"] += 1
+        log.warning("key pool: %s does not know QKD key(s) %s for slave %s (did the KME restart without --db?); "
+                    "dropped %d pooled key(s) and refilling", reporter, ", ".join(key_ids) or "of this pool", slave,
+                    dropped)
+        return dropped
 
     def plan(self) -> tuple[list[tuple[_SubPool, int]], float | None]:
         """Batches to fetch now, and how long to sleep if there is nothing to do (``None``: until woken)."""
@@ -169,6 +233,7 @@ class _PoolCore:
                 limit = min(limit, sub.batch)
             work.append((sub, max(1, min(limit, self.high - level))))
             sub.in_flight = True
+            sub.fetch_generation = sub.generation
         if self.max_key_age is not None:
             oldest = [sub.keys[0][1] for sub in self.subs.values() if sub.keys]
             if oldest:
@@ -178,11 +243,12 @@ class _PoolCore:
 
     def deposit(self, sub: _SubPool, keys: Sequence[QKDKey], latency: float) -> None:
         sub.in_flight = False
-        if self.closed:
+        if self.closed or sub.fetch_generation != sub.generation:  # closed, or fetched before a stale-key report
             self.c["discarded"] += len(keys)
             return
         now = self.clock()
         sub.keys.extend((k, now) for k in keys)
+        self._remember(sub, keys)
         sub.failures = 0
         sub.retry_at = 0.0
         self.c["fetched"] += len(keys)
@@ -229,7 +295,7 @@ class _PoolCore:
             fetch_failures=c["failures"],
             consecutive_failures=max((s.failures for s in self.subs.values()), default=0),
             last_error=self.last_error, last_fetch_latency=self.last_latency,
-            mean_fetch_latency=self.mean_latency, running=running,
+            mean_fetch_latency=self.mean_latency, running=running, stale_discards=c["stale"],
         )
 
     def level(self, slave: str | None) -> int:

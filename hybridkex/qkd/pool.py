@@ -58,6 +58,8 @@ class KeyPool:
             else 32.  Never more than the space up to ``high_watermark``.
         max_key_age: seconds after which an unused pooled key is discarded (``None``: never).
         retry_backoff, max_retry_backoff: delay after a failed refill, doubling up to the cap.
+        stale_discard_interval: a slave's queue is dropped as stale (:meth:`discard_stale`) up to 3
+            times in a row, then at most once per this many seconds.
         start: start the refill thread now (else call :meth:`start`).
 
     Use as a context manager or call :meth:`close`.
@@ -75,13 +77,15 @@ class KeyPool:
         max_key_age: float | None = None,
         retry_backoff: float = 0.5,
         max_retry_backoff: float = 30.0,
+        stale_discard_interval: float = 5.0,
         start: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._source = source
         self._core = _PoolCore(slaves, size_bits=size_bits, low_watermark=low_watermark,
                                high_watermark=high_watermark, batch_size=batch_size, max_key_age=max_key_age,
-                               retry_backoff=retry_backoff, max_retry_backoff=max_retry_backoff, clock=clock)
+                               retry_backoff=retry_backoff, max_retry_backoff=max_retry_backoff, clock=clock,
+                               stale_discard_interval=stale_discard_interval)
         self._cond = threading.Condition(self._core.lock)
         self._thread: threading.Thread | None = None
         if start:
@@ -116,12 +120,27 @@ class KeyPool:
         keys = self._source.get_keys(slave_sae_id, number, size_bits)
         _check_keys(keys, number, size_bits)
         with self._cond:
-            self._core.note_direct(number)
+            self._core.note_direct(slave_sae_id, keys)
         return keys
 
     def get_keys_by_id(self, master_sae_id: str, key_ids: Sequence[str]) -> list[QKDKey]:
         """Slave role: passed straight to the source (keys are fetched by ID on demand)."""
         return self._source.get_keys_by_id(master_sae_id, key_ids)
+
+    def discard_stale(self, slave_sae_id: str, key_ids: Sequence[str] = (), *, reported_by_peer: bool = True) -> int:
+        """A KME does not know ``key_ids``, keys shared with ``slave_sae_id``: drop that slave's queue.
+
+        Called by the handshake drivers (through :class:`~hybridkex.io.QKDKeyManager`) after a
+        "key not found" from the peer's Abort or from this side's KME.  Dropped keys are never handed
+        out; the queue refills with fresh keys.  A report about keys already dropped changes nothing,
+        and drops are rate-limited (3 in a row, then one per ``stale_discard_interval``), since the
+        report may come from an unauthenticated peer.  Returns the keys dropped.
+        """
+        reporter = "the peer's KME" if reported_by_peer else "this side's KME"
+        with self._cond:
+            dropped = self._core.discard_stale(slave_sae_id, key_ids, reporter)
+            self._cond.notify_all()
+        return dropped
 
     def status(self, slave_sae_id: str) -> KeySourceStatus:
         """The KME's status, from the source."""
@@ -242,12 +261,15 @@ class AsyncKeyPool:
         max_key_age: float | None = None,
         retry_backoff: float = 0.5,
         max_retry_backoff: float = 30.0,
+        stale_discard_interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._source = source
         self._core = _PoolCore(slaves, size_bits=size_bits, low_watermark=low_watermark,
                                high_watermark=high_watermark, batch_size=batch_size, max_key_age=max_key_age,
-                               retry_backoff=retry_backoff, max_retry_backoff=max_retry_backoff, clock=clock)
+                               retry_backoff=retry_backoff, max_retry_backoff=max_retry_backoff, clock=clock,
+                               stale_discard_interval=stale_discard_interval)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None
@@ -268,6 +290,7 @@ class AsyncKeyPool:
         if self._core.closed:
             raise AlreadyFinalized("the key pool is closed")
         if self._task is None:
+            self._loop = asyncio.get_running_loop()
             self._wake = asyncio.Event()
             self._changed = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="hybridkex-key-pool")
@@ -284,12 +307,23 @@ class AsyncKeyPool:
         keys = await self._source.get_keys(slave_sae_id, number, size_bits)
         _check_keys(keys, number, size_bits)
         with self._core.lock:
-            self._core.note_direct(number)
+            self._core.note_direct(slave_sae_id, keys)
         return keys
 
     async def get_keys_by_id(self, master_sae_id: str, key_ids: Sequence[str]) -> list[QKDKey]:
         """Slave role: passed straight to the source."""
         return await self._source.get_keys_by_id(master_sae_id, key_ids)
+
+    def discard_stale(self, slave_sae_id: str, key_ids: Sequence[str] = (), *, reported_by_peer: bool = True) -> int:
+        """As :meth:`KeyPool.discard_stale`; a plain method, callable from any thread."""
+        reporter = "the peer's KME" if reported_by_peer else "this side's KME"
+        with self._core.lock:
+            dropped = self._core.discard_stale(slave_sae_id, key_ids, reporter)
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(wake.set)
+        return dropped
 
     async def status(self, slave_sae_id: str) -> KeySourceStatus:
         """The KME's status, from the source."""
@@ -423,6 +457,11 @@ class ThreadedAsyncKeySource:
     async def status(self, slave_sae_id: str) -> KeySourceStatus:
         """As :meth:`KeySource.status`, in a worker thread."""
         return await asyncio.to_thread(self._source.status, slave_sae_id)
+
+    def discard_stale(self, slave_sae_id: str, key_ids: Sequence[str] = (), *, reported_by_peer: bool = True) -> int:
+        """Passed on to the wrapped source if it pools keys (:meth:`KeyPool.discard_stale`), else 0."""
+        discard = getattr(self._source, "discard_stale", None)
+        return int(discard(slave_sae_id, key_ids, reported_by_peer=reported_by_peer)) if callable(discard) else 0
 
     def __repr__(self) -> str:
         return f"ThreadedAsyncKeySource({self._source!r})"
