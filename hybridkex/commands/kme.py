@@ -71,7 +71,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-keys-per-request", type=int, default=128, metavar="N",
                         help="max_key_per_request (default: 128)")
     parser.add_argument("--db", metavar="FILE",
-                        help="SQLite file keeping undelivered keys across restarts (default: memory only)")
+                        help="SQLite file keeping undelivered keys across restarts, so that key IDs masters "
+                             "pooled stay valid (default: memory only: a restart forgets them)")
     parser.add_argument("--delay-ms", type=_positive, default=0.0, metavar="MS",
                         help="delay added to every answer, to simulate a distant KME (default: 0)")
     parser.add_argument("--idle-timeout", type=_seconds, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
