@@ -27,6 +27,7 @@ __all__ = [
     "PSKRejected",
     "PolicyViolation",
     "ProtocolError",
+    "QKDKeyUnknownError",
     "RemoteProtocolError",
     "StoreError",
     "TLSError",
@@ -127,6 +128,22 @@ class KeySourceError(HybridKEXError):
 
 class KeyUnavailableError(KeySourceError):
     """The key source has no key to give right now (exhausted pool, 503, unknown key ID)."""
+
+
+class QKDKeyUnknownError(KeyUnavailableError):
+    """A KME does not know a QKD key ID the master handed out (it lost its keys, e.g. restarted without
+    persistence, or already delivered that key).
+
+    The key cannot be used, so this handshake fails; the master discards the keys it pooled for that
+    peer, and a new handshake (with a fresh key) can succeed, which is why the initiator retries it
+    once.  ``key_ids`` names the keys involved when known; ``reported_by_peer`` is True when the peer
+    said so in its Abort (the slave's KME), False when this side's own KME said so.
+    """
+
+    def __init__(self, message: str, *, key_ids: tuple[str, ...] = (), reported_by_peer: bool = False) -> None:
+        super().__init__(message)
+        self.key_ids = tuple(key_ids)
+        self.reported_by_peer = reported_by_peer
 
 
 class KMEError(KeySourceError):

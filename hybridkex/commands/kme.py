@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ..exceptions import ConfigurationError
+from ..qkd.kme.listener import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
 from ..qkd.kme.pair import DEFAULT_CAPACITY_BITS, DEFAULT_RATE_BPS, KMEPairServer, KMEPairSettings, is_loopback
 from ..qkd.kme.store import KMELimits
 from ..qkd.pki import DemoPKI
@@ -39,6 +40,20 @@ def _positive(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0 seconds")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pki", required=True, metavar="DIR",
                         help="demo PKI from 'hybridkex pki init DIR' (kme-a, kme-b certificates and ca.crt)")
@@ -56,9 +71,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-keys-per-request", type=int, default=128, metavar="N",
                         help="max_key_per_request (default: 128)")
     parser.add_argument("--db", metavar="FILE",
-                        help="SQLite file keeping undelivered keys across restarts (default: memory only)")
+                        help="SQLite file keeping undelivered keys across restarts, so that key IDs masters "
+                             "pooled stay valid (default: memory only: a restart forgets them)")
     parser.add_argument("--delay-ms", type=_positive, default=0.0, metavar="MS",
                         help="delay added to every answer, to simulate a distant KME (default: 0)")
+    parser.add_argument("--idle-timeout", type=_seconds, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
+                        help="close a connection that stays silent this long: TLS handshake, request headers or "
+                             "body, or idle between requests (default: %(default)g)")
+    parser.add_argument("--max-connections", type=_count, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                        help="connections each KME keeps open at once, TLS handshakes included; more are closed at "
+                             "once (default: %(default)s)")
     parser.add_argument("--sae-a", action="append", metavar="SAE_ID",
                         help="SAE served by KME A (repeatable; default: sae-a)")
     parser.add_argument("--sae-b", action="append", metavar="SAE_ID",
@@ -92,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host, port_a=args.port_a, port_b=args.port_b, rate_bps=args.rate, capacity_bits=args.capacity,
         initial_bits=args.initial, limits=limits, db_path=Path(args.db) if args.db else None,
         delay=args.delay_ms / 1000.0, saes_a=tuple(args.sae_a or ("sae-a",)), saes_b=tuple(args.sae_b or ("sae-b",)),
+        idle_timeout=args.idle_timeout, max_connections=args.max_connections,
     )
     pki = DemoPKI.load(args.pki, required=("kme-a", "kme-b"))
     if not is_loopback(args.host):

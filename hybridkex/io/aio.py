@@ -46,7 +46,7 @@ from ..protocol._wire import MAGIC, AbortCode
 from ..qkd.base import KeySourceStatus, QKDKey
 from ..tls._bio import AsyncTLSStream, MemoryTLS
 from ..tls.pyopenssl import bind_psk, bind_psk_lookup, export_keying_material
-from . import _workers
+from . import _stale, _workers
 from ._plumbing import (
     Deadline,
     ReconnectLookup,
@@ -138,6 +138,10 @@ class _BlockingBridge:
         result: KeySourceStatus = self._run(self._source.status(slave_sae_id))
         return result
 
+    def discard_stale(self, slave_sae_id: str, key_ids: Sequence[str] = (), *, reported_by_peer: bool = True) -> int:
+        discard = getattr(self._source, "discard_stale", None)  # a plain method on AsyncKeyPool
+        return int(discard(slave_sae_id, key_ids, reported_by_peer=reported_by_peer)) if callable(discard) else 0
+
 
 def _manager(source: Any, config: InitiatorConfig | ResponderConfig) -> QKDKeyManager | None:
     """The key manager for one handshake (a long-lived one if ``source`` is one)."""
@@ -205,7 +209,7 @@ def _flush_nowait(conn: Initiator | Responder, writer: asyncio.StreamWriter) -> 
 
 
 async def _answer(conn: Initiator | Responder, keys: QKDKeyManager | None,
-                  event: QKDKeysRequired | QKDKeysByIdRequired, timeout: float) -> None:
+                  event: QKDKeysRequired | QKDKeysByIdRequired, timeout: float, use: _stale.QKDUse) -> None:
     if keys is None:
         conn.qkd_unavailable("no key source is configured")
         return
@@ -220,6 +224,7 @@ async def _answer(conn: Initiator | Responder, keys: QKDKeyManager | None,
     except Exception:
         conn.abort(AbortCode.GENERIC)
         raise
+    use.got(delivered)
     conn.provide_qkd_keys(delivered)
 
 
@@ -251,6 +256,7 @@ async def _drive(conn: Initiator | Responder, reader: asyncio.StreamReader, writ
                  config: InitiatorConfig | ResponderConfig) -> Session:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
+    use = _stale.QKDUse()
     try:
         async with asyncio.timeout_at(end):
             await _flush(conn, writer)
@@ -261,7 +267,8 @@ async def _drive(conn: Initiator | Responder, reader: asyncio.StreamReader, writ
                     # Exactly the current frame's bytes: what follows (TLS) stays in the reader.
                     conn.receive_data(await reader.read(max(conn.bytes_wanted(), 1)))
                 elif isinstance(event, QKDKeysRequired | QKDKeysByIdRequired):
-                    await _answer(conn, keys, event, min(kme_timeout, max(end - loop.time(), 0.0)))
+                    use.asked(event)
+                    await _answer(conn, keys, event, min(kme_timeout, max(end - loop.time(), 0.0)), use)
                 elif isinstance(event, HandshakeComplete):
                     await _flush(conn, writer)  # the initiator's Finished leaves before anything is recorded
                     await _after_handshake(config, event.session, max(end - loop.time(), 0.0))
@@ -274,8 +281,11 @@ async def _drive(conn: Initiator | Responder, reader: asyncio.StreamReader, writ
         conn.abort(AbortCode.TIMEOUT)
         _flush_nowait(conn, writer)
         raise HandshakeTimeout(f"the hybrid handshake did not complete within {timeout:.3g} s") from None
-    except HybridKEXError:
+    except HybridKEXError as exc:
         _flush_nowait(conn, writer)
+        use.failed(exc, keys)  # a KME did not know our QKD key: drop stale pooled keys
+        if _stale.must_await_close(conn, exc):
+            await _stale.await_close_async(reader)
         raise
     except OSError as exc:
         conn.abort(AbortCode.GENERIC)

@@ -7,7 +7,7 @@ import logging
 import threading
 from typing import Any
 
-from ..exceptions import ConfigurationError, PSKRejected
+from ..exceptions import ConfigurationError, PSKRejected, QKDKeyUnknownError
 from ..protocol import InitiatorConfig
 from ._plumbing import is_async_source, long_lived_manager
 from .aio import DEFAULT_LIMIT, HybridStreamReader, HybridStreamWriter, _BlockingBridge, open_connection
@@ -28,8 +28,11 @@ class HybridClient:
     The first connection to an address runs the full hybrid handshake; later ones reconnect
     straight to TLS while the ticket lasts (``config.reconnect``).  If the server refuses a
     reconnect (it restarted, forgot the session, or has reconnects off), the ticket is dropped and
-    the connection is retried once with a full handshake.  Thread-safe; usable from blocking code
-    (:meth:`connect`) and asyncio (:meth:`open_connection`).
+    the connection is retried once with a full handshake.  A full handshake that fails because a KME
+    did not know its QKD key (:class:`~hybridkex.exceptions.QKDKeyUnknownError`: the KME restarted
+    and the master's pooled keys were stale; the master drops them) is retried once, transparently,
+    with a new handshake and so a new key.  Thread-safe; usable from blocking code (:meth:`connect`)
+    and asyncio (:meth:`open_connection`).
 
     Args:
         config: a :class:`ClientConfig` (or a bare InitiatorConfig).
@@ -49,6 +52,8 @@ class HybridClient:
         #: Connections made with a full hybrid handshake / with a reconnect (for metrics and tests).
         self.full_handshakes = 0
         self.reconnects = 0
+        #: Full handshakes that failed on a stale QKD key and were retried.
+        self.stale_key_retries = 0
 
     def __repr__(self) -> str:
         return (f"<HybridClient {self.config.handshake.identity!r} full={self.full_handshakes} "
@@ -109,9 +114,21 @@ class HybridClient:
             else:
                 self._done(key, sock.session.reconnect, sock.reconnect_ticket)
                 return sock
-        sock = connect(address, self.config, key_source=self._keys, timeout=timeout)
+        try:
+            sock = connect(address, self.config, key_source=self._keys, timeout=timeout)
+        except QKDKeyUnknownError as exc:
+            self._stale(key, exc)
+            sock = connect(address, self.config, key_source=self._keys, timeout=timeout)
         self._done(key, False, sock.reconnect_ticket)
         return sock
+
+    def _stale(self, key: tuple[str, int], exc: QKDKeyUnknownError) -> None:
+        # Only this failure is retried: the key was never usable, the master has dropped its stale
+        # keys, and the new handshake takes a new key (no key is ever used twice).
+        with self._lock:
+            self.stale_key_retries += 1
+        _log.info("handshake with %s:%s failed on a stale QKD key (%s); retrying once with a new handshake",
+                  *key, exc)
 
     def _done(self, key: tuple[str, int], reconnect: bool, ticket: ReconnectTicket | None) -> None:
         with self._lock:
@@ -151,7 +168,12 @@ class HybridClient:
             else:
                 self._done(key, writer.session.reconnect, writer.reconnect_ticket)
                 return reader, writer
-        reader, writer = await open_connection(host, port, self.config, key_source=keys, timeout=timeout,
-                                               limit=limit, **kwargs)
+        try:
+            reader, writer = await open_connection(host, port, self.config, key_source=keys, timeout=timeout,
+                                                   limit=limit, **kwargs)
+        except QKDKeyUnknownError as exc:
+            self._stale(key, exc)
+            reader, writer = await open_connection(host, port, self.config, key_source=keys, timeout=timeout,
+                                                   limit=limit, **kwargs)
         self._done(key, False, writer.reconnect_ticket)
         return reader, writer

@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..exceptions import KeyReuseError, PolicyViolation
@@ -167,6 +167,27 @@ class QKDKeyManager:
             del self._slave_epochs[key]
         while len(self._slave_epochs) > 4096:
             self._slave_epochs.popitem(last=False)
+
+    # --- stale keys -----------------------------------------------------------------------------
+
+    def key_unknown(self, peer_sae_id: str, key_ids: Sequence[str], *, reported_by_peer: bool) -> int:
+        """A KME does not know ``key_ids``, QKD keys shared with ``peer_sae_id`` (e.g. it restarted).
+
+        Drops what is held for that peer so that no later handshake is offered a stale key: the epoch
+        key (as master) if it is one of them, or any epoch key for the peer when this side's own KME
+        said so; and the pooled keys of the source (:meth:`hybridkex.qkd.KeyPool.discard_stale`), if it
+        pools.  The key IDs stay remembered as used: they are never accepted again.  Returns the
+        number of pooled keys dropped.
+        """
+        wanted = {i.lower() for i in key_ids}
+        with self._lock:
+            epoch = self._master_epochs.get(peer_sae_id)
+            if epoch is not None and (not reported_by_peer or wanted & {k.key_id.lower() for k in epoch.keys}):
+                del self._master_epochs[peer_sae_id]
+        discard = getattr(self._source, "discard_stale", None)
+        if not callable(discard):
+            return 0
+        return int(discard(peer_sae_id, list(key_ids), reported_by_peer=reported_by_peer))
 
     def clear(self) -> None:
         """Drop every cached epoch key (e.g. on shutdown or key rotation)."""

@@ -44,7 +44,7 @@ from ..protocol import (
     Session,
 )
 from ..qkd.base import KeySource
-from . import _workers
+from . import _stale, _workers
 from .keys import QKDKeyManager
 
 __all__ = ["run_initiator", "run_responder"]
@@ -121,6 +121,7 @@ def _drive(conn: Initiator | Responder, sock: socket.socket, keys: QKDKeyManager
            kme_timeout: float, *, on_complete: Callable[[Session], None] | None = None) -> Session:
     deadline = _Deadline(timeout)
     previous_timeout = sock.gettimeout()
+    use = _stale.QKDUse()
     try:
         _flush(conn, sock, deadline)
         while True:
@@ -131,7 +132,8 @@ def _drive(conn: Initiator | Responder, sock: socket.socket, keys: QKDKeyManager
                 data = sock.recv(max(conn.bytes_wanted(), 1))
                 conn.receive_data(data)
             elif isinstance(event, QKDKeysRequired | QKDKeysByIdRequired):
-                _answer(conn, keys, event, min(kme_timeout, deadline.remaining()))
+                use.asked(event)
+                _answer(conn, keys, event, min(kme_timeout, deadline.remaining()), use)
             elif isinstance(event, HandshakeComplete):
                 _flush(conn, sock, deadline)  # the initiator's Finished leaves before anything is recorded
                 if on_complete is not None:
@@ -148,8 +150,11 @@ def _drive(conn: Initiator | Responder, sock: socket.socket, keys: QKDKeyManager
         if isinstance(exc, HandshakeTimeout):
             raise
         raise HandshakeTimeout(f"the peer did not answer within the handshake deadline of {timeout:.3g} s") from exc
-    except HybridKEXError:
+    except HybridKEXError as exc:
         _best_effort_flush(conn, sock)
+        use.failed(exc, keys)  # a KME did not know our QKD key: drop stale pooled keys
+        if _stale.must_await_close(conn, exc):
+            _stale.await_close(sock)
         raise
     except OSError as exc:
         conn.abort(AbortCode.GENERIC)
@@ -160,7 +165,7 @@ def _drive(conn: Initiator | Responder, sock: socket.socket, keys: QKDKeyManager
 
 
 def _answer(conn: Initiator | Responder, keys: QKDKeyManager | None, event: QKDKeysRequired | QKDKeysByIdRequired,
-            timeout: float) -> None:
+            timeout: float, use: _stale.QKDUse) -> None:
     if keys is None:
         conn.qkd_unavailable("no key source is configured")
         return
@@ -175,6 +180,7 @@ def _answer(conn: Initiator | Responder, keys: QKDKeyManager | None, event: QKDK
     except HybridKEXError:
         conn.abort(AbortCode.GENERIC)
         raise
+    use.got(delivered)
     conn.provide_qkd_keys(delivered)
 
 

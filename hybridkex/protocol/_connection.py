@@ -35,6 +35,7 @@ from ..exceptions import (
     KeyUnavailableError,
     LocalProtocolError,
     PolicyViolation,
+    QKDKeyUnknownError,
     RemoteProtocolError,
     VersionError,
 )
@@ -83,6 +84,8 @@ def _abort_code(exc: BaseException) -> w.AbortCode:
         return w.AbortCode.AUTHENTICATION_FAILED
     if isinstance(exc, PolicyViolation):
         return w.AbortCode.POLICY
+    if isinstance(exc, QKDKeyUnknownError):
+        return w.AbortCode.QKD_KEY_UNKNOWN
     if isinstance(exc, KeySourceError):
         return w.AbortCode.QKD_UNAVAILABLE
     if isinstance(exc, HandshakeTimeout):
@@ -102,6 +105,10 @@ def _peer_abort_error(code: int) -> HybridKEXError:
                                "to it", ("peer policy",))
     if code == w.AbortCode.QKD_UNAVAILABLE:
         return KeyUnavailableError(f"{prefix}: it could not obtain QKD keys and its policy requires them")
+    if code == w.AbortCode.QKD_KEY_UNKNOWN:
+        return QKDKeyUnknownError(f"{prefix}: its KME does not know the QKD key ID(s) of this handshake (stale "
+                                  "keys, e.g. after a KME restart); a new handshake takes a fresh key",
+                                  reported_by_peer=True)
     if code == w.AbortCode.TIMEOUT:
         return HandshakeTimeout(f"{prefix}: a deadline passed on its side")
     if code == w.AbortCode.DECODE_ERROR:
@@ -280,6 +287,9 @@ class _Connection:
         try:
             self._on_unavailable(request, text)
         except HybridKEXError as exc:
+            if isinstance(reason, QKDKeyUnknownError) and isinstance(request, QKDKeysByIdRequired):
+                # The peer (master) must learn this one: its Abort code lets it drop its stale keys.
+                exc = QKDKeyUnknownError(f"{exc}; a new handshake takes a fresh key", key_ids=request.key_ids)
             if isinstance(reason, BaseException) and exc.__cause__ is None:
                 exc.__cause__ = reason
             self._fail(exc)

@@ -94,6 +94,9 @@ class AbortCode(IntEnum):
     QKD_UNAVAILABLE = 6
     #: A deadline passed.
     TIMEOUT = 7
+    #: This side's KME does not know the QKD key ID(s) the master sent (stale: e.g. a KME restart); the
+    #: master should discard the keys it pooled for this peer, and a new handshake can succeed.
+    QKD_KEY_UNKNOWN = 8
 
 
 class QKDMaster(IntEnum):

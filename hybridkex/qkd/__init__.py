@@ -1,8 +1,21 @@
-"""QKD key delivery: the key-source interface, an in-memory link, and (ETSI GS QKD 014) KME access."""
+"""QKD key delivery: the key-source interface, an in-memory link, and (ETSI GS QKD 014) KME access.
+
+The errors a key source raises are importable from here too (docs/qkd.md); the ones that are not
+KME-specific are the same classes as in :mod:`hybridkex.exceptions`.
+"""
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ..exceptions import (
+    ConfigurationError,
+    InvalidKeyMaterial,
+    KeyReuseError,
+    KeySourceError,
+    KeyUnavailableError,
+    KMEError,
+    QKDKeyUnknownError,
+)
 from .base import AsyncKeySource, KeySource, KeySourceStatus, QKDKey
 from .memory import MemoryKeyLink, MemoryKeySource
 
@@ -61,10 +74,13 @@ __all__ = [
     "AsyncETSI014Client",
     "AsyncKeyPool",
     "AsyncKeySource",
+    "ConfigurationError",
     "DemoPKI",
     "ETSI014Client",
+    "InvalidKeyMaterial",
     "KMEBadRequestError",
     "KMEConnectionError",
+    "KMEError",
     "KMEKeyNotFoundError",
     "KMEPairSettings",
     "KMEResponseError",
@@ -73,12 +89,16 @@ __all__ = [
     "KMEUnauthorizedError",
     "KMEUnavailableError",
     "KeyPool",
+    "KeyReuseError",
     "KeySource",
+    "KeySourceError",
     "KeySourceStatus",
+    "KeyUnavailableError",
     "MemoryKeyLink",
     "MemoryKeySource",
     "PoolStats",
     "QKDKey",
+    "QKDKeyUnknownError",
     "SecureSiteWarning",
     "SimulatedKMEPair",
     "ThreadedAsyncKeySource",

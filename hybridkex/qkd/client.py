@@ -17,8 +17,9 @@ Theory of operation
   and jitter, at most ``retries`` times: a connection that could not be established, and a 503
   answer (honouring a ``Retry-After`` up to ``max_backoff``).  A timeout or a broken connection
   *after* the request was sent is not retried: the KME may have served it, and the keys it removed
-  cannot be asked for again.  A keep-alive connection the KME closed while idle is replaced once,
-  transparently.
+  cannot be asked for again.  A keep-alive connection that died while idle (closed by the KME, or
+  by a KME restart) is replaced once, transparently: the request never reached a live KME.  The
+  one-line errors name a refused SAE certificate only when that is known (:mod:`.tlsfail`).
 * **Validation.**  Every answer is checked (:mod:`hybridkex.qkd.etsi014`): only the status codes
   the spec defines, JSON content, UUID key IDs, canonical base64, exact sizes and counts, no key ID
   twice, ``dec_keys`` returning exactly the IDs asked for.  A key ID that this client already
@@ -48,7 +49,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import aiohttp
 from cryptography import x509
@@ -61,6 +62,7 @@ from ..exceptions import (
     InvalidKeyMaterial,
     KeyReuseError,
 )
+from . import tlsfail
 from .base import QKDKey
 from .errors import (
     KMEBadRequestError,
@@ -95,8 +97,9 @@ T = TypeVar("T")
 #: Largest KME answer accepted (a full container of 128 keys of 8192 bits is ~180 KB).
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 # Idle keep-alive connections older than this are closed instead of reused: servers drop idle
-# connections after their own timeout (aiohttp: 75 s) and a reuse racing that close wastes a retry.
-_IDLE_MAX_AGE = 10.0
+# connections after their own timeout (the simulated KME: 5 s) and a reuse racing that close wastes
+# a round trip (the request is then sent again on a new connection).
+_IDLE_MAX_AGE = 4.0
 _MAX_IDLE_CONNECTIONS = 8
 # How many key IDs each client remembers to refuse a repeated one (per role).
 _SEEN_IDS_LIMIT = 1 << 17
@@ -263,6 +266,7 @@ class _ClientCore:
                     field="cert",
                 )
             self._ssl = self._client_context(cert, key, ca)
+        self._cert = cert
         if sae_id is None:
             if cert is None:
                 raise ConfigurationError("give sae_id, or a client certificate whose CN is the SAE ID", field="sae_id")
@@ -447,7 +451,8 @@ class ETSI014Client(_ClientCore):
         sae_id: this SAE's ID, if it is not the certificate CN.
         kme_id: the KME ID expected in the KME certificate's subject CN; learned from it if ``None``.
         timeout: seconds for connecting and for each read.
-        retries: extra attempts after a connection failure or a 503.
+        retries: extra attempts after a connection failure or a 503 (the default, 5 with the default
+            backoff, keeps trying for about 1.5 to 3 s: long enough to ride out a KME restart).
         backoff, max_backoff: first retry delay and cap (seconds); the delay doubles, with jitter.
         trusted_networks: networks (``"10.1.0.0/16"``) inside the secure site besides loopback.
         allow_insecure_http: permit ``http://`` to a loopback address (tests only).
@@ -466,7 +471,7 @@ class ETSI014Client(_ClientCore):
         sae_id: str | None = None,
         kme_id: str | None = None,
         timeout: float = 10.0,
-        retries: int = 3,
+        retries: int = 5,
         backoff: float = 0.1,
         max_backoff: float = 2.0,
         trusted_networks: Iterable[str | ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
@@ -538,9 +543,7 @@ class ETSI014Client(_ClientCore):
         """Close the idle connections; later requests raise :class:`~hybridkex.exceptions.AlreadyFinalized`."""
         with self._lock:
             self._closed = True
-            idle, self._idle = self._idle, []
-        for conn, _ in idle:
-            conn.close()
+        self._drop_idle()
 
     def __enter__(self) -> ETSI014Client:
         return self
@@ -569,11 +572,19 @@ class ETSI014Client(_ClientCore):
             ) from None
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
+            if (alert := tlsfail.alert_reason(exc)) is not None:  # TLS 1.2 refuses during the handshake
+                raise KMEConnectionError(tlsfail.cert_hint(where, self._cert, alert)) from None
             raise _ConnectFailed(f"{type(exc).__name__}: {exc}") from None
         sock = conn.sock
         try:
             peercert = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
-            self._check_peer(sock.getpeername(), peercert)
+            peername = sock.getpeername()
+        except OSError as exc:  # dropped right after the handshake, before we sent anything
+            conn.close()
+            self._raise_if_certificate_refused(where)
+            raise _ConnectFailed(f"{type(exc).__name__}: {exc}") from None
+        try:
+            self._check_peer(peername, peercert)
         except BaseException:
             conn.close()
             raise
@@ -596,6 +607,12 @@ class ETSI014Client(_ClientCore):
             conn.close()
         return found, found is not None
 
+    def _drop_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            conn.close()
+
     def _release(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
             if not self._closed and len(self._idle) < _MAX_IDLE_CONNECTIONS:
@@ -616,21 +633,21 @@ class ETSI014Client(_ClientCore):
             try:
                 conn.request(method, path, body=body, headers=headers)
                 resp = conn.getresponse()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+            except tlsfail.CONNECTION_DROPPED as exc:  # includes http.client.RemoteDisconnected
                 conn.close()
-                if reused:
+                if reused:  # closed while idle, or the KME restarted: it never saw this request
+                    self._drop_idle()  # the other idle ones are as old: the retry gets a new connection
                     continue
-                raise KMEConnectionError(
-                    f"{where}: connection lost after the request was sent ({type(exc).__name__}); "
-                    "the KME may have served it"
-                ) from None
+                self._raise_dropped(where, exc)
             except TimeoutError:
                 conn.close()
                 raise KMETimeoutError(f"{where}: no answer within {self.timeout:g} s") from None
             except ssl.SSLError as exc:
                 conn.close()
+                if (alert := tlsfail.alert_reason(exc)) is not None:
+                    raise KMEConnectionError(tlsfail.cert_hint(where, self._cert, alert)) from None
                 raise KMEConnectionError(
-                    f"{where}: TLS failure ({exc.reason or exc}); does the KME trust this SAE's certificate?"
+                    f"{where}: TLS failure after the request was sent ({exc.reason or exc}); the KME may have served it"
                 ) from None
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
@@ -658,6 +675,17 @@ class ETSI014Client(_ClientCore):
                 conn.close()
             return resp.status, resp.getheader("Content-Type") or "", data, hdrs
         raise KMEConnectionError(f"{where}: the KME closed the connection twice before answering")
+
+    def _raise_if_certificate_refused(self, where: str) -> None:
+        t = self._target
+        if self._ssl is not None and tlsfail.closes_before_request(t.host, t.port, self._ssl, self.timeout):
+            raise KMEConnectionError(tlsfail.cert_hint(where, self._cert, tlsfail.PROBE_DETAIL)) from None
+
+    def _raise_dropped(self, where: str, exc: BaseException) -> NoReturn:
+        self._raise_if_certificate_refused(where)
+        raise KMEConnectionError(
+            f"{where}: connection lost after the request was sent ({type(exc).__name__}); the KME may have served it"
+        ) from None
 
     def _call(self, method: str, path: str, body_obj: dict[str, Any] | None, where: str) -> Any:
         body = None if body_obj is None else json.dumps(body_obj).encode("utf-8")
@@ -688,6 +716,10 @@ class _ConnectFailed(HybridKEXError):
     """Internal: a connection could not be established (nothing was sent, so a retry is safe)."""
 
 
+class _StaleConnection(HybridKEXError):
+    """Internal: a reused keep-alive connection was dead before any answer (a retry is safe)."""
+
+
 class AsyncETSI014Client(_ClientCore):
     """asyncio ETSI GS QKD 014 client for one SAE; an :class:`~hybridkex.qkd.AsyncKeySource`.
 
@@ -706,7 +738,7 @@ class AsyncETSI014Client(_ClientCore):
         sae_id: str | None = None,
         kme_id: str | None = None,
         timeout: float = 10.0,
-        retries: int = 3,
+        retries: int = 5,
         backoff: float = 0.1,
         max_backoff: float = 2.0,
         trusted_networks: Iterable[str | ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
@@ -765,6 +797,8 @@ class AsyncETSI014Client(_ClientCore):
         except ssl.SSLCertVerificationError as exc:
             raise KMEConnectionError(f"KME {self.url}: certificate did not verify ({exc.verify_message})") from None
         except (OSError, TimeoutError) as exc:
+            if (alert := tlsfail.alert_reason(exc)) is not None:  # TLS 1.2 refuses during the handshake
+                raise KMEConnectionError(tlsfail.cert_hint(f"KME {self.url}", self._cert, alert)) from None
             raise _ConnectFailed(f"{type(exc).__name__}: {exc}") from None
         try:
             self._check_peer(transport.get_extra_info("peername"), transport.get_extra_info("peercert"))
@@ -779,6 +813,7 @@ class AsyncETSI014Client(_ClientCore):
                                              limit=32, keepalive_timeout=_IDLE_MAX_AGE)
             self._session = aiohttp.ClientSession(
                 connector=connector,
+                trace_configs=[tlsfail.reuse_trace()],
                 timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout, sock_read=self.timeout),
                 raise_for_status=False,
                 auto_decompress=False,
@@ -843,12 +878,23 @@ class AsyncETSI014Client(_ClientCore):
     async def _roundtrip(
         self, method: str, path: str, body: dict[str, Any] | None, where: str
     ) -> tuple[int, str, bytes, dict[str, str]]:
+        for _ in range(2):  # the second pass only replaces a keep-alive connection that died while idle
+            try:
+                return await self._roundtrip_once(method, path, body, where)
+            except _StaleConnection:
+                continue
+        raise KMEConnectionError(f"{where}: the KME closed the connection twice before answering")
+
+    async def _roundtrip_once(
+        self, method: str, path: str, body: dict[str, Any] | None, where: str
+    ) -> tuple[int, str, bytes, dict[str, str]]:
         session = self._get_session()
         t = self._target
         url = f"{t.scheme}://{'[' + t.host + ']' if ':' in t.host else t.host}:{t.port}{path}"
+        info = {"reused": False}  # set by the trace hook when aiohttp hands out a pooled connection
         try:
             async with session.request(method, url, json=body, headers={"Accept": "application/json"},
-                                       allow_redirects=False) as resp:
+                                       allow_redirects=False, trace_request_ctx=info) as resp:
                 conn = resp.connection
                 transport = conn.transport if conn is not None else None
                 if transport is None:  # already released to the pool: its protocol still knows it
@@ -875,15 +921,29 @@ class AsyncETSI014Client(_ClientCore):
                 "check the CA file and that the certificate names this host or IP"
             ) from None
         except aiohttp.ClientConnectorSSLError as exc:
+            if (alert := tlsfail.alert_reason(exc.os_error)) is not None:
+                raise KMEConnectionError(tlsfail.cert_hint(where, self._cert, alert)) from None
             raise KMEConnectionError(f"{where}: TLS handshake with the KME failed ({exc})") from None
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise _ConnectFailed(f"{type(exc).__name__}: {exc}") from None
         except (aiohttp.SocketTimeoutError, TimeoutError):
             raise KMETimeoutError(f"{where}: no answer within {self.timeout:g} s") from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            alert, gone = tlsfail.alert_reason(exc), tlsfail.dropped(exc)
+            if gone and info["reused"]:  # closed while idle, or the KME restarted: it never saw this request
+                raise _StaleConnection(str(exc)) from None
+            if alert is None and gone and self._ssl is not None and await tlsfail.closes_before_request_async(
+                    t.host, t.port, self._ssl, self.timeout):
+                alert = tlsfail.PROBE_DETAIL
+            if alert is not None:
+                raise KMEConnectionError(tlsfail.cert_hint(where, self._cert, alert)) from None
+            raise KMEConnectionError(
+                f"{where}: connection lost after the request was sent ({type(exc).__name__}: {exc}); "
+                "the KME may have served it"
+            ) from None
         except aiohttp.ClientError as exc:
             raise KMEConnectionError(
-                f"{where}: connection failed after the request was sent ({type(exc).__name__}: {exc}); "
-                "the KME may have served it, or refused this SAE's certificate"
+                f"{where}: request failed after it was sent ({type(exc).__name__}: {exc}); the KME may have served it"
             ) from None
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None, where: str) -> Any:

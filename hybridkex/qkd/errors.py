@@ -8,7 +8,7 @@ never any key material.
 
 from __future__ import annotations
 
-from ..exceptions import HandshakeTimeout, KeyUnavailableError, KMEError
+from ..exceptions import HandshakeTimeout, KeyUnavailableError, KMEError, QKDKeyUnknownError
 
 __all__ = [
     "KMEBadRequestError",
@@ -41,7 +41,7 @@ class KMEBadRequestError(KMEError):
     """The KME refused the request as malformed or unsupported (HTTP 400); the message is the KME's."""
 
 
-class KMEKeyNotFoundError(KMEBadRequestError, KeyUnavailableError):
+class KMEKeyNotFoundError(KMEBadRequestError, QKDKeyUnknownError):
     """A requested key ID is unknown to the KME, or was already delivered (HTTP 400, spec wording)."""
 
 

@@ -12,7 +12,7 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 
-from ..exceptions import KeyReuseError, KeyUnavailableError, KMEError
+from ..exceptions import KeyReuseError, KeyUnavailableError, KMEError, QKDKeyUnknownError
 from .base import KeySourceStatus, QKDKey
 
 __all__ = ["MemoryKeyLink", "MemoryKeySource"]
@@ -65,7 +65,7 @@ class MemoryKeyLink:
                     raise KeyReuseError(f"QKD key {key_id} was already delivered once")
                 entry = self._pending.get(key_id)
                 if entry is None:
-                    raise KeyUnavailableError("one or more keys specified are not found on KME")
+                    raise QKDKeyUnknownError("one or more keys specified are not found on KME", key_ids=(key_id,))
                 if entry[0] != master or entry[1] != caller:
                     raise KMEError("Unauthorized.", status=401)
             for key_id in key_ids:
@@ -73,6 +73,17 @@ class MemoryKeyLink:
                 self._spent.add(key_id)
                 out.append(QKDKey(key_id, key))
             return out
+
+    def forget_pending(self) -> int:
+        """Forget every key not yet fetched by its slave, as a KME restarted without persistence does.
+
+        Returns how many were forgotten; fetching one of them then fails with
+        :class:`~hybridkex.exceptions.QKDKeyUnknownError` ("not found on KME").
+        """
+        with self._lock:
+            forgotten = len(self._pending)
+            self._pending.clear()
+            return forgotten
 
     def stock(self) -> int:
         with self._lock:

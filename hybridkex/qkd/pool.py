@@ -12,6 +12,8 @@ Rules the pool keeps:
 * a key leaves the pool exactly once: it is removed under the lock before it is returned, and
   there is no way to put it back, so a key whose handshake failed is never handed out again;
 * keys live only in memory, never on disk; ``close()`` drops every pooled key;
+* shutting down is not a KME failure: a fetch that ends because the pool or its source was closed
+  is neither counted nor logged, and a closed source ends the refill (close the pool first);
 * ``get_keys`` answers from the pool without touching the KME when the queue holds enough keys;
   otherwise it fetches directly from the source (the pool is left as it is);
 * keys older than ``max_key_age`` (if set) are discarded, never handed out;
@@ -27,227 +29,15 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 
-from ..exceptions import AlreadyFinalized, ConfigurationError, KeySourceError
+from ..exceptions import AlreadyFinalized, KeySourceError
+from ._pool_core import _DEFAULT_BATCH, PoolStats, _PoolCore, _SubPool
 from .base import AsyncKeySource, KeySource, KeySourceStatus, QKDKey
 
 __all__ = ["AsyncKeyPool", "KeyPool", "PoolStats", "ThreadedAsyncKeySource"]
 
 log = logging.getLogger("hybridkex.qkd.pool")
-
-_DEFAULT_BATCH = 32
-_EWMA_WEIGHT = 0.2
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStats:
-    """A snapshot of a key pool (no key material).
-
-    Attributes:
-        level: keys ready, all slaves together; ``levels`` per slave SAE.
-        fetched: keys received by the background refill.
-        handed_out: keys given to callers (from the pool or fetched directly).
-        pool_hits: requests answered from the pool without contacting the KME.
-        direct_fetches: requests that had to go to the KME because the pool was short.
-        discarded: keys dropped unused (expired, or at close).
-        fetch_failures: failed background fetches; ``consecutive_failures`` since the last success.
-        last_error: type and message of the last failure (never key material).
-        last_fetch_latency, mean_fetch_latency: seconds per background fetch (mean is an EWMA).
-        running: the refill worker is active.
-    """
-
-    level: int
-    levels: dict[str, int]
-    fetched: int
-    handed_out: int
-    pool_hits: int
-    direct_fetches: int
-    discarded: int
-    fetch_failures: int
-    consecutive_failures: int
-    last_error: str | None
-    last_fetch_latency: float | None
-    mean_fetch_latency: float | None
-    running: bool
-
-
-@dataclass
-class _SubPool:
-    slave: str
-    keys: deque[tuple[QKDKey, float]] = field(default_factory=deque)
-    filling: bool = True
-    in_flight: bool = False
-    retry_at: float = 0.0
-    failures: int = 0
-    batch: int | None = None
-
-
-class _PoolCore:
-    """The pool's state and decisions; no I/O, so the thread and asyncio variants share it."""
-
-    def __init__(
-        self,
-        slaves: Iterable[str],
-        *,
-        size_bits: int,
-        low_watermark: int,
-        high_watermark: int,
-        batch_size: int | None,
-        max_key_age: float | None,
-        retry_backoff: float,
-        max_retry_backoff: float,
-        clock: Callable[[], float],
-    ) -> None:
-        if size_bits <= 0 or size_bits % 8:
-            raise ConfigurationError("must be a positive multiple of 8", field="size_bits")
-        if not 0 <= low_watermark < high_watermark:
-            raise ConfigurationError("need 0 <= low_watermark < high_watermark", field="low_watermark")
-        if batch_size is not None and batch_size < 1:
-            raise ConfigurationError("must be >= 1", field="batch_size")
-        if max_key_age is not None and max_key_age <= 0:
-            raise ConfigurationError("must be > 0 seconds", field="max_key_age")
-        if not 0 < retry_backoff <= max_retry_backoff:
-            raise ConfigurationError("need 0 < retry_backoff <= max_retry_backoff", field="retry_backoff")
-        self.size_bits = size_bits
-        self.low = low_watermark
-        self.high = high_watermark
-        self.batch_size = batch_size
-        self.max_key_age = max_key_age
-        self.retry_backoff = retry_backoff
-        self.max_retry_backoff = max_retry_backoff
-        self.clock = clock
-        self.lock = threading.Lock()
-        self.subs: dict[str, _SubPool] = {}
-        self.closed = False
-        self.c = dict.fromkeys(("fetched", "handed_out", "hits", "direct", "discarded", "failures"), 0)
-        self.last_error: str | None = None
-        self.last_latency: float | None = None
-        self.mean_latency: float | None = None
-        for s in slaves:
-            self.subs[s] = _SubPool(s)
-
-    # Everything below runs with self.lock held, except where noted.
-
-    def _expire(self, sub: _SubPool, now: float) -> None:
-        if self.max_key_age is None:
-            return
-        while sub.keys and now - sub.keys[0][1] > self.max_key_age:
-            sub.keys.popleft()
-            self.c["discarded"] += 1
-
-    def take(self, slave: str, number: int, size_bits: int) -> tuple[list[QKDKey] | None, bool]:
-        """Keys from the pool, or ``None`` (fetch directly); second item: wake the refill worker."""
-        if self.closed:
-            raise AlreadyFinalized("the key pool is closed")
-        if size_bits != self.size_bits or number > self.high:
-            self.c["direct"] += 1
-            return None, False
-        wake = False
-        sub = self.subs.get(slave)
-        if sub is None:
-            sub = self.subs[slave] = _SubPool(slave)
-            wake = True
-        self._expire(sub, self.clock())
-        if len(sub.keys) < number:
-            self.c["direct"] += 1
-            return None, True
-        keys = [sub.keys.popleft()[0] for _ in range(number)]
-        self.c["hits"] += 1
-        self.c["handed_out"] += number
-        if len(sub.keys) <= self.low and not sub.filling:
-            sub.filling = True
-            wake = True
-        return keys, wake
-
-    def note_direct(self, number: int) -> None:
-        self.c["handed_out"] += number
-
-    def plan(self) -> tuple[list[tuple[_SubPool, int]], float | None]:
-        """Batches to fetch now, and how long to sleep if there is nothing to do (``None``: until woken)."""
-        now = self.clock()
-        work: list[tuple[_SubPool, int]] = []
-        wait: float | None = None
-        for sub in self.subs.values():
-            self._expire(sub, now)
-            level = len(sub.keys)
-            if level <= self.low:
-                sub.filling = True
-            if level >= self.high:
-                sub.filling = False
-            if not sub.filling or sub.in_flight:
-                continue
-            if sub.retry_at > now:
-                wait = min(wait, sub.retry_at - now) if wait is not None else sub.retry_at - now
-                continue
-            limit = self.batch_size or sub.batch or _DEFAULT_BATCH
-            if sub.batch is not None:
-                limit = min(limit, sub.batch)
-            work.append((sub, max(1, min(limit, self.high - level))))
-            sub.in_flight = True
-        if self.max_key_age is not None:
-            oldest = [sub.keys[0][1] for sub in self.subs.values() if sub.keys]
-            if oldest:
-                until = min(oldest) + self.max_key_age - now
-                wait = min(wait, until) if wait is not None else until
-        return work, (max(wait, 0.01) if wait is not None else None)
-
-    def deposit(self, sub: _SubPool, keys: Sequence[QKDKey], latency: float) -> None:
-        sub.in_flight = False
-        if self.closed:
-            self.c["discarded"] += len(keys)
-            return
-        now = self.clock()
-        sub.keys.extend((k, now) for k in keys)
-        sub.failures = 0
-        sub.retry_at = 0.0
-        self.c["fetched"] += len(keys)
-        self.last_latency = latency
-        self.mean_latency = latency if self.mean_latency is None else (
-            (1 - _EWMA_WEIGHT) * self.mean_latency + _EWMA_WEIGHT * latency
-        )
-        if len(sub.keys) >= self.high:
-            sub.filling = False
-
-    def failed(self, sub: _SubPool, exc: BaseException) -> None:
-        sub.in_flight = False
-        sub.failures += 1
-        delay = min(self.max_retry_backoff, self.retry_backoff * 2 ** (sub.failures - 1))
-        sub.retry_at = self.clock() + delay
-        self.c["failures"] += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"
-        log.warning("key pool: fetch for slave %s failed (%s); retrying in %.1f s", sub.slave, self.last_error, delay)
-
-    def learned_batch(self, sub: _SubPool, max_key_per_request: int) -> None:
-        sub.batch = max(1, max_key_per_request)
-
-    def close(self) -> int:
-        self.closed = True
-        dropped = sum(len(s.keys) for s in self.subs.values())
-        for s in self.subs.values():
-            s.keys.clear()
-        self.c["discarded"] += dropped
-        return dropped
-
-    def stats(self, running: bool) -> PoolStats:
-        levels = {s.slave: len(s.keys) for s in self.subs.values()}
-        c = self.c
-        return PoolStats(
-            level=sum(levels.values()), levels=levels, fetched=c["fetched"], handed_out=c["handed_out"],
-            pool_hits=c["hits"], direct_fetches=c["direct"], discarded=c["discarded"],
-            fetch_failures=c["failures"],
-            consecutive_failures=max((s.failures for s in self.subs.values()), default=0),
-            last_error=self.last_error, last_fetch_latency=self.last_latency,
-            mean_fetch_latency=self.mean_latency, running=running,
-        )
-
-    def level(self, slave: str | None) -> int:
-        if slave is not None:
-            sub = self.subs.get(slave)
-            return len(sub.keys) if sub else 0
-        return sum(len(s.keys) for s in self.subs.values())
 
 
 def _check_keys(keys: Sequence[QKDKey], number: int, size_bits: int) -> None:
@@ -268,6 +58,8 @@ class KeyPool:
             else 32.  Never more than the space up to ``high_watermark``.
         max_key_age: seconds after which an unused pooled key is discarded (``None``: never).
         retry_backoff, max_retry_backoff: delay after a failed refill, doubling up to the cap.
+        stale_discard_interval: a slave's queue is dropped as stale (:meth:`discard_stale`) up to 3
+            times in a row, then at most once per this many seconds.
         start: start the refill thread now (else call :meth:`start`).
 
     Use as a context manager or call :meth:`close`.
@@ -285,13 +77,15 @@ class KeyPool:
         max_key_age: float | None = None,
         retry_backoff: float = 0.5,
         max_retry_backoff: float = 30.0,
+        stale_discard_interval: float = 5.0,
         start: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._source = source
         self._core = _PoolCore(slaves, size_bits=size_bits, low_watermark=low_watermark,
                                high_watermark=high_watermark, batch_size=batch_size, max_key_age=max_key_age,
-                               retry_backoff=retry_backoff, max_retry_backoff=max_retry_backoff, clock=clock)
+                               retry_backoff=retry_backoff, max_retry_backoff=max_retry_backoff, clock=clock,
+                               stale_discard_interval=stale_discard_interval)
         self._cond = threading.Condition(self._core.lock)
         self._thread: threading.Thread | None = None
         if start:
@@ -326,12 +120,27 @@ class KeyPool:
         keys = self._source.get_keys(slave_sae_id, number, size_bits)
         _check_keys(keys, number, size_bits)
         with self._cond:
-            self._core.note_direct(number)
+            self._core.note_direct(slave_sae_id, keys)
         return keys
 
     def get_keys_by_id(self, master_sae_id: str, key_ids: Sequence[str]) -> list[QKDKey]:
         """Slave role: passed straight to the source (keys are fetched by ID on demand)."""
         return self._source.get_keys_by_id(master_sae_id, key_ids)
+
+    def discard_stale(self, slave_sae_id: str, key_ids: Sequence[str] = (), *, reported_by_peer: bool = True) -> int:
+        """A KME does not know ``key_ids``, keys shared with ``slave_sae_id``: drop that slave's queue.
+
+        Called by the handshake drivers (through :class:`~hybridkex.io.QKDKeyManager`) after a
+        "key not found" from the peer's Abort or from this side's KME.  Dropped keys are never handed
+        out; the queue refills with fresh keys.  A report about keys already dropped changes nothing,
+        and drops are rate-limited (3 in a row, then one per ``stale_discard_interval``), since the
+        report may come from an unauthenticated peer.  Returns the keys dropped.
+        """
+        reporter = "the peer's KME" if reported_by_peer else "this side's KME"
+        with self._cond:
+            dropped = self._core.discard_stale(slave_sae_id, key_ids, reporter)
+            self._cond.notify_all()
+        return dropped
 
     def status(self, slave_sae_id: str) -> KeySourceStatus:
         """The KME's status, from the source."""
@@ -395,7 +204,7 @@ class KeyPool:
     def _run(self) -> None:
         while True:
             with self._cond:
-                if self._core.closed:
+                if self._core.closed or self._core.source_closed:
                     return
                 work, wait = self._core.plan()
                 if not work:
@@ -409,6 +218,10 @@ class KeyPool:
             try:
                 max_per_request = self._source.status(sub.slave).max_key_per_request
             except Exception as exc:  # no usable status (yet): the default batch, and ask again next time
+                if self._core.closed or isinstance(exc, AlreadyFinalized):
+                    with self._cond:
+                        self._core.failed(sub, exc)  # shutdown: quiet
+                    return
                 log.info("key pool: no status for slave %s (%s); batches of %d", sub.slave, exc, _DEFAULT_BATCH)
             else:
                 with self._cond:
@@ -448,12 +261,15 @@ class AsyncKeyPool:
         max_key_age: float | None = None,
         retry_backoff: float = 0.5,
         max_retry_backoff: float = 30.0,
+        stale_discard_interval: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._source = source
         self._core = _PoolCore(slaves, size_bits=size_bits, low_watermark=low_watermark,
                                high_watermark=high_watermark, batch_size=batch_size, max_key_age=max_key_age,
-                               retry_backoff=retry_backoff, max_retry_backoff=max_retry_backoff, clock=clock)
+                               retry_backoff=retry_backoff, max_retry_backoff=max_retry_backoff, clock=clock,
+                               stale_discard_interval=stale_discard_interval)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None
@@ -474,6 +290,7 @@ class AsyncKeyPool:
         if self._core.closed:
             raise AlreadyFinalized("the key pool is closed")
         if self._task is None:
+            self._loop = asyncio.get_running_loop()
             self._wake = asyncio.Event()
             self._changed = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="hybridkex-key-pool")
@@ -490,12 +307,23 @@ class AsyncKeyPool:
         keys = await self._source.get_keys(slave_sae_id, number, size_bits)
         _check_keys(keys, number, size_bits)
         with self._core.lock:
-            self._core.note_direct(number)
+            self._core.note_direct(slave_sae_id, keys)
         return keys
 
     async def get_keys_by_id(self, master_sae_id: str, key_ids: Sequence[str]) -> list[QKDKey]:
         """Slave role: passed straight to the source."""
         return await self._source.get_keys_by_id(master_sae_id, key_ids)
+
+    def discard_stale(self, slave_sae_id: str, key_ids: Sequence[str] = (), *, reported_by_peer: bool = True) -> int:
+        """As :meth:`KeyPool.discard_stale`; a plain method, callable from any thread."""
+        reporter = "the peer's KME" if reported_by_peer else "this side's KME"
+        with self._core.lock:
+            dropped = self._core.discard_stale(slave_sae_id, key_ids, reporter)
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(wake.set)
+        return dropped
 
     async def status(self, slave_sae_id: str) -> KeySourceStatus:
         """The KME's status, from the source."""
@@ -573,6 +401,8 @@ class AsyncKeyPool:
                 try:
                     max_per_request = (await self._source.status(sub.slave)).max_key_per_request
                 except Exception as exc:  # no usable status (yet): the default batch, and ask again next time
+                    if self._core.closed or isinstance(exc, AlreadyFinalized):
+                        raise  # shutdown: handled (quietly) below
                     log.info("key pool: no status for slave %s (%s); batches of %d", sub.slave, exc,
                              _DEFAULT_BATCH)
                 else:
@@ -627,6 +457,11 @@ class ThreadedAsyncKeySource:
     async def status(self, slave_sae_id: str) -> KeySourceStatus:
         """As :meth:`KeySource.status`, in a worker thread."""
         return await asyncio.to_thread(self._source.status, slave_sae_id)
+
+    def discard_stale(self, slave_sae_id: str, key_ids: Sequence[str] = (), *, reported_by_peer: bool = True) -> int:
+        """Passed on to the wrapped source if it pools keys (:meth:`KeyPool.discard_stale`), else 0."""
+        discard = getattr(self._source, "discard_stale", None)
+        return int(discard(slave_sae_id, key_ids, reported_by_peer=reported_by_peer)) if callable(discard) else 0
 
     def __repr__(self) -> str:
         return f"ThreadedAsyncKeySource({self._source!r})"

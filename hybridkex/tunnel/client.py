@@ -1,16 +1,19 @@
 """Client side of the tunnel: accept local plaintext connections and carry them to the tunnel server.
 
 Each local connection gets its own TCP connection and handshake to the tunnel server at
-``target``; if either fails, the local connection is closed without data.
+``target``; if either fails, the local connection is closed without data (a handshake that failed
+on a stale QKD key is retried once first).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
-from .channel import PlainStream
-from .runtime import Connection, TunnelRuntime
+from ..exceptions import QKDKeyUnknownError
+from .channel import PlainStream, SecureStream
+from .runtime import Connection, TunnelRuntime, handshake_outcome
 
 __all__ = ["TunnelClient"]
 
@@ -22,10 +25,23 @@ class TunnelClient(TunnelRuntime):
 
     async def serve_connection(self, conn: Connection, reader: asyncio.StreamReader,
                                writer: asyncio.StreamWriter) -> None:
+        started = time.monotonic()
+        secure = await self._secure_channel(conn, retry_stale_key=True)
+        if secure is None:
+            return
+        facts = self.handshake_ok(conn, secure, started)
+        await self.relay_connection(conn, PlainStream(reader, writer), secure, facts)
+
+    async def _secure_channel(self, conn: Connection, *, retry_stale_key: bool) -> SecureStream | None:
+        """A new TCP connection and handshake to the tunnel server; None (logged) if either fails.
+
+        A handshake that fails because a KME did not know its QKD key (the KME restarted; the
+        server, which is master, has dropped its stale keys) is retried once on a new connection,
+        with a new handshake and so a new key; the local connection never notices.
+        """
         cfg = conn.config
         factory = self.factory
         assert factory is not None
-        started = time.monotonic()
         try:
             async with asyncio.timeout(cfg.timeouts.connect):
                 up_reader, up_writer = await asyncio.open_connection(cfg.target.host, cfg.target.port)
@@ -34,16 +50,23 @@ class TunnelClient(TunnelRuntime):
         except (OSError, TimeoutError) as exc:
             self.metrics.handshakes.inc(outcome="target_unreachable")
             self.target_failed(conn, exc)
-            return
+            return None
         try:
             async with asyncio.timeout(cfg.timeouts.handshake):
-                secure = await factory.connect(up_reader, up_writer)
+                return await factory.connect(up_reader, up_writer)
         except asyncio.CancelledError:
             up_writer.close()
             raise
+        except QKDKeyUnknownError as exc:
+            up_writer.close()
+            if not retry_stale_key:
+                self.handshake_failed(conn, exc)
+                return None
+            self.metrics.handshakes.inc(outcome=handshake_outcome(exc))
+            conn.log.log(logging.INFO, "handshake_retried", "stale QKD key; retrying once with a new handshake",
+                         reason=str(exc))
         except Exception as exc:
             up_writer.close()
             self.handshake_failed(conn, exc)
-            return
-        facts = self.handshake_ok(conn, secure, started)
-        await self.relay_connection(conn, PlainStream(reader, writer), secure, facts)
+            return None
+        return await self._secure_channel(conn, retry_stale_key=False)

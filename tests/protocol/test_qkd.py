@@ -13,6 +13,7 @@ from hybridkex.exceptions import (
     KeyUnavailableError,
     KMEError,
     PolicyViolation,
+    QKDKeyUnknownError,
 )
 from hybridkex.io import QKDKeyManager
 from hybridkex.policy import KeyBudget
@@ -301,3 +302,45 @@ def test_answering_with_garbage_fails_closed(qkd):
         res.provide_qkd_keys(None)  # type: ignore[arg-type]
     assert res.data_to_send() == b"HK\x01\x7f\x00\x00\x00\x01\x06"  # Abort(QKD unavailable)
     assert "FAILED" in repr(res)
+
+
+# -- a key the slave's KME does not know (a KME restart): Abort QKD_KEY_UNKNOWN ----------------------
+
+
+def _forgotten(qkd, manager):
+    """A slave's key source after the KMEs forgot every undelivered key (a restart without --db)."""
+    def answer(request):
+        qkd.link.forget_pending()
+        return manager.answer(request)
+
+    return answer
+
+
+@pytest.mark.parametrize("policy", ["required", "optional"])
+def test_an_unknown_key_id_is_reported_to_the_master_in_the_abort(qkd, policy):
+    ini, res = configs(qkd=policy)
+    out = run_pair(ini, res, qkd, ini_keys=_forgotten(qkd, qkd.ini), res_keys=qkd.res.answer)
+    # The slave (initiator) cannot fall back: the master has spent the key.  Its error names the keys.
+    assert isinstance(out.ini_error, QKDKeyUnknownError) and not out.ini_error.reported_by_peer
+    key_ids = out.ini_error.key_ids
+    assert len(key_ids) == 1 and key_ids[0] in str(out.ini_error)
+    abort = [frame for sender, frame in out.frames if sender == "initiator"][-1]
+    assert abort == b"HK\x01\x7f\x00\x00\x00\x01\x08"  # Abort(QKD key unknown)
+    # The master learns it from the Abort (typed, so it can drop its stale keys), nothing more.
+    assert isinstance(out.res_error, QKDKeyUnknownError) and out.res_error.reported_by_peer
+    assert out.res_error.key_ids == () and key_ids[0] not in str(out.res_error)
+
+
+def test_an_unknown_key_id_at_a_slave_responder_is_reported_too(qkd):
+    ini, res = configs(master="initiator")
+    out = run_pair(ini, res, qkd, ini_keys=qkd.ini.answer, res_keys=_forgotten(qkd, qkd.res))
+    assert isinstance(out.res_error, QKDKeyUnknownError) and not out.res_error.reported_by_peer
+    assert isinstance(out.ini_error, QKDKeyUnknownError) and out.ini_error.reported_by_peer
+
+
+def test_other_slave_failures_keep_the_qkd_unavailable_code(qkd):
+    out = run_pair(*configs(), qkd, ini_keys=failing(KMEError("Error on server side.", status=503)),
+                   res_keys=qkd.res.answer)
+    assert isinstance(out.ini_error, KeyUnavailableError) and not isinstance(out.ini_error, QKDKeyUnknownError)
+    assert [f for s, f in out.frames if s == "initiator"][-1] == b"HK\x01\x7f\x00\x00\x00\x01\x06"
+    assert not isinstance(out.res_error, QKDKeyUnknownError)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -158,14 +159,57 @@ def test_qkdsec_probes_pass(kmes: SimulatedKMEPair) -> None:
             assert result.status.value == "pass", result.summary
 
 
-def test_qkdsec_full_battery_on_a_self_pair(kmes: SimulatedKMEPair) -> None:
-    """With the caller as its own slave every probe is spec-valid; only the 404 probe may warn."""
+def test_qkdsec_full_battery(kmes: SimulatedKMEPair) -> None:
+    """Every probe passes except the two whose expectation contradicts the spec (docs/qkd.md section 7).
+
+    ``dec_keys_roundtrip`` fetches the key with the master's own certificate: a conformant KME answers
+    401 (the caller is not the slave), and ours also refuses a master naming itself as its slave, so
+    this probe cannot pass against it.  ``error_contract_404`` expects 404 where the spec says 400.
+    """
     with qkdsec(kmes, "sae-a") as client:
-        report = probes.run_all(client, "sae-a", latency_samples=2)
-    assert report.passed
-    by_name = {r.name: r.status.value for r in report.results}
-    assert by_name.pop("error_contract_404") in ("pass", "warn")  # their 404 is not the spec; not asserted
-    assert set(by_name.values()) == {"pass"}, by_name
+        report = probes.run_all(client, "sae-b", latency_samples=2)
+    by_name = {r.name: r for r in report.results}
+    roundtrip = by_name.pop("dec_keys_roundtrip")
+    assert roundtrip.status.value == "fail" and "401" in roundtrip.summary
+    assert by_name.pop("error_contract_404").status.value in ("pass", "warn")  # their 404 is not the spec
+    assert {name: r.status.value for name, r in by_name.items()} == dict.fromkeys(by_name, "pass")
+
+
+def test_independent_clients_are_refused_a_self_pair(kmes: SimulatedKMEPair) -> None:
+    before = kmes.store.stats().keys_issued
+    code, error = etsi(kmes, "sae-a").get_key("sae-a", number=1, size=256)
+    assert code == 400 and isinstance(error, DataError)
+    assert "cannot be a slave of its own keys" in error.message
+    code, error = etsi(kmes, "sae-a").get_key("sae-b", number=1, additional_slave_sae_ids=["sae-a"])
+    assert code == 400 and isinstance(error, DataError) and "additional_slave_SAE_IDs" in error.message
+    with qkdsec(kmes, "sae-a") as master:
+        for method in ("GET", "POST"):
+            with pytest.raises(KMEHTTPError) as info:
+                master.get_enc_keys("sae-a", method=method)
+            assert info.value.status_code == 400
+    assert kmes.store.stats().keys_issued == before
+
+
+def test_curl_post_without_a_body_gets_one_default_key(kmes: SimulatedKMEPair) -> None:
+    """ETSI 014 cl. 6.2: the Key request may be empty; curl sends ``Content-Length: 0`` and no body."""
+    pki = kmes.pki
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    base = ["--silent", "--show-error", "--cacert", str(pki.ca_cert)]
+    proc = subprocess.run(
+        [curl, *base, "--cert", str(pki.cert("sae-a")), "--key", str(pki.key("sae-a")), "-X", "POST",
+         "--data", "", "--write-out", "\\n%{http_code}", f"{kmes.url_a}/api/v1/keys/sae-b/enc_keys"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    body, _, code = proc.stdout.rpartition("\n")
+    assert code == "200", body
+    (entry,) = json.loads(body)["keys"]
+    assert len(base64.b64decode(entry["key"])) == 32  # the Status key_size, 256 bits
+    with ETSI014Client(kmes.url_b, **sae_args(pki, "sae-b")) as slave:
+        (key,) = slave.get_keys_by_id("sae-a", [entry["key_ID"]])
+    assert base64.b64encode(key.key).decode() == entry["key"]
 
 
 def test_qkdsec_doctor_cli_smoke(kmes: SimulatedKMEPair, tmp_path: Path) -> None:

@@ -106,6 +106,48 @@ def test_enc_keys_post_empty_object_uses_defaults(kmes: SimulatedKMEPair, pki: D
     assert_keys(req(kmes, pki, "a", "POST", f"{KEYS}/sae-b/enc_keys", body={}), 1, 256)
 
 
+@pytest.mark.parametrize("headers", [{}, {"Content-Type": "application/json"}])
+def test_enc_keys_post_with_an_empty_body_is_the_default_request(
+    kmes: SimulatedKMEPair, pki: DemoPKI, headers: dict[str, str]
+) -> None:
+    """ETSI GS QKD 014 cl. 6.2: the Key request "may be empty"; no body means {} (one default key)."""
+    resp = req(kmes, pki, "a", "POST", f"{KEYS}/sae-b/enc_keys", raw=b"", headers=headers)
+    (key,) = assert_keys(resp, 1, 256)
+    ids = {"key_IDs": [{"key_ID": key["key_ID"]}]}
+    assert assert_keys(req(kmes, pki, "b", "POST", f"{KEYS}/sae-a/dec_keys", name="sae-b", body=ids), 1, 256) == [key]
+
+
+def test_dec_keys_post_with_an_empty_body_is_still_400(kmes: SimulatedKMEPair, pki: DemoPKI) -> None:
+    # Unlike the Key request, the Key IDs object has a required member (key_IDs, Table 12).
+    assert_error(req(kmes, pki, "b", "POST", f"{KEYS}/sae-a/dec_keys", name="sae-b", raw=b""), 400)
+
+
+@pytest.mark.parametrize(
+    ("request_line", "body", "field"),
+    [
+        ("POST sae-a/enc_keys", {}, "slave_SAE_ID"),
+        ("POST sae-a/enc_keys", None, "slave_SAE_ID"),
+        ("GET sae-a/enc_keys", None, "slave_SAE_ID"),
+        ("GET sae-a/enc_keys?number=2&size=256", None, "slave_SAE_ID"),
+        ("POST sae-b/enc_keys", {"additional_slave_SAE_IDs": ["sae-a"]}, "additional_slave_SAE_IDs"),
+        ("POST sae-b/enc_keys", {"additional_slave_SAE_IDs": ["sae-c", "sae-a"]}, "additional_slave_SAE_IDs"),
+        ("GET sae-a/status", None, "slave_SAE_ID"),
+    ],
+)
+def test_a_master_naming_itself_as_a_slave_is_refused(
+    kmes: SimulatedKMEPair, pki: DemoPKI, request_line: str, body: object, field: str
+) -> None:
+    """It could otherwise fetch its own key again through dec_keys (a second delivery to one SAE)."""
+    method, path = request_line.split()
+    before = kmes.store.stats()
+    raw = b"" if body is None and method == "POST" else None
+    error = assert_error(req(kmes, pki, "a", method, f"{KEYS}/{path}", body=body, raw=raw), 400)
+    assert "cannot be a slave of its own keys" in str(error["message"])
+    assert error["details"] == [{field: "sae-a"}]  # the Error object's details (Table 13) name the field
+    after = kmes.store.stats()
+    assert (after.keys_issued, after.pending_keys) == (before.keys_issued, before.pending_keys)
+
+
 @pytest.mark.parametrize(("number", "size"), [(1, 64), (5, 256), (128, 256), (2, 8192)])
 def test_enc_keys_post_sizes(kmes: SimulatedKMEPair, pki: DemoPKI, number: int, size: int) -> None:
     enc(kmes, pki, number, size)
@@ -150,7 +192,7 @@ def test_enc_keys_post_rejects_bad_requests_with_400(
     assert kmes.store.stats().keys_issued == before  # a refused request consumes no key
 
 
-@pytest.mark.parametrize("raw", [b"{", b"", b'{"number": NaN}', b'{"number": 1, "number": 2}', b"\xff\xfe",
+@pytest.mark.parametrize("raw", [b"{", b" ", b'{"number": NaN}', b'{"number": 1, "number": 2}', b"\xff\xfe",
                                  b"[" * 100_000])
 def test_enc_keys_post_rejects_malformed_json(kmes: SimulatedKMEPair, pki: DemoPKI, raw: bytes) -> None:
     assert_error(req(kmes, pki, "a", "POST", f"{KEYS}/sae-b/enc_keys", raw=raw), 400)

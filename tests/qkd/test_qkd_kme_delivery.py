@@ -19,7 +19,13 @@ import pytest
 from qkdhelpers import https_request, sae_args
 
 from hybridkex.exceptions import KeyUnavailableError
-from hybridkex.qkd import AsyncETSI014Client, ETSI014Client, KMEKeyNotFoundError, KMEUnavailableError, QKDKey
+from hybridkex.qkd import (
+    AsyncETSI014Client,
+    KMEBadRequestError,
+    KMEKeyNotFoundError,
+    KMEUnavailableError,
+    QKDKey,
+)
 from hybridkex.qkd.kme import SimulatedKMEPair
 from hybridkex.qkd.pki import DemoPKI
 
@@ -155,11 +161,15 @@ def test_status_reports_the_stock(make_pair: Callable[..., SimulatedKMEPair]) ->
     assert master.status("sae-b").stored_key_count == 5
 
 
-def test_self_pair_is_allowed(kmes: SimulatedKMEPair) -> None:
-    """A master may name itself as slave (qkdsec doctor probes a KME this way)."""
-    with kmes.key_source("sae-a") as a, ETSI014Client(**_args(kmes, "sae-a")) as a2:
-        (key,) = a.get_keys("sae-a")
-        assert a2.get_keys_by_id("sae-a", [key.key_id]) == [key]
+def test_self_pair_is_refused(kmes: SimulatedKMEPair) -> None:
+    """A master may not name itself as slave: it could fetch its own key a second time via dec_keys."""
+    before = kmes.store.stats().keys_issued
+    with kmes.key_source("sae-a") as a:
+        with pytest.raises(KMEBadRequestError, match="cannot be a slave of its own keys"):
+            a.get_keys("sae-a")
+        with pytest.raises(KMEBadRequestError, match="additional_slave_SAE_IDs 'sae-a'"):
+            a.enc_keys("sae-b", additional_slave_sae_ids=["sae-a"])
+    assert kmes.store.stats().keys_issued == before
 
 
 def _args(kmes: SimulatedKMEPair, name: str) -> dict[str, Any]:

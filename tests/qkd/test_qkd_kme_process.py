@@ -8,7 +8,9 @@ import socket
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -81,6 +83,29 @@ def test_kme_without_db_forgets_keys_on_restart(pki: DemoPKI, tmp_path: Path) ->
             slave.get_keys_by_id("sae-a", [key.key_id])
     finally:
         second.stop()
+
+
+def test_clients_carry_on_across_a_kme_restart(pki: DemoPKI, tmp_path: Path,
+                                               make_client: Callable[..., Any]) -> None:
+    """A keep-alive connection that died with the old KME process is replaced, not reported.
+
+    Before, the next request failed with "TLS failure (EOF ...); does the KME trust this SAE's
+    certificate?" (blocking client) or a broken pipe (asyncio client).
+    """
+    port_a, port_b = free_port(), free_port()
+    ports = ("--port-a", str(port_a), "--port-b", str(port_b))
+    kme = KMEProcess(pki, *ports, log_path=tmp_path / "log")
+    try:
+        c = make_client(kme.url_a, **sae_args(pki, "sae-a"), retries=0)  # no retries: not the retry loop
+        seen = {k.key_id for k in c.get_keys("sae-b", 2)}
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            kme.stop(sig)
+            kme = KMEProcess(pki, *ports, log_path=tmp_path / "log")
+            keys = c.get_keys("sae-b", 2)
+            assert len(keys) == 2 and not seen & {k.key_id for k in keys}
+            seen |= {k.key_id for k in keys}
+    finally:
+        kme.stop()
 
 
 def test_kme_busy_port_is_a_one_line_error(pki: DemoPKI) -> None:

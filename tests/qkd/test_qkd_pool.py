@@ -6,6 +6,8 @@ Against the real simulated KME over mutual TLS (a dead port for the failure case
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -165,6 +167,47 @@ def test_close_drops_keys_and_stops(kmes: SimulatedKMEPair) -> None:
     with pytest.raises(AlreadyFinalized):
         pool.get_keys("sae-b")
     pool.close()  # idempotent
+
+
+def _wait_stopped(pool: KeyPool) -> None:
+    deadline = time.monotonic() + 20
+    while pool.stats().running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not pool.stats().running
+
+
+def test_a_source_closed_under_an_in_flight_fetch_is_not_a_kme_failure(
+    make_pair: Callable[..., SimulatedKMEPair], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An owner that closes the client before the pool (the tunnel did on a failed start) made the pool
+    log ``key pool: fetch for slave ... failed (AlreadyFinalized: ...)`` and retry forever."""
+    pair = make_pair(delay=0.2)  # every answer takes a while: the first fetch is in flight
+    source = pair.key_source("sae-a")
+    with caplog.at_level(logging.INFO, logger="hybridkex.qkd.pool"):
+        # The first fetch (4 keys) is in flight at once: every answer of this KME takes 0.2 s.
+        pool = KeyPool(source, ["sae-b"], low_watermark=2, high_watermark=8, batch_size=4)
+        source.close()  # the in-flight fetch completes; the next one meets the closed client
+        _wait_stopped(pool)  # the refill stops by itself: a closed source serves nothing more
+        stats = pool.stats()
+        pool.close()
+    assert "key pool" not in caplog.text and "AlreadyFinalized" not in caplog.text
+    assert stats.fetch_failures == 0 and stats.last_error is None
+
+
+def test_a_fetch_failing_after_close_is_quiet(pki: DemoPKI, caplog: pytest.LogCaptureFixture) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as black_hole:  # accepts, never answers (not even TLS)
+        url = f"https://127.0.0.1:{black_hole.getsockname()[1]}"
+        source = ETSI014Client(url, **sae_args(pki, "sae-a"), kme_id="kme-a", timeout=1.0, retries=0)
+        with caplog.at_level(logging.INFO, logger="hybridkex.qkd.pool"):
+            pool = KeyPool(source, ["sae-b"], low_watermark=2, high_watermark=8, batch_size=4)
+            black_hole.settimeout(20)
+            conn, _ = black_hole.accept()  # the pool's first fetch is now in flight
+            pool.close(timeout=0)  # ...and fails after close, when its timeout passes
+            _wait_stopped(pool)
+            conn.close()
+    source.close()
+    assert "key pool" not in caplog.text
+    assert pool.stats().fetch_failures == 0 and pool.stats().last_error is None
 
 
 def test_max_key_age_discards_stale_keys(kmes: SimulatedKMEPair) -> None:

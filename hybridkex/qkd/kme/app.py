@@ -78,8 +78,14 @@ def _json(status: int, body: Mapping[str, Any], headers: Mapping[str, str] | Non
                         headers=headers)
 
 
-async def _json_body(request: web.Request) -> Any:
-    raw = await request.read()
+async def _json_body(request: web.Request, *, empty: Any = None, timeout: float | None = None) -> Any:
+    try:
+        async with asyncio.timeout(timeout):  # a body trickled in byte by byte must not hold the connection
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestRejected(f"request body not received within {timeout:g} s") from None
+    if not raw and empty is not None:
+        return empty
     try:
         return loads_strict(raw)
     except ValueError:
@@ -92,6 +98,7 @@ def create_kme_app(
     *,
     delay: float = 0.0,
     caller: Callable[[web.Request], str | None] = caller_sae_id,
+    read_timeout: float | None = None,
 ) -> web.Application:
     """The aiohttp application of KME ``kme_id`` (serve it over TLS with :func:`server_ssl_context`).
 
@@ -100,6 +107,7 @@ def create_kme_app(
         kme_id: this KME's ID (its certificate's CN).
         delay: seconds added before every answer, to simulate a distant or busy KME (benchmarks).
         caller: maps a request to the caller's SAE ID (default: client certificate subject CN).
+        read_timeout: seconds to receive a request body (``None``: no limit).
     """
     if delay < 0:
         raise ConfigurationError("must be >= 0", field="delay")
@@ -142,7 +150,8 @@ def create_kme_app(
         if request.method == "GET":
             key_request = parse_key_request_query(request.query.items())
         else:
-            key_request = parse_key_request(await _json_body(request))
+            # ETSI GS QKD 014 cl. 6.2: the Key request "may be empty", i.e. all defaults, as {}.
+            key_request = parse_key_request(await _json_body(request, empty={}, timeout=read_timeout))
         keys = store.enc_keys(kme_id, caller(request), request.match_info["sae"], key_request)
         return _json(200, key_container_body(keys))
 
@@ -150,7 +159,7 @@ def create_kme_app(
         if request.method == "GET":
             key_ids = parse_key_ids_query(request.query.items())
         else:
-            key_ids = parse_key_ids_request(await _json_body(request))
+            key_ids = parse_key_ids_request(await _json_body(request, timeout=read_timeout))
         keys = store.dec_keys(kme_id, caller(request), request.match_info["sae"], key_ids)
         return _json(200, key_container_body(keys))
 

@@ -123,11 +123,13 @@ _DOCUMENT: dict[str, Any] = {
                 "operationId": "getKey",
                 "summary": "Get key (cl. 5.3): the caller (master) takes keys shared with the named slave SAE(s).",
                 "parameters": [_sae_param("slave_SAE_ID", "slave")],
-                "requestBody": {"required": True,
+                # cl. 6.2: the Key request "may be empty"; an empty body means {} (all defaults).
+                "requestBody": {"required": False,
                                 "content": _json_content(_ref("KeyRequest"), {"number": 2, "size": 256})},
                 "responses": {"200": _KEY_CONTAINER_OK, **_errors(
                     f"E.g. '{MSG_SIZE_NOT_MULTIPLE_OF_8}', '{MSG_EXTENSION_MANDATORY_UNSUPPORTED}', number above "
-                    "max_key_per_request, size outside min_key_size..max_key_size."
+                    "max_key_per_request, size outside min_key_size..max_key_size, or the caller named as its "
+                    "own slave or additional slave."
                 )},
             },
         },

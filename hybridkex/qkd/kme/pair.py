@@ -27,6 +27,7 @@ from ...exceptions import ConfigurationError, HybridKEXError
 from ..client import AsyncETSI014Client, ETSI014Client, certificate_common_name
 from ..pki import DemoPKI
 from .app import create_kme_app, server_ssl_context
+from .listener import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, KMESite
 from .store import KeyStore, KMELimits, QKDLinkModel
 
 __all__ = ["DEFAULT_CAPACITY_BITS", "DEFAULT_RATE_BPS", "KMEPairServer", "KMEPairSettings", "SimulatedKMEPair"]
@@ -54,8 +55,16 @@ class KMEPairSettings:
     saes_b: tuple[str, ...] = ("sae-b",)
     kme_a: str = "kme-a"
     kme_b: str = "kme-b"
+    #: Seconds a connection may stay silent: TLS handshake, request headers, request body, between requests.
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    #: Connections each KME keeps open at once (TLS handshakes included); more are closed at once.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
+        if not self.idle_timeout > 0:
+            raise ConfigurationError("must be > 0 seconds", field="idle_timeout")
+        if self.max_connections < 1:
+            raise ConfigurationError("must be >= 1", field="max_connections")
         for name in ("port_a", "port_b"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ConfigurationError("must be 0..65535", field=name)
@@ -93,11 +102,13 @@ class KMEPairServer:
         urls = []
         for side, kme_id, ctx, port in (("a", self.kme_id_a, self._ssl_a, s.port_a),
                                         ("b", self.kme_id_b, self._ssl_b, s.port_b)):
-            runner = web.AppRunner(create_kme_app(self.store, kme_id, delay=s.delay), access_log=None,
-                                   handle_signals=False)
+            app = create_kme_app(self.store, kme_id, delay=s.delay, read_timeout=s.idle_timeout)
+            # keepalive_timeout: aiohttp closes a connection that has no complete request after this long.
+            runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=s.idle_timeout)
             await runner.setup()
             self._runners.append(runner)
-            site = web.TCPSite(runner, s.host, port, ssl_context=ctx, backlog=512)
+            site = KMESite(runner, s.host, port, ssl_context=ctx, idle_timeout=s.idle_timeout,
+                           max_connections=s.max_connections, label=kme_id)
             try:
                 await site.start()
             except OSError as exc:

@@ -264,6 +264,13 @@ class KeyStore:
             raise RequestRejected(f"{role} SAE ID {sae_id!r} is not known to this KME network")
         return home
 
+    def _not_self(self, master: str, slaves: Sequence[str], field: str) -> None:
+        # A master named as its own slave could fetch its own key again through dec_keys: that key
+        # would then have been delivered twice, to the same SAE.  ETSI 014 speaks of a pair of SAEs.
+        if master in slaves:
+            raise self._reject(f"{field} {master!r} is the calling master SAE; a master cannot be a slave "
+                               "of its own keys", details=[{field: master}])
+
     def _reject(self, message: str, **kwargs: Any) -> RequestRejected:
         self._counters["rejected"] += 1
         return RequestRejected(message, **kwargs)
@@ -275,6 +282,7 @@ class KeyStore:
         with self._lock:
             master = self._authorize(kme_id, caller)
             target = self._peer(slave_sae_id, "slave")
+            self._not_self(master, (slave_sae_id,), "slave_SAE_ID")
             self._counters["status"] += 1
             lim = self.limits
             return {
@@ -297,6 +305,7 @@ class KeyStore:
         with self._lock:
             master = self._authorize(kme_id, caller)
             self._peer(slave_sae_id, "slave")
+            self._not_self(master, (slave_sae_id,), "slave_SAE_ID")
             lim = self.limits
             if request.extension_mandatory:
                 # This KME implements no extension, so any mandatory one is unsupported (cl. 6.2).
@@ -318,6 +327,7 @@ class KeyStore:
                 raise self._reject("a slave SAE ID is named twice")
             for s in extra:
                 self._peer(s, "additional slave")
+            self._not_self(master, extra, "additional_slave_SAE_IDs")
             if len(self._pending) + number > lim.max_pending_keys:
                 raise self._reject(MSG_SERVER_ERROR, status=503,
                                    details=[{"reason": "too many keys awaiting their slave SAE"}])
