@@ -85,8 +85,8 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
      "identity: must be printable ASCII without spaces"),
     ("identity-empty", GOOD.replace('identity = "server"', 'identity = ""'), "identity: must not be empty"),
     ("unknown-top-key", GOOD.replace("listen =", "lisen = 1\nlisten ="),
-     f"lisen: unknown key (known keys here: {TOP_KEYS})"),
-    ("no-plain-channel-key", "channel = \"plain\"\n" + GOOD, f"channel: unknown key (known keys here: {TOP_KEYS})"),
+     "unknown key 'lisen' (did you mean 'listen'?)"),
+    ("no-plain-channel-key", "channel = \"plain\"\n" + GOOD, f"unknown key 'channel' (known keys here: {TOP_KEYS})"),
     ("target-identity-on-server", 'target_identity = "x"\n' + GOOD,
      "target_identity: not allowed on the server side (it accepts every configured peer)"),
     ("no-peers", TOP + NO_QKD,
@@ -113,7 +113,7 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     ("pki-with-psk", TOP + '[[peers]]\nidentity = "c"\nmode = "pki"\npsk_file = "a.psk"\n' + NO_QKD,
      'peers[0].psk_file: not allowed with mode = "pki" (a key file belongs to mode = "psk")'),
     ("peer-unknown-key", GOOD.replace('mode = "psk"', 'mode = "psk"\npsk = "abc"'),
-     "peers[0].psk: unknown key (known keys here: ca, cert, identity, key, mode, psk_file, sae_id)"),
+     "unknown key 'peers[0].psk' (did you mean 'peers[0].psk_file'?)"),
     ("policy-not-table", TOP + 'policy = "strict"\n' + PEER_A, "policy: expected a table, got string 'strict'"),
     ("qkd-mode", GOOD.replace('qkd = "disabled"', 'qkd = "maybe"'),
      'policy.qkd: expected one of "required", "optional", "disabled", got "maybe"'),
@@ -147,7 +147,7 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     ("drain-string", GOOD + '[timeouts]\ndrain = "30s"\n', "timeouts.drain: expected a number, got string '30s'"),
     ("drain-nan", GOOD + "[timeouts]\ndrain = nan\n", "timeouts.drain: must be between 0 and 86400, got nan"),
     ("timeouts-unknown", GOOD + "[timeouts]\nread = 5\n",
-     "timeouts.read: unknown key (known keys here: connect, drain, handshake, idle)"),
+     "unknown key 'timeouts.read' (known keys here: connect, drain, handshake, idle)"),
     ("max-connections-zero", GOOD + "[limits]\nmax_connections = 0\n",
      "limits.max_connections: must be between 1 and 1000000, got 0"),
     ("max-connections-float", GOOD + "[limits]\nmax_connections = 1.5\n",
@@ -164,7 +164,7 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     ("metrics-listen", GOOD + '[metrics]\nlisten = "localhost"\n',
      "metrics.listen: expected HOST:PORT, got 'localhost'"),
     ("metrics-typo", GOOD + '[metrics]\nlistne = "127.0.0.1:1"\n',
-     "metrics.listne: unknown key (known keys here: enabled, listen)"),
+     "unknown key 'metrics.listne' (did you mean 'metrics.listen'?)"),
     ("health-int", GOOD + "[health]\nenabled = 1\n", "health.enabled: expected a boolean, got integer 1"),
 ]
 
@@ -176,6 +176,32 @@ def test_bad_config_is_one_line_naming_the_field(confdir: Path, capsys: pytest.C
     code, err = run_cli(["tunnel", "server", "--config", "tunnel.toml"], capsys)
     assert code == 2
     assert err == ["hybridkex: error: config tunnel.toml: " + expected.format(dir=confdir)]
+
+
+# A misspelt key replaces the key it was meant to be, at every table level: the typo is named, with
+# the key it resembles, never reported as the (now missing) real key.
+TYPOS: list[tuple[str, str, str]] = [
+    ("top", GOOD.replace("listen =", "lisen ="), "lisen", "listen"),
+    ("top-table", GOOD.replace("[policy]", "[polcy]"), "polcy", "policy"),
+    ("peers", GOOD.replace("psk_file =", "pskfile ="), "peers[0].pskfile", "peers[0].psk_file"),
+    ("policy", GOOD.replace("qkd =", "qdk ="), "policy.qdk", "policy.qkd"),
+    ("kme", GOOD.replace('qkd = "disabled"', 'qkd = "required"')
+     + '[kme]\nurl = "https://k:1"\nsaeid = "s"\n', "kme.saeid", "kme.sae_id"),
+    ("timeouts", GOOD + "[timeouts]\nhandshak = 5\n", "timeouts.handshak", "timeouts.handshake"),
+    ("limits", GOOD + "[limits]\nmax_connection = 5\n", "limits.max_connection", "limits.max_connections"),
+    ("logging", GOOD + '[logging]\nformt = "json"\n', "logging.formt", "logging.format"),
+    ("metrics", GOOD + "[metrics]\nenable = true\n", "metrics.enable", "metrics.enabled"),
+    ("health", GOOD + "[health]\nenabld = true\n", "health.enabld", "health.enabled"),
+]
+
+
+@pytest.mark.parametrize(("toml", "typo", "meant"), [c[1:] for c in TYPOS], ids=[c[0] for c in TYPOS])
+def test_a_typo_is_named_with_the_key_it_resembles(confdir: Path, capsys: pytest.CaptureFixture[str],
+                                                   toml: str, typo: str, meant: str) -> None:
+    (confdir / "tunnel.toml").write_text(toml)
+    code, err = run_cli(["tunnel", "server", "--config", "tunnel.toml"], capsys)
+    assert (code, err) == (2, [f"hybridkex: error: config tunnel.toml: unknown key '{typo}' (did you mean "
+                               f"'{meant}'?)"])
 
 
 def test_invalid_toml_syntax(confdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
