@@ -15,6 +15,7 @@ from ..tunnel import make_runtime
 from ..tunnel.channel import insecure_test_hook_active, resolve_channel_provider
 from ..tunnel.config import FLAGS, Overrides, Role, TunnelConfig, load_config
 from ..tunnel.logs import configure_logging
+from ._exit import exit_status_epilog
 
 HELP = "run a quantum-safe tunnel in front of any TCP service (server or client side)"
 
@@ -28,8 +29,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     roles = parser.add_subparsers(dest="role", metavar="ROLE")
     for role in ("server", "client"):
         sub = roles.add_parser(role, help=_ROLE_HELP[role], description=_ROLE_HELP[role],
-                               epilog="Signals: SIGTERM drains and stops, SIGHUP reloads --config. "
-                                      "Configuration reference: docs/tunnel.md.")
+                               formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog="signals: SIGTERM drains and stops, SIGHUP reloads --config.\n"
+                                      "configuration reference: docs/tunnel.md.\n\n" + exit_status_epilog())
         sub.add_argument("--config", metavar="FILE", help="TOML configuration file (flags override it)")
         sub.add_argument("--check-config", action="store_true",
                          help="validate the configuration, print a summary and exit")
