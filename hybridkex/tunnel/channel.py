@@ -58,7 +58,9 @@ class SecureStream(Protocol):
 
     @property
     def session_facts(self) -> Mapping[str, object]:
-        """What was negotiated, for logs: suite, components, auth mode, QKD key IDs, peer identity.
+        """What was negotiated, for logs: suite, components, auth mode, QKD key IDs, and the
+        authenticated peer under the name ``peer_identity`` (the runtime copies it onto
+        ``connection_closed`` and charges the per-peer limits to it).
 
         Never keys or anything derived from them.
         """

@@ -131,7 +131,7 @@ def _session_facts(session: Any) -> dict[str, object]:
     """What the tunnel logs about a connection: negotiated facts, never keys."""
     info = session.info
     return {
-        "peer": info.peer_identity,
+        "peer_identity": info.peer_identity,  # the runtime also puts it on connection_closed
         "suite": info.suite,
         "components": [f"{c.name}:{c.secret_bytes * 8}" for c in info.components],
         "auth": info.auth_mode,
