@@ -32,14 +32,17 @@ __all__ = [
     "SECURE_MODULE",
     "TESTING_ENV",
     "TEST_HOOK_ENV",
+    "ChannelCheck",
     "ChannelFactory",
     "ChannelFactoryProvider",
     "PlainStream",
     "SecureStream",
+    "resolve_channel_check",
     "resolve_channel_provider",
 ]
 
-#: Module that provides the real channel: ``async def build_channel_factory(config, metrics)``.
+#: Module that provides the real channel: ``async def build_channel_factory(config, metrics)`` and
+#: ``def check_channel_config(config)`` (the loader ``--check-config`` and startup share).
 SECURE_MODULE: Final = "hybridkex.tunnel.secure"
 #: TEST-ONLY hook: set to "1" (together with :data:`TESTING_ENV` = "1") to run the tunnel over the
 #: insecure plain channel. Without HYBRIDKEX_TESTING=1 the tunnel refuses to start.
@@ -165,6 +168,22 @@ def insecure_test_hook_active(environ: Mapping[str, str] | None = None) -> bool:
             "test-only hook that disables all security; refused outside the test suite, unset it",
             field=TEST_HOOK_ENV)
     return True
+
+
+#: Validates what a configuration names for the channel (key files...) exactly as startup loads it.
+ChannelCheck = Callable[["TunnelConfig"], None]
+
+
+def _nothing_to_load(config: TunnelConfig) -> None:
+    return None
+
+
+def resolve_channel_check(environ: Mapping[str, str] | None = None) -> ChannelCheck:
+    """The channel's ``check_channel_config`` (``--check-config`` and startup share it)."""
+    if insecure_test_hook_active(environ):
+        return _nothing_to_load  # the insecure test channel reads no files
+    resolve_channel_provider(environ)  # a clear error if the secure channel is missing
+    return cast(ChannelCheck, importlib.import_module(SECURE_MODULE).check_channel_config)
 
 
 def resolve_channel_provider(environ: Mapping[str, str] | None = None) -> tuple[ChannelFactoryProvider, bool]:

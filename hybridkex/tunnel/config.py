@@ -317,10 +317,14 @@ def _parse_peer_flag(raw: str, f: Flag) -> dict[str, str]:
 
 
 def load_config(role: Role, path: str | os.PathLike[str] | None = None,
-                overrides: Overrides | None = None) -> TunnelConfig:
+                overrides: Overrides | None = None, *,
+                check: Callable[[TunnelConfig], None] | None = None) -> TunnelConfig:
     """Read ``path`` (TOML, optional), apply ``overrides`` (flags win) and validate everything.
 
-    Raises :class:`ConfigurationError` with a one-line message naming the source and the field.
+    ``check`` then validates what the configuration names (the channel's key files: see
+    :func:`hybridkex.tunnel.material.check_channel_config`); its errors are attributed to the file
+    or flag like the schema's.  Raises :class:`ConfigurationError` with a one-line message naming
+    the source and the field.
     """
     overrides = overrides or Overrides()
     raw: dict[str, Any] = {}
@@ -344,7 +348,10 @@ def load_config(role: Role, path: str | os.PathLike[str] | None = None,
     for key, value in overrides.values.items():
         _set_dotted(raw, key, value)
     try:
-        return _Validator(role, raw, file_base=base, cwd=Path.cwd(), overrides=overrides, source=source).build()
+        config = _Validator(role, raw, file_base=base, cwd=Path.cwd(), overrides=overrides, source=source).build()
+        if check is not None:
+            check(config)
+        return config
     except ConfigurationError as exc:
         raise _attribute(exc, overrides, file_label) from None
 

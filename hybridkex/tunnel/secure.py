@@ -11,115 +11,21 @@ no key material.
 from __future__ import annotations
 
 import asyncio
-import binascii
 import contextlib
-import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, cast
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa
 
 from ..exceptions import ConfigurationError
 from ..io.aio import HybridStreamReader, HybridStreamWriter, ServerSide, accept_on_streams, connect_on_streams
 from ..io.config import ClientConfig, ServerConfig, TLSOptions
 from ..policy import KeyBudget, Policy, QKDConfig, QKDMode, Timeouts
-from ..protocol import InitiatorConfig, PKIAuthenticator, PSKAuthenticator, ResponderConfig, SigningCredential
-from ..protocol.auth import Authenticator
+from ..protocol import InitiatorConfig, ResponderConfig
 from .channel import PlainStream
-from .config import KMEConfig, PeerConfig, TunnelConfig
+from .config import PeerConfig, TunnelConfig
+from .material import check_channel_config, load_channel_material, load_psk_file
 from .metrics import TunnelMetrics
 
-__all__ = ["HybridChannelFactory", "HybridStream", "build_channel_factory", "load_psk_file"]
-
-_log = logging.getLogger("hybridkex.tunnel")
-
-#: A PSK file holds at least 32 bytes: raw bytes, or the same as hex text (whitespace ignored).
-MIN_PSK_BYTES = 32
-MAX_PSK_BYTES = 1024
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-
-
-def load_psk_file(path: Path, field: str) -> bytes:
-    """Read a PSK file: hex text (``hybridkex genpsk``) or raw bytes, 32..1024 bytes.
-
-    Errors name the field and the file, never the key.
-    """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}", field=field) from None
-    digits = b"".join(data.split())
-    key = binascii.unhexlify(digits) if digits and len(digits) % 2 == 0 and set(digits) <= _HEX else data
-    if not MIN_PSK_BYTES <= len(key) <= MAX_PSK_BYTES:
-        raise ConfigurationError(f"{path} holds {len(key)} bytes; a PSK must be {MIN_PSK_BYTES}..{MAX_PSK_BYTES} "
-                                 "bytes (create one with `hybridkex genpsk FILE`)", field=field)
-    return key
-
-
-def _load_pem_certs(path: Path, field: str) -> list[x509.Certificate]:
-    try:
-        certs = x509.load_pem_x509_certificates(path.read_bytes())
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}", field=field) from None
-    except ValueError:
-        raise ConfigurationError(f"{path} holds no PEM certificate", field=field) from None
-    return certs
-
-
-def _signing_credential(peer: PeerConfig, index: int) -> SigningCredential:
-    assert peer.cert is not None and peer.key is not None
-    chain = _load_pem_certs(peer.cert, f"peers[{index}].cert")
-    try:
-        key = serialization.load_pem_private_key(peer.key.read_bytes(), password=None)
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read {peer.key}: {exc.strerror or exc}",
-                                 field=f"peers[{index}].key") from None
-    except (ValueError, TypeError):
-        raise ConfigurationError(f"{peer.key} is not an unencrypted PEM private key",
-                                 field=f"peers[{index}].key") from None
-    if not isinstance(key, ed25519.Ed25519PrivateKey | mldsa.MLDSA65PrivateKey):
-        raise ConfigurationError(f"{peer.key}: only Ed25519 and ML-DSA-65 keys can sign hybridkex handshakes",
-                                 field=f"peers[{index}].key")
-    return SigningCredential(tuple(chain), key)
-
-
-def _authenticators(peers: Sequence[PeerConfig]) -> tuple[tuple[Authenticator, ...], dict[str, str]]:
-    """One authenticator per mode for all peers, and the SAE ID each peer identity may claim."""
-    psk_keys: dict[str, bytes] = {}
-    pki_peers: list[str] = []
-    anchors: list[x509.Certificate] = []
-    creds: dict[str, SigningCredential] = {}
-    sae_ids: dict[str, str] = {}
-    own_cert: tuple[Path, Path] | None = None
-    for i, peer in enumerate(peers):
-        if peer.sae_id:
-            sae_ids[peer.identity] = peer.sae_id
-        if peer.mode == "psk":
-            assert peer.psk_file is not None
-            psk_keys[peer.identity] = load_psk_file(peer.psk_file, f"peers[{i}].psk_file")
-            continue
-        assert peer.cert is not None and peer.key is not None and peer.ca is not None
-        if own_cert is not None and own_cert != (peer.cert, peer.key):
-            raise ConfigurationError("every pki peer must use this side's same cert and key",
-                                     field=f"peers[{i}].cert")
-        own_cert = (peer.cert, peer.key)
-        cred = _signing_credential(peer, i)
-        creds[cred.algorithm.name.lower()] = cred
-        anchors.extend(_load_pem_certs(peer.ca, f"peers[{i}].ca"))
-        pki_peers.append(peer.identity)
-    auths: list[Authenticator] = []
-    if creds:
-        try:
-            auths.append(PKIAuthenticator(anchors, allowed_peers=pki_peers, **creds))
-        except ConfigurationError as exc:
-            raise ConfigurationError(str(exc), field="peers (pki)") from None
-    if psk_keys:
-        auths.append(PSKAuthenticator(psk_keys))
-    return tuple(auths), sae_ids
-
+__all__ = ["HybridChannelFactory", "HybridStream", "build_channel_factory", "check_channel_config", "load_psk_file"]
 
 def _policy(config: TunnelConfig) -> Policy:
     timeouts = Timeouts(handshake=config.timeouts.handshake, kme=min(config.timeouts.handshake, 10.0))
@@ -170,31 +76,24 @@ class HybridChannelFactory:
 
     # -- configuration ----------------------------------------------------------------------------
 
-    def _key_source(self, config: TunnelConfig, peer_sae_ids: Sequence[str]) -> Any:
-        if self._external_source is not None or config.policy.qkd == "disabled":
+    def _key_source(self, config: TunnelConfig, client: Any, peer_sae_ids: Sequence[str]) -> Any:
+        if self._external_source is not None or client is None:
             return self._external_source
-        kme: KMEConfig | None = config.kme
-        if kme is None:
-            raise ConfigurationError("required unless policy.qkd = 'disabled'", field="kme")
-        if kme.embedded:
-            raise ConfigurationError(
-                "the embedded simulated KME lives inside one process, so a tunnel peer in another process "
-                "cannot fetch its keys; run `hybridkex kme` (or a real KME) and set kme.url, or use "
-                "`hybridkex demo`, which runs both tunnel ends in one process", field="kme.embedded")
-        from ..qkd import ETSI014Client, KeyPool  # noqa: PLC0415 - only when a real KME is configured
-
-        client = ETSI014Client(kme.url or "", cert=kme.cert, key=kme.key, ca=kme.ca, sae_id=kme.sae_id)
         self._owned.append(client)
         if config.role == "server":  # ETSI master: keep a pool so handshakes never wait on the KME
+            from ..qkd import KeyPool  # noqa: PLC0415 - only when a real KME is configured
+
             pool = KeyPool(client, peer_sae_ids)
             self._owned.append(pool)
             return pool
         return client
 
     def _apply(self, config: TunnelConfig) -> None:
-        auths, sae_ids = _authenticators(config.peers)
+        # The same loader as --check-config: what passed there cannot fail here for a file problem.
+        material = load_channel_material(config, kme=self._external_source is None)
+        auths, sae_ids = material.authenticators, material.peer_sae_ids
         policy = _policy(config)
-        source = self._key_source(config, sorted(set(sae_ids.values())))
+        source = self._key_source(config, material.kme_client, sorted(set(sae_ids.values())))
         qkd = None
         if policy.uses_qkd:
             if source is None:

@@ -430,3 +430,64 @@ def test_busy_listen_address_is_one_line_naming_listen(confdir: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[-1] == (
         f"hybridkex: error: listen: cannot listen on 127.0.0.1:{port}: address already in use")
+
+
+# --- --check-config loads what startup loads ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real certificates and keys (`hybridkex pki init`): SAE certificates for the KME, Ed25519 peers."""
+    directory = tmp_path_factory.mktemp("pki")
+    subprocess.run([sys.executable, "-m", "hybridkex", "pki", "init", str(directory)], check=True,
+                   capture_output=True, timeout=60)
+    return directory
+
+
+def _kme_table(pki: Path, *, key: str = "sae-b.key", ca: str = "ca.crt") -> str:
+    return (f'[kme]\nurl = "https://127.0.0.1:1"\nsae_id = "sae-b"\ncert = "{pki / "sae-b.crt"}"\n'
+            f'key = "{pki / key}"\nca = "{pki / ca}"\n')
+
+
+def _material_cases(pki: Path, d: Path) -> dict[str, tuple[str, str]]:
+    """Configurations whose schema is valid but whose files startup cannot use: (TOML, error line)."""
+    (d / "short.psk").write_bytes(os.urandom(10))
+    (d / "short.psk").chmod(0o600)
+    (pki / "not-pem.crt").write_text("this is not a certificate\n")
+    qkd_peer = PEER_A + 'sae_id = "sae-a"\n'
+    pki_peer = (f'[[peers]]\nidentity = "client-a"\nmode = "pki"\ncert = "{pki / "peer-a.crt"}"\n'
+                f'key = "{pki / "peer-b.key"}"\nca = "{pki / "ca.crt"}"\n')
+    return {
+        "short-psk": (GOOD.replace("a.psk", "short.psk"),
+                      f"peers[0].psk_file: {d}/short.psk holds 10 bytes; a PSK must be 32..1024 bytes (create one "
+                      "with `hybridkex genpsk FILE`)"),
+        "kme-ca-not-pem": (TOP + qkd_peer + _kme_table(pki, ca="not-pem.crt"),
+                           f"kme.ca: {pki}/not-pem.crt holds no PEM certificate"),
+        "kme-cert-key-mismatch": (TOP + qkd_peer + _kme_table(pki, key="sae-a.key"),
+                                  f"kme.cert/key: the private key in {pki}/sae-a.key does not belong to the "
+                                  f"certificate in {pki}/sae-b.crt"),
+        "peer-cert-key-mismatch": (TOP + pki_peer + NO_QKD,
+                                   f"peers[0].cert/key: the private key in {pki}/peer-b.key does not belong to "
+                                   f"the certificate in {pki}/peer-a.crt"),
+    }
+
+
+@pytest.mark.parametrize("case", ["short-psk", "kme-ca-not-pem", "kme-cert-key-mismatch", "peer-cert-key-mismatch"])
+def test_check_config_fails_where_startup_fails_with_the_same_line(
+        confdir: Path, demo_pki: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
+    toml, expected = _material_cases(demo_pki, confdir)[case]
+    (confdir / "tunnel.toml").write_text(toml)
+    line = "hybridkex: error: config tunnel.toml: " + expected
+    assert run_cli(["tunnel", "server", "--config", "tunnel.toml", "--check-config"], capsys) == (2, [line])
+    # Startup, as a real process (a bug here must not leave a server running inside the test process).
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HYBRIDKEX_T")}
+    proc = subprocess.run([sys.executable, "-m", "hybridkex", "tunnel", "server", "--config", "tunnel.toml"],
+                          capture_output=True, text=True, timeout=60, env=base, cwd=confdir, check=False)
+    assert (proc.returncode, proc.stderr.splitlines()) == (2, [line])
+
+
+def test_check_config_accepts_real_files(confdir: Path, demo_pki: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (confdir / "tunnel.toml").write_text(TOP + PEER_A + 'sae_id = "sae-a"\n' + _kme_table(demo_pki))
+    code = cli.main(["tunnel", "server", "--config", "tunnel.toml", "--check-config"])
+    out = capsys.readouterr()
+    assert (code, out.err) == (0, "") and out.out.startswith("hybridkex: configuration OK: tunnel server ")
