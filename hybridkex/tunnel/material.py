@@ -170,7 +170,9 @@ def _kme_client(config: TunnelConfig) -> Any:
     from ..qkd import ETSI014Client  # noqa: PLC0415 - only when a KME is configured
 
     try:
-        return ETSI014Client(kme.url or "", cert=kme.cert, key=kme.key, ca=kme.ca, sae_id=kme.sae_id)
+        # A KME answer later than the handshake deadline is of no use to the handshake.
+        return ETSI014Client(kme.url or "", cert=kme.cert, key=kme.key, ca=kme.ca, sae_id=kme.sae_id,
+                             timeout=min(config.timeouts.handshake, 10.0))
     except ConfigurationError as exc:  # what the files checked above cannot show (e.g. an OpenSSL limit)
         raise ConfigurationError(str(exc), field="kme") from None
 

@@ -20,12 +20,17 @@ from ..io.aio import HybridStreamReader, HybridStreamWriter, ServerSide, accept_
 from ..io.config import ClientConfig, ServerConfig, TLSOptions
 from ..policy import KeyBudget, Policy, QKDConfig, QKDMode, Timeouts
 from ..protocol import InitiatorConfig, ResponderConfig
+from ..suites import get_suite
 from .channel import PlainStream
 from .config import PeerConfig, TunnelConfig
+from .kmewatch import KMEWatch, PeerSAE, WatchedKeySource
 from .material import check_channel_config, load_channel_material, load_psk_file
 from .metrics import TunnelMetrics
 
 __all__ = ["HybridChannelFactory", "HybridStream", "build_channel_factory", "check_channel_config", "load_psk_file"]
+
+#: Seconds without a successful KME request after which the KME is probed (metrics/health on).
+PROBE_INTERVAL = 5.0
 
 def _policy(config: TunnelConfig) -> Policy:
     timeouts = Timeouts(handshake=config.timeouts.handshake, kme=min(config.timeouts.handshake, 10.0))
@@ -72,21 +77,40 @@ class HybridChannelFactory:
         self._server: ServerSide | None = None
         self._client: ClientConfig | None = None
         self._source: Any = None
+        self._watched: WatchedKeySource | None = None
+        self._keys_per_handshake = 1
+        self._probe_task: asyncio.Task[None] | None = None
+        count = metrics.kme_error if metrics is not None else (lambda kind: None)
+        self.watch = KMEWatch(count, url="", master=config.role == "server")
         self._apply(config)
+        if metrics is not None:
+            metrics.add_collector(self._collect)
 
     # -- configuration ----------------------------------------------------------------------------
 
     def _key_source(self, config: TunnelConfig, client: Any, peer_sae_ids: Sequence[str]) -> Any:
         if self._external_source is not None or client is None:
+            self._watched = None
             return self._external_source
         self._owned.append(client)
+        # Every KME request (pool refills, direct fetches, fetches by ID, probes) is counted and
+        # feeds the health state.
+        watched = self._watched = WatchedKeySource(client, self.watch)
         if config.role == "server":  # ETSI master: keep a pool so handshakes never wait on the KME
             from ..qkd import KeyPool  # noqa: PLC0415 - only when a real KME is configured
 
-            pool = KeyPool(client, peer_sae_ids)
+            pool = KeyPool(watched, peer_sae_ids)
             self._owned.append(pool)
             return pool
-        return client
+        return watched
+
+    def _watch_peers(self, config: TunnelConfig) -> None:
+        target = self._target_peer(config)
+        peers = [PeerSAE(p.sae_id, p.identity, f"peers[{i}].sae_id") for i, p in enumerate(config.peers)
+                 if p.sae_id and (target is None or p is target)]
+        self.watch.configure(peers, config.policy.qkd, url=(config.kme.url or "") if config.kme else "")
+        bits = [get_suite(name).qkd_key_bits for name in config.policy.suites]
+        self._keys_per_handshake = max(1, max(bits, default=0) // 256)
 
     def _apply(self, config: TunnelConfig) -> None:
         # The same loader as --check-config: what passed there cannot fail here for a file problem.
@@ -115,6 +139,7 @@ class HybridChannelFactory:
             initiator = InitiatorConfig(config.identity, auths, policy=policy, qkd=qkd, peer_identity=peer.identity)
             self._client = ClientConfig(initiator, tls=tls, timeout=timeout)
         self._source = source
+        self._watch_peers(config)
 
     @staticmethod
     def _target_peer(config: TunnelConfig) -> PeerConfig | None:
@@ -133,7 +158,6 @@ class HybridChannelFactory:
         if self._server is None:
             raise ConfigurationError("this channel factory is configured for the client role", field="role")
         hreader, hwriter = await accept_on_streams(reader, writer, self._server)
-        self._report_pool()
         return HybridStream(hreader, hwriter)
 
     async def connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> HybridStream:
@@ -157,19 +181,48 @@ class HybridChannelFactory:
             _close(item)
 
     async def aclose(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            await asyncio.gather(self._probe_task, return_exceptions=True)
+        if self._metrics is not None:
+            self._metrics.remove_collector(self._collect)
         if self._server is not None:
             self._server.close()
         for item in self._owned:
             _close(item)
         self._owned = []
 
-    def _report_pool(self) -> None:
+    # -- KME health -------------------------------------------------------------------------------
+
+    def _collect(self) -> None:
+        """Before each scrape / health check: the pool level per peer SAE, and the ``kme`` health."""
+        assert self._metrics is not None
         stats = getattr(self._source, "stats", None)
-        if self._metrics is None or stats is None:
-            return
-        with contextlib.suppress(Exception):  # metrics must never break a connection
-            for peer, level in stats().levels.items():
-                self._metrics.set_qkd_pool_level(peer, level)
+        levels: dict[str, int] | None = None
+        if callable(stats):  # the server's pool
+            levels = dict(stats().levels)
+            self._metrics.qkd_pool.replace(((sae,), n) for sae, n in levels.items())
+        state, detail = self.watch.health(levels, self._keys_per_handshake)
+        self._metrics.health.set("kme", state, detail)
+
+    def probe_peers(self) -> None:
+        """Ask the KME once about each watched peer SAE (blocking; a thread). Failures are recorded, not raised."""
+        watched = self._watched
+        if watched is not None:
+            for p in self.watch.peers:
+                watched.probe(p.sae_id)
+
+    def start_probing(self, interval: float = PROBE_INTERVAL) -> None:
+        """Probe the KME whenever no request has succeeded for ``interval`` s, so health notices an
+        outage even while no connection needs a key."""
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                if self.watch.idle_for() >= interval:
+                    await asyncio.to_thread(self.probe_peers)
+
+        if self._probe_task is None:
+            self._probe_task = asyncio.get_running_loop().create_task(loop(), name="hybridkex-kme-probe")
 
 
 def _close(item: Any) -> None:
@@ -178,5 +231,15 @@ def _close(item: Any) -> None:
 
 
 async def build_channel_factory(config: TunnelConfig, metrics: TunnelMetrics) -> HybridChannelFactory:
-    """The provider the tunnel CLI calls (see :data:`hybridkex.tunnel.channel.SECURE_MODULE`)."""
-    return await asyncio.to_thread(HybridChannelFactory, config, metrics)
+    """The provider the tunnel CLI calls (see :data:`hybridkex.tunnel.channel.SECURE_MODULE`).
+
+    The server asks its KME about every peer SAE before it listens, so a peer SAE the KME refuses
+    is reported (once, ``kme_peer_refused``) before ``listening``; with metrics or health on, the
+    KME is then probed while idle.
+    """
+    factory = await asyncio.to_thread(HybridChannelFactory, config, metrics)
+    if config.role == "server":
+        await asyncio.to_thread(factory.probe_peers)
+    if config.metrics.enabled or config.health.enabled:
+        factory.start_probing()
+    return factory
