@@ -40,6 +40,7 @@ __all__ = [
     "ResponseMsg",
     "ResponseQKD",
     "SignatureAlgorithm",
+    "encode_abort",
     "encode_frame",
     "parse_header",
 ]
@@ -94,6 +95,8 @@ class AbortCode(IntEnum):
     QKD_UNAVAILABLE = 6
     #: A deadline passed.
     TIMEOUT = 7
+    #: The responder refused the connection under its connection limits (rate or count); retry later.
+    RATE_LIMITED = 9
 
 
 class QKDMaster(IntEnum):
