@@ -38,7 +38,7 @@ SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "kme": ("embedded", "url", "sae_id", "cert", "key", "ca"),
     "policy": ("qkd", "suites", "key_budget"),
     "timeouts": ("handshake", "idle", "drain", "connect"),
-    "limits": ("max_connections", "handshake_rate", "handshake_burst"),
+    "limits": ("max_connections", "handshake_rate", "handshake_burst", "address_rate", "address_burst"),
     "logging": ("format", "level"),
     "metrics": ("enabled", "listen"),
     "health": ("enabled",),

@@ -90,7 +90,11 @@ class ChannelFactory(Protocol):
     enforces the handshake deadline by cancelling them.  ``reconfigure`` is called on SIGHUP with a
     new, validated configuration: it must either apply it completely (affecting only new
     connections) or raise :class:`~hybridkex.exceptions.ConfigurationError` and keep the old one.
-    ``aclose`` is called once, when the tunnel stops.
+    ``aclose`` is called once, when the tunnel stops.  ``refuse`` tells a peer whose connection
+    the server's limits refused, in the channel's terms, before the runtime closes it (the real
+    channel: Abort "rate limited"); a client's ``connect`` raises
+    :class:`~hybridkex.exceptions.RateLimited` when it is told so.  The server's per-peer limit is
+    checked by calling :func:`hybridkex.tunnel.limits.admit_peer` with the identity the peer claims.
     """
 
     async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
@@ -100,6 +104,10 @@ class ChannelFactory(Protocol):
 
     async def connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> SecureStream:
         """Client side: run the handshake with the tunnel server at ``config.target``."""
+        ...
+
+    async def refuse(self, writer: asyncio.StreamWriter) -> None:
+        """Server side: tell the peer its connection is refused under the limits (nothing read yet)."""
         ...
 
     async def reconfigure(self, config: TunnelConfig) -> None: ...

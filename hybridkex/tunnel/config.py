@@ -143,15 +143,20 @@ class TimeoutsConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    """Connection limits. ``handshake_rate = 0`` disables the per-peer handshake rate limit.
+    """Connection limits (docs/tunnel.md, "Limits"); a rate of 0 disables that limit.
 
-    The rate limit defaults to 20/s (burst 40) per remote address on the server and is off on the
-    client, whose connections come from local applications and are metered by the server anyway.
+    ``handshake_rate``/``handshake_burst`` meter handshakes per authenticated peer identity (server
+    default 500/s, burst 1000: room for a whole site's connection-per-request traffic through one
+    tunnel client); ``address_rate``/``address_burst`` meter, per remote address and before any
+    handshake work, the handshakes that are in flight or failed (20/s, burst 256).  Both are off
+    on the client, whose connections come from local applications and are metered by the server.
     """
 
     max_connections: int = 1024
-    handshake_rate: float = 20.0
-    handshake_burst: int = 40
+    handshake_rate: float = 500.0
+    handshake_burst: int = 1000
+    address_rate: float = 20.0
+    address_burst: int = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,8 +256,11 @@ FLAGS: Final[tuple[Flag, ...]] = (
     Flag("--connect-timeout", "timeouts.connect", "float", "SECONDS", "deadline for connecting to --target"),
     Flag("--max-connections", "limits.max_connections", "int", "N", "refuse connections beyond N open ones"),
     Flag("--handshake-rate", "limits.handshake_rate", "float", "PER_SECOND",
-         "handshakes per second per peer address (0: unlimited)"),
-    Flag("--handshake-burst", "limits.handshake_burst", "int", "N", "handshake burst per peer address"),
+         "handshakes per second per authenticated peer (0: unlimited)"),
+    Flag("--handshake-burst", "limits.handshake_burst", "int", "N", "handshake burst per authenticated peer"),
+    Flag("--address-rate", "limits.address_rate", "float", "PER_SECOND",
+         "in-flight or failed handshakes per second per remote address, before authentication (0: unlimited)"),
+    Flag("--address-burst", "limits.address_burst", "int", "N", "burst of --address-rate"),
     Flag("--log-format", "logging.format", "str", "FORMAT", "text or json"),
     Flag("--log-level", "logging.level", "str", "LEVEL", "debug, info, warning or error"),
     Flag("--metrics", "metrics.enabled", "bool", "", "serve Prometheus metrics at /metrics"),
@@ -625,12 +633,14 @@ class _Validator:
 
     def limits(self, top: Table) -> LimitsConfig:
         t = top.table("limits")
-        d = LimitsConfig() if self.role == "server" else LimitsConfig(handshake_rate=0.0)
+        d = LimitsConfig() if self.role == "server" else LimitsConfig(handshake_rate=0.0, address_rate=0.0)
+        rate: dict[str, Any] = {"minimum": 0.0001, "maximum": 1e6, "allow_zero": True}
         out = LimitsConfig(
             max_connections=t.integer("max_connections", d.max_connections, minimum=1, maximum=1_000_000),
-            handshake_rate=t.number("handshake_rate", d.handshake_rate, minimum=0.0001, maximum=1e6,
-                                    allow_zero=True),
+            handshake_rate=t.number("handshake_rate", d.handshake_rate, **rate),
             handshake_burst=t.integer("handshake_burst", d.handshake_burst, minimum=1, maximum=1_000_000),
+            address_rate=t.number("address_rate", d.address_rate, **rate),
+            address_burst=t.integer("address_burst", d.address_burst, minimum=1, maximum=1_000_000),
         )
         return out
 

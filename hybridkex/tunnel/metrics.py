@@ -39,9 +39,11 @@ __all__ = [
 
 #: Handshake outcomes, the ``outcome`` label of ``hybridkex_tunnel_handshakes_total``.
 HANDSHAKE_OUTCOMES: Final = ("ok", "timeout", "auth_failed", "protocol_error", "policy_violation",
-                             "key_source_error", "tls_error", "io_error", "target_unreachable", "internal_error")
-#: Why a connection was refused before its handshake, the ``reason`` label of ``..._rejected_total``.
-REJECT_REASONS: Final = ("max_connections", "rate_limited")
+                             "key_source_error", "tls_error", "io_error", "target_unreachable", "rate_limited",
+                             "internal_error")
+#: Why the server refused a connection under its limits, the ``reason`` label of ``..._rejected_total``:
+#: open connections, the pre-authentication limit per address, the limit per peer identity.
+REJECT_REASONS: Final = ("max_connections", "rate_limited", "peer_rate_limited")
 #: Kinds of failed KME requests, the ``kind`` label of ``hybridkex_kme_errors_total``.
 KME_ERROR_KINDS: Final = ("connection", "timeout", "unavailable", "key_not_found", "unauthorized", "bad_request",
                           "bad_response", "key_reuse", "other")
@@ -287,7 +289,7 @@ class TunnelMetrics:
         self.active = self.gauge("hybridkex_tunnel_active_connections", "Open connections (incl. handshaking).")
         self.connections = self.counter("hybridkex_tunnel_connections_total", "Connections accepted.")
         self.rejected = self.counter(
-            "hybridkex_tunnel_rejected_connections_total", "Connections refused before the handshake, by reason.",
+            "hybridkex_tunnel_rejected_connections_total", "Connections refused under the limits, by reason.",
             ("reason",), initial=[(r,) for r in REJECT_REASONS])
         self.closed = self.counter(
             "hybridkex_tunnel_closed_connections_total", "Relayed connections closed, by how they ended.",

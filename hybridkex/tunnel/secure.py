@@ -19,11 +19,12 @@ from ..exceptions import ConfigurationError
 from ..io.aio import HybridStreamReader, HybridStreamWriter, ServerSide, accept_on_streams, connect_on_streams
 from ..io.config import ClientConfig, ServerConfig, TLSOptions
 from ..policy import KeyBudget, Policy, QKDConfig, QKDMode, Timeouts
-from ..protocol import InitiatorConfig, ResponderConfig
+from ..protocol import AbortCode, InitiatorConfig, ResponderConfig, encode_abort
 from ..suites import get_suite
 from .channel import PlainStream
 from .config import PeerConfig, TunnelConfig
 from .kmewatch import KMEWatch, PeerSAE, WatchedKeySource
+from .limits import admit_peer
 from .material import check_channel_config, load_channel_material, load_psk_file
 from .metrics import TunnelMetrics
 
@@ -128,7 +129,8 @@ class HybridChannelFactory:
         tls = TLSOptions()
         timeout = config.timeouts.handshake + 5.0
         if config.role == "server":
-            responder = ResponderConfig(config.identity, auths, policy=policy, qkd=qkd, peer_sae_ids=sae_ids)
+            responder = ResponderConfig(config.identity, auths, policy=policy, qkd=qkd, peer_sae_ids=sae_ids,
+                                        admit=admit_peer)
             old = self._server
             self._server = ServerSide(ServerConfig(responder, tls=tls, timeout=timeout), key_source=source)
             if old is not None:
@@ -165,6 +167,11 @@ class HybridChannelFactory:
             raise ConfigurationError("this channel factory is configured for the server role", field="role")
         hreader, hwriter = await connect_on_streams(reader, writer, self._client, key_source=self._source)
         return HybridStream(hreader, hwriter)
+
+    async def refuse(self, writer: asyncio.StreamWriter) -> None:
+        """Abort "rate limited" (9) as the first bytes: the client raises RateLimited for it."""
+        writer.write(encode_abort(AbortCode.RATE_LIMITED))
+        await writer.drain()
 
     async def reconfigure(self, config: TunnelConfig) -> None:
         """Apply a reloaded configuration to new connections; open ones are not touched."""

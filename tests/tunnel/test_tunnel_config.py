@@ -276,12 +276,13 @@ def test_defaults(confdir: Path) -> None:
     assert cfg.metrics.listen.is_loopback and cfg.metrics.listen.port == 9180
     assert cfg.policy.suites == ("x25519-mlkem768-hkdfsha256",) and cfg.policy.key_budget == "fresh"
     assert (cfg.timeouts.handshake, cfg.timeouts.idle, cfg.timeouts.drain) == (10.0, 300.0, 30.0)
-    assert (cfg.limits.max_connections, cfg.limits.handshake_rate, cfg.limits.handshake_burst) == (1024, 20.0, 40)
+    assert (cfg.limits.max_connections, cfg.limits.handshake_rate, cfg.limits.handshake_burst) == (1024, 500.0, 1000)
+    assert (cfg.limits.address_rate, cfg.limits.address_burst) == (20.0, 256)
     assert (cfg.logging.format, cfg.logging.level) == ("text", "info")
     assert cfg.warnings == ()
     client = load_config("client", "tunnel.toml")
     assert client.target_identity == "client-a"  # the only peer
-    assert client.limits.handshake_rate == 0  # metered by the server, not per local application
+    assert client.limits.handshake_rate == client.limits.address_rate == 0  # metered by the server
 
 
 def test_full_config_parses(confdir: Path) -> None:

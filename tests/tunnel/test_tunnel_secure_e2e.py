@@ -52,8 +52,8 @@ pytestmark = pytest.mark.timeout(180)
 #: Switches the insecure plain test channel OFF (tunnelhelpers' TunnelProcess defaults to it).
 SECURE_ENV = {"HYBRIDKEX_TUNNEL_INSECURE_PLAIN_CHANNEL": "", "HYBRIDKEX_TESTING": ""}
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-#: Every test client connects from 127.0.0.1, so the server's per-address handshake rate limit
-#: (default 20/s, burst 40) would refuse the load test; it has tests of its own (test_tunnel_limits).
+#: The load here is not what these tests are about, so the per-peer handshake rate limit is off; the
+#: limits have tests of their own (test_tunnel_limits, test_tunnel_rate_limits).
 NO_RATE_LIMIT = "[limits]\nhandshake_rate = 0\n"
 SERVER_ID = "server.example"
 

@@ -213,6 +213,25 @@ def test_token_bucket_per_address() -> None:
     assert all(lim.allow("a") for _ in range(100))  # 0 disables
 
 
+def test_peek_charge_and_refund() -> None:
+    now = [0.0]
+    lim = HandshakeRateLimiter(rate=1.0, burst=2, clock=lambda: now[0])
+    assert lim.peek("p") and lim.peek("p")  # peeking takes nothing
+    lim.charge("p")
+    lim.charge("p")
+    assert not lim.peek("p")
+    lim.charge("p")  # concurrent handshakes overshoot: the bucket goes into debt ...
+    now[0] += 1.5
+    assert not lim.peek("p")  # ... and pays it back at the rate
+    now[0] += 0.5
+    assert lim.peek("p")
+    assert lim.allow("a") and lim.allow("a") and not lim.allow("a")
+    lim.refund("a")  # an authenticated handshake gives its address token back
+    assert lim.allow("a") and not lim.allow("a")
+    lim.refund("never-seen")
+    assert len(lim) == 2  # a refund creates no bucket
+
+
 def test_rate_key_groups_ipv6_by_64() -> None:
     assert rate_key("192.0.2.7") == "192.0.2.7"
     assert rate_key("2001:db8:1:2:aaaa::1") == rate_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
