@@ -180,12 +180,10 @@ class HybridChannelFactory:
             # Building the config may contact the KME (to learn its ID): keep it off the event loop.
             await asyncio.to_thread(self._apply, config)
         except BaseException:
-            for item in self._owned:
-                _close(item)
+            _close_all(self._owned)
             self._owned = owned
             raise
-        for item in owned:
-            _close(item)
+        _close_all(owned)
 
     async def aclose(self) -> None:
         if self._probe_task is not None:
@@ -195,8 +193,7 @@ class HybridChannelFactory:
             self._metrics.remove_collector(self._collect)
         if self._server is not None:
             self._server.close()
-        for item in self._owned:
-            _close(item)
+        _close_all(self._owned)
         self._owned = []
 
     # -- KME health -------------------------------------------------------------------------------
@@ -232,9 +229,12 @@ class HybridChannelFactory:
             self._probe_task = asyncio.get_running_loop().create_task(loop(), name="hybridkex-kme-probe")
 
 
-def _close(item: Any) -> None:
-    with contextlib.suppress(Exception):
-        item.close()
+def _close_all(items: Sequence[Any]) -> None:
+    # Newest first: the key pool stops (and its refill thread ends) before the KME client it uses
+    # is closed, so no refill fails with "client is closed" on the way out.
+    for item in reversed(items):
+        with contextlib.suppress(Exception):
+            item.close()
 
 
 async def build_channel_factory(config: TunnelConfig, metrics: TunnelMetrics) -> HybridChannelFactory:
