@@ -187,7 +187,7 @@ def demo(workdir: Path, procs: Processes) -> int:
     print(f"  suite          {facts['suite']}")
     print(f"  components     {', '.join(facts['components'])}")
     print(f"  QKD key IDs    {', '.join(facts['qkd_key_ids'])}")
-    print(f"  peer           {facts['peer']} (authenticated by {facts['auth']})")
+    print(f"  peer           {facts['peer_identity']} (authenticated by {facts['auth']})")
     print(f"  TLS            {facts['tls_cipher']}, key exchange group {facts['tls_group']}")
 
     # Plain HTTP straight to the tunnel server gets nothing: no handshake, no service.

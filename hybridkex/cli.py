@@ -12,10 +12,12 @@ import argparse
 import importlib
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from types import ModuleType
 
 from . import __version__
+from .commands._exit import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, exit_status_epilog
 from .exceptions import HybridKEXError
 
 __all__ = ["main"]
@@ -33,8 +35,22 @@ COMMANDS: tuple[str, ...] = (
     "bench",
 )
 
-EXIT_INTERNAL = 70
-EXIT_INTERRUPTED = 130
+
+
+class StrictParser(argparse.ArgumentParser):
+    """An argument parser that reports unknown arguments itself.
+
+    argparse leaves a subcommand's unknown arguments to the top-level parser, which then prints
+    the top-level usage; a user who typed ``hybridkex tunnel server --foo`` needs the usage of
+    ``tunnel server``.  Subparsers are created with the parent's class, so every level is strict.
+    """
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 def _load(name: str) -> ModuleType:
@@ -42,13 +58,14 @@ def _load(name: str) -> ModuleType:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = StrictParser(
         prog="hybridkex",
-        description=(
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keeps the exit-status table's lines
+        description=textwrap.fill(
             "Quantum-safe TLS 1.3 for Python services: ML-KEM + X25519 + QKD keys combined into "
-            "an authenticated external PSK, so recorded traffic stays safe from a future quantum computer."
-        ),
-        epilog="Start with 'hybridkex demo'. Run 'hybridkex COMMAND --help' for a command's options.",
+            "an authenticated external PSK, so recorded traffic stays safe from a future quantum computer.", 100),
+        epilog="Start with 'hybridkex demo'. Run 'hybridkex COMMAND --help' for a command's options.\n\n"
+               + exit_status_epilog(),
     )
     parser.add_argument("--version", action="version", version=f"hybridkex {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -67,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = getattr(args, "_run", None)
     if run is None:
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     try:
         result: int = run(args)
         return result

@@ -28,6 +28,7 @@ __all__ = [
     "PolicyViolation",
     "ProtocolError",
     "QKDKeyUnknownError",
+    "RateLimited",
     "RemoteProtocolError",
     "StoreError",
     "TLSError",
@@ -197,6 +198,19 @@ class StoreError(HybridKEXError):
     """A durable store (recycled authentication keys) cannot be read or written."""
 
     exit_code = 10
+
+
+class RateLimited(HybridKEXError):
+    """A connection was refused under the responder's connection limits (rate or count); retry later.
+
+    The responder raises it from its admission check (``ResponderConfig.admit``) and tells the
+    initiator with Abort "rate limited", where it is raised again.  ``peer_identity`` is the
+    identity the initiator claimed, on the responder's side only.
+    """
+
+    def __init__(self, message: str, *, peer_identity: str | None = None) -> None:
+        super().__init__(message)
+        self.peer_identity = peer_identity
 
 
 class HandshakeTimeout(HybridKEXError, TimeoutError):

@@ -12,9 +12,10 @@ import asyncio
 import sys
 
 from ..tunnel import make_runtime
-from ..tunnel.channel import insecure_test_hook_active, resolve_channel_provider
+from ..tunnel.channel import insecure_test_hook_active, resolve_channel_check, resolve_channel_provider
 from ..tunnel.config import FLAGS, Overrides, Role, TunnelConfig, load_config
 from ..tunnel.logs import configure_logging
+from ._exit import exit_status_epilog
 
 HELP = "run a quantum-safe tunnel in front of any TCP service (server or client side)"
 
@@ -28,8 +29,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     roles = parser.add_subparsers(dest="role", metavar="ROLE")
     for role in ("server", "client"):
         sub = roles.add_parser(role, help=_ROLE_HELP[role], description=_ROLE_HELP[role],
-                               epilog="Signals: SIGTERM drains and stops, SIGHUP reloads --config. "
-                                      "Configuration reference: docs/tunnel.md.")
+                               formatter_class=argparse.RawDescriptionHelpFormatter,
+                               epilog="signals: SIGTERM drains and stops, SIGHUP reloads --config.\n"
+                                      "configuration reference: docs/tunnel.md.\n\n" + exit_status_epilog())
         sub.add_argument("--config", metavar="FILE", help="TOML configuration file (flags override it)")
         sub.add_argument("--check-config", action="store_true",
                          help="validate the configuration, print a summary and exit")
@@ -57,18 +59,21 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     insecure_test_hook_active()  # refuses the test hook outside the test suite, before anything else
+    provider, insecure = resolve_channel_provider()
+    check = resolve_channel_check()
     overrides = Overrides.from_namespace(args)
     config_path: str | None = args.config
-    config = load_config(role, config_path, overrides)
+
+    def loader() -> TunnelConfig:
+        # --check-config, startup and every SIGHUP read and check the same things, key files included.
+        return load_config(role, config_path, overrides, check=check)
+
+    config = loader()
     if args.check_config:
         for w in config.warnings:
             print(f"hybridkex: warning: {w.field}: {w.message}")
         print(_summary(config))
         return 0
-    provider, insecure = resolve_channel_provider()
-
-    def loader() -> TunnelConfig:
-        return load_config(role, config_path, overrides)
 
     configure_logging(config.logging.format, config.logging.level)
     runtime = make_runtime(config, provider, loader=loader if config_path else None, insecure=insecure)

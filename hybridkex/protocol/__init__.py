@@ -27,7 +27,7 @@ from ._config import InitiatorConfig, ResponderConfig
 from ._connection import Initiator, Responder
 from ._session import Component, Session, SessionInfo
 from ._state import State
-from ._wire import VERSION, AbortCode
+from ._wire import VERSION, AbortCode, encode_abort
 from .auth import (
     AuthContext,
     Authenticator,
@@ -74,4 +74,5 @@ __all__ = [
     "SessionInfo",
     "SigningCredential",
     "State",
+    "encode_abort",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -80,7 +80,11 @@ class ResponderConfig:
 
     The responder picks the first of *its* suites and authenticators that the initiator offered.
     ``peer_sae_ids`` optionally pins the SAE ID each initiator identity may claim, so a Hello can
-    not make this side take QKD keys for another SAE under a known peer's name.
+    not make this side take QKD keys for another SAE under a known peer's name.  ``admit``, if
+    given, is called with the identity a Hello claims once an authenticator knows it, before any
+    QKD key or KEM work; raising :class:`~hybridkex.exceptions.RateLimited` there refuses the
+    handshake with Abort "rate limited" (the identity is not authenticated yet, so ``admit`` should
+    only read state that authenticated handshakes build, never spend it).
     """
 
     identity: str
@@ -88,6 +92,7 @@ class ResponderConfig:
     policy: Policy = field(default_factory=Policy)
     qkd: QKDConfig | None = None
     peer_sae_ids: Mapping[str, str] = field(default_factory=dict)
+    admit: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         _normalise_common(self)

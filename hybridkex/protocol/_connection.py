@@ -36,6 +36,7 @@ from ..exceptions import (
     LocalProtocolError,
     PolicyViolation,
     QKDKeyUnknownError,
+    RateLimited,
     RemoteProtocolError,
     VersionError,
 )
@@ -90,6 +91,8 @@ def _abort_code(exc: BaseException) -> w.AbortCode:
         return w.AbortCode.QKD_UNAVAILABLE
     if isinstance(exc, HandshakeTimeout):
         return w.AbortCode.TIMEOUT
+    if isinstance(exc, RateLimited):
+        return w.AbortCode.RATE_LIMITED
     return w.AbortCode.GENERIC
 
 
@@ -115,6 +118,8 @@ def _peer_abort_error(code: int) -> HybridKEXError:
         return RemoteProtocolError(f"{prefix}: it could not parse a message from this side")
     if code == w.AbortCode.UNEXPECTED_MESSAGE:
         return RemoteProtocolError(f"{prefix}: it received a message out of order")
+    if code == w.AbortCode.RATE_LIMITED:
+        return RateLimited(f"{prefix}: rate limited (its connection limits refused this connection); retry later")
     return RemoteProtocolError(prefix)
 
 
@@ -790,6 +795,8 @@ class Responder(_Connection):
         auth = self._select_authenticator(hello)
         self._authenticator = auth
         auth.check_peer(hello.identity)  # unknown peers are refused before any QKD key is spent
+        if cfg.admit is not None:
+            cfg.admit(hello.identity)  # e.g. a per-peer rate limit: refused before any key is spent
         shares = {s.kem_code: s.public_key for s in hello.key_shares}
         for code, share in shares.items():
             size = _share_size(code)

@@ -40,6 +40,7 @@ __all__ = [
     "ResponseMsg",
     "ResponseQKD",
     "SignatureAlgorithm",
+    "encode_abort",
     "encode_frame",
     "parse_header",
 ]
@@ -97,6 +98,8 @@ class AbortCode(IntEnum):
     #: This side's KME does not know the QKD key ID(s) the master sent (stale: e.g. a KME restart); the
     #: master should discard the keys it pooled for this peer, and a new handshake can succeed.
     QKD_KEY_UNKNOWN = 8
+    #: The responder refused the connection under its connection limits (rate or count); retry later.
+    RATE_LIMITED = 9
 
 
 class QKDMaster(IntEnum):

@@ -7,17 +7,18 @@ configuration or flags.
 
 It models a handshake just enough to make peers observable: the client sends one line
 ``HKX-INSECURE-PLAIN/1 <identity>``; the server answers ``OK <its identity>`` if the identity is in
-its configured peers (re-read on every reload), else ``DENY`` and closes.  Identities are claimed,
-not proven: anyone can claim any identity.
+its configured peers (re-read on every reload), else ``DENY`` and closes; a connection the limits
+refuse gets ``BUSY``.  Identities are claimed, not proven: anyone can claim any identity.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from ..exceptions import AuthenticationError, RemoteProtocolError
+from ..exceptions import AuthenticationError, RateLimited, RemoteProtocolError
 from .channel import PlainStream, SecureStream
 from .config import MAX_IDENTITY_BYTES, TunnelConfig
+from .limits import admit_peer
 
 __all__ = ["InsecurePlainChannelFactory"]
 
@@ -61,6 +62,11 @@ class InsecurePlainChannelFactory:
             writer.write(b"DENY\n")
             await writer.drain()
             raise AuthenticationError(f"unknown peer identity {identity!r}")
+        try:
+            admit_peer(identity)
+        except RateLimited:
+            await self.refuse(writer)
+            raise
         writer.write(b"OK " + self._config.identity.encode("ascii") + b"\n")
         await writer.drain()
         return PlainStream(reader, writer, self._facts(identity))
@@ -71,6 +77,8 @@ class InsecurePlainChannelFactory:
         line = await _read_line(reader)
         if line == b"DENY":
             raise AuthenticationError("the server refused our identity")
+        if line == b"BUSY":
+            raise RateLimited("the server refused the connection under its connection limits; retry later")
         if not line.startswith(b"OK "):
             raise RemoteProtocolError("malformed handshake answer")
         identity = _identity(line[3:])
@@ -81,6 +89,10 @@ class InsecurePlainChannelFactory:
 
     def _facts(self, identity: str) -> dict[str, object]:
         return {"channel": CHANNEL_NAME, "peer_identity": identity, "auth": "none (claimed identity)"}
+
+    async def refuse(self, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"BUSY\n")
+        await writer.drain()
 
     async def reconfigure(self, config: TunnelConfig) -> None:
         self._config = config

@@ -32,14 +32,17 @@ __all__ = [
     "SECURE_MODULE",
     "TESTING_ENV",
     "TEST_HOOK_ENV",
+    "ChannelCheck",
     "ChannelFactory",
     "ChannelFactoryProvider",
     "PlainStream",
     "SecureStream",
+    "resolve_channel_check",
     "resolve_channel_provider",
 ]
 
-#: Module that provides the real channel: ``async def build_channel_factory(config, metrics)``.
+#: Module that provides the real channel: ``async def build_channel_factory(config, metrics)`` and
+#: ``def check_channel_config(config)`` (the loader ``--check-config`` and startup share).
 SECURE_MODULE: Final = "hybridkex.tunnel.secure"
 #: TEST-ONLY hook: set to "1" (together with :data:`TESTING_ENV` = "1") to run the tunnel over the
 #: insecure plain channel. Without HYBRIDKEX_TESTING=1 the tunnel refuses to start.
@@ -58,7 +61,9 @@ class SecureStream(Protocol):
 
     @property
     def session_facts(self) -> Mapping[str, object]:
-        """What was negotiated, for logs: suite, components, auth mode, QKD key IDs, peer identity.
+        """What was negotiated, for logs: suite, components, auth mode, QKD key IDs, and the
+        authenticated peer under the name ``peer_identity`` (the runtime copies it onto
+        ``connection_closed`` and charges the per-peer limits to it).
 
         Never keys or anything derived from them.
         """
@@ -85,7 +90,11 @@ class ChannelFactory(Protocol):
     enforces the handshake deadline by cancelling them.  ``reconfigure`` is called on SIGHUP with a
     new, validated configuration: it must either apply it completely (affecting only new
     connections) or raise :class:`~hybridkex.exceptions.ConfigurationError` and keep the old one.
-    ``aclose`` is called once, when the tunnel stops.
+    ``aclose`` is called once, when the tunnel stops.  ``refuse`` tells a peer whose connection
+    the server's limits refused, in the channel's terms, before the runtime closes it (the real
+    channel: Abort "rate limited"); a client's ``connect`` raises
+    :class:`~hybridkex.exceptions.RateLimited` when it is told so.  The server's per-peer limit is
+    checked by calling :func:`hybridkex.tunnel.limits.admit_peer` with the identity the peer claims.
     """
 
     async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
@@ -95,6 +104,10 @@ class ChannelFactory(Protocol):
 
     async def connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> SecureStream:
         """Client side: run the handshake with the tunnel server at ``config.target``."""
+        ...
+
+    async def refuse(self, writer: asyncio.StreamWriter) -> None:
+        """Server side: tell the peer its connection is refused under the limits (nothing read yet)."""
         ...
 
     async def reconfigure(self, config: TunnelConfig) -> None: ...
@@ -163,6 +176,22 @@ def insecure_test_hook_active(environ: Mapping[str, str] | None = None) -> bool:
             "test-only hook that disables all security; refused outside the test suite, unset it",
             field=TEST_HOOK_ENV)
     return True
+
+
+#: Validates what a configuration names for the channel (key files...) exactly as startup loads it.
+ChannelCheck = Callable[["TunnelConfig"], None]
+
+
+def _nothing_to_load(config: TunnelConfig) -> None:
+    return None
+
+
+def resolve_channel_check(environ: Mapping[str, str] | None = None) -> ChannelCheck:
+    """The channel's ``check_channel_config`` (``--check-config`` and startup share it)."""
+    if insecure_test_hook_active(environ):
+        return _nothing_to_load  # the insecure test channel reads no files
+    resolve_channel_provider(environ)  # a clear error if the secure channel is missing
+    return cast(ChannelCheck, importlib.import_module(SECURE_MODULE).check_channel_config)
 
 
 def resolve_channel_provider(environ: Mapping[str, str] | None = None) -> tuple[ChannelFactoryProvider, bool]:

@@ -14,11 +14,10 @@ single table that maps command-line flags to configuration keys.
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 import stat
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast
@@ -26,6 +25,7 @@ from typing import Any, Final, Literal, TypeVar, cast
 from ..exceptions import ConfigurationError, HybridKEXError
 from ..hazmat.kem import get_kem
 from ..suites import SUITES, get_suite
+from ._table import MISSING, Table, describe
 
 __all__ = [
     "FLAGS",
@@ -143,15 +143,20 @@ class TimeoutsConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    """Connection limits. ``handshake_rate = 0`` disables the per-peer handshake rate limit.
+    """Connection limits (docs/tunnel.md, "Limits"); a rate of 0 disables that limit.
 
-    The rate limit defaults to 20/s (burst 40) per remote address on the server and is off on the
-    client, whose connections come from local applications and are metered by the server anyway.
+    ``handshake_rate``/``handshake_burst`` meter handshakes per authenticated peer identity (server
+    default 500/s, burst 1000: room for a whole site's connection-per-request traffic through one
+    tunnel client); ``address_rate``/``address_burst`` meter, per remote address and before any
+    handshake work, the handshakes that are in flight or failed (20/s, burst 256).  Both are off
+    on the client, whose connections come from local applications and are metered by the server.
     """
 
     max_connections: int = 1024
-    handshake_rate: float = 20.0
-    handshake_burst: int = 40
+    handshake_rate: float = 500.0
+    handshake_burst: int = 1000
+    address_rate: float = 20.0
+    address_burst: int = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,8 +258,11 @@ FLAGS: Final[tuple[Flag, ...]] = (
     Flag("--connect-timeout", "timeouts.connect", "float", "SECONDS", "deadline for connecting to --target"),
     Flag("--max-connections", "limits.max_connections", "int", "N", "refuse connections beyond N open ones"),
     Flag("--handshake-rate", "limits.handshake_rate", "float", "PER_SECOND",
-         "handshakes per second per peer address (0: unlimited)"),
-    Flag("--handshake-burst", "limits.handshake_burst", "int", "N", "handshake burst per peer address"),
+         "handshakes per second per authenticated peer (0: unlimited)"),
+    Flag("--handshake-burst", "limits.handshake_burst", "int", "N", "handshake burst per authenticated peer"),
+    Flag("--address-rate", "limits.address_rate", "float", "PER_SECOND",
+         "in-flight or failed handshakes per second per remote address, before authentication (0: unlimited)"),
+    Flag("--address-burst", "limits.address_burst", "int", "N", "burst of --address-rate"),
     Flag("--log-format", "logging.format", "str", "FORMAT", "text or json"),
     Flag("--log-level", "logging.level", "str", "LEVEL", "debug, info, warning or error"),
     Flag("--metrics", "metrics.enabled", "bool", "", "serve Prometheus metrics at /metrics"),
@@ -319,10 +327,14 @@ def _parse_peer_flag(raw: str, f: Flag) -> dict[str, str]:
 
 
 def load_config(role: Role, path: str | os.PathLike[str] | None = None,
-                overrides: Overrides | None = None) -> TunnelConfig:
+                overrides: Overrides | None = None, *,
+                check: Callable[[TunnelConfig], None] | None = None) -> TunnelConfig:
     """Read ``path`` (TOML, optional), apply ``overrides`` (flags win) and validate everything.
 
-    Raises :class:`ConfigurationError` with a one-line message naming the source and the field.
+    ``check`` then validates what the configuration names (the channel's key files: see
+    :func:`hybridkex.tunnel.material.check_channel_config`); its errors are attributed to the file
+    or flag like the schema's.  Raises :class:`ConfigurationError` with a one-line message naming
+    the source and the field.
     """
     overrides = overrides or Overrides()
     raw: dict[str, Any] = {}
@@ -346,7 +358,10 @@ def load_config(role: Role, path: str | os.PathLike[str] | None = None,
     for key, value in overrides.values.items():
         _set_dotted(raw, key, value)
     try:
-        return _Validator(role, raw, file_base=base, cwd=Path.cwd(), overrides=overrides, source=source).build()
+        config = _Validator(role, raw, file_base=base, cwd=Path.cwd(), overrides=overrides, source=source).build()
+        if check is not None:
+            check(config)
+        return config
     except ConfigurationError as exc:
         raise _attribute(exc, overrides, file_label) from None
 
@@ -382,97 +397,6 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 # --- validation -----------------------------------------------------------------------------------
-
-_MISSING: Final = object()
-_TYPE_NAMES: Final = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
-                      list: "an array", dict: "a table"}
-
-
-def _describe(value: object) -> str:
-    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
-            dict: "table"}.get(type(value), type(value).__name__)
-    if isinstance(value, (list, dict)):
-        return kind
-    return f"{kind} {value!r}"
-
-
-class _Table:
-    """A TOML table being validated: typed getters that name the field, and unknown-key detection."""
-
-    def __init__(self, data: object, path: str) -> None:
-        if not isinstance(data, dict):
-            raise ConfigurationError(f"expected a table, got {_describe(data)}", field=path or None)
-        self.data: dict[str, Any] = data
-        self.path = path
-        self.seen: set[str] = set()
-
-    def name(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def has(self, key: str) -> bool:
-        self.seen.add(key)  # asked about, so it is a key of the schema
-        return key in self.data
-
-    def raw(self, key: str) -> Any:
-        self.seen.add(key)
-        return self.data.get(key, _MISSING)
-
-    def typed(self, key: str, kind: type, default: Any = _MISSING, *, hint: str = "") -> Any:
-        value = self.raw(key)
-        if value is _MISSING:
-            if default is _MISSING:
-                raise ConfigurationError("missing required key" + (f"; {hint}" if hint else ""),
-                                         field=self.name(key))
-            return default
-        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if not ok:
-            raise ConfigurationError(f"expected {_TYPE_NAMES[kind]}, got {_describe(value)}", field=self.name(key))
-        return value
-
-    def string(self, key: str, default: Any = _MISSING, *, hint: str = "") -> Any:
-        value = self.typed(key, str, default, hint=hint)
-        if isinstance(value, str) and not value.strip():
-            raise ConfigurationError("must not be empty", field=self.name(key))
-        return value
-
-    def choice(self, key: str, choices: Sequence[str], default: str) -> str:
-        value = cast(str, self.typed(key, str, default))
-        if value not in choices:
-            listed = ", ".join(f'"{c}"' for c in choices)
-            raise ConfigurationError(f'expected one of {listed}, got "{value}"', field=self.name(key))
-        return value
-
-    def number(self, key: str, default: float, *, minimum: float, maximum: float,
-               allow_zero: bool = False) -> float:
-        value = cast(float, self.typed(key, float, default))
-        if math.isnan(value) or not (minimum <= value <= maximum or (allow_zero and value == 0)):  # NaN too
-            lower = "0 or " if allow_zero else ""
-            raise ConfigurationError(f"must be {lower}between {minimum:g} and {maximum:g}, got {value:g}",
-                                     field=self.name(key))
-        return value
-
-    def integer(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
-        value = cast(int, self.typed(key, int, default))
-        if not minimum <= value <= maximum:
-            raise ConfigurationError(f"must be between {minimum} and {maximum}, got {value}", field=self.name(key))
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        return cast(bool, self.typed(key, bool, default))
-
-    def forbid(self, key: str, reason: str) -> None:
-        self.seen.add(key)
-        if key in self.data:
-            raise ConfigurationError(f"not allowed {reason}", field=self.name(key))
-
-    def finish(self) -> None:
-        for key in self.data:
-            if key not in self.seen:
-                known = ", ".join(sorted(self.seen)) or "none"
-                raise ConfigurationError(f"unknown key (known keys here: {known})", field=self.name(key))
-
 
 def parse_address(text: str, *, field_name: str, allow_any_port: bool = False) -> Address:
     """Parse ``HOST:PORT`` or ``[IPv6]:PORT``; port 0 only where ``allow_any_port``."""
@@ -527,9 +451,9 @@ class _Validator:
                 return self.cwd
         return self.file_base
 
-    def path(self, table: _Table, key: str, *, required: bool,
+    def path(self, table: Table, key: str, *, required: bool,
              sensitive: Literal["psk", "key", ""] = "") -> Path | None:
-        value = table.string(key, _MISSING if required else None)
+        value = table.string(key, MISSING if required else None)
         if value is None:
             return None
         name = table.name(key)
@@ -560,7 +484,7 @@ class _Validator:
         return p
 
     def build(self) -> TunnelConfig:
-        top = _Table(self.raw, "")
+        top = Table(self.raw, "", "")
         listen = parse_address(top.string("listen", hint="set listen = \"HOST:PORT\" or pass --listen"),
                                field_name="listen", allow_any_port=True)
         target = parse_address(top.string("target", hint="set target = \"HOST:PORT\" or pass --target"),
@@ -600,7 +524,6 @@ class _Validator:
         limits = self.limits(top)
         logging_cfg = self.logging(top)
         metrics, health = self.metrics(top)
-        top.finish()
         return TunnelConfig(
             role=self.role, listen=listen, target=target, identity=identity, peers=peers,
             target_identity=target_identity, kme=kme, policy=policy, timeouts=timeouts, limits=limits,
@@ -608,8 +531,8 @@ class _Validator:
             warnings=tuple(self.warnings),
         )
 
-    def policy(self, top: _Table) -> PolicyConfig:
-        t = _Table(top.raw("policy") if top.has("policy") else {}, "policy")
+    def policy(self, top: Table) -> PolicyConfig:
+        t = top.table("policy")
         qkd = cast(QKDMode, t.choice("qkd", QKD_MODES, "required"))
         raw_suites = t.typed("suites", list, None)
         if raw_suites is None:
@@ -621,7 +544,7 @@ class _Validator:
             for i, name in enumerate(raw_suites):
                 fname = f"policy.suites[{i}]"
                 if not isinstance(name, str):
-                    raise ConfigurationError(f"expected a suite name, got {_describe(name)}", field=fname)
+                    raise ConfigurationError(f"expected a suite name, got {describe(name)}", field=fname)
                 if name not in SUITES:
                     raise ConfigurationError(f"unknown suite {name!r}; known suites: {', '.join(SUITES)}",
                                              field=fname)
@@ -641,10 +564,9 @@ class _Validator:
                 names.append(name)
             suites = tuple(names)
         budget = cast(KeyBudget, t.choice("key_budget", KEY_BUDGETS, "fresh"))
-        t.finish()
         return PolicyConfig(suites=suites, qkd=qkd, key_budget=budget)
 
-    def peers(self, top: _Table, policy: PolicyConfig) -> tuple[PeerConfig, ...]:
+    def peers(self, top: Table, policy: PolicyConfig) -> tuple[PeerConfig, ...]:
         raw = top.typed("peers", list, [])
         if not raw:
             raise ConfigurationError(
@@ -653,7 +575,7 @@ class _Validator:
         out: list[PeerConfig] = []
         seen: dict[str, int] = {}
         for i, item in enumerate(raw):
-            t = _Table(item, f"peers[{i}]")
+            t = Table(item, f"peers[{i}]", "peers")
             ident = _identity(t.string("identity"), t.name("identity"))
             if ident in seen:
                 raise ConfigurationError(f"duplicate identity {ident!r} (also peers[{seen[ident]}])",
@@ -664,33 +586,31 @@ class _Validator:
                 raise ConfigurationError('missing required key; set mode = "psk" or "pki"', field=t.name("mode"))
             sae_id = t.string("sae_id", None)
             peer = _PEER_MODE_VALIDATORS[mode](self, t, ident, sae_id)
-            t.finish()
             out.append(peer)
         return tuple(out)
 
-    def psk_peer(self, t: _Table, ident: str, sae_id: str | None) -> PeerConfig:
+    def psk_peer(self, t: Table, ident: str, sae_id: str | None) -> PeerConfig:
         for k in ("cert", "key", "ca"):
             t.forbid(k, 'with mode = "psk" (certificates belong to mode = "pki")')
         psk = self.path(t, "psk_file", required=True, sensitive="psk")
         return PeerConfig(identity=ident, mode="psk", psk_file=psk, sae_id=sae_id)
 
-    def pki_peer(self, t: _Table, ident: str, sae_id: str | None) -> PeerConfig:
+    def pki_peer(self, t: Table, ident: str, sae_id: str | None) -> PeerConfig:
         t.forbid("psk_file", 'with mode = "pki" (a key file belongs to mode = "psk")')
         cert = self.path(t, "cert", required=True)
         key = self.path(t, "key", required=True, sensitive="key")
         ca = self.path(t, "ca", required=True)
         return PeerConfig(identity=ident, mode="pki", cert=cert, key=key, ca=ca, sae_id=sae_id)
 
-    def kme(self, top: _Table) -> KMEConfig | None:
+    def kme(self, top: Table) -> KMEConfig | None:
         if not top.has("kme"):
             return None
-        t = _Table(top.raw("kme"), "kme")
+        t = top.table("kme")
         embedded = t.boolean("embedded", False)
         if embedded:
             for k in ("url", "cert", "key", "ca"):
                 t.forbid(k, "with embedded = true (the embedded KME needs no endpoint)")
             sae_id = t.string("sae_id", None)
-            t.finish()
             return KMEConfig(embedded=True, sae_id=sae_id)
         url = t.string("url", hint="set url = \"https://KME:PORT\" (a real KME, or `hybridkex kme`)")
         if not url.startswith("https://") or len(url) <= len("https://"):
@@ -700,11 +620,10 @@ class _Validator:
         cert = self.path(t, "cert", required=True)
         key = self.path(t, "key", required=True, sensitive="key")
         ca = self.path(t, "ca", required=True)
-        t.finish()
         return KMEConfig(url=url, sae_id=sae_id, cert=cert, key=key, ca=ca)
 
-    def timeouts(self, top: _Table) -> TimeoutsConfig:
-        t = _Table(top.raw("timeouts") if top.has("timeouts") else {}, "timeouts")
+    def timeouts(self, top: Table) -> TimeoutsConfig:
+        t = top.table("timeouts")
         d = TimeoutsConfig()
         out = TimeoutsConfig(
             handshake=t.number("handshake", d.handshake, minimum=0.001, maximum=3600),
@@ -712,37 +631,34 @@ class _Validator:
             drain=t.number("drain", d.drain, minimum=0, maximum=86400),
             connect=t.number("connect", d.connect, minimum=0.001, maximum=3600),
         )
-        t.finish()
         return out
 
-    def limits(self, top: _Table) -> LimitsConfig:
-        t = _Table(top.raw("limits") if top.has("limits") else {}, "limits")
-        d = LimitsConfig() if self.role == "server" else LimitsConfig(handshake_rate=0.0)
+    def limits(self, top: Table) -> LimitsConfig:
+        t = top.table("limits")
+        d = LimitsConfig() if self.role == "server" else LimitsConfig(handshake_rate=0.0, address_rate=0.0)
+        rate: dict[str, Any] = {"minimum": 0.0001, "maximum": 1e6, "allow_zero": True}
         out = LimitsConfig(
             max_connections=t.integer("max_connections", d.max_connections, minimum=1, maximum=1_000_000),
-            handshake_rate=t.number("handshake_rate", d.handshake_rate, minimum=0.0001, maximum=1e6,
-                                    allow_zero=True),
+            handshake_rate=t.number("handshake_rate", d.handshake_rate, **rate),
             handshake_burst=t.integer("handshake_burst", d.handshake_burst, minimum=1, maximum=1_000_000),
+            address_rate=t.number("address_rate", d.address_rate, **rate),
+            address_burst=t.integer("address_burst", d.address_burst, minimum=1, maximum=1_000_000),
         )
-        t.finish()
         return out
 
-    def logging(self, top: _Table) -> LoggingConfig:
-        t = _Table(top.raw("logging") if top.has("logging") else {}, "logging")
+    def logging(self, top: Table) -> LoggingConfig:
+        t = top.table("logging")
         out = LoggingConfig(format=cast(LogFormat, t.choice("format", LOG_FORMATS, "text")),
                             level=cast(LogLevel, t.choice("level", LOG_LEVELS, "info")))
-        t.finish()
         return out
 
-    def metrics(self, top: _Table) -> tuple[MetricsConfig, HealthConfig]:
-        t = _Table(top.raw("metrics") if top.has("metrics") else {}, "metrics")
+    def metrics(self, top: Table) -> tuple[MetricsConfig, HealthConfig]:
+        t = top.table("metrics")
         enabled = t.boolean("enabled", False)
         listen = parse_address(t.string("listen", DEFAULT_METRICS_LISTEN), field_name="metrics.listen",
                                allow_any_port=True)
-        t.finish()
-        h = _Table(top.raw("health") if top.has("health") else {}, "health")
+        h = top.table("health")
         health = HealthConfig(enabled=h.boolean("enabled", False))
-        h.finish()
         if (enabled or health.enabled) and not listen.is_loopback:
             self.warnings.append(ConfigWarning(
                 "metrics.listen", f"metrics/health endpoint on {listen} is reachable beyond this host"))
@@ -751,7 +667,7 @@ class _Validator:
 
 #: Peer authentication modes and their validators; a new mode (e.g. "recycled") adds an entry here
 #: and to :data:`PEER_MODES`.
-_PEER_MODE_VALIDATORS: Final[dict[str, Callable[[_Validator, _Table, str, str | None], PeerConfig]]] = {
+_PEER_MODE_VALIDATORS: Final[dict[str, Callable[[_Validator, Table, str, str | None], PeerConfig]]] = {
     "psk": _Validator.psk_peer,
     "pki": _Validator.pki_peer,
 }

@@ -1,18 +1,33 @@
-"""Per-peer handshake rate limiting (token buckets) and rate-limited log lines.
+"""Connection limits: token buckets per remote address and per authenticated peer, and quiet logs.
 
-A handshake costs CPU and, with QKD, a key from a scarce pool, so new connections are metered per
-remote IP address *before* any handshake work is done: each address has a bucket of ``burst``
-tokens refilled at ``rate`` per second, and a connection that finds the bucket empty is refused.
+Two limits meter new connections on the tunnel server (see docs/tunnel.md, "Limits"):
+
+* **per remote address, before authentication** (``limits.address_rate/address_burst``): a
+  connection takes a token from its address's bucket when it is accepted, before any handshake
+  work, and is refused when the bucket is empty; a handshake that authenticates gives its token
+  back.  So the bucket counts handshakes that are in flight or failed: a flood of bad handshakes
+  from one address is cut off, while a whole site behind one tunnel client, however many
+  connections it opens, only needs room for the handshakes it runs at once.
+* **per authenticated peer identity** (``limits.handshake_rate/handshake_burst``): checked when
+  the peer's Hello names its identity (before any QKD key is taken), charged only when the
+  handshake has authenticated that identity, so nobody can use up another peer's budget by
+  claiming its name.  Concurrent handshakes of one peer may overshoot by their number; the
+  bucket then goes into debt and recovers at the configured rate.
+
+A refused connection on the server is told so with Abort "rate limited" (code 9).
 """
 
 from __future__ import annotations
 
+import contextvars
 import ipaddress
 import time
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["HandshakeRateLimiter", "LogThrottle", "rate_key"]
+from ..exceptions import RateLimited
+
+__all__ = ["ADMISSION", "HandshakeRateLimiter", "LogThrottle", "admit_peer", "rate_key"]
 
 _MAX_TRACKED: Final = 65536
 
@@ -34,7 +49,7 @@ def rate_key(ip: str) -> str:
 
 
 class HandshakeRateLimiter:
-    """Token bucket per key (remote IP). ``rate = 0`` disables limiting."""
+    """Token bucket per key (remote address or peer identity). ``rate = 0`` disables limiting."""
 
     def __init__(self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic,
                  max_tracked: int = _MAX_TRACKED) -> None:
@@ -49,32 +64,67 @@ class HandshakeRateLimiter:
         self.rate = rate
         self.burst = burst
 
-    def allow(self, key: str) -> bool:
-        """Take one token for ``key``; ``False`` when its bucket is empty."""
-        if self.rate <= 0:
-            return True
-        now = self._clock()
+    def _tokens(self, key: str, now: float) -> float:
         tokens, last = self._buckets.get(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-        allowed = tokens >= 1.0
-        if allowed:
-            tokens -= 1.0
+        return min(float(self.burst), tokens + (now - last) * self.rate)
+
+    def _store(self, key: str, tokens: float, now: float) -> None:
         self._buckets[key] = (tokens, now)
         if len(self._buckets) > self._max:
             self._prune(now)
+
+    def allow(self, key: str) -> bool:
+        """Take one token for ``key``; ``False`` (nothing taken) when its bucket is empty."""
+        if self.rate <= 0:
+            return True
+        now = self._clock()
+        tokens = self._tokens(key, now)
+        allowed = tokens >= 1.0
+        self._store(key, tokens - 1.0 if allowed else tokens, now)
         return allowed
+
+    def peek(self, key: str) -> bool:
+        """Whether ``key`` has a token, taking none."""
+        return self.rate <= 0 or self._tokens(key, self._clock()) >= 1.0
+
+    def charge(self, key: str) -> None:
+        """Take one token for something already done; the bucket may go into debt (down to ``-burst``)."""
+        if self.rate > 0:
+            now = self._clock()
+            self._store(key, max(-float(self.burst), self._tokens(key, now) - 1.0), now)
+
+    def refund(self, key: str) -> None:
+        """Give back a token taken by :meth:`allow` (capped at the burst)."""
+        if self.rate > 0 and key in self._buckets:
+            now = self._clock()
+            self._store(key, min(float(self.burst), self._tokens(key, now) + 1.0), now)
 
     def _prune(self, now: float) -> None:
         # A bucket that has refilled completely behaves exactly like an absent one.
-        full_after = self.burst / self.rate
-        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
+        self._buckets = {k: v for k, v in self._buckets.items() if v[0] + (now - v[1]) * self.rate < self.burst}
         if len(self._buckets) > self._max:
-            # Still too many distinct addresses (a flood): keep the most recently seen half.
+            # Still too many distinct keys (a flood): keep the most recently seen half.
             recent = sorted(self._buckets.items(), key=lambda kv: kv[1][1], reverse=True)[: self._max // 2]
             self._buckets = dict(recent)
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+#: The admission check of the connection being served, set by the runtime around the channel's
+#: ``accept``: called with the identity a peer claims, ``False`` refuses it.  A context variable,
+#: because the check runs deep inside the handshake, in the connection's own task.
+ADMISSION: contextvars.ContextVar[Callable[[str], bool] | None] = contextvars.ContextVar("hybridkex_admission",
+                                                                                          default=None)
+
+
+def admit_peer(identity: str) -> None:
+    """For a channel (``ResponderConfig.admit``): raise :class:`RateLimited` if the runtime's per-peer
+    limit refuses ``identity`` now; a no-op outside a tunnel connection."""
+    check = ADMISSION.get()
+    if check is not None and not check(identity):
+        raise RateLimited(f"peer {identity!r} is over its handshake rate (limits.handshake_rate)",
+                          peer_identity=identity)
 
 
 class LogThrottle:

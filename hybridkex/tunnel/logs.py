@@ -1,10 +1,13 @@
 """Structured tunnel logs: one event per line, as logfmt-style text or as JSON.
 
 Every record has a timestamp, a level, an ``event`` name and a message; connection records add the
-per-connection ``conn`` ID.  Extra fields go through :func:`safe_fields`, which keeps only plain
-scalars and redacts anything that looks like key material (bytes values, or names such as ``psk``,
-``secret``, ``private_key``): the session facts a channel factory reports are meant to hold suite
-names and key IDs, and this is the second line of defence if one ever holds more.
+per-connection ``conn`` ID.  :func:`configure_logging` installs the formatter on the *root* logger,
+so the records of every other logger in the process (the QKD key pool and KME client, asyncio,
+Python warnings) come out in the same format, as ``event=log`` with the ``logger`` that wrote them.
+Extra fields go through :func:`safe_fields`, which keeps only plain scalars and redacts anything
+that looks like key material (bytes values, or names such as ``psk``, ``secret``,
+``private_key``): the session facts a channel factory reports are meant to hold suite names and
+key IDs, and this is the second line of defence if one ever holds more.
 """
 
 from __future__ import annotations
@@ -66,10 +69,14 @@ def _iso(ts: float) -> str:
 
 
 class _Base(logging.Formatter):
-    @staticmethod
-    def fields(record: logging.LogRecord) -> dict[str, object]:
+    def fields(self, record: logging.LogRecord) -> dict[str, object]:
         raw = getattr(record, "hkx", None)
-        return safe_fields(raw) if isinstance(raw, Mapping) else {}
+        out = safe_fields(raw) if isinstance(raw, Mapping) else {}
+        if record.name != LOGGER_NAME:
+            out.setdefault("logger", record.name)
+        if record.exc_info:  # a traceback stays inside the one line (JSON string or quoted text)
+            out.setdefault("traceback", self.formatException(record.exc_info))
+        return out
 
 
 class JSONFormatter(_Base):
@@ -114,18 +121,26 @@ def _text_value(value: object) -> str:
 
 
 def configure_logging(fmt: str = "text", level: str = "info", stream: TextIO | None = None) -> logging.Logger:
-    """Point the tunnel logger at ``stream`` (stderr) with the given format and level; safe to call again."""
-    logger = logging.getLogger(LOGGER_NAME)
-    handler = next((h for h in logger.handlers if getattr(h, "_hybridkex", False)), None)
+    """Send every log record of the process to ``stream`` (stderr) in the given format; safe to call again.
+
+    The handler sits on the root logger, so library loggers (``hybridkex.qkd.pool``,
+    ``hybridkex.qkd.client``, ...) and Python warnings use the same structured format as the
+    tunnel's own events; no record reaches stderr any other way.
+    """
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if getattr(h, "_hybridkex", False)), None)
     if handler is None or (stream is not None and getattr(handler, "stream", None) is not stream):
         if handler is not None:
-            logger.removeHandler(handler)
+            root.removeHandler(handler)
         handler = logging.StreamHandler(stream or sys.stderr)
         handler._hybridkex = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-        logger.propagate = False
+        root.addHandler(handler)
     handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
-    logger.setLevel(level.upper())
+    root.setLevel(level.upper())
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(logging.NOTSET)  # the root's level applies to tunnel and library records alike
+    logger.propagate = True
+    logging.captureWarnings(True)  # warnings.warn() (e.g. SecureSiteWarning) becomes a record too
     return logger
 
 

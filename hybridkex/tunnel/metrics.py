@@ -2,10 +2,12 @@
 
 :class:`TunnelMetrics` holds the metrics the runtime maintains (handshakes, latency, bytes,
 connections) and the small API a channel factory uses to report its own state: the QKD key pool
-level and KME errors, or any further counter, gauge or histogram it registers.  The endpoint is a
-deliberately small asyncio HTTP/1.1 server (GET ``/metrics`` and ``/healthz``, one request per
-connection, bounded request size and time); it is off unless configured and binds to loopback by
-default.
+level and KME errors, or any further counter, gauge or histogram it registers.  State that lives
+elsewhere (the pool level, the KME's health) is read by *collectors* right before each scrape
+and health check, so what is served is current, never the value of the last connection.  The
+endpoint is a deliberately small asyncio HTTP/1.1 server (GET ``/metrics`` and ``/healthz``, one
+request per connection, bounded request size and time); it is off unless configured and binds to
+loopback by default.
 """
 
 from __future__ import annotations
@@ -15,18 +17,20 @@ import contextlib
 import logging
 import math
 import threading
-from collections.abc import Iterable, Sequence
-from typing import Final
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final, Literal
 
 from .config import Address
 from .logs import log_event
 
 __all__ = [
     "HANDSHAKE_OUTCOMES",
+    "KME_ERROR_KINDS",
     "REJECT_REASONS",
     "Counter",
     "Gauge",
     "Health",
+    "HealthState",
     "Histogram",
     "MetricsServer",
     "Registry",
@@ -35,9 +39,14 @@ __all__ = [
 
 #: Handshake outcomes, the ``outcome`` label of ``hybridkex_tunnel_handshakes_total``.
 HANDSHAKE_OUTCOMES: Final = ("ok", "timeout", "auth_failed", "protocol_error", "policy_violation",
-                             "key_source_error", "tls_error", "io_error", "target_unreachable", "internal_error")
-#: Why a connection was refused before its handshake, the ``reason`` label of ``..._rejected_total``.
-REJECT_REASONS: Final = ("max_connections", "rate_limited")
+                             "key_source_error", "tls_error", "io_error", "target_unreachable", "rate_limited",
+                             "internal_error")
+#: Why the server refused a connection under its limits, the ``reason`` label of ``..._rejected_total``:
+#: open connections, the pre-authentication limit per address, the limit per peer identity.
+REJECT_REASONS: Final = ("max_connections", "rate_limited", "peer_rate_limited")
+#: Kinds of failed KME requests, the ``kind`` label of ``hybridkex_kme_errors_total``.
+KME_ERROR_KINDS: Final = ("connection", "timeout", "unavailable", "key_not_found", "unauthorized", "bad_request",
+                          "bad_response", "key_reuse", "other")
 #: Handshake latency buckets in seconds; QKD handshakes with a remote KME take around a second.
 LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -154,6 +163,12 @@ class Gauge(_Valued):
         with self._lock:
             self._values.pop(self._key(labels), None)
 
+    def replace(self, values: Iterable[tuple[Sequence[str], float]]) -> None:
+        """Set every label combination at once, forgetting those not given (a collector's snapshot)."""
+        fresh = {tuple(str(v) for v in key): float(value) for key, value in values}
+        with self._lock:
+            self._values = fresh
+
 
 
 class Histogram(_Metric):
@@ -218,25 +233,36 @@ class Registry:
         return "\n".join(lines) + "\n"
 
 
+HealthState = Literal["ok", "degraded", "unhealthy"]
+
+
 class Health:
-    """Named health components; the process is healthy when serving and every component is OK."""
+    """Named health components: ``ok``, ``degraded`` (still serving, answered 200) or ``unhealthy`` (503).
+
+    The body's first line is the overall state (``ok``, ``degraded``, ``unhealthy`` or ``draining``);
+    one ``component: reason`` line follows for each component that is not ok.
+    """
 
     def __init__(self) -> None:
-        self._components: dict[str, tuple[bool, str]] = {}
+        self._components: dict[str, tuple[HealthState, str]] = {}
         self.draining = False
 
-    def set(self, component: str, ok: bool, detail: str = "") -> None:
-        """Report ``component`` (e.g. ``"kme"``) as healthy or not, with a short public reason."""
-        self._components[component] = (ok, detail)
+    def set(self, component: str, ok: bool | HealthState, detail: str = "") -> None:
+        """Report ``component`` (e.g. ``"kme"``): ``True``/``"ok"``, ``"degraded"``, or ``False``/``"unhealthy"``,
+        with a short public reason."""
+        state: HealthState = ("ok" if ok else "unhealthy") if isinstance(ok, bool) else ok
+        self._components[component] = (state, detail)
 
     def report(self) -> tuple[bool, str]:
+        """``(serving, body)``: ``serving`` is False (HTTP 503) when draining or any component is unhealthy."""
         if self.draining:
             return False, "draining\n"
-        bad = [f"{name}: {detail or 'unhealthy'}" for name, (ok, detail) in sorted(self._components.items())
-               if not ok]
-        if bad:
-            return False, "".join(line + "\n" for line in bad)
-        return True, "ok\n"
+        bad = sorted((name, state, detail) for name, (state, detail) in self._components.items() if state != "ok")
+        if not bad:
+            return True, "ok\n"
+        overall = "unhealthy" if any(state == "unhealthy" for _, state, _ in bad) else "degraded"
+        lines = [f"{name}: {detail or state}" for name, state, detail in bad]
+        return overall != "unhealthy", "".join(line + "\n" for line in (overall, *lines))
 
 
 class TunnelMetrics:
@@ -263,7 +289,7 @@ class TunnelMetrics:
         self.active = self.gauge("hybridkex_tunnel_active_connections", "Open connections (incl. handshaking).")
         self.connections = self.counter("hybridkex_tunnel_connections_total", "Connections accepted.")
         self.rejected = self.counter(
-            "hybridkex_tunnel_rejected_connections_total", "Connections refused before the handshake, by reason.",
+            "hybridkex_tunnel_rejected_connections_total", "Connections refused under the limits, by reason.",
             ("reason",), initial=[(r,) for r in REJECT_REASONS])
         self.closed = self.counter(
             "hybridkex_tunnel_closed_connections_total", "Relayed connections closed, by how they ended.",
@@ -275,7 +301,9 @@ class TunnelMetrics:
         self.qkd_pool = self.gauge(
             "hybridkex_qkd_pool_keys", "QKD keys ready in the local pool, per peer SAE.", ("peer",))
         self.kme_errors = self.counter(
-            "hybridkex_kme_errors_total", "Errors talking to the KME, by kind.", ("kind",))
+            "hybridkex_kme_errors_total", "Failed KME requests, by kind.", ("kind",),
+            initial=[(k,) for k in KME_ERROR_KINDS])
+        self._collectors: list[Callable[[], None]] = []
 
     # --- factory API --------------------------------------------------------------------------
 
@@ -284,8 +312,32 @@ class TunnelMetrics:
         self.qkd_pool.set(keys, peer=peer)
 
     def kme_error(self, kind: str) -> None:
-        """Count one KME error, e.g. ``"http_503"``, ``"timeout"``, ``"tls"``."""
+        """Count one failed KME request; ``kind`` is one of :data:`KME_ERROR_KINDS` (or a factory's own)."""
         self.kme_errors.inc(kind=kind)
+
+    def add_collector(self, collect: Callable[[], None]) -> None:
+        """Run ``collect`` before every scrape and health check (to set gauges and health from live state).
+
+        A collector that raises is logged and skipped: a scrape never fails because of one.
+        """
+        self._collectors.append(collect)
+
+    def remove_collector(self, collect: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._collectors.remove(collect)
+
+    def collect(self) -> None:
+        for collect in list(self._collectors):
+            try:
+                collect()
+            except Exception as exc:
+                log_event(logging.ERROR, "metrics_collector_failed", "a metrics collector failed",
+                          error=f"{type(exc).__name__}: {exc}")
+
+    def health_report(self) -> tuple[bool, str]:
+        """:meth:`Health.report` on freshly collected state."""
+        self.collect()
+        return self.health.report()
 
     def counter(self, name: str, help_text: str, labelnames: Sequence[str] = (),
                 initial: Iterable[Sequence[str]] = ()) -> Counter:
@@ -307,6 +359,7 @@ class TunnelMetrics:
         return metric
 
     def render(self) -> str:
+        self.collect()
         return self.registry.render()
 
 
@@ -314,7 +367,10 @@ class TunnelMetrics:
 
 _MAX_REQUEST = 8192
 _REQUEST_TIMEOUT = 5.0
-_MAX_CLIENTS = 16
+#: Connections held at once. A new connection beyond this evicts the oldest one instead of being
+#: refused, so idle or slow clients (which can hold a slot for _REQUEST_TIMEOUT) never lock out
+#: the health checker: it always gets in, at the expense of whoever has waited longest.
+_MAX_CLIENTS = 64
 _REASONS: Final = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
                    503: "Service Unavailable"}
 
@@ -328,8 +384,8 @@ class MetricsServer:
         self.serve_metrics = serve_metrics
         self.serve_health = serve_health
         self._server: asyncio.Server | None = None
-        self._clients = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], None] = {}  # insertion-ordered: oldest first
+        self.evicted = 0
 
     @property
     def address(self) -> Address:
@@ -352,26 +408,28 @@ class MetricsServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
+        assert task is not None
+        while len(self._tasks) >= _MAX_CLIENTS:
+            oldest = next(iter(self._tasks))
+            del self._tasks[oldest]
+            oldest.cancel()
+            self.evicted += 1
+        self._tasks[task] = None
         try:
-            if self._clients >= _MAX_CLIENTS:
-                return
-            self._clients += 1
-            try:
-                async with asyncio.timeout(_REQUEST_TIMEOUT):
-                    await self._respond(reader, writer)
-            finally:
-                self._clients -= 1
+            async with asyncio.timeout(_REQUEST_TIMEOUT):
+                await self._respond(reader, writer)
         except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             pass  # a broken or slow scraper only loses its own request
+        except asyncio.CancelledError:
+            if task in self._tasks:  # cancelled by close(), not evicted: let the cancellation through
+                raise
+            task.uncancel()  # evicted: this connection just ends
         finally:
+            self._tasks.pop(task, None)
             writer.close()
-            with contextlib.suppress(OSError, TimeoutError):
+            with contextlib.suppress(OSError, TimeoutError, asyncio.CancelledError):
                 async with asyncio.timeout(1):
                     await writer.wait_closed()
-            if task is not None:
-                self._tasks.discard(task)
 
     async def _respond(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -385,7 +443,7 @@ class MetricsServer:
         if path == "/metrics" and self.serve_metrics:
             status, body, ctype = 200, self.metrics.render(), CONTENT_TYPE
         elif path == "/healthz" and self.serve_health:
-            ok, body = self.metrics.health.report()
+            ok, body = self.metrics.health_report()
             status, ctype = (200 if ok else 503), "text/plain; charset=utf-8"
         else:
             status, body, ctype = 404, "not found\n", "text/plain; charset=utf-8"

@@ -28,11 +28,12 @@ from ..exceptions import (
     KeySourceError,
     PolicyViolation,
     ProtocolError,
+    RateLimited,
     TLSError,
 )
 from .channel import ChannelFactory, ChannelFactoryProvider, SecureStream
 from .config import Address, TunnelConfig
-from .limits import HandshakeRateLimiter, LogThrottle, rate_key
+from .limits import ADMISSION, HandshakeRateLimiter, LogThrottle, rate_key
 from .logs import ConnectionLog, configure_logging, log_event, new_connection_id, safe_fields
 from .metrics import MetricsServer, TunnelMetrics, start_metrics_server
 from .relay import Direction, RelayResult, relay
@@ -44,12 +45,19 @@ ConfigLoader = Callable[[], TunnelConfig]
 
 _BACKLOG: Final = 1024
 _CANCEL_GRACE: Final = 5.0
+#: A refused connection is told why, then kept open this long (reading what the peer had sent) so
+#: that closing it does not reset it before the peer has read the refusal...
+_REFUSE_LINGER: Final = 1.0
+#: ... but only this many at a time; beyond, refused connections are closed at once.
+_MAX_LINGERING: Final = 256
 
 
 def handshake_outcome(exc: BaseException) -> str:
     """The metrics label for a failed handshake."""
     if isinstance(exc, TimeoutError):  # includes HandshakeTimeout
         return "timeout"
+    if isinstance(exc, RateLimited):
+        return "rate_limited"
     if isinstance(exc, (AuthenticationError, KeyMismatchError)):
         return "auth_failed"
     if isinstance(exc, ProtocolError):
@@ -71,6 +79,8 @@ def _reason(exc: BaseException) -> str:
     """A local, key-free description of why a handshake failed."""
     if isinstance(exc, AuthenticationError):
         return f"authentication failed: {exc.detail}" if exc.detail else "authentication failed"
+    if isinstance(exc, RateLimited):  # the client side: the server's limits refused the connection
+        return f"rate limited by server ({exc})"
     if isinstance(exc, TimeoutError) and not str(exc):
         return "handshake deadline exceeded"
     if isinstance(exc, OSError) and exc.strerror:
@@ -95,12 +105,13 @@ def _format_peer(peername: object) -> tuple[str, str]:
 class Connection:
     """Bookkeeping for one accepted connection (its ID, logger, start time, config snapshot)."""
 
-    __slots__ = ("config", "ip", "log", "peer_addr", "started")
+    __slots__ = ("address_key", "config", "ip", "log", "peer_addr", "started")
 
     def __init__(self, config: TunnelConfig, peer_addr: str, ip: str) -> None:
         self.config = config
         self.peer_addr = peer_addr
         self.ip = ip
+        self.address_key = rate_key(ip)
         self.log = ConnectionLog(new_connection_id(), peer_addr)
         self.started = time.monotonic()
 
@@ -119,7 +130,10 @@ class TunnelRuntime:
         self._insecure = insecure
         self.metrics = metrics or TunnelMetrics(config.role)
         self.factory: ChannelFactory | None = None
-        self._limiter = HandshakeRateLimiter(config.limits.handshake_rate, config.limits.handshake_burst)
+        lim = config.limits
+        self._address_limit = HandshakeRateLimiter(lim.address_rate, lim.address_burst)  # before authentication
+        self._peer_limit = HandshakeRateLimiter(lim.handshake_rate, lim.handshake_burst)  # per peer identity
+        self._lingering = 0
         self._throttle = LogThrottle()
         self._server: asyncio.Server | None = None
         self._metrics_server: MetricsServer | None = None
@@ -292,7 +306,8 @@ class TunnelRuntime:
                 return False
             self.config = new
             configure_logging(new.logging.format, new.logging.level)
-            self._limiter.configure(new.limits.handshake_rate, new.limits.handshake_burst)
+            self._address_limit.configure(new.limits.address_rate, new.limits.address_burst)
+            self._peer_limit.configure(new.limits.handshake_rate, new.limits.handshake_burst)
             self.metrics.peers.set(len(new.peers))
             self.metrics.reloads.inc(outcome="ok")
             for w in new.warnings:
@@ -315,18 +330,26 @@ class TunnelRuntime:
             writer.close()
             return
         if len(self._conns) >= cfg.limits.max_connections:
-            self._reject(writer, "max_connections", peer_addr, f"{cfg.limits.max_connections} connections open")
+            await self._refuse(reader, writer, "max_connections", peer_addr,
+                               f"{cfg.limits.max_connections} connections open")
             return
-        if not self._limiter.allow(rate_key(ip)):
-            self._reject(writer, "rate_limited", peer_addr, "handshake rate limit for this address exceeded")
+        conn = Connection(cfg, peer_addr, ip)
+        if not self._address_limit.allow(conn.address_key):
+            await self._refuse(reader, writer, "rate_limited", peer_addr,
+                               "too many handshakes in flight or failed from this address (limits.address_rate)")
+            return
+        target = cfg.target_identity
+        if self.role == "client" and target is not None and not self._peer_limit.peek(target):
+            await self._refuse(reader, writer, "peer_rate_limited", peer_addr,
+                               f"handshake rate to {target!r} exceeded (limits.handshake_rate)")
             return
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
         self.metrics.active.inc()
         self.metrics.connections.inc()
-        conn = Connection(cfg, peer_addr, ip)
         conn.log.log(logging.DEBUG, "accepted", "connection accepted")
+        admission = ADMISSION.set(self._peer_limit.peek)  # the channel asks it when the peer names itself
         try:
             await self.serve_connection(conn, reader, writer)
         except asyncio.CancelledError:
@@ -337,17 +360,43 @@ class TunnelRuntime:
             conn.log.log(logging.ERROR, "internal_error", "unexpected error; connection closed",
                          error=f"{type(exc).__name__}: {exc}")
         finally:
+            ADMISSION.reset(admission)
             self._conns.discard(task)
             self.metrics.active.dec()
             writer.close()
 
-    def _reject(self, writer: asyncio.StreamWriter, reason: str, peer_addr: str, why: str) -> None:
-        writer.close()
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str,
+                      peer_addr: str, why: str) -> None:
+        """Count and (rate-limited) log a refusal; on the server, tell the peer before closing."""
+        self._count_refusal(reason, peer_addr, why)
+        factory = self.factory
+        refuse = getattr(factory, "refuse", None)
+        if self.role != "server" or refuse is None or self._lingering >= _MAX_LINGERING:
+            writer.close()
+            return
+        self._lingering += 1
+        try:
+            async with asyncio.timeout(_REFUSE_LINGER):
+                await refuse(writer)
+                if writer.can_write_eof():
+                    writer.write_eof()
+                while await reader.read(65536):  # until the peer, having read the refusal, closes
+                    pass
+        except (OSError, TimeoutError, RuntimeError):
+            pass
+        finally:
+            self._lingering -= 1
+            writer.close()
+
+    def _count_refusal(self, reason: str, peer_addr: str, why: str, peer_identity: str | None = None) -> None:
         self.metrics.rejected.inc(reason=reason)
         suppressed = self._throttle.check(reason)
         if suppressed is not None:
-            log_event(logging.WARNING, "connection_refused", f"connection refused: {why}", reason=reason,
-                      peer_addr=peer_addr, suppressed_since_last=suppressed)
+            fields: dict[str, object] = {"reason": reason, "peer_addr": peer_addr,
+                                         "suppressed_since_last": suppressed}
+            if peer_identity is not None:
+                fields["peer_identity"] = peer_identity
+            log_event(logging.WARNING, "connection_refused", f"connection refused: {why}", **fields)
 
     async def serve_connection(self, conn: Connection, reader: asyncio.StreamReader,
                                writer: asyncio.StreamWriter) -> None:
@@ -356,6 +405,11 @@ class TunnelRuntime:
     # --- helpers for subclasses ---------------------------------------------------------------
 
     def handshake_failed(self, conn: Connection, exc: BaseException) -> None:
+        if isinstance(exc, RateLimited) and self.role == "server":  # our per-peer limit: a refusal
+            who = exc.peer_identity or "?"
+            self._count_refusal("peer_rate_limited", conn.peer_addr,
+                                f"peer {who!r} is over its handshake rate (limits.handshake_rate)", who)
+            return
         outcome = handshake_outcome(exc)
         self.metrics.handshakes.inc(outcome=outcome)
         level = logging.ERROR if outcome == "internal_error" else logging.WARNING
@@ -367,6 +421,11 @@ class TunnelRuntime:
         self.metrics.handshakes.inc(outcome="ok")
         self.metrics.handshake_seconds.observe(elapsed)
         facts = safe_fields(stream.session_facts)
+        # Authenticated: the address gets its token back, the peer identity pays for the handshake.
+        self._address_limit.refund(conn.address_key)
+        identity = facts.get("peer_identity")
+        if isinstance(identity, str):
+            self._peer_limit.charge(identity)
         conn.log.log(logging.INFO, "handshake_ok", "handshake complete", duration_ms=round(elapsed * 1000, 3),
                      session=facts)
         return facts

@@ -11,115 +11,27 @@ no key material.
 from __future__ import annotations
 
 import asyncio
-import binascii
 import contextlib
-import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, cast
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa
 
 from ..exceptions import ConfigurationError
 from ..io.aio import HybridStreamReader, HybridStreamWriter, ServerSide, accept_on_streams, connect_on_streams
 from ..io.config import ClientConfig, ServerConfig, TLSOptions
 from ..policy import KeyBudget, Policy, QKDConfig, QKDMode, Timeouts
-from ..protocol import InitiatorConfig, PKIAuthenticator, PSKAuthenticator, ResponderConfig, SigningCredential
-from ..protocol.auth import Authenticator
+from ..protocol import AbortCode, InitiatorConfig, ResponderConfig, encode_abort
+from ..suites import get_suite
 from .channel import PlainStream
-from .config import KMEConfig, PeerConfig, TunnelConfig
+from .config import PeerConfig, TunnelConfig
+from .kmewatch import KMEWatch, PeerSAE, WatchedKeySource
+from .limits import admit_peer
+from .material import check_channel_config, load_channel_material, load_psk_file
 from .metrics import TunnelMetrics
 
-__all__ = ["HybridChannelFactory", "HybridStream", "build_channel_factory", "load_psk_file"]
+__all__ = ["HybridChannelFactory", "HybridStream", "build_channel_factory", "check_channel_config", "load_psk_file"]
 
-_log = logging.getLogger("hybridkex.tunnel")
-
-#: A PSK file holds at least 32 bytes: raw bytes, or the same as hex text (whitespace ignored).
-MIN_PSK_BYTES = 32
-MAX_PSK_BYTES = 1024
-_HEX = frozenset(b"0123456789abcdefABCDEF")
-
-
-def load_psk_file(path: Path, field: str) -> bytes:
-    """Read a PSK file: hex text (``hybridkex genpsk``) or raw bytes, 32..1024 bytes.
-
-    Errors name the field and the file, never the key.
-    """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}", field=field) from None
-    digits = b"".join(data.split())
-    key = binascii.unhexlify(digits) if digits and len(digits) % 2 == 0 and set(digits) <= _HEX else data
-    if not MIN_PSK_BYTES <= len(key) <= MAX_PSK_BYTES:
-        raise ConfigurationError(f"{path} holds {len(key)} bytes; a PSK must be {MIN_PSK_BYTES}..{MAX_PSK_BYTES} "
-                                 "bytes (create one with `hybridkex genpsk FILE`)", field=field)
-    return key
-
-
-def _load_pem_certs(path: Path, field: str) -> list[x509.Certificate]:
-    try:
-        certs = x509.load_pem_x509_certificates(path.read_bytes())
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}", field=field) from None
-    except ValueError:
-        raise ConfigurationError(f"{path} holds no PEM certificate", field=field) from None
-    return certs
-
-
-def _signing_credential(peer: PeerConfig, index: int) -> SigningCredential:
-    assert peer.cert is not None and peer.key is not None
-    chain = _load_pem_certs(peer.cert, f"peers[{index}].cert")
-    try:
-        key = serialization.load_pem_private_key(peer.key.read_bytes(), password=None)
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read {peer.key}: {exc.strerror or exc}",
-                                 field=f"peers[{index}].key") from None
-    except (ValueError, TypeError):
-        raise ConfigurationError(f"{peer.key} is not an unencrypted PEM private key",
-                                 field=f"peers[{index}].key") from None
-    if not isinstance(key, ed25519.Ed25519PrivateKey | mldsa.MLDSA65PrivateKey):
-        raise ConfigurationError(f"{peer.key}: only Ed25519 and ML-DSA-65 keys can sign hybridkex handshakes",
-                                 field=f"peers[{index}].key")
-    return SigningCredential(tuple(chain), key)
-
-
-def _authenticators(peers: Sequence[PeerConfig]) -> tuple[tuple[Authenticator, ...], dict[str, str]]:
-    """One authenticator per mode for all peers, and the SAE ID each peer identity may claim."""
-    psk_keys: dict[str, bytes] = {}
-    pki_peers: list[str] = []
-    anchors: list[x509.Certificate] = []
-    creds: dict[str, SigningCredential] = {}
-    sae_ids: dict[str, str] = {}
-    own_cert: tuple[Path, Path] | None = None
-    for i, peer in enumerate(peers):
-        if peer.sae_id:
-            sae_ids[peer.identity] = peer.sae_id
-        if peer.mode == "psk":
-            assert peer.psk_file is not None
-            psk_keys[peer.identity] = load_psk_file(peer.psk_file, f"peers[{i}].psk_file")
-            continue
-        assert peer.cert is not None and peer.key is not None and peer.ca is not None
-        if own_cert is not None and own_cert != (peer.cert, peer.key):
-            raise ConfigurationError("every pki peer must use this side's same cert and key",
-                                     field=f"peers[{i}].cert")
-        own_cert = (peer.cert, peer.key)
-        cred = _signing_credential(peer, i)
-        creds[cred.algorithm.name.lower()] = cred
-        anchors.extend(_load_pem_certs(peer.ca, f"peers[{i}].ca"))
-        pki_peers.append(peer.identity)
-    auths: list[Authenticator] = []
-    if creds:
-        try:
-            auths.append(PKIAuthenticator(anchors, allowed_peers=pki_peers, **creds))
-        except ConfigurationError as exc:
-            raise ConfigurationError(str(exc), field="peers (pki)") from None
-    if psk_keys:
-        auths.append(PSKAuthenticator(psk_keys))
-    return tuple(auths), sae_ids
-
+#: Seconds without a successful KME request after which the KME is probed (metrics/health on).
+PROBE_INTERVAL = 5.0
 
 def _policy(config: TunnelConfig) -> Policy:
     timeouts = Timeouts(handshake=config.timeouts.handshake, kme=min(config.timeouts.handshake, 10.0))
@@ -131,7 +43,7 @@ def _session_facts(session: Any) -> dict[str, object]:
     """What the tunnel logs about a connection: negotiated facts, never keys."""
     info = session.info
     return {
-        "peer": info.peer_identity,
+        "peer_identity": info.peer_identity,  # the runtime also puts it on connection_closed
         "suite": info.suite,
         "components": [f"{c.name}:{c.secret_bytes * 8}" for c in info.components],
         "auth": info.auth_mode,
@@ -166,35 +78,47 @@ class HybridChannelFactory:
         self._server: ServerSide | None = None
         self._client: ClientConfig | None = None
         self._source: Any = None
+        self._watched: WatchedKeySource | None = None
+        self._keys_per_handshake = 1
+        self._probe_task: asyncio.Task[None] | None = None
+        count = metrics.kme_error if metrics is not None else (lambda kind: None)
+        self.watch = KMEWatch(count, url="", master=config.role == "server")
         self._apply(config)
+        if metrics is not None:
+            metrics.add_collector(self._collect)
 
     # -- configuration ----------------------------------------------------------------------------
 
-    def _key_source(self, config: TunnelConfig, peer_sae_ids: Sequence[str]) -> Any:
-        if self._external_source is not None or config.policy.qkd == "disabled":
+    def _key_source(self, config: TunnelConfig, client: Any, peer_sae_ids: Sequence[str]) -> Any:
+        if self._external_source is not None or client is None:
+            self._watched = None
             return self._external_source
-        kme: KMEConfig | None = config.kme
-        if kme is None:
-            raise ConfigurationError("required unless policy.qkd = 'disabled'", field="kme")
-        if kme.embedded:
-            raise ConfigurationError(
-                "the embedded simulated KME lives inside one process, so a tunnel peer in another process "
-                "cannot fetch its keys; run `hybridkex kme` (or a real KME) and set kme.url, or use "
-                "`hybridkex demo`, which runs both tunnel ends in one process", field="kme.embedded")
-        from ..qkd import ETSI014Client, KeyPool  # noqa: PLC0415 - only when a real KME is configured
-
-        client = ETSI014Client(kme.url or "", cert=kme.cert, key=kme.key, ca=kme.ca, sae_id=kme.sae_id)
         self._owned.append(client)
+        # Every KME request (pool refills, direct fetches, fetches by ID, probes) is counted and
+        # feeds the health state.
+        watched = self._watched = WatchedKeySource(client, self.watch)
         if config.role == "server":  # ETSI master: keep a pool so handshakes never wait on the KME
-            pool = KeyPool(client, peer_sae_ids)
+            from ..qkd import KeyPool  # noqa: PLC0415 - only when a real KME is configured
+
+            pool = KeyPool(watched, peer_sae_ids)
             self._owned.append(pool)
             return pool
-        return client
+        return watched
+
+    def _watch_peers(self, config: TunnelConfig) -> None:
+        target = self._target_peer(config)
+        peers = [PeerSAE(p.sae_id, p.identity, f"peers[{i}].sae_id") for i, p in enumerate(config.peers)
+                 if p.sae_id and (target is None or p is target)]
+        self.watch.configure(peers, config.policy.qkd, url=(config.kme.url or "") if config.kme else "")
+        bits = [get_suite(name).qkd_key_bits for name in config.policy.suites]
+        self._keys_per_handshake = max(1, max(bits, default=0) // 256)
 
     def _apply(self, config: TunnelConfig) -> None:
-        auths, sae_ids = _authenticators(config.peers)
+        # The same loader as --check-config: what passed there cannot fail here for a file problem.
+        material = load_channel_material(config, kme=self._external_source is None)
+        auths, sae_ids = material.authenticators, material.peer_sae_ids
         policy = _policy(config)
-        source = self._key_source(config, sorted(set(sae_ids.values())))
+        source = self._key_source(config, material.kme_client, sorted(set(sae_ids.values())))
         qkd = None
         if policy.uses_qkd:
             if source is None:
@@ -205,7 +129,8 @@ class HybridChannelFactory:
         tls = TLSOptions()
         timeout = config.timeouts.handshake + 5.0
         if config.role == "server":
-            responder = ResponderConfig(config.identity, auths, policy=policy, qkd=qkd, peer_sae_ids=sae_ids)
+            responder = ResponderConfig(config.identity, auths, policy=policy, qkd=qkd, peer_sae_ids=sae_ids,
+                                        admit=admit_peer)
             old = self._server
             self._server = ServerSide(ServerConfig(responder, tls=tls, timeout=timeout), key_source=source)
             if old is not None:
@@ -216,6 +141,7 @@ class HybridChannelFactory:
             initiator = InitiatorConfig(config.identity, auths, policy=policy, qkd=qkd, peer_identity=peer.identity)
             self._client = ClientConfig(initiator, tls=tls, timeout=timeout)
         self._source = source
+        self._watch_peers(config)
 
     @staticmethod
     def _target_peer(config: TunnelConfig) -> PeerConfig | None:
@@ -234,7 +160,6 @@ class HybridChannelFactory:
         if self._server is None:
             raise ConfigurationError("this channel factory is configured for the client role", field="role")
         hreader, hwriter = await accept_on_streams(reader, writer, self._server)
-        self._report_pool()
         return HybridStream(hreader, hwriter)
 
     async def connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> HybridStream:
@@ -243,6 +168,11 @@ class HybridChannelFactory:
         hreader, hwriter = await connect_on_streams(reader, writer, self._client, key_source=self._source)
         return HybridStream(hreader, hwriter)
 
+    async def refuse(self, writer: asyncio.StreamWriter) -> None:
+        """Abort "rate limited" (9) as the first bytes: the client raises RateLimited for it."""
+        writer.write(encode_abort(AbortCode.RATE_LIMITED))
+        await writer.drain()
+
     async def reconfigure(self, config: TunnelConfig) -> None:
         """Apply a reloaded configuration to new connections; open ones are not touched."""
         owned, self._owned = self._owned, []
@@ -250,34 +180,73 @@ class HybridChannelFactory:
             # Building the config may contact the KME (to learn its ID): keep it off the event loop.
             await asyncio.to_thread(self._apply, config)
         except BaseException:
-            for item in self._owned:
-                _close(item)
+            _close_all(self._owned)
             self._owned = owned
             raise
-        for item in owned:
-            _close(item)
+        _close_all(owned)
 
     async def aclose(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            await asyncio.gather(self._probe_task, return_exceptions=True)
+        if self._metrics is not None:
+            self._metrics.remove_collector(self._collect)
         if self._server is not None:
             self._server.close()
-        for item in self._owned:
-            _close(item)
+        _close_all(self._owned)
         self._owned = []
 
-    def _report_pool(self) -> None:
+    # -- KME health -------------------------------------------------------------------------------
+
+    def _collect(self) -> None:
+        """Before each scrape / health check: the pool level per peer SAE, and the ``kme`` health."""
+        assert self._metrics is not None
         stats = getattr(self._source, "stats", None)
-        if self._metrics is None or stats is None:
-            return
-        with contextlib.suppress(Exception):  # metrics must never break a connection
-            for peer, level in stats().levels.items():
-                self._metrics.set_qkd_pool_level(peer, level)
+        levels: dict[str, int] | None = None
+        if callable(stats):  # the server's pool
+            levels = dict(stats().levels)
+            self._metrics.qkd_pool.replace(((sae,), n) for sae, n in levels.items())
+        state, detail = self.watch.health(levels, self._keys_per_handshake)
+        self._metrics.health.set("kme", state, detail)
+
+    def probe_peers(self) -> None:
+        """Ask the KME once about each watched peer SAE (blocking; a thread). Failures are recorded, not raised."""
+        watched = self._watched
+        if watched is not None:
+            for p in self.watch.peers:
+                watched.probe(p.sae_id)
+
+    def start_probing(self, interval: float = PROBE_INTERVAL) -> None:
+        """Probe the KME whenever no request has succeeded for ``interval`` s, so health notices an
+        outage even while no connection needs a key."""
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                if self.watch.idle_for() >= interval:
+                    await asyncio.to_thread(self.probe_peers)
+
+        if self._probe_task is None:
+            self._probe_task = asyncio.get_running_loop().create_task(loop(), name="hybridkex-kme-probe")
 
 
-def _close(item: Any) -> None:
-    with contextlib.suppress(Exception):
-        item.close()
+def _close_all(items: Sequence[Any]) -> None:
+    # Newest first: the key pool stops (and its refill thread ends) before the KME client it uses
+    # is closed, so no refill fails with "client is closed" on the way out.
+    for item in reversed(items):
+        with contextlib.suppress(Exception):
+            item.close()
 
 
 async def build_channel_factory(config: TunnelConfig, metrics: TunnelMetrics) -> HybridChannelFactory:
-    """The provider the tunnel CLI calls (see :data:`hybridkex.tunnel.channel.SECURE_MODULE`)."""
-    return await asyncio.to_thread(HybridChannelFactory, config, metrics)
+    """The provider the tunnel CLI calls (see :data:`hybridkex.tunnel.channel.SECURE_MODULE`).
+
+    The server asks its KME about every peer SAE before it listens, so a peer SAE the KME refuses
+    is reported (once, ``kme_peer_refused``) before ``listening``; with metrics or health on, the
+    KME is then probed while idle.
+    """
+    factory = await asyncio.to_thread(HybridChannelFactory, config, metrics)
+    if config.role == "server":
+        await asyncio.to_thread(factory.probe_peers)
+    if config.metrics.enabled or config.health.enabled:
+        factory.start_probing()
+    return factory

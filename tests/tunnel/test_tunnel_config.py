@@ -85,8 +85,8 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
      "identity: must be printable ASCII without spaces"),
     ("identity-empty", GOOD.replace('identity = "server"', 'identity = ""'), "identity: must not be empty"),
     ("unknown-top-key", GOOD.replace("listen =", "lisen = 1\nlisten ="),
-     f"lisen: unknown key (known keys here: {TOP_KEYS})"),
-    ("no-plain-channel-key", "channel = \"plain\"\n" + GOOD, f"channel: unknown key (known keys here: {TOP_KEYS})"),
+     "unknown key 'lisen' (did you mean 'listen'?)"),
+    ("no-plain-channel-key", "channel = \"plain\"\n" + GOOD, f"unknown key 'channel' (known keys here: {TOP_KEYS})"),
     ("target-identity-on-server", 'target_identity = "x"\n' + GOOD,
      "target_identity: not allowed on the server side (it accepts every configured peer)"),
     ("no-peers", TOP + NO_QKD,
@@ -113,7 +113,7 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     ("pki-with-psk", TOP + '[[peers]]\nidentity = "c"\nmode = "pki"\npsk_file = "a.psk"\n' + NO_QKD,
      'peers[0].psk_file: not allowed with mode = "pki" (a key file belongs to mode = "psk")'),
     ("peer-unknown-key", GOOD.replace('mode = "psk"', 'mode = "psk"\npsk = "abc"'),
-     "peers[0].psk: unknown key (known keys here: ca, cert, identity, key, mode, psk_file, sae_id)"),
+     "unknown key 'peers[0].psk' (did you mean 'peers[0].psk_file'?)"),
     ("policy-not-table", TOP + 'policy = "strict"\n' + PEER_A, "policy: expected a table, got string 'strict'"),
     ("qkd-mode", GOOD.replace('qkd = "disabled"', 'qkd = "maybe"'),
      'policy.qkd: expected one of "required", "optional", "disabled", got "maybe"'),
@@ -147,7 +147,7 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     ("drain-string", GOOD + '[timeouts]\ndrain = "30s"\n', "timeouts.drain: expected a number, got string '30s'"),
     ("drain-nan", GOOD + "[timeouts]\ndrain = nan\n", "timeouts.drain: must be between 0 and 86400, got nan"),
     ("timeouts-unknown", GOOD + "[timeouts]\nread = 5\n",
-     "timeouts.read: unknown key (known keys here: connect, drain, handshake, idle)"),
+     "unknown key 'timeouts.read' (known keys here: connect, drain, handshake, idle)"),
     ("max-connections-zero", GOOD + "[limits]\nmax_connections = 0\n",
      "limits.max_connections: must be between 1 and 1000000, got 0"),
     ("max-connections-float", GOOD + "[limits]\nmax_connections = 1.5\n",
@@ -164,7 +164,7 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     ("metrics-listen", GOOD + '[metrics]\nlisten = "localhost"\n',
      "metrics.listen: expected HOST:PORT, got 'localhost'"),
     ("metrics-typo", GOOD + '[metrics]\nlistne = "127.0.0.1:1"\n',
-     "metrics.listne: unknown key (known keys here: enabled, listen)"),
+     "unknown key 'metrics.listne' (did you mean 'metrics.listen'?)"),
     ("health-int", GOOD + "[health]\nenabled = 1\n", "health.enabled: expected a boolean, got integer 1"),
 ]
 
@@ -176,6 +176,32 @@ def test_bad_config_is_one_line_naming_the_field(confdir: Path, capsys: pytest.C
     code, err = run_cli(["tunnel", "server", "--config", "tunnel.toml"], capsys)
     assert code == 2
     assert err == ["hybridkex: error: config tunnel.toml: " + expected.format(dir=confdir)]
+
+
+# A misspelt key replaces the key it was meant to be, at every table level: the typo is named, with
+# the key it resembles, never reported as the (now missing) real key.
+TYPOS: list[tuple[str, str, str]] = [
+    ("top", GOOD.replace("listen =", "lisen ="), "lisen", "listen"),
+    ("top-table", GOOD.replace("[policy]", "[polcy]"), "polcy", "policy"),
+    ("peers", GOOD.replace("psk_file =", "pskfile ="), "peers[0].pskfile", "peers[0].psk_file"),
+    ("policy", GOOD.replace("qkd =", "qdk ="), "policy.qdk", "policy.qkd"),
+    ("kme", GOOD.replace('qkd = "disabled"', 'qkd = "required"')
+     + '[kme]\nurl = "https://k:1"\nsaeid = "s"\n', "kme.saeid", "kme.sae_id"),
+    ("timeouts", GOOD + "[timeouts]\nhandshak = 5\n", "timeouts.handshak", "timeouts.handshake"),
+    ("limits", GOOD + "[limits]\nmax_connection = 5\n", "limits.max_connection", "limits.max_connections"),
+    ("logging", GOOD + '[logging]\nformt = "json"\n', "logging.formt", "logging.format"),
+    ("metrics", GOOD + "[metrics]\nenable = true\n", "metrics.enable", "metrics.enabled"),
+    ("health", GOOD + "[health]\nenabld = true\n", "health.enabld", "health.enabled"),
+]
+
+
+@pytest.mark.parametrize(("toml", "typo", "meant"), [c[1:] for c in TYPOS], ids=[c[0] for c in TYPOS])
+def test_a_typo_is_named_with_the_key_it_resembles(confdir: Path, capsys: pytest.CaptureFixture[str],
+                                                   toml: str, typo: str, meant: str) -> None:
+    (confdir / "tunnel.toml").write_text(toml)
+    code, err = run_cli(["tunnel", "server", "--config", "tunnel.toml"], capsys)
+    assert (code, err) == (2, [f"hybridkex: error: config tunnel.toml: unknown key '{typo}' (did you mean "
+                               f"'{meant}'?)"])
 
 
 def test_invalid_toml_syntax(confdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -250,12 +276,13 @@ def test_defaults(confdir: Path) -> None:
     assert cfg.metrics.listen.is_loopback and cfg.metrics.listen.port == 9180
     assert cfg.policy.suites == ("x25519-mlkem768-hkdfsha256",) and cfg.policy.key_budget == "fresh"
     assert (cfg.timeouts.handshake, cfg.timeouts.idle, cfg.timeouts.drain) == (10.0, 300.0, 30.0)
-    assert (cfg.limits.max_connections, cfg.limits.handshake_rate, cfg.limits.handshake_burst) == (1024, 20.0, 40)
+    assert (cfg.limits.max_connections, cfg.limits.handshake_rate, cfg.limits.handshake_burst) == (1024, 500.0, 1000)
+    assert (cfg.limits.address_rate, cfg.limits.address_burst) == (20.0, 256)
     assert (cfg.logging.format, cfg.logging.level) == ("text", "info")
     assert cfg.warnings == ()
     client = load_config("client", "tunnel.toml")
     assert client.target_identity == "client-a"  # the only peer
-    assert client.limits.handshake_rate == 0  # metered by the server, not per local application
+    assert client.limits.handshake_rate == client.limits.address_rate == 0  # metered by the server
 
 
 def test_full_config_parses(confdir: Path) -> None:
@@ -404,3 +431,64 @@ def test_busy_listen_address_is_one_line_naming_listen(confdir: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.splitlines()[-1] == (
         f"hybridkex: error: listen: cannot listen on 127.0.0.1:{port}: address already in use")
+
+
+# --- --check-config loads what startup loads ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real certificates and keys (`hybridkex pki init`): SAE certificates for the KME, Ed25519 peers."""
+    directory = tmp_path_factory.mktemp("pki")
+    subprocess.run([sys.executable, "-m", "hybridkex", "pki", "init", str(directory)], check=True,
+                   capture_output=True, timeout=60)
+    return directory
+
+
+def _kme_table(pki: Path, *, key: str = "sae-b.key", ca: str = "ca.crt") -> str:
+    return (f'[kme]\nurl = "https://127.0.0.1:1"\nsae_id = "sae-b"\ncert = "{pki / "sae-b.crt"}"\n'
+            f'key = "{pki / key}"\nca = "{pki / ca}"\n')
+
+
+def _material_cases(pki: Path, d: Path) -> dict[str, tuple[str, str]]:
+    """Configurations whose schema is valid but whose files startup cannot use: (TOML, error line)."""
+    (d / "short.psk").write_bytes(os.urandom(10))
+    (d / "short.psk").chmod(0o600)
+    (pki / "not-pem.crt").write_text("this is not a certificate\n")
+    qkd_peer = PEER_A + 'sae_id = "sae-a"\n'
+    pki_peer = (f'[[peers]]\nidentity = "client-a"\nmode = "pki"\ncert = "{pki / "peer-a.crt"}"\n'
+                f'key = "{pki / "peer-b.key"}"\nca = "{pki / "ca.crt"}"\n')
+    return {
+        "short-psk": (GOOD.replace("a.psk", "short.psk"),
+                      f"peers[0].psk_file: {d}/short.psk holds 10 bytes; a PSK must be 32..1024 bytes (create one "
+                      "with `hybridkex genpsk FILE`)"),
+        "kme-ca-not-pem": (TOP + qkd_peer + _kme_table(pki, ca="not-pem.crt"),
+                           f"kme.ca: {pki}/not-pem.crt holds no PEM certificate"),
+        "kme-cert-key-mismatch": (TOP + qkd_peer + _kme_table(pki, key="sae-a.key"),
+                                  f"kme.cert/key: the private key in {pki}/sae-a.key does not belong to the "
+                                  f"certificate in {pki}/sae-b.crt"),
+        "peer-cert-key-mismatch": (TOP + pki_peer + NO_QKD,
+                                   f"peers[0].cert/key: the private key in {pki}/peer-b.key does not belong to "
+                                   f"the certificate in {pki}/peer-a.crt"),
+    }
+
+
+@pytest.mark.parametrize("case", ["short-psk", "kme-ca-not-pem", "kme-cert-key-mismatch", "peer-cert-key-mismatch"])
+def test_check_config_fails_where_startup_fails_with_the_same_line(
+        confdir: Path, demo_pki: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
+    toml, expected = _material_cases(demo_pki, confdir)[case]
+    (confdir / "tunnel.toml").write_text(toml)
+    line = "hybridkex: error: config tunnel.toml: " + expected
+    assert run_cli(["tunnel", "server", "--config", "tunnel.toml", "--check-config"], capsys) == (2, [line])
+    # Startup, as a real process (a bug here must not leave a server running inside the test process).
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HYBRIDKEX_T")}
+    proc = subprocess.run([sys.executable, "-m", "hybridkex", "tunnel", "server", "--config", "tunnel.toml"],
+                          capture_output=True, text=True, timeout=60, env=base, cwd=confdir, check=False)
+    assert (proc.returncode, proc.stderr.splitlines()) == (2, [line])
+
+
+def test_check_config_accepts_real_files(confdir: Path, demo_pki: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (confdir / "tunnel.toml").write_text(TOP + PEER_A + 'sae_id = "sae-a"\n' + _kme_table(demo_pki))
+    code = cli.main(["tunnel", "server", "--config", "tunnel.toml", "--check-config"])
+    out = capsys.readouterr()
+    assert (code, out.err) == (0, "") and out.out.startswith("hybridkex: configuration OK: tunnel server ")

@@ -1,4 +1,4 @@
-"""Limits on a real tunnel server: maximum connections, handshake rate per peer, idle timeout."""
+"""Limits on a real tunnel server: maximum connections, handshake rate per peer and per address, idle timeout."""
 
 from __future__ import annotations
 
@@ -48,18 +48,51 @@ def test_max_connections_refuses_excess_and_counts_it(echo: EchoService, tunnels
             c.close()
 
 
-def test_handshake_rate_limit_per_peer(echo: EchoService, tunnels: Tunnels) -> None:
-    # One token per 1000 s: after the burst of 3 every further connection from 127.0.0.1 is refused.
-    server, client = tunnels.pair(
-        echo.port, server_extra="[limits]\nhandshake_rate = 0.001\nhandshake_burst = 3\n" + METRICS)
+def test_handshake_rate_limit_is_per_peer_identity_not_per_address(echo: EchoService, tunnels: Tunnels) -> None:
+    # One token per 1000 s, burst 3, per peer: both clients connect from 127.0.0.1, yet each has its own.
+    server, client_a = tunnels.pair(
+        echo.port, server_peers=("client-a", "client-b"),
+        server_extra="[limits]\nhandshake_rate = 0.001\nhandshake_burst = 3\n" + METRICS)
+    client_b = tunnels.client(server, "client-b")
     assert server.metrics_port is not None
     for i in range(3):
+        assert echo_exchange(client_a.port, b"a%d" % i) == expected_echo(b"a%d" % i)
+    assert refused_or_closed_without_data(client_a.port)
+    assert refused_or_closed_without_data(client_a.port)
+    for i in range(3):  # client-a's refusals cost client-b nothing
+        assert echo_exchange(client_b.port, b"b%d" % i) == expected_echo(b"b%d" % i)
+    assert refused_or_closed_without_data(client_b.port)
+    samples = scrape(server.metrics_port)
+    assert metric(samples, "hybridkex_tunnel_rejected_connections_total", reason="peer_rate_limited") == 3
+    assert metric(samples, "hybridkex_tunnel_rejected_connections_total", reason="rate_limited") == 0
+    assert metric(samples, "hybridkex_tunnel_handshakes_total", outcome="ok") == 6
+    refused = server.events("connection_refused")
+    assert refused[0]["reason"] == "peer_rate_limited" and refused[0]["peer_identity"] == "client-a", refused
+    # The tunnel client says why its connection was closed: the server's typed refusal.
+    failed = client_a.wait_event("handshake_failed")
+    assert failed["outcome"] == "rate_limited", failed
+    assert failed["reason"].startswith("rate limited by server ("), failed
+
+
+def test_address_limit_counts_only_handshakes_that_do_not_authenticate(echo: EchoService,
+                                                                       tunnels: Tunnels) -> None:
+    server, client = tunnels.pair(
+        echo.port, server_extra="[limits]\naddress_rate = 0.001\naddress_burst = 3\n" + METRICS)
+    assert server.metrics_port is not None
+    for i in range(10):  # authenticated handshakes give their token back: a site is never cut off
         assert echo_exchange(client.port, b"%d" % i) == expected_echo(b"%d" % i)
-    assert refused_or_closed_without_data(client.port)
+    mallory = tunnels.client(server, "mallory")  # an identity the server does not know
+    for _ in range(3):
+        assert refused_or_closed_without_data(mallory.port)
+    # Three failed handshakes used up 127.0.0.1's pre-authentication budget: now even client-a is refused,
+    # before any handshake work, and told so.
     assert refused_or_closed_without_data(client.port)
     samples = scrape(server.metrics_port)
-    assert metric(samples, "hybridkex_tunnel_rejected_connections_total", reason="rate_limited") == 2
-    assert metric(samples, "hybridkex_tunnel_handshakes_total", outcome="ok") == 3
+    assert metric(samples, "hybridkex_tunnel_rejected_connections_total", reason="rate_limited") == 1
+    assert metric(samples, "hybridkex_tunnel_handshakes_total", outcome="ok") == 10
+    assert metric(samples, "hybridkex_tunnel_handshakes_total", outcome="auth_failed") == 3
+    failed = client.wait_event("handshake_failed")
+    assert failed["outcome"] == "rate_limited" and failed["reason"].startswith("rate limited by server ("), failed
 
 
 def test_idle_connections_are_closed(echo: EchoService, tunnels: Tunnels) -> None:

@@ -52,8 +52,8 @@ pytestmark = pytest.mark.timeout(180)
 #: Switches the insecure plain test channel OFF (tunnelhelpers' TunnelProcess defaults to it).
 SECURE_ENV = {"HYBRIDKEX_TUNNEL_INSECURE_PLAIN_CHANNEL": "", "HYBRIDKEX_TESTING": ""}
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-#: Every test client connects from 127.0.0.1, so the server's per-address handshake rate limit
-#: (default 20/s, burst 40) would refuse the load test; it has tests of its own (test_tunnel_limits).
+#: The load here is not what these tests are about, so the per-peer handshake rate limit is off; the
+#: limits have tests of their own (test_tunnel_limits, test_tunnel_rate_limits).
 NO_RATE_LIMIT = "[limits]\nhandshake_rate = 0\n"
 SERVER_ID = "server.example"
 
@@ -197,7 +197,7 @@ def key_ids(records: list[dict[str, Any]]) -> list[str]:
 def assert_hybrid(rec: dict[str, Any], peer: str, auth: str = "psk") -> None:
     """A handshake_ok record: ML-KEM + X25519 + fresh QKD, authenticated ``peer``, PQ TLS group."""
     s = rec["session"]
-    assert s["peer"] == peer and s["auth"] == auth, s
+    assert s["peer_identity"] == peer and s["auth"] == auth, s
     assert s["suite"] == "x25519-mlkem768-qkd-hkdfsha256", s
     assert set(s["components"]) == {"QKD:256", "X25519:256", "ML-KEM-768:256"}, s
     assert s["qkd"] == "fresh" and s["tls_group"] == "X25519MLKEM768" and s["reconnect"] is False, s
@@ -258,6 +258,10 @@ def test_http_client_through_the_tunnel_to_a_real_http_server(tunnels: SecureTun
     assert len(set(key_ids(ok))) == 2
     # The relay counted the whole file (plus HTTP headers) flowing back to the client.
     assert max(r["bytes_out"] for r in server.events("connection_closed")) > len(data)
+    # Each end names the authenticated peer on connection_closed, as docs/tunnel.md says.
+    assert [r.get("peer_identity") for r in server.events("connection_closed")] == ["client-a"] * 2
+    wait_until(lambda: len(client.events("connection_closed")) == 2, "the client logged both closes")
+    assert [r.get("peer_identity") for r in client.events("connection_closed")] == [SERVER_ID] * 2
     assert not server.events("handshake_failed") and not client.events("handshake_failed")
 
 
@@ -357,7 +361,7 @@ def test_sighup_adds_a_peer_with_its_own_psk_without_dropping_open_connections(
 
     payload = os.urandom(20_000)
     assert echo_exchange(client_b.port, payload) == expected_echo(payload)
-    ok_b = [r for r in server.events("handshake_ok") if r["session"]["peer"] == "client-b"]
+    ok_b = [r for r in server.events("handshake_ok") if r["session"]["peer_identity"] == "client-b"]
     assert len(ok_b) == 1
     assert_hybrid(ok_b[0], "client-b")
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 import socket
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,35 @@ def test_safe_fields_keep_facts_and_redact_secrets() -> None:
         assert out[name] == REDACTED
     assert out["nested"] == {"secret": REDACTED, "ok": 1}
     assert out["object"] == "<object>"
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_library_records_and_warnings_use_the_tunnel_format(fmt: str) -> None:
+    stream = io.StringIO()
+    configure_logging(fmt, "info", stream=stream)
+    try:
+        logging.getLogger("hybridkex.qkd.pool").warning("key pool: fetch for slave %s failed; retrying", "sae-z")
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logging.getLogger("asyncio").error("task failed", exc_info=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("KME outside the secure site", UserWarning, stacklevel=1)
+    finally:
+        configure_logging("text", "info")
+        logging.captureWarnings(False)  # pytest restores warnings.showwarning after each test
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3, lines  # one line per record, the traceback included
+    if fmt == "json":
+        docs = [json.loads(line) for line in lines]
+        assert [(d["level"], d["event"], d["logger"]) for d in docs] == [
+            ("warning", "log", "hybridkex.qkd.pool"), ("error", "log", "asyncio"), ("warning", "log", "py.warnings")]
+        assert docs[0]["msg"] == "key pool: fetch for slave sae-z failed; retrying" and "ts" in docs[0]
+        assert "RuntimeError: boom" in docs[1]["traceback"]
+        assert "KME outside the secure site" in docs[2]["msg"]
+    else:
+        assert lines[0].split(" ", 3)[1:3] == ["warning", "log"] and "logger=hybridkex.qkd.pool" in lines[0]
 
 
 @pytest.mark.parametrize("fmt", ["json", "text"])
@@ -180,6 +211,25 @@ def test_token_bucket_per_address() -> None:
     assert [lim.allow("a") for _ in range(4)] == [True, True, True, False]  # capped at the burst
     lim.configure(0, 3)
     assert all(lim.allow("a") for _ in range(100))  # 0 disables
+
+
+def test_peek_charge_and_refund() -> None:
+    now = [0.0]
+    lim = HandshakeRateLimiter(rate=1.0, burst=2, clock=lambda: now[0])
+    assert lim.peek("p") and lim.peek("p")  # peeking takes nothing
+    lim.charge("p")
+    lim.charge("p")
+    assert not lim.peek("p")
+    lim.charge("p")  # concurrent handshakes overshoot: the bucket goes into debt ...
+    now[0] += 1.5
+    assert not lim.peek("p")  # ... and pays it back at the rate
+    now[0] += 0.5
+    assert lim.peek("p")
+    assert lim.allow("a") and lim.allow("a") and not lim.allow("a")
+    lim.refund("a")  # an authenticated handshake gives its address token back
+    assert lim.allow("a") and not lim.allow("a")
+    lim.refund("never-seen")
+    assert len(lim) == 2  # a refund creates no bucket
 
 
 def test_rate_key_groups_ipv6_by_64() -> None:

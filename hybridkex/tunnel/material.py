@@ -1,0 +1,189 @@
+"""Everything secret or cryptographic a tunnel configuration names, read and checked in one place.
+
+:func:`load_channel_material` is the one loader behind ``--check-config``, startup and every
+SIGHUP reload, so a configuration that passes ``--check-config`` cannot fail at startup for a
+file problem: PSK files (32..1024 bytes), PEM certificates and keys of ``pki`` peers and of the
+KME client, that each private key belongs to its certificate (the error names the pair, e.g.
+``peers[0].cert/key``), the CA files, and the KME client's TLS context.  It opens no connection;
+what only the KME can tell (is it up, does it know the peer SAEs) is reported at run time.
+"""
+
+from __future__ import annotations
+
+import binascii
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa
+
+from ..exceptions import ConfigurationError
+from ..protocol import PKIAuthenticator, PSKAuthenticator, SigningCredential
+from ..protocol.auth import Authenticator
+from .config import KMEConfig, PeerConfig, TunnelConfig
+
+__all__ = ["MAX_PSK_BYTES", "MIN_PSK_BYTES", "ChannelMaterial", "check_channel_config", "load_channel_material",
+           "load_psk_file"]
+
+#: A PSK file holds at least 32 bytes: raw bytes, or the same as hex text (whitespace ignored).
+MIN_PSK_BYTES = 32
+MAX_PSK_BYTES = 1024
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class ChannelMaterial:
+    """What :func:`load_channel_material` read: authenticators (holding the keys), the SAE ID each
+    peer may claim, and the KME client (built, not connected; ``None`` without QKD)."""
+
+    authenticators: tuple[Authenticator, ...]
+    peer_sae_ids: dict[str, str]
+    kme_client: Any = None
+
+    def close(self) -> None:
+        if self.kme_client is not None:
+            with contextlib.suppress(Exception):
+                self.kme_client.close()
+
+
+def load_psk_file(path: Path, field: str) -> bytes:
+    """Read a PSK file: hex text (``hybridkex genpsk``) or raw bytes, 32..1024 bytes.
+
+    Errors name the field and the file, never the key.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}", field=field) from None
+    digits = b"".join(data.split())
+    key = binascii.unhexlify(digits) if digits and len(digits) % 2 == 0 and set(digits) <= _HEX else data
+    if not MIN_PSK_BYTES <= len(key) <= MAX_PSK_BYTES:
+        raise ConfigurationError(f"{path} holds {len(key)} bytes; a PSK must be {MIN_PSK_BYTES}..{MAX_PSK_BYTES} "
+                                 "bytes (create one with `hybridkex genpsk FILE`)", field=field)
+    return key
+
+
+def _load_pem_certs(path: Path, field: str) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}", field=field) from None
+    except ValueError:
+        raise ConfigurationError(f"{path} holds no PEM certificate", field=field) from None
+    return certs
+
+
+def _load_pem_key(path: Path, field: str) -> Any:
+    try:
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}", field=field) from None
+    except (ValueError, TypeError):
+        raise ConfigurationError(f"{path} is not an unencrypted PEM private key", field=field) from None
+
+
+def _spki(public_key: Any) -> bytes:
+    return bytes(public_key.public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def _key_pair(cert: Path, key: Path, prefix: str) -> tuple[list[x509.Certificate], Any]:
+    """The certificate chain and the private key, checked to belong together (names ``PREFIX.cert/key``)."""
+    chain = _load_pem_certs(cert, f"{prefix}.cert")
+    private = _load_pem_key(key, f"{prefix}.key")
+    try:
+        matches = _spki(chain[0].public_key()) == _spki(private.public_key())
+    except (ValueError, TypeError, AttributeError):  # a key type the certificate cannot even hold
+        matches = False
+    if not matches:
+        raise ConfigurationError(f"the private key in {key} does not belong to the certificate in {cert}",
+                                 field=f"{prefix}.cert/key")
+    return chain, private
+
+
+def _signing_credential(peer: PeerConfig, index: int) -> SigningCredential:
+    assert peer.cert is not None and peer.key is not None
+    chain, key = _key_pair(peer.cert, peer.key, f"peers[{index}]")
+    if not isinstance(key, ed25519.Ed25519PrivateKey | mldsa.MLDSA65PrivateKey):
+        raise ConfigurationError(f"{peer.key}: only Ed25519 and ML-DSA-65 keys can sign hybridkex handshakes",
+                                 field=f"peers[{index}].key")
+    try:
+        return SigningCredential(tuple(chain), key)
+    except ConfigurationError as exc:  # e.g. a chain that is too long
+        raise ConfigurationError(str(exc), field=f"peers[{index}].cert") from None
+
+
+def _authenticators(peers: Sequence[PeerConfig]) -> tuple[tuple[Authenticator, ...], dict[str, str]]:
+    """One authenticator per mode for all peers, and the SAE ID each peer identity may claim."""
+    psk_keys: dict[str, bytes] = {}
+    pki_peers: list[str] = []
+    anchors: list[x509.Certificate] = []
+    creds: dict[str, SigningCredential] = {}
+    sae_ids: dict[str, str] = {}
+    own_cert: tuple[Path, Path] | None = None
+    for i, peer in enumerate(peers):
+        if peer.sae_id:
+            sae_ids[peer.identity] = peer.sae_id
+        if peer.mode == "psk":
+            assert peer.psk_file is not None
+            psk_keys[peer.identity] = load_psk_file(peer.psk_file, f"peers[{i}].psk_file")
+            continue
+        assert peer.cert is not None and peer.key is not None and peer.ca is not None
+        if own_cert is not None and own_cert != (peer.cert, peer.key):
+            raise ConfigurationError("every pki peer must use this side's same cert and key",
+                                     field=f"peers[{i}].cert")
+        own_cert = (peer.cert, peer.key)
+        cred = _signing_credential(peer, i)
+        creds[cred.algorithm.name.lower()] = cred
+        anchors.extend(_load_pem_certs(peer.ca, f"peers[{i}].ca"))
+        pki_peers.append(peer.identity)
+    auths: list[Authenticator] = []
+    if creds:
+        try:
+            auths.append(PKIAuthenticator(anchors, allowed_peers=pki_peers, **creds))
+        except ConfigurationError as exc:
+            raise ConfigurationError(str(exc), field="peers (pki)") from None
+    if psk_keys:
+        auths.append(PSKAuthenticator(psk_keys))
+    return tuple(auths), sae_ids
+
+
+def _kme_client(config: TunnelConfig) -> Any:
+    """The ETSI GS QKD 014 client for ``[kme]`` (its files checked one by one first), or ``None``."""
+    kme: KMEConfig | None = config.kme
+    if config.policy.qkd == "disabled":
+        return None
+    if kme is None:
+        raise ConfigurationError("required unless policy.qkd = 'disabled'", field="kme")
+    if kme.embedded:
+        raise ConfigurationError(
+            "the embedded simulated KME lives inside one process, so a tunnel peer in another process "
+            "cannot fetch its keys; run `hybridkex kme` (or a real KME) and set kme.url, or use "
+            "`hybridkex demo`, which runs both tunnel ends in one process", field="kme.embedded")
+    assert kme.cert is not None and kme.key is not None and kme.ca is not None
+    _key_pair(kme.cert, kme.key, "kme")
+    _load_pem_certs(kme.ca, "kme.ca")
+    from ..qkd import ETSI014Client  # noqa: PLC0415 - only when a KME is configured
+
+    try:
+        # A KME answer later than the handshake deadline is of no use to the handshake.
+        return ETSI014Client(kme.url or "", cert=kme.cert, key=kme.key, ca=kme.ca, sae_id=kme.sae_id,
+                             timeout=min(config.timeouts.handshake, 10.0))
+    except ConfigurationError as exc:  # what the files checked above cannot show (e.g. an OpenSSL limit)
+        raise ConfigurationError(str(exc), field="kme") from None
+
+
+def load_channel_material(config: TunnelConfig, *, kme: bool = True) -> ChannelMaterial:
+    """Read every key, certificate and CA file of ``config`` and build the KME client (no I/O on the
+    network).  ``kme=False`` skips the KME client (a caller that supplies its own key source)."""
+    auths, sae_ids = _authenticators(config.peers)
+    return ChannelMaterial(auths, sae_ids, _kme_client(config) if kme else None)
+
+
+def check_channel_config(config: TunnelConfig) -> None:
+    """What ``--check-config`` runs after the schema: the same loading as startup, then nothing is kept."""
+    load_channel_material(config).close()
