@@ -30,6 +30,10 @@ from .io.reconnect import ReconnectRegistry, ReconnectTicket
 from .io.server import HybridServer, HybridTCPServer, serve
 from .io.session import HybridSession
 
+# The policy types every ClientConfig/ServerConfig needs, so one import line builds a configuration
+# (docs/api.md says every name it documents is importable from here).
+from .policy import Policy, QKDConfig
+
 __all__ = [
     "ClientConfig",
     "HybridAsyncServer",
@@ -42,6 +46,8 @@ __all__ = [
     "HybridStreamReader",
     "HybridStreamWriter",
     "HybridTCPServer",
+    "Policy",
+    "QKDConfig",
     "ReconnectPolicy",
     "ReconnectRegistry",
     "ReconnectTicket",

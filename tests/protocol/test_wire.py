@@ -16,6 +16,7 @@ from hybridkex.exceptions import (
     LocalProtocolError,
     PolicyViolation,
     QKDKeyUnknownError,
+    RateLimited,
     RemoteProtocolError,
     VersionError,
 )
@@ -109,7 +110,8 @@ def test_bytes_wanted_tracks_the_frame_being_read():
     (AbortCode.QKD_UNAVAILABLE, KeyUnavailableError),
     (AbortCode.TIMEOUT, HandshakeTimeout),
     (AbortCode.QKD_KEY_UNKNOWN, QKDKeyUnknownError),
-    (9, RemoteProtocolError),  # a code this version does not know counts as generic
+    (AbortCode.RATE_LIMITED, RateLimited),
+    (10, RemoteProtocolError),  # a code this version does not know counts as generic
     (200, RemoteProtocolError),
 ])
 def test_peer_abort_becomes_a_typed_error_without_an_answer(code, exc):
