@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tunnelhelpers, without a package __init__
 
+from kmehelpers import KMEProcess, make_pki
 from tunnelhelpers import EchoService, Tunnels
 
 
@@ -25,3 +26,17 @@ def tunnels(tmp_path: Path) -> Iterator[Tunnels]:
     t = Tunnels(tmp_path)
     yield t
     t.stop_all()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo PKI (``hybridkex pki init``) for the tests that start a real KME."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def kme(pki: Path) -> Iterator[KMEProcess]:
+    """A real ``hybridkex kme`` process, stopped afterwards."""
+    proc = KMEProcess(pki)
+    yield proc
+    proc.stop()

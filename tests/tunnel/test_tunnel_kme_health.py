@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from kmehelpers import SECURE_ENV, KMEProcess, make_pki, make_psk, secure_toml, start_secure
+from kmehelpers import SECURE_ENV, KMEProcess, make_psk, secure_toml, start_secure
 from tunnelhelpers import (
     PY,
     WAIT,
@@ -33,18 +33,6 @@ from tunnelhelpers import (
 )
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def kme(pki: Path) -> Iterator[KMEProcess]:
-    proc = KMEProcess(pki)
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture
@@ -224,3 +212,4 @@ def test_a_busy_listen_port_is_one_line_with_no_key_pool_noise(tmp_path: Path, p
                                           "already in use")
     # Before the error line at most info records (e.g. "key pool closed: 64 unused key(s) dropped").
     assert all(json.loads(line)["level"] == "info" for line in logged), logged
+    assert "AlreadyFinalized" not in proc.stderr and "is closed" not in proc.stderr, logged

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from kmehelpers import KMEProcess, make_pki, make_psk, secure_toml, start_secure
+from kmehelpers import KMEProcess, make_psk, secure_toml, start_secure
 from tunnelhelpers import WAIT, TunnelProcess, refused_or_closed_without_data, wait_until
 
 pytestmark = pytest.mark.timeout(400)
@@ -72,18 +72,6 @@ def ping(port: int, i: int) -> bool:
             return reply == b"+PONG " + request
     except OSError:
         return False
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def kme(pki: Path) -> Iterator[KMEProcess]:
-    proc = KMEProcess(pki)
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture

@@ -139,21 +139,3 @@ def test_embedded_kme_is_refused_with_one_clear_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "kme.embedded" in lines[0] and "hybridkex kme" in lines[0], proc.stderr
-
-
-def test_a_busy_listen_port_is_one_line_without_key_pool_noise(tmp_path: Path, kme: tuple[Path, str, str]) -> None:
-    """The server builds its KME client and key pool before binding; a failed bind closed the client
-    under the pool's first fetch, which printed ``key pool: fetch ... failed (AlreadyFinalized ...)``."""
-    import socket
-
-    pki, _, url_b = kme
-    with socket.create_server(("127.0.0.1", 0)) as busy:
-        port = busy.getsockname()[1]
-        cfg = _config(tmp_path / "server.toml", listen=f"127.0.0.1:{port}", target="127.0.0.1:9",
-                      identity="server.example", peer="client-a", peer_sae="sae-a", psk=_psk(tmp_path, "p"),
-                      kme_url=url_b, sae="sae-b", pki=pki)
-        proc = subprocess.run([PY, "-m", "hybridkex", "tunnel", "server", "--config", str(cfg)], capture_output=True,
-                              text=True, timeout=60, env={**os.environ, **SECURE_ENV}, check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        f"hybridkex: error: listen: cannot listen on 127.0.0.1:{port}: address already in use"]
