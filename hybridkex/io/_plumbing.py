@@ -19,10 +19,8 @@ from ..exceptions import (
     RemoteProtocolError,
 )
 from ..policy import KeyBudget
-from ..protocol import Session
-from ..protocol._connection import _peer_abort_error
-from ..protocol._wire import HEADER_LEN, MAGIC, FrameType
-from ..tls._common import PQ_GROUP
+from ..protocol import HEADER_LEN, MAGIC, FrameType, Session, peer_abort_error
+from ..tls import PQ_GROUP
 from ..tls.pyopenssl import client_context, server_context
 from .config import ClientConfig, ServerConfig, TLSOptions
 from .keys import QKDKeyManager
@@ -255,5 +253,5 @@ def check_server_first_bytes(first: bytes) -> None:
     if not first.startswith(MAGIC[:1]):
         return
     if len(first) > HEADER_LEN and first.startswith(MAGIC) and first[3] == FrameType.ABORT:
-        raise _peer_abort_error(first[HEADER_LEN])
+        raise peer_abort_error(first[HEADER_LEN])
     raise RemoteProtocolError("the peer sent a hybridkex frame where the TLS handshake was expected")

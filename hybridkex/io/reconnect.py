@@ -35,7 +35,7 @@ from ..exceptions import AlreadyFinalized, RemoteProtocolError, TLSError
 from ..hazmat import labels
 from ..hazmat.encoding import Reader, b64url, b64url_decode, u32
 from ..protocol import SessionInfo
-from ..tls._common import CIPHER_ID
+from ..tls import CIPHER_ID
 from .config import ReconnectPolicy
 
 __all__ = [

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..exceptions import LocalProtocolError
 from ..protocol import SessionInfo
-from ..tls._common import EXPORTER_LABEL, EXPORTER_LENGTH, TLSInfo
+from ..tls import EXPORTER_LABEL, EXPORTER_LENGTH, TLSInfo
 
 __all__ = ["HybridSession"]
 

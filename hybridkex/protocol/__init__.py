@@ -24,10 +24,19 @@ Everything public is re-exported here; the underscored modules are private.
 from __future__ import annotations
 
 from ._config import InitiatorConfig, ResponderConfig
-from ._connection import Initiator, Responder
+from ._connection import Initiator, Responder, peer_abort_error
 from ._session import Component, Session, SessionInfo
 from ._state import State
-from ._wire import VERSION, AbortCode, encode_abort
+from ._wire import (
+    HEADER_LEN,
+    MAGIC,
+    MAX_RECYCLED_KEY_IDS,
+    VERSION,
+    AbortCode,
+    CertificateMsg,
+    FrameType,
+    encode_abort,
+)
 from .auth import (
     AuthContext,
     Authenticator,
@@ -49,6 +58,9 @@ from .events import (
 )
 
 __all__ = [
+    "HEADER_LEN",
+    "MAGIC",
+    "MAX_RECYCLED_KEY_IDS",
     "NEED_DATA",
     "PAUSED",
     "VERSION",
@@ -57,8 +69,10 @@ __all__ = [
     "AuthMode",
     "AuthOffer",
     "Authenticator",
+    "CertificateMsg",
     "Component",
     "Event",
+    "FrameType",
     "HandshakeComplete",
     "Initiator",
     "InitiatorConfig",
@@ -75,4 +89,5 @@ __all__ = [
     "SigningCredential",
     "State",
     "encode_abort",
+    "peer_abort_error",
 ]

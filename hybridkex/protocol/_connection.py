@@ -96,7 +96,7 @@ def _abort_code(exc: BaseException) -> w.AbortCode:
     return w.AbortCode.GENERIC
 
 
-def _peer_abort_error(code: int) -> HybridKEXError:
+def peer_abort_error(code: int) -> HybridKEXError:
     """The local exception for an Abort the peer sent (unknown codes count as GENERIC)."""
     prefix = "the peer aborted the handshake"
     if code == w.AbortCode.UNSUPPORTED_VERSION:
@@ -347,7 +347,7 @@ class _Connection:
     def _dispatch(self, frame_type: w.FrameType, body: bytes, raw: bytes) -> None:
         if frame_type is w.FrameType.ABORT:
             code = w.decode_abort(body)
-            self._failure = _peer_abort_error(code)
+            self._failure = peer_abort_error(code)
             self._move(Input.RECV_ABORT, State.FAILED)
             self._erase()
             raise self._failure

@@ -45,13 +45,12 @@ from ..exceptions import AuthenticationError, ConfigurationError
 from ..hazmat import labels
 from ..hazmat.encoding import lp_join
 from ..hazmat.kdf import hkdf
-from ..protocol._wire import MAX_RECYCLED_KEY_IDS
+from ..protocol import MAX_RECYCLED_KEY_IDS
 from ..protocol.auth import AuthContext, Authenticator, AuthMode, AuthOffer, MACAuthenticator
 from .store import KEY_ID_LEN, KEY_LEN, AuthKey, AuthKeyStore
 
 if TYPE_CHECKING:
-    from ..protocol._session import Session
-    from ..protocol._wire import CertificateMsg
+    from ..protocol import CertificateMsg, Session
 
 __all__ = ["BootstrapPolicy", "RecyclePolicy", "RecycledAuthenticator", "RecycledKey"]
 

@@ -16,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._common import (
+    CIPHER_ID,
     DEFAULT_CLIENT_GROUPS,
     DEFAULT_SERVER_GROUPS,
     EXPORTER_LABEL,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "CIPHER_ID",
     "DEFAULT_CLIENT_GROUPS",
     "DEFAULT_SERVER_GROUPS",
     "DEFAULT_TIMEOUT",
