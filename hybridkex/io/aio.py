@@ -22,6 +22,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from .. import workers
 from ..exceptions import (
     ConfigurationError,
     HandshakeTimeout,
@@ -46,7 +47,7 @@ from ..protocol._wire import MAGIC, AbortCode
 from ..qkd.base import KeySourceStatus, QKDKey
 from ..tls._bio import AsyncTLSStream, MemoryTLS
 from ..tls.pyopenssl import bind_psk, bind_psk_lookup, export_keying_material
-from . import _stale, _workers
+from . import _stale
 from ._plumbing import (
     Deadline,
     ReconnectLookup,
@@ -162,33 +163,6 @@ def _manager(source: Any, config: InitiatorConfig | ResponderConfig) -> QKDKeyMa
     return QKDKeyManager(source, policy.key_budget)
 
 
-async def _in_thread(fn: Callable[[], T], timeout: float, what: str) -> T:
-    """Run a blocking call on a key-source worker thread; give up after ``timeout`` seconds.
-
-    Not the loop's shared executor: a key source that hangs then holds only its own worker, and
-    whatever it returns late is dropped (a late QKD key is never used)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(value: Any, error: BaseException | None) -> None:
-        if not future.done():
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(value)
-
-    def done(value: Any, error: BaseException | None) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
-            loop.call_soon_threadsafe(settle, value, error)
-
-    _workers.submit(fn, done)
-    try:
-        async with asyncio.timeout(max(timeout, 0.0)):
-            return await future
-    except TimeoutError:
-        raise HandshakeTimeout(f"{what} did not answer within {timeout:.3g} s") from None
-
-
 # ---------------------------------------------------------------------------------------------
 # The asyncio driver of the sans-IO handshake
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +188,7 @@ async def _answer(conn: Initiator | Responder, keys: QKDKeyManager | None,
         conn.qkd_unavailable("no key source is configured")
         return
     try:
-        delivered = await _in_thread(lambda: keys.answer(event), timeout, "the QKD key source")
+        delivered = await workers.call_async(lambda: keys.answer(event), timeout, "the QKD key source")
     except (KeySourceError, HandshakeTimeout) as exc:
         conn.qkd_unavailable(exc)  # the policy decides: the no-QKD suite, or a clear failure
         return
@@ -245,7 +219,7 @@ async def _after_handshake(config: InitiatorConfig | ResponderConfig, session: S
             auth.after_handshake(session)
 
     try:
-        await _in_thread(run, timeout, "the after-handshake hook")
+        await workers.call_async(run, timeout, "the after-handshake hook")
     except BaseException:
         session.erase()
         raise

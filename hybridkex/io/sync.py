@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from .. import workers
 from ..exceptions import (
     ConfigurationError,
     HandshakeTimeout,
@@ -44,7 +44,7 @@ from ..protocol import (
     Session,
 )
 from ..qkd.base import KeySource
-from . import _stale, _workers
+from . import _stale
 from .keys import QKDKeyManager
 
 __all__ = ["run_initiator", "run_responder"]
@@ -67,30 +67,6 @@ def _manager(keys: _Keys, config: InitiatorConfig | ResponderConfig) -> QKDKeyMa
                                  "QKDKeyManager(key_source, policy.key_budget), not a bare KeySource",
                                  field="key_source")
     return QKDKeyManager(keys, config.policy.key_budget)
-
-
-def call_with_timeout(fn: Callable[[], T], timeout: float, what: str) -> T:
-    """Run a blocking call on a key-source worker thread and give up after ``timeout`` seconds.
-
-    A call that gives up leaves the worker to finish on its own; whatever it returns then is
-    dropped (QKD keys that arrive late are never used).
-    """
-    box: dict[str, object] = {}
-    done = threading.Event()
-
-    def settle(value: object, error: BaseException | None) -> None:
-        if error is not None:
-            box["error"] = error
-        else:
-            box["value"] = value
-        done.set()
-
-    _workers.submit(fn, settle)
-    if not done.wait(max(timeout, 0.0)):
-        raise HandshakeTimeout(f"{what} did not answer within {timeout:.3g} s")
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]  # type: ignore[return-value]
 
 
 class _Deadline:
@@ -170,7 +146,7 @@ def _answer(conn: Initiator | Responder, keys: QKDKeyManager | None, event: QKDK
         conn.qkd_unavailable("no key source is configured")
         return
     try:
-        delivered = call_with_timeout(lambda: keys.answer(event), timeout, "the QKD key source")
+        delivered = workers.call(lambda: keys.answer(event), timeout, "the QKD key source")
     except (KeySourceError, HandshakeTimeout) as exc:
         conn.qkd_unavailable(exc)  # the policy decides: fall back to the no-QKD suite, or fail
         return

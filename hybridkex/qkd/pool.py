@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from .. import workers
 from ..exceptions import AlreadyFinalized, KeySourceError
 from ._pool_core import _DEFAULT_BATCH, PoolStats, _PoolCore, _SubPool
 from .base import AsyncKeySource, KeySource, KeySourceStatus, QKDKey
@@ -448,15 +449,17 @@ class ThreadedAsyncKeySource:
 
     async def get_keys(self, slave_sae_id: str, number: int = 1, size_bits: int = 256) -> list[QKDKey]:
         """As :meth:`KeySource.get_keys`, in a worker thread."""
-        return await asyncio.to_thread(self._source.get_keys, slave_sae_id, number, size_bits)
+        return await workers.call_async(lambda: self._source.get_keys(slave_sae_id, number, size_bits), None,
+                                        "the key source")
 
     async def get_keys_by_id(self, master_sae_id: str, key_ids: Sequence[str]) -> list[QKDKey]:
         """As :meth:`KeySource.get_keys_by_id`, in a worker thread."""
-        return await asyncio.to_thread(self._source.get_keys_by_id, master_sae_id, list(key_ids))
+        return await workers.call_async(lambda: self._source.get_keys_by_id(master_sae_id, list(key_ids)), None,
+                                      "the key source")
 
     async def status(self, slave_sae_id: str) -> KeySourceStatus:
         """As :meth:`KeySource.status`, in a worker thread."""
-        return await asyncio.to_thread(self._source.status, slave_sae_id)
+        return await workers.call_async(lambda: self._source.status(slave_sae_id), None, "the key source")
 
     def discard_stale(self, slave_sae_id: str, key_ids: Sequence[str] = (), *, reported_by_peer: bool = True) -> int:
         """Passed on to the wrapped source if it pools keys (:meth:`KeyPool.discard_stale`), else 0."""

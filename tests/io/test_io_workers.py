@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
+from hybridkex import workers as _workers
 from hybridkex.exceptions import HandshakeTimeout, KeyUnavailableError
-from hybridkex.io import _workers
-from hybridkex.io.sync import call_with_timeout
+from hybridkex.workers import call as call_with_timeout
 
 
 def _run(pool: _workers._Pool, fn: object) -> object:
