@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from .keys import QKDKeyManager
+from .keys import KeySourceArg, QKDKeyManager
 from .sync import run_initiator, run_responder
 
-__all__ = ["QKDKeyManager", "run_initiator", "run_responder"]
+__all__ = ["KeySourceArg", "QKDKeyManager", "run_initiator", "run_responder"]

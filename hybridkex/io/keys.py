@@ -22,13 +22,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 from ..exceptions import KeyReuseError, PolicyViolation
 from ..policy import KeyBudget
 from ..protocol.events import QKDKeysByIdRequired, QKDKeysRequired
-from ..qkd.base import KeySource, QKDKey
+from ..qkd.base import AsyncKeySource, KeySource, QKDKey
 
-__all__ = ["QKDKeyManager"]
+__all__ = ["KeySourceArg", "QKDKeyManager"]
 
 
 @dataclass(slots=True)
@@ -195,3 +196,9 @@ class QKDKeyManager:
             self._master_epochs.clear()
             self._slave_epochs.clear()
 
+
+
+#: What every ``key_source=`` parameter accepts: a long-lived :class:`QKDKeyManager` (required for an
+#: epoch key budget), a blocking :class:`~hybridkex.qkd.KeySource`, an asyncio
+#: :class:`~hybridkex.qkd.AsyncKeySource` (asyncio API only), or None when the policy disables QKD.
+KeySourceArg: TypeAlias = "QKDKeyManager | KeySource | AsyncKeySource | None"
