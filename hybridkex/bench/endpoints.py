@@ -7,11 +7,11 @@ to the client worker process) and built into a :class:`ClientKit`; the server si
 * ``memory_end()``: a fresh in-memory end for one handshake (no sockets), and
 * ``handshake(sock)``: one handshake over a connected socket, returning what must be closed.
 
-The hybridkex ends run the real path: the sans-IO :class:`~hybridkex.protocol.Initiator` /
-:class:`~hybridkex.protocol.Responder` with QKD requests answered by a
-:class:`~hybridkex.io.QKDKeyManager`, then TLS 1.3 with the session's external PSK bound per
-connection (:func:`hybridkex.tls.bind_psk`).  Over sockets the blocking driver
-(:func:`hybridkex.io.run_initiator` / :func:`~hybridkex.io.run_responder`) runs the first part.
+The hybridkex ends run the shipped path: the setup machines of :mod:`hybridkex.io.setup`
+(:class:`~hybridkex.io.setup.ClientSetup` / :class:`~hybridkex.io.setup.ServerSetup`: the hybrid
+handshake, its QKD requests and hooks, the PSK decision, TLS 1.3 or a reconnect), in memory; over
+sockets :class:`hybridkex.HybridClient` and the server's per-connection ``accept``, which drive the
+same machines.
 """
 
 from __future__ import annotations
@@ -32,37 +32,13 @@ from OpenSSL import SSL
 from .. import tls
 from ..exceptions import ConfigurationError, LocalProtocolError
 from ..io import QKDKeyManager
-from ..io._plumbing import ReconnectLookup, ServerState, client_keys, server_keys, tls_context
 from ..io.client import HybridClient
 from ..io.config import ClientConfig, ReconnectPolicy, ServerConfig, TLSOptions
 from ..io.connection import accept
-from ..io.reconnect import (
-    TLS_HANDSHAKE_BYTE,
-    TLS_RECORD_HEADER_LEN,
-    ReconnectKey,
-    ReconnectRegistry,
-    ReconnectTicket,
-    client_hello_cipher,
-    tls_record_length,
-)
+from ..io.reconnect import ReconnectTicket
+from ..io.setup import NEED_DATA, BlockingCall, ClientSetup, Established, Failed, QKDRequest, ServerSetup, ServerState
 from ..policy import KeyBudget, Policy, QKDConfig
-from ..protocol import (
-    NEED_DATA,
-    PAUSED,
-    Authenticator,
-    HandshakeComplete,
-    Initiator,
-    InitiatorConfig,
-    PKIAuthenticator,
-    PSKAuthenticator,
-    QKDKeysByIdRequired,
-    QKDKeysRequired,
-    Responder,
-    Session,
-    SessionInfo,
-    SigningCredential,
-)
-from ..protocol._wire import MAGIC
+from ..protocol import Authenticator, InitiatorConfig, PKIAuthenticator, PSKAuthenticator, SigningCredential
 from ..qkd.base import KeySource
 from ..qkd.client import ETSI014Client
 from ..recycle import RecycledAuthenticator, SQLiteAuthKeyStore
@@ -377,175 +353,67 @@ class _Closing:
                 obj.close()
 
 
-class _HybridEnd:
-    """One side of a full hybridkex connection setup in memory, step for step what
-    :func:`hybridkex.connect` (``_client_full``) and the server's ``accept`` (``_server_full``) do:
-    the hybrid handshake, ``after_handshake`` on every authenticator (recycled keys rotate there),
-    the TLS PSK from the session (kept in a reconnect ticket or registry when reconnects are on,
-    otherwise erased), then TLS on the shared context for the suite's cipher with the PSK bound to
-    this connection."""
+class _SetupEnd:
+    """One side of a hybridkex connection setup in memory: the setup machine that
+    :func:`hybridkex.connect` and the servers run (:mod:`hybridkex.io.setup`), driven as their
+    drivers do, except that its blocking calls (QKD requests, hooks) run inline, so that one thread
+    measures both ends.  A client's machine reconnects while its ticket lasts."""
 
-    def __init__(self, conn: Initiator | Responder, keys: QKDKeyManager | None,
-                 config: ClientConfig | ServerConfig, stages: NullStages, *,
-                 registry: ReconnectRegistry | None = None,
+    def __init__(self, machine: ClientSetup | ServerSetup, stages: NullStages,
                  on_ticket: Callable[[ReconnectTicket | None], None] | None = None) -> None:
-        self._conn = conn
-        self._keys = keys
-        self._config = config
+        self._machine = machine
         self._stages = stages
-        self._registry = registry
         self._on_ticket = on_ticket
-        self._server_side = isinstance(conn, Responder)
-        self._tls: tls.MemoryTLS | None = None
         self._pending = b""
-        self._info: SessionInfo | None = None
+        self._established: Established | None = None
 
-    def facts(self) -> dict[str, Any]:
-        out = _tls_facts(self._tls)
-        if self._info is not None:
-            i = self._info
-            out.update(reconnect=False, suite=i.suite, auth_mode=i.auth_mode, qkd_used=i.qkd_used,
-                       qkd_usage=i.qkd_usage, components=[c.name for c in i.components])
+    def incoming(self, data: bytes) -> None:
+        self._machine.receive_data(data)
+
+    def outgoing(self) -> bytes:
+        out, self._pending = self._pending + self._machine.data_to_send(), b""
         return out
 
-    def incoming(self, data: bytes) -> None:
-        if self._tls is None:
-            self._conn.receive_data(data)
-        else:
-            self._tls.receive_data(data)
-
-    def outgoing(self) -> bytes:
-        out, self._pending = self._pending, b""
-        if self._tls is None:
-            return out + self._conn.data_to_send()
-        return out + self._tls.data_to_send()
-
-    def _run_protocol(self) -> Session | None:
-        conn, st = self._conn, self._stages
-        for _ in range(32):
-            event = conn.next_event()
+    def step(self) -> bool:
+        machine, st = self._machine, self._stages
+        while self._established is None:
+            st.push("tls" if machine.stage == "tls" else "other")
+            try:
+                event = machine.next_event()
+            finally:
+                st.pop()
+            self._pending += machine.data_to_send()  # what a driver sends before acting on the event
             if event is NEED_DATA:
-                return None
-            if event is PAUSED:  # cannot happen: every request is answered at once below
-                raise LocalProtocolError("the handshake paused on an unanswered QKD request")
-            if isinstance(event, QKDKeysRequired | QKDKeysByIdRequired):
-                if self._keys is None:
-                    conn.qkd_unavailable("no key source is configured")
-                    continue
-                st.push("kme")
+                return False
+            if isinstance(event, BlockingCall):
+                st.push("kme" if isinstance(event, QKDRequest) else "auth")
                 try:
-                    keys = self._keys.answer(event)
+                    value = event.run()
+                except Exception as exc:
+                    machine.call_failed(exc)
+                else:
+                    machine.call_done(value)
                 finally:
                     st.pop()
-                conn.provide_qkd_keys(keys)
-            elif isinstance(event, HandshakeComplete):
-                return event.session
-        raise LocalProtocolError("the hybrid handshake produced too many events")
-
-    def step(self) -> bool:
-        st = self._stages
-        if self._tls is None:
-            session = self._run_protocol()
-            if session is None:
-                return False
-            self._info = session.info
-            self._pending += self._conn.data_to_send()  # the initiator's Finished leaves first
-            st.push("auth")
-            try:  # the driver's on_complete hook
-                for auth in self._config.handshake.authenticators:
-                    auth.after_handshake(session)
-            finally:
-                st.pop()
-            st.push("tls")
-            try:
-                if self._server_side:
-                    keys = server_keys(session, self._registry)
-                else:
-                    keys = client_keys(session, self._config.reconnect)
-                    if self._on_ticket is not None:
-                        self._on_ticket(keys.ticket)
-                role = "server" if self._server_side else "client"
-                end = tls.MemoryTLS(tls_context(role, keys.cipher, self._config.tls), server_side=self._server_side)
-                tls.bind_psk(end.connection, keys.identity, keys.psk)
-                trailing = self._conn.trailing_data
-                if trailing:
-                    end.receive_data(trailing)
-            finally:
-                st.pop()
-            self._tls = end
-        st.push("tls")
-        try:
-            return self._tls.do_handshake() is not None
-        finally:
-            st.pop()
-
-
-class _ReconnectClientEnd(_MemoryTLSEnd):
-    """A reconnect in memory (``_client_reconnect``): TLS straight away with a ticket's PSK."""
-
-    def __init__(self, config: ClientConfig, key: ReconnectKey, stages: NullStages) -> None:
-        stages.push("tls")
-        try:
-            end = tls.MemoryTLS(tls_context("client", key.cipher, config.tls, reconnect=True), server_side=False)
-            tls.bind_psk(end.connection, key.identity, key.psk)
-        finally:
-            stages.pop()
-        super().__init__(end, stages)
-        self._parent = key.info
+            elif isinstance(event, Established):
+                self._established = event
+                if self._on_ticket is not None:
+                    self._on_ticket(event.ticket)
+            elif isinstance(event, Failed):
+                raise event.error
+            else:  # pragma: no cover - HandshakeDone stays inside the setup machines
+                raise LocalProtocolError(f"unexpected setup event {event!r}")
+        return True
 
     def facts(self) -> dict[str, Any]:
-        i = self._parent
-        return super().facts() | {"reconnect": True, "suite": i.suite, "auth_mode": i.auth_mode,
-                                  "qkd_used": i.qkd_used, "qkd_usage": i.qkd_usage,
-                                  "components": [c.name for c in i.components]}
-
-
-class _ServerDispatchEnd:
-    """The server's ``accept`` in memory: the first byte picks a full setup or a reconnect; a
-    reconnect reads the ClientHello's cipher before TLS starts (``_server_reconnect``)."""
-
-    def __init__(self, kit: ServerKit, stages: NullStages) -> None:
-        self._kit = kit
-        self._stages = stages
-        self._end: End | None = None
-        self._buffer = b""
-
-    def incoming(self, data: bytes) -> None:
-        if self._end is not None:
-            self._end.incoming(data)
-            return
-        self._buffer += data
-        if self._buffer[0] == MAGIC[0]:
-            self._end = self._kit.full_end(self._stages)
-        elif self._buffer[0] == TLS_HANDSHAKE_BYTE:
-            self._stages.push("tls")
-            try:
-                self._end = self._reconnect_end()
-            finally:
-                self._stages.pop()
-        else:
-            raise LocalProtocolError(f"first byte 0x{self._buffer[0]:02x} is neither a Hello nor a ClientHello")
-        self._end.incoming(self._buffer)
-        self._buffer = b""
-
-    def _reconnect_end(self) -> End:
-        header = self._buffer[:TLS_RECORD_HEADER_LEN]
-        body = self._buffer[TLS_RECORD_HEADER_LEN:TLS_RECORD_HEADER_LEN + tls_record_length(header)]
-        cipher = client_hello_cipher(body)
-        state = self._kit.state
-        lookup = ReconnectLookup(state.registry, cipher)
-        end = tls.MemoryTLS(tls_context("server", cipher, state.config.tls, reconnect=True), server_side=True)
-        tls.bind_psk_lookup(end.connection, lookup)
-        return _MemoryTLSEnd(end, self._stages)
-
-    def step(self) -> bool:
-        return self._end is not None and self._end.step()
-
-    def outgoing(self) -> bytes:
-        return self._end.outgoing() if self._end is not None else b""
-
-    def facts(self) -> dict[str, Any]:
-        return self._end.facts() if self._end is not None else {}
+        est = self._established
+        if est is None:
+            return {}
+        i = est.info
+        return {"tls_version": est.tls_info.version, "tls_cipher": est.tls_info.cipher,
+                "tls_group": est.tls_info.group, "reconnect": est.reconnect_index is not None, "suite": i.suite,
+                "auth_mode": i.auth_mode, "qkd_used": i.qkd_used, "qkd_usage": i.qkd_usage,
+                "components": [c.name for c in i.components]}
 
 
 class ClientKit:
@@ -606,12 +474,9 @@ class ClientKit:
             return _PyOpenSSLEnd(self._pyo, False, self.spec.server_host.encode())
         if kind == "tls-psk":
             return _MemoryTLSEnd(tls.MemoryTLS(self._psk_ctx, server_side=False))
-        st = stages or NullStages()
-        if self.spec.reconnect and self._ticket is not None:
-            key = self._ticket.take()
-            if key is not None:
-                return _ReconnectClientEnd(self.config, key, st)
-        return _HybridEnd(Initiator(self.config.handshake), self.keys, self.config, st, on_ticket=self._keep_ticket)
+        ticket = self._ticket if self.spec.reconnect else None
+        return _SetupEnd(ClientSetup(self.config, self.keys, ticket=ticket), stages or NullStages(),
+                         on_ticket=self._keep_ticket)
 
     def _keep_ticket(self, ticket: ReconnectTicket | None) -> None:
         if ticket is not None:
@@ -685,7 +550,7 @@ class ServerKit:
             return _PyOpenSSLEnd(self._pyo, True, None)
         if kind == "tls-psk":
             return _MemoryTLSEnd(tls.MemoryTLS(self._psk_ctx, server_side=True))
-        return _ServerDispatchEnd(self, stages or NullStages())
+        return _SetupEnd(ServerSetup(self.state), stages or NullStages())
 
     def finish(self, conn: Any) -> None:
         """Wait (bounded) until the client closes ``conn``, as a server reading a request would, so
@@ -694,10 +559,6 @@ class ServerKit:
             conn.settimeout(_SOCKET_TIMEOUT)
         with contextlib.suppress(Exception):  # EOF, close_notify or a reset: the client is gone
             conn.recv(1)
-
-    def full_end(self, stages: NullStages) -> End:
-        return _HybridEnd(Responder(self.config.handshake), self.keys, self.config, stages,
-                          registry=self.state.registry)
 
     def handshake(self, sock: socket.socket) -> Any:
         """One server handshake over the accepted ``sock``; returns the object to close.

@@ -1,15 +1,16 @@
-"""Pieces the blocking and asyncio connect/serve paths share: TLS contexts, deadlines, key
-managers, and the per-connection PSK decisions.  Private."""
+"""Pieces of connection setup (:mod:`hybridkex.io.setup`) and its drivers: TLS contexts, deadlines,
+key managers, the per-connection PSK decisions, and the server's rejection log line."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeGuard, cast
 
 from ..exceptions import (
     AuthenticationError,
@@ -18,17 +19,19 @@ from ..exceptions import (
     HybridKEXError,
     RemoteProtocolError,
 )
-from ..policy import KeyBudget
+from ..policy import Policy
 from ..protocol import HEADER_LEN, MAGIC, FrameType, Session, peer_abort_error
 from ..tls import PQ_GROUP
 from ..tls.pyopenssl import client_context, server_context
+from ._bridge import BlockingBridge
 from .config import ClientConfig, ServerConfig, TLSOptions
-from .keys import QKDKeyManager
+from .keys import KeySourceArg, QKDKeyManager
 from .reconnect import ReconnectMatch, ReconnectRegistry, ReconnectTicket
 
 if TYPE_CHECKING:
     from OpenSSL import SSL
 
+    from ..qkd.base import AsyncKeySource, KeySource
     from .config import ReconnectPolicy
 
 _log = logging.getLogger("hybridkex.server")
@@ -73,8 +76,12 @@ class Stage:
         """Seconds left; HandshakeTimeout (naming the stage) once none are."""
         left = self.end - time.monotonic()
         if left <= 0:
-            raise HandshakeTimeout(f"{self.name} did not complete within {self.limit:.3g} s")
+            raise self.timeout_error()
         return left
+
+    def timeout_error(self) -> HandshakeTimeout:
+        """The error for this stage's deadline having passed."""
+        return HandshakeTimeout(f"{self.name} did not complete within {self.limit:.3g} s")
 
 
 @functools.lru_cache(maxsize=64)
@@ -94,26 +101,45 @@ def tls_context(role: str, cipher: str, options: TLSOptions, *, reconnect: bool 
     return _context(role, cipher, groups, options.require_pq, keylog)
 
 
-def is_async_source(source: object) -> bool:
+def is_async_source(source: object) -> TypeGuard[AsyncKeySource]:
     """Whether ``source`` is an :class:`~hybridkex.qkd.AsyncKeySource` (coroutine methods)."""
     return inspect.iscoroutinefunction(getattr(source, "get_keys", None))
 
 
-def long_lived_manager(source: Any, budget: KeyBudget) -> QKDKeyManager | None:
-    """One key manager for a server's or client's lifetime (it remembers key IDs across handshakes
-    and holds epoch keys); ``source`` may already be one."""
-    if source is None or isinstance(source, QKDKeyManager):
+def key_manager(source: KeySourceArg, policy: Policy, *, long_lived: bool = False,
+                loop: asyncio.AbstractEventLoop | None = None) -> QKDKeyManager | None:
+    """The key manager that answers QKD requests from ``source`` (which may already be one).
+
+    ``long_lived``: one manager for a client's or server's lifetime, which remembers key IDs across
+    handshakes and holds epoch keys; otherwise one for a single handshake, which an epoch key budget
+    refuses.  An asyncio key source needs ``loop`` (the asyncio API): its coroutines run there.
+    """
+    if source is None:
+        if policy.uses_qkd and not long_lived:
+            raise ConfigurationError(f"the policy's QKD mode is {policy.qkd.value!r} but no key source was "
+                                     "given", field="key_source")
+        return None
+    if isinstance(source, QKDKeyManager):
         return source
+    if not long_lived and policy.key_budget.mode == "epoch":
+        raise ConfigurationError("an epoch key budget keeps keys between handshakes: pass one long-lived "
+                                 "QKDKeyManager(key_source, policy.key_budget) (HybridClient and the servers "
+                                 "keep one), not a bare key source", field="key_source")
+    blocking: KeySource
     if is_async_source(source):
-        raise ConfigurationError("an asyncio key source (AsyncKeySource) needs the asyncio API "
-                                 "(open_connection/start_server); the blocking API takes a KeySource",
-                                 field="key_source")
-    if not callable(getattr(source, "get_keys", None)) or not callable(getattr(source, "get_keys_by_id", None)):
+        if loop is None:
+            raise ConfigurationError("an asyncio key source (AsyncKeySource) needs the asyncio API "
+                                     "(open_connection/start_server); the blocking API takes a KeySource",
+                                     field="key_source")
+        blocking = BlockingBridge(source, loop)
+    elif callable(getattr(source, "get_keys", None)) and callable(getattr(source, "get_keys_by_id", None)):
+        blocking = cast("KeySource", source)
+    else:
         raise ConfigurationError(f"{type(source).__name__} is not a KeySource", field="key_source")
-    return QKDKeyManager(source, budget)
+    return QKDKeyManager(blocking, policy.key_budget)
 
 
-def check_key_source(config: ClientConfig, key_source: Any) -> None:
+def check_key_source(config: ClientConfig, key_source: KeySourceArg) -> None:
     """Refuse, before any connection is opened, a full handshake that could only fail for want of
     a key source."""
     policy = config.handshake.policy
@@ -220,17 +246,18 @@ class ReconnectLookup:
 
 
 class ServerState:
-    """What a server keeps across connections: config, key manager, reconnect registry."""
+    """What a server keeps across connections: config, key manager, reconnect registry.
 
-    def __init__(self, config: ServerConfig, key_source: Any, registry: ReconnectRegistry | None = None) -> None:
+    ``loop``: the event loop an asyncio key source's coroutines run on (asyncio servers only)."""
+
+    def __init__(self, config: ServerConfig, key_source: KeySourceArg, registry: ReconnectRegistry | None = None,
+                 *, loop: asyncio.AbstractEventLoop | None = None) -> None:
         policy = config.handshake.policy
         if policy.uses_qkd and key_source is None:
             raise ConfigurationError(f"the policy's QKD mode is {policy.qkd.value!r} but no key source was given",
                                      field="key_source")
         self.config = config
-        self.keys = long_lived_manager(key_source, config.handshake.policy.key_budget) \
-            if not is_async_source(key_source) else None
-        self.async_source = key_source if is_async_source(key_source) else None
+        self.keys = key_manager(key_source, policy, long_lived=True, loop=loop)
         if config.reconnect.enabled:
             self.registry: ReconnectRegistry | None = (
                 registry if registry is not None else ReconnectRegistry(config.reconnect))

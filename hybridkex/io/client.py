@@ -9,11 +9,12 @@ from typing import Any
 
 from ..exceptions import ConfigurationError, PSKRejected, QKDKeyUnknownError
 from ..protocol import InitiatorConfig
-from ._plumbing import is_async_source, long_lived_manager
-from .aio import DEFAULT_LIMIT, HybridStreamReader, HybridStreamWriter, _BlockingBridge, open_connection
+from ._bridge import BlockingBridge
+from ._plumbing import is_async_source, key_manager
+from .aio import DEFAULT_LIMIT, HybridStreamReader, HybridStreamWriter, open_connection
 from .config import ClientConfig
 from .connection import HybridSocket, connect
-from .keys import QKDKeyManager
+from .keys import KeySourceArg, QKDKeyManager
 from .reconnect import ReconnectTicket
 
 __all__ = ["HybridClient"]
@@ -41,11 +42,11 @@ class HybridClient:
             one long-lived key manager is kept, so epoch key budgets work.
     """
 
-    def __init__(self, config: ClientConfig | InitiatorConfig, *, key_source: Any = None) -> None:
+    def __init__(self, config: ClientConfig | InitiatorConfig, *, key_source: KeySourceArg = None) -> None:
         self.config = ClientConfig.coerce(config)
-        budget = self.config.handshake.policy.key_budget
         self._async_source = key_source if is_async_source(key_source) else None
-        self._keys: QKDKeyManager | None = None if self._async_source else long_lived_manager(key_source, budget)
+        self._keys: QKDKeyManager | None = (
+            None if self._async_source else key_manager(key_source, self.config.handshake.policy, long_lived=True))
         self._bridge_loop: asyncio.AbstractEventLoop | None = None
         self._tickets: dict[tuple[str, int], ReconnectTicket] = {}
         self._lock = threading.Lock()
@@ -144,7 +145,7 @@ class HybridClient:
         loop = asyncio.get_running_loop()
         with self._lock:
             if self._keys is None:
-                self._keys = QKDKeyManager(_BlockingBridge(self._async_source, loop),
+                self._keys = QKDKeyManager(BlockingBridge(self._async_source, loop),
                                            self.config.handshake.policy.key_budget)
                 self._bridge_loop = loop
             elif self._bridge_loop is not loop:

@@ -24,49 +24,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import select
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from ..exceptions import (
-    ConfigurationError,
-    HandshakeTimeout,
-    HybridKEXError,
-    LocalProtocolError,
-    RemoteProtocolError,
-    TLSError,
-)
+from ..exceptions import HandshakeTimeout, HybridKEXError
 from ..protocol import SessionInfo
-from ..protocol._wire import MAGIC
-from ..tls._bio import MemoryTLS
-from ..tls._common import TLSInfo
-from ..tls.pyopenssl import bind_psk, bind_psk_lookup, export_keying_material
-from ._plumbing import (
-    Deadline,
-    ReconnectLookup,
-    ServerState,
-    Stage,
-    check_key_source,
-    check_server_first_bytes,
-    client_keys,
-    is_async_source,
-    server_keys,
-    tls_context,
-)
+from ..tls import MemoryTLS, TLSInfo
+from ..tls.pyopenssl import export_keying_material
+from ._events import Established, HandshakeDone
+from ._plumbing import ServerState
 from .config import ClientConfig
-from .reconnect import (
-    TLS_HANDSHAKE_BYTE,
-    TLS_RECORD_HEADER_LEN,
-    ReconnectKey,
-    ReconnectTicket,
-    client_hello_cipher,
-    tls_record_length,
-)
+from .keys import KeySourceArg
+from .reconnect import ReconnectTicket
 from .session import HybridSession
-from .sync import run_initiator, run_responder
+from .setup import ClientSetup, ServerSetup
+from .sync import drive, wait_fd
 
 if TYPE_CHECKING:
     from ..protocol import InitiatorConfig
@@ -80,91 +54,6 @@ _READ_CHUNK: Final = 65536
 _SEND_CHUNK: Final = 65536
 #: How long close() waits to hand close_notify to the kernel (it never waits for the peer).
 _CLOSE_GRACE: Final = 1.0
-
-_HAS_POLL: Final = hasattr(select, "poll")
-
-
-def _wait_fd(fd: int, write: bool, timeout: float | None) -> bool:
-    """Wait until ``fd`` is readable/writable (or has an error); False on timeout."""
-    if _HAS_POLL:
-        poller = select.poll()
-        poller.register(fd, select.POLLOUT if write else select.POLLIN)
-        return bool(poller.poll(None if timeout is None else max(0.0, timeout) * 1000.0))
-    r, w, _ = select.select([] if write else [fd], [fd] if write else [], [], timeout)  # pragma: no cover
-    return bool(r or w)  # pragma: no cover
-
-
-# ---------------------------------------------------------------------------------------------
-# Setup-time socket I/O with deadlines (the socket is non-blocking from here on)
-# ---------------------------------------------------------------------------------------------
-
-
-def _recv_some(sock: socket.socket, stage: Stage, n: int = _READ_CHUNK, flags: int = 0) -> bytes:
-    while True:
-        try:
-            return sock.recv(n, flags)
-        except BlockingIOError:
-            pass
-        if not _wait_fd(sock.fileno(), False, stage.left()):
-            stage.left()  # raises HandshakeTimeout, unless the clock says otherwise: then retry
-
-
-def _recv_exactly(sock: socket.socket, n: int, stage: Stage, what: str) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = _recv_some(sock, stage, n - len(buf))
-        if not chunk:
-            raise RemoteProtocolError(f"the peer closed the connection in the middle of {what}")
-        buf += chunk
-    return bytes(buf)
-
-
-def _sendall(sock: socket.socket, data: bytes, stage: Stage) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[sock.send(view):]
-            continue
-        except BlockingIOError:
-            pass
-        if not _wait_fd(sock.fileno(), True, stage.left()):
-            stage.left()
-
-
-def _tls_handshake(sock: socket.socket, tls: MemoryTLS, stage: Stage, initial: bytes = b"",
-                   check_first: Callable[[bytes], None] | None = None) -> TLSInfo:
-    """Drive the TLS handshake of ``tls`` over ``sock`` (non-blocking) before ``stage`` ends.
-
-    ``check_first`` sees the first bytes received (before OpenSSL does) and may raise.
-    """
-    sock.setblocking(False)
-    try:
-        if initial:
-            tls.receive_data(initial)
-        while True:
-            try:
-                info = tls.do_handshake()
-            except BaseException:
-                with contextlib.suppress(OSError):  # the alert, if the kernel takes it at once
-                    out = tls.data_to_send()
-                    if out:
-                        sock.send(out)
-                raise
-            out = tls.data_to_send()
-            if out:
-                _sendall(sock, out, stage)
-            if info is not None:
-                return info
-            data = _recv_some(sock, stage)
-            if check_first is not None:
-                check_first(data)
-                check_first = None
-            tls.receive_data(data)
-    except (ConnectionError, TimeoutError) as exc:
-        if isinstance(exc, HandshakeTimeout):
-            raise
-        raise TLSError(f"the peer closed the connection during the TLS handshake ({type(exc).__name__})") from exc
-
 
 # ---------------------------------------------------------------------------------------------
 # The socket-like object
@@ -371,7 +260,7 @@ class HybridSocket:
         if self._timeout == 0.0:
             raise BlockingIOError(errno.EAGAIN, "the operation would block")
         left = None if deadline is None else deadline - time.monotonic()
-        if (left is not None and left <= 0) or not _wait_fd(self._sock.fileno(), write, left):
+        if (left is not None and left <= 0) or not wait_fd(self._sock.fileno(), write, left):
             raise TimeoutError("timed out")
 
     def _check_open(self) -> None:
@@ -586,11 +475,11 @@ class HybridSocket:
 
 
 # ---------------------------------------------------------------------------------------------
-# Client
+# Connection setup: the setup machines of hybridkex.io.setup, driven by hybridkex.io.sync
 # ---------------------------------------------------------------------------------------------
 
 
-def connect(address: Address, config: ClientConfig | InitiatorConfig, *, key_source: Any = None,
+def connect(address: Address, config: ClientConfig | InitiatorConfig, *, key_source: KeySourceArg = None,
             timeout: float | None = None, ticket: ReconnectTicket | None = None,
             source_address: tuple[str, int] | None = None) -> HybridSocket:
     """Open a hybridkex connection to ``address`` and return it once TLS is verified.
@@ -612,104 +501,30 @@ def connect(address: Address, config: ClientConfig | InitiatorConfig, *, key_sou
         HybridKEXError: a subclass saying what failed (authentication, policy, QKD, TLS, protocol);
             :class:`~hybridkex.HandshakeTimeout` for a deadline; ``OSError`` if TCP cannot connect.
     """
-    cfg = ClientConfig.coerce(config)
-    if is_async_source(key_source):
-        raise ConfigurationError("an asyncio key source needs hybridkex.open_connection()", field="key_source")
-    deadline = Deadline(cfg.timeout if timeout is None else timeout)
-    key = ticket.take() if ticket is not None else None
-    if key is None:
-        check_key_source(cfg, key_source)
+    setup = ClientSetup(config, key_source, ticket=ticket, timeout=timeout)
     try:
-        sock = socket.create_connection(address, timeout=deadline.remaining("TCP connect"),
-                                        source_address=source_address)
+        sock = socket.create_connection(address, timeout=setup.connect_timeout(), source_address=source_address)
     except TimeoutError as exc:
         raise HandshakeTimeout(f"TCP connect to {address[0]}:{address[1]} timed out") from exc
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the handshakes are latency-bound
-        if key is not None:
-            return _client_reconnect(sock, cfg, key, deadline)
-        return _client_full(sock, cfg, key_source, deadline)
+        return _established(sock, drive(setup, sock))
     except BaseException:
         sock.close()
         raise
-
-
-def _client_full(sock: socket.socket, cfg: ClientConfig, key_source: Any, deadline: Deadline) -> HybridSocket:
-    policy = cfg.handshake.policy
-    session = run_initiator(sock, cfg.handshake, key_source,
-                            timeout=deadline.remaining("the hybrid handshake", policy.timeouts.handshake))
-    keys = client_keys(session, cfg.reconnect)
-    try:
-        tls = MemoryTLS(tls_context("client", keys.cipher, cfg.tls), server_side=False)
-        bind_psk(tls.connection, keys.identity, keys.psk)
-        info = _tls_handshake(sock, tls, deadline.stage("the TLS handshake", cfg.tls.timeout),
-                              check_first=check_server_first_bytes)
-    except BaseException:
-        if keys.ticket is not None:
-            keys.ticket.erase()
-        raise
-    return HybridSocket(sock, tls, session.info, info, ticket=keys.ticket)
-
-
-def _client_reconnect(sock: socket.socket, cfg: ClientConfig, key: ReconnectKey, deadline: Deadline) -> HybridSocket:
-    tls = MemoryTLS(tls_context("client", key.cipher, cfg.tls, reconnect=True), server_side=False)
-    bind_psk(tls.connection, key.identity, key.psk)
-    info = _tls_handshake(sock, tls, deadline.stage("the TLS handshake (reconnect)", cfg.tls.timeout))
-    return HybridSocket(sock, tls, key.info, info, reconnect_index=key.index)
-
-
-# ---------------------------------------------------------------------------------------------
-# Server side of one connection
-# ---------------------------------------------------------------------------------------------
 
 
 def accept(sock: socket.socket, state: ServerState) -> HybridSocket:
     """Run the server side of connection setup on an accepted socket: hybrid handshake then TLS,
     or a reconnect straight to TLS, told apart by the first byte.  Raises on any failure (the
     caller logs and closes ``sock``)."""
-    cfg = state.config
-    deadline = Deadline(cfg.timeout)
-    sock.setblocking(False)
+    setup = ServerSetup(state)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    first = _recv_some(sock, deadline.stage("waiting for the client's first byte"), 1, socket.MSG_PEEK)
-    if not first:
-        raise RemoteProtocolError("the peer closed the connection without sending anything")
-    if first[0] == TLS_HANDSHAKE_BYTE:
-        return _server_reconnect(sock, state, deadline)
-    if first[0] == MAGIC[0]:
-        return _server_full(sock, state, deadline)
-    raise RemoteProtocolError(f"the peer sent neither a hybridkex Hello nor a TLS ClientHello "
-                              f"(first byte 0x{first[0]:02x})")
+    return _established(sock, drive(setup, sock))
 
 
-def _server_full(sock: socket.socket, state: ServerState, deadline: Deadline) -> HybridSocket:
-    cfg = state.config
-    sock.setblocking(True)  # the blocking driver sets its own timeouts
-    session = run_responder(sock, cfg.handshake, state.keys,
-                            timeout=deadline.remaining("the hybrid handshake", cfg.handshake.policy.timeouts.handshake))
-    keys = server_keys(session, state.registry)
-    try:
-        tls = MemoryTLS(tls_context("server", keys.cipher, cfg.tls), server_side=True)
-        bind_psk(tls.connection, keys.identity, keys.psk)
-        info = _tls_handshake(sock, tls, deadline.stage("the TLS handshake", cfg.tls.timeout))
-    except BaseException:
-        if keys.handle is not None and state.registry is not None:
-            state.registry.discard(keys.handle)
-        raise
-    return HybridSocket(sock, tls, session.info, info)
-
-
-def _server_reconnect(sock: socket.socket, state: ServerState, deadline: Deadline) -> HybridSocket:
-    cfg = state.config
-    stage = deadline.stage("the TLS handshake (reconnect)", cfg.tls.timeout)
-    header = _recv_exactly(sock, TLS_RECORD_HEADER_LEN, stage, "a TLS record header")
-    body = _recv_exactly(sock, tls_record_length(header), stage, "the TLS ClientHello")
-    cipher = client_hello_cipher(body)
-    lookup = ReconnectLookup(state.registry, cipher)
-    tls = MemoryTLS(tls_context("server", cipher, cfg.tls, reconnect=True), server_side=True)
-    bind_psk_lookup(tls.connection, lookup)
-    info = _tls_handshake(sock, tls, stage, header + body)
-    if lookup.match is None:  # pragma: no cover - verify_connection() already insists on our PSK
-        raise LocalProtocolError("TLS completed without a reconnect PSK")
-    return HybridSocket(sock, tls, lookup.match.info, info, reconnect_index=lookup.match.index)
+def _established(sock: socket.socket, event: Established | HandshakeDone) -> HybridSocket:
+    assert isinstance(event, Established)
+    return HybridSocket(sock, event.tls, event.info, event.tls_info, reconnect_index=event.reconnect_index,
+                        ticket=event.ticket)

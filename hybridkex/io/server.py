@@ -60,9 +60,7 @@ class HybridTCPServer(socketserver.ThreadingTCPServer):
         if config is None:
             raise ConfigurationError("a hybridkex server needs a ServerConfig", field="config")
         cfg = ServerConfig.coerce(config)
-        self.hybrid = ServerState(cfg, key_source, reconnect_registry)
-        if self.hybrid.async_source is not None:
-            raise ConfigurationError("an asyncio key source needs hybridkex.start_server()", field="key_source")
+        self.hybrid = ServerState(cfg, key_source, reconnect_registry)  # refuses an asyncio key source
         self._slots = threading.BoundedSemaphore(cfg.max_connections)
         super().__init__(server_address, RequestHandlerClass, bind_and_activate)
 

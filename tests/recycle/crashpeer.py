@@ -39,20 +39,28 @@ def _maybe_die(where: str) -> None:
 
 
 class KillSocket:
-    """The socket the driver sees; dies at the scheduled point around each sendall."""
+    """The socket the driver sees; dies at the scheduled point around each send (one per flight:
+    handshake flights are far smaller than a loopback socket's buffer)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._sends = 0
 
-    def sendall(self, data: bytes) -> None:
+    def send(self, data: bytes) -> int:
         self._sends += 1
         _maybe_die(f"before-send-{self._sends}")
-        self._sock.sendall(data)
+        sent = self._sock.send(data)
         _maybe_die(f"after-send-{self._sends}")
+        return sent
 
     def recv(self, n: int) -> bytes:
         return self._sock.recv(n)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def setblocking(self, flag: bool) -> None:
+        self._sock.setblocking(flag)
 
     def settimeout(self, value: float | None) -> None:
         self._sock.settimeout(value)
