@@ -21,12 +21,12 @@ from ..io.config import ClientConfig, ServerConfig, TLSOptions
 from ..policy import KeyBudget, Policy, QKDConfig, QKDMode, Timeouts
 from ..protocol import AbortCode, InitiatorConfig, ResponderConfig, encode_abort
 from ..suites import get_suite
-from .channel import PlainStream
 from .config import PeerConfig, TunnelConfig
 from .kmewatch import KMEWatch, PeerSAE, WatchedKeySource
 from .limits import admit_peer
 from .material import check_channel_config, load_channel_material, load_psk_file
 from .metrics import TunnelMetrics
+from .streams import PlainStream
 
 __all__ = ["HybridChannelFactory", "HybridStream", "build_channel_factory", "check_channel_config", "load_psk_file"]
 
