@@ -219,7 +219,7 @@ def _configure_groups(
 
 
 def set_groups(ctx: SSL.Context, groups: str) -> None:
-    """Set a context's key-exchange groups (``SSL_CTX_set1_groups_list``), e.g. ``"X25519MLKEM768"``.
+    """Set the key-exchange groups of a pyOpenSSL context, e.g. ``"X25519MLKEM768:X25519"``.
 
     For plain pyOpenSSL contexts (baselines, interop tests), which have no public group setter;
     :func:`client_context` / :func:`server_context` take ``groups=`` instead.
