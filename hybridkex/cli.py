@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from . import __version__
-from .commands._exit import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, exit_status_epilog
+from .commands.exitcodes import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, exit_status_epilog
 from .exceptions import HybridKEXError
 
 __all__ = ["main"]

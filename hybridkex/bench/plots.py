@@ -16,7 +16,7 @@ from ..exceptions import ConfigurationError
 from .stages import STAGES
 from .variants import KME_DELAYS_MS
 
-__all__ = ["write_plots"]
+__all__ = ["check_plots_available", "write_plots"]
 
 _COLORS = {"kem": "#4c72b0", "x25519": "#55a868", "combiner": "#8172b2", "auth": "#c44e52", "kme": "#dd8452",
            "tls": "#937860", "other": "#b0b0b0"}
@@ -33,7 +33,15 @@ def _pyplot() -> Any:
     return plt
 
 
-def _mpl_at_least(plt: Any, major: int, minor: int) -> bool:
+def check_plots_available() -> None:
+    """Raise :class:`~hybridkex.exceptions.ConfigurationError` now if matplotlib is missing.
+
+    For callers that measure for minutes before plotting: fail before, not after.
+    """
+    _pyplot()
+
+
+def _mpl_at_least(major: int, minor: int) -> bool:
     import matplotlib  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415 - optional extra
 
     parts = matplotlib.__version__.split(".")
@@ -70,7 +78,7 @@ def _latency(plt: Any, rows: list[dict[str, Any]], subtitle: str) -> Any:
     data.reverse()  # first variant at the top
     fig, ax = plt.subplots(figsize=(10, 0.42 * len(data) + 1.8))
     # matplotlib >= 3.10 spells it orientation=, older releases vert=.
-    horizontal = {"orientation": "horizontal"} if _mpl_at_least(plt, 3, 10) else {"vert": False}
+    horizontal = {"orientation": "horizontal"} if _mpl_at_least(3, 10) else {"vert": False}
     ax.boxplot([d[1] for d in data], whis=(1, 99), showfliers=True, widths=0.6,
                flierprops={"markersize": 2, "alpha": 0.4}, **horizontal)
     ax.set_yticks(range(1, len(data) + 1), [d[0] for d in data], fontsize=8)

@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
     patterns = tuple(args.variants.split(",")) if args.variants else None
     select(patterns)  # unknown ids fail here, before anything starts
     if args.plots:
-        from ..bench.plots import _pyplot  # noqa: PLC0415
+        from ..bench.plots import check_plots_available  # noqa: PLC0415
 
-        _pyplot()  # fail early, not after minutes of measuring, when matplotlib is missing
+        check_plots_available()
     opts = BenchOptions.quick() if args.quick else BenchOptions()
     opts.variants = patterns
     for field, value in (("rounds", args.rounds), ("n", args.n), ("warmup", args.warmup), ("samples", args.samples),

@@ -15,7 +15,7 @@ from ..tunnel import make_runtime
 from ..tunnel.channel import insecure_test_hook_active, resolve_channel_check, resolve_channel_provider
 from ..tunnel.config import FLAGS, Overrides, Role, TunnelConfig, load_config
 from ..tunnel.logs import configure_logging
-from ._exit import exit_status_epilog
+from .exitcodes import exit_status_epilog
 
 HELP = "run a quantum-safe tunnel in front of any TCP service (server or client side)"
 

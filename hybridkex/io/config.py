@@ -19,7 +19,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..exceptions import ConfigurationError
 from ..protocol import InitiatorConfig, ResponderConfig
@@ -123,6 +123,27 @@ def _sub(value: Any, cls: type, name: str) -> None:
         raise ConfigurationError(f"must be a {cls.__name__}, not {type(value).__name__}", field=name)
 
 
+def _check_setup(config: ClientConfig | ServerConfig, handshake_type: type) -> None:
+    """Validate (and normalize) the fields both setups share."""
+    _sub(config.handshake, handshake_type, "handshake")
+    _sub(config.tls, TLSOptions, "tls")
+    _sub(config.reconnect, ReconnectPolicy, "reconnect")
+    object.__setattr__(config, "timeout", _seconds(config.timeout, "timeout"))
+
+
+_Setup = TypeVar("_Setup", "ClientConfig", "ServerConfig")
+
+
+def _coerce(cls: type[_Setup], config: object, handshake_type: type[Any]) -> _Setup:
+    """``config`` itself, or a ``cls`` with defaults around a bare handshake configuration."""
+    if isinstance(config, cls):
+        return config
+    if isinstance(config, handshake_type):
+        return cls(config)
+    raise ConfigurationError(f"must be a {cls.__name__} or {handshake_type.__name__}, not {type(config).__name__}",
+                             field="config")
+
+
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
     """Everything :func:`hybridkex.connect` / :func:`hybridkex.open_connection` need besides the
@@ -143,20 +164,12 @@ class ClientConfig:
     timeout: float = DEFAULT_SETUP_TIMEOUT
 
     def __post_init__(self) -> None:
-        _sub(self.handshake, InitiatorConfig, "handshake")
-        _sub(self.tls, TLSOptions, "tls")
-        _sub(self.reconnect, ReconnectPolicy, "reconnect")
-        object.__setattr__(self, "timeout", _seconds(self.timeout, "timeout"))
+        _check_setup(self, InitiatorConfig)
 
     @classmethod
     def coerce(cls, config: ClientConfig | InitiatorConfig) -> ClientConfig:
         """``config`` itself, or a :class:`ClientConfig` with defaults around an InitiatorConfig."""
-        if isinstance(config, ClientConfig):
-            return config
-        if isinstance(config, InitiatorConfig):
-            return cls(config)
-        raise ConfigurationError(f"must be a ClientConfig or an InitiatorConfig, not {type(config).__name__}",
-                                 field="config")
+        return _coerce(cls, config, InitiatorConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,18 +194,10 @@ class ServerConfig:
     max_connections: int = 256
 
     def __post_init__(self) -> None:
-        _sub(self.handshake, ResponderConfig, "handshake")
-        _sub(self.tls, TLSOptions, "tls")
-        _sub(self.reconnect, ReconnectPolicy, "reconnect")
-        object.__setattr__(self, "timeout", _seconds(self.timeout, "timeout"))
+        _check_setup(self, ResponderConfig)
         object.__setattr__(self, "max_connections", _count(self.max_connections, "max_connections", 1, 1_000_000))
 
     @classmethod
     def coerce(cls, config: ServerConfig | ResponderConfig) -> ServerConfig:
         """``config`` itself, or a :class:`ServerConfig` with defaults around a ResponderConfig."""
-        if isinstance(config, ServerConfig):
-            return config
-        if isinstance(config, ResponderConfig):
-            return cls(config)
-        raise ConfigurationError(f"must be a ServerConfig or a ResponderConfig, not {type(config).__name__}",
-                                 field="config")
+        return _coerce(cls, config, ResponderConfig)

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
         export_keying_material,
         handshake,
         server_context,
+        set_groups,
         verify_connection,
         wrap_socket,
     )
@@ -66,6 +67,7 @@ __all__ = [
     "handshake",
     "psk_session_pem",
     "server_context",
+    "set_groups",
     "verify_connection",
     "wrap_socket",
 ]
@@ -84,6 +86,7 @@ _LAZY = {
     "export_keying_material": ".pyopenssl",
     "handshake": ".pyopenssl",
     "server_context": ".pyopenssl",
+    "set_groups": ".pyopenssl",
     "verify_connection": ".pyopenssl",
     "wrap_socket": ".pyopenssl",
 }

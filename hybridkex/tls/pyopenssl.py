@@ -79,6 +79,7 @@ __all__ = [
     "export_keying_material",
     "handshake",
     "server_context",
+    "set_groups",
     "verify_connection",
     "wrap_socket",
 ]
@@ -215,6 +216,19 @@ def _configure_groups(
         if _shim.set_groups(ctx, "X25519"):
             return ("X25519",)
     raise ConfigurationError(f"OpenSSL rejected the group list {text!r}", field="groups")
+
+
+def set_groups(ctx: SSL.Context, groups: str) -> None:
+    """Set the key-exchange groups of a pyOpenSSL context, e.g. ``"X25519MLKEM768:X25519"``.
+
+    For plain pyOpenSSL contexts (baselines, interop tests), which have no public group setter;
+    :func:`client_context` / :func:`server_context` take ``groups=`` instead.
+
+    Raises:
+        ConfigurationError: OpenSSL rejects the list (e.g. a group it does not know).
+    """
+    if not _shim.set_groups(ctx, groups):
+        raise ConfigurationError(f"OpenSSL ({_shim.versions()}) rejected the group list {groups!r}", field="groups")
 
 
 def _keylog_writer(path: str | os.PathLike[str]) -> Callable[[SSL.Connection, bytes], None]:

@@ -8,12 +8,13 @@ reload) is independent of how a connection is secured: that is the job of a
 
 from __future__ import annotations
 
-from .channel import ChannelFactory, ChannelFactoryProvider, PlainStream, SecureStream, resolve_channel_provider
+from .channel import ChannelFactory, ChannelFactoryProvider, resolve_channel_provider
 from .client import TunnelClient
 from .config import Overrides, PeerConfig, TunnelConfig, load_config
 from .metrics import TunnelMetrics
 from .runtime import ConfigLoader, TunnelRuntime
 from .server import TunnelServer
+from .streams import PlainStream, SecureStream
 
 __all__ = [
     "ChannelFactory",

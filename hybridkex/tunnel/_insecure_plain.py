@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 
 from ..exceptions import AuthenticationError, RateLimited, RemoteProtocolError
-from .channel import PlainStream, SecureStream
 from .config import MAX_IDENTITY_BYTES, TunnelConfig
 from .limits import admit_peer
+from .streams import PlainStream, SecureStream
 
 __all__ = ["InsecurePlainChannelFactory"]
 

@@ -15,14 +15,14 @@ the tunnel's own tests is reachable only through a test hook (two environment va
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import importlib.util
 import os
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Final, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from ..exceptions import ConfigurationError, UnsupportedAlgorithm
+from .streams import PlainStream, SecureStream
 
 if TYPE_CHECKING:
     from .config import TunnelConfig
@@ -48,38 +48,6 @@ SECURE_MODULE: Final = "hybridkex.tunnel.secure"
 #: insecure plain channel. Without HYBRIDKEX_TESTING=1 the tunnel refuses to start.
 TEST_HOOK_ENV: Final = "HYBRIDKEX_TUNNEL_INSECURE_PLAIN_CHANNEL"
 TESTING_ENV: Final = "HYBRIDKEX_TESTING"
-
-
-@runtime_checkable
-class SecureStream(Protocol):
-    """A byte stream after a successful handshake, as the relay uses it.
-
-    ``read`` returns ``b""`` once the peer has finished sending (its half-close or close);
-    ``write_eof`` flushes what was written and then signals end-of-stream to the peer while
-    reading continues (TLS: close_notify, then TCP half-close).
-    """
-
-    @property
-    def session_facts(self) -> Mapping[str, object]:
-        """What was negotiated, for logs: suite, components, auth mode, QKD key IDs, and the
-        authenticated peer under the name ``peer_identity`` (the runtime copies it onto
-        ``connection_closed`` and charges the per-peer limits to it).
-
-        Never keys or anything derived from them.
-        """
-        ...
-
-    async def read(self, n: int) -> bytes: ...
-
-    def write(self, data: bytes) -> None: ...
-
-    async def drain(self) -> None: ...
-
-    async def write_eof(self) -> None: ...
-
-    def close(self) -> None: ...
-
-    async def wait_closed(self) -> None: ...
 
 
 class ChannelFactory(Protocol):
@@ -117,46 +85,6 @@ class ChannelFactory(Protocol):
 
 #: Builds the channel factory for a configuration; gets the metrics to report pool level/KME errors.
 ChannelFactoryProvider = Callable[["TunnelConfig", "TunnelMetrics"], Awaitable[ChannelFactory]]
-
-
-class PlainStream:
-    """An asyncio TCP stream pair behind the :class:`SecureStream` interface (no security at all).
-
-    The runtime uses it for the plaintext side of every connection (the target on the server, the
-    local application on the client).
-    """
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 facts: Mapping[str, object] | None = None) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._facts: Mapping[str, object] = dict(facts or {})
-
-    @property
-    def session_facts(self) -> Mapping[str, object]:
-        return self._facts
-
-    async def read(self, n: int) -> bytes:
-        return await self._reader.read(n)
-
-    def write(self, data: bytes) -> None:
-        self._writer.write(data)
-
-    async def drain(self) -> None:
-        await self._writer.drain()
-
-    async def write_eof(self) -> None:
-        await self._writer.drain()
-        if self._writer.can_write_eof() and not self._writer.is_closing():
-            with contextlib.suppress(OSError, RuntimeError):
-                self._writer.write_eof()
-
-    def close(self) -> None:
-        self._writer.close()
-
-    async def wait_closed(self) -> None:
-        with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
 
 
 async def _insecure_plain_provider(config: TunnelConfig, metrics: TunnelMetrics) -> ChannelFactory:

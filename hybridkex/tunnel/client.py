@@ -12,8 +12,8 @@ import logging
 import time
 
 from ..exceptions import QKDKeyUnknownError
-from .channel import PlainStream, SecureStream
 from .runtime import Connection, TunnelRuntime, handshake_outcome
+from .streams import PlainStream, SecureStream
 
 __all__ = ["TunnelClient"]
 

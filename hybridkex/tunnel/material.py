@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -25,6 +25,9 @@ from ..exceptions import ConfigurationError
 from ..protocol import PKIAuthenticator, PSKAuthenticator, SigningCredential
 from ..protocol.auth import Authenticator
 from .config import KMEConfig, PeerConfig, TunnelConfig
+
+if TYPE_CHECKING:
+    from ..qkd import ETSI014Client
 
 __all__ = ["MAX_PSK_BYTES", "MIN_PSK_BYTES", "ChannelMaterial", "check_channel_config", "load_channel_material",
            "load_psk_file"]
@@ -42,7 +45,7 @@ class ChannelMaterial:
 
     authenticators: tuple[Authenticator, ...]
     peer_sae_ids: dict[str, str]
-    kme_client: Any = None
+    kme_client: ETSI014Client | None = None
 
     def close(self) -> None:
         if self.kme_client is not None:
@@ -152,7 +155,7 @@ def _authenticators(peers: Sequence[PeerConfig]) -> tuple[tuple[Authenticator, .
     return tuple(auths), sae_ids
 
 
-def _kme_client(config: TunnelConfig) -> Any:
+def _kme_client(config: TunnelConfig) -> ETSI014Client | None:
     """The ETSI GS QKD 014 client for ``[kme]`` (its files checked one by one first), or ``None``."""
     kme: KMEConfig | None = config.kme
     if config.policy.qkd == "disabled":

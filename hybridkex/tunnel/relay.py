@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from ..exceptions import HybridKEXError
-from .channel import SecureStream
+from .streams import SecureStream
 
 __all__ = ["CHUNK_SIZE", "RelayResult", "relay"]
 

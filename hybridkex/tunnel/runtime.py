@@ -31,12 +31,13 @@ from ..exceptions import (
     RateLimited,
     TLSError,
 )
-from .channel import ChannelFactory, ChannelFactoryProvider, SecureStream
+from .channel import ChannelFactory, ChannelFactoryProvider
 from .config import Address, TunnelConfig
 from .limits import ADMISSION, HandshakeRateLimiter, LogThrottle, rate_key
 from .logs import ConnectionLog, configure_logging, log_event, new_connection_id, safe_fields
 from .metrics import MetricsServer, TunnelMetrics, start_metrics_server
 from .relay import Direction, RelayResult, relay
+from .streams import SecureStream
 
 __all__ = ["ConfigLoader", "Connection", "TunnelRuntime", "handshake_outcome"]
 

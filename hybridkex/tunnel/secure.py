@@ -13,20 +13,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ..exceptions import ConfigurationError
+from ..io import KeySourceArg
 from ..io.aio import HybridStreamReader, HybridStreamWriter, ServerSide, accept_on_streams, connect_on_streams
 from ..io.config import ClientConfig, ServerConfig, TLSOptions
 from ..policy import KeyBudget, Policy, QKDConfig, QKDMode, Timeouts
 from ..protocol import AbortCode, InitiatorConfig, ResponderConfig, encode_abort
 from ..suites import get_suite
-from .channel import PlainStream
 from .config import PeerConfig, TunnelConfig
 from .kmewatch import KMEWatch, PeerSAE, WatchedKeySource
 from .limits import admit_peer
 from .material import check_channel_config, load_channel_material, load_psk_file
 from .metrics import TunnelMetrics
+
+if TYPE_CHECKING:
+    from ..io.session import HybridSession
+    from ..qkd import ETSI014Client
+from .streams import PlainStream
 
 __all__ = ["HybridChannelFactory", "HybridStream", "build_channel_factory", "check_channel_config", "load_psk_file"]
 
@@ -39,7 +44,7 @@ def _policy(config: TunnelConfig) -> Policy:
                   key_budget=KeyBudget(mode=config.policy.key_budget), timeouts=timeouts)
 
 
-def _session_facts(session: Any) -> dict[str, object]:
+def _session_facts(session: HybridSession) -> dict[str, object]:
     """What the tunnel logs about a connection: negotiated facts, never keys."""
     info = session.info
     return {
@@ -71,13 +76,13 @@ class HybridStream(PlainStream):
 class HybridChannelFactory:
     """Runs the hybridkex handshake and TLS for each tunnel connection (server or client role)."""
 
-    def __init__(self, config: TunnelConfig, metrics: TunnelMetrics | None, *, key_source: Any = None) -> None:
+    def __init__(self, config: TunnelConfig, metrics: TunnelMetrics | None, *, key_source: KeySourceArg = None) -> None:
         self._metrics = metrics
         self._external_source = key_source
         self._owned: list[Any] = []
         self._server: ServerSide | None = None
         self._client: ClientConfig | None = None
-        self._source: Any = None
+        self._source: KeySourceArg = None
         self._watched: WatchedKeySource | None = None
         self._keys_per_handshake = 1
         self._probe_task: asyncio.Task[None] | None = None
@@ -89,7 +94,8 @@ class HybridChannelFactory:
 
     # -- configuration ----------------------------------------------------------------------------
 
-    def _key_source(self, config: TunnelConfig, client: Any, peer_sae_ids: Sequence[str]) -> Any:
+    def _key_source(self, config: TunnelConfig, client: ETSI014Client | None,
+                    peer_sae_ids: Sequence[str]) -> KeySourceArg:
         if self._external_source is not None or client is None:
             self._watched = None
             return self._external_source

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from .channel import PlainStream
 from .runtime import Connection, TunnelRuntime
+from .streams import PlainStream
 
 __all__ = ["TunnelServer"]
 

@@ -125,6 +125,14 @@ def test_require_pq_needs_a_pq_group() -> None:
     assert e.value.field == "groups"
 
 
+def test_set_groups_on_a_plain_context() -> None:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    tls.set_groups(ctx, "X25519MLKEM768:X25519")
+    with pytest.raises(ConfigurationError) as e:
+        tls.set_groups(ctx, "X25519:no-such-group")
+    assert e.value.field == "groups"
+
+
 def test_wrong_key_is_psk_mismatch_on_both_ends(identity: bytes, psk: bytes) -> None:
     r = memory_pair(tls.client_context(identity, os.urandom(32)), tls.server_context({identity: psk}))
     assert isinstance(r.server_error, PSKMismatch), r.server_error

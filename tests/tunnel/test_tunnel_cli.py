@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hybridkex import exceptions
-from hybridkex.commands._exit import EXIT_STATUSES
+from hybridkex.commands.exitcodes import EXIT_STATUSES
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "tunnel.md"
 _ROW = re.compile(r"^\| (\d+) \| (.+) \|$")
