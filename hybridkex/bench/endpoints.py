@@ -42,7 +42,6 @@ from ..protocol import Authenticator, InitiatorConfig, PKIAuthenticator, PSKAuth
 from ..qkd.base import KeySource
 from ..qkd.client import ETSI014Client
 from ..recycle import RecycledAuthenticator, SQLiteAuthKeyStore
-from ..tls import _shim
 from .stages import NullStages
 
 __all__ = ["ClientKit", "ClientSpec", "End", "ServerKit", "pump"]
@@ -224,10 +223,7 @@ def pyopenssl_context(server_side: bool, groups: str, *, ca_path: str = "", cert
     else:
         ctx.set_verify(SSL.VERIFY_PEER)
         ctx.load_verify_locations(ca_path)
-    # pyOpenSSL has no public group setter; hybridkex.tls's shim holds the one binding for it.
-    if not _shim.set_groups(ctx, groups):
-        raise ConfigurationError(f"the OpenSSL bundled with pyOpenSSL rejects the group list {groups!r}",
-                                 field="groups")
+    tls.set_groups(ctx, groups)  # pyOpenSSL has no public group setter
     return ctx
 
 
