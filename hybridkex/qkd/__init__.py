@@ -20,7 +20,8 @@ from .base import AsyncKeySource, KeySource, KeySourceStatus, QKDKey
 from .memory import MemoryKeyLink, MemoryKeySource
 
 if TYPE_CHECKING:
-    from .client import AsyncETSI014Client, ETSI014Client, SecureSiteWarning, certificate_common_name
+    from .aclient import AsyncETSI014Client
+    from .client import ETSI014Client, SecureSiteWarning, certificate_common_name
     from .errors import (
         KMEBadRequestError,
         KMEConnectionError,
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 # The ETSI 014 client, pool and simulator pull in aiohttp and X.509 code; load them on first use so
 # that importing the key-source interface stays cheap.
 _LAZY = {
-    "AsyncETSI014Client": "client",
+    "AsyncETSI014Client": "aclient",
     "ETSI014Client": "client",
     "SecureSiteWarning": "client",
     "certificate_common_name": "client",
