@@ -50,20 +50,11 @@ def _check_keys(keys: Sequence[QKDKey], number: int, size_bits: int) -> None:
         raise KeySourceError("the key source returned a different number or size of keys than requested")
 
 
-class _Pool(Generic[S]):
-    """What both pools do without I/O, over their shared :class:`_PoolCore`; the subclasses add the
-    refill worker (a thread, a task) and the calls to their source."""
+class _Wrapper(Generic[S]):
+    """A key source over another one, with that one's identities."""
 
-    def __init__(self, source: S, slaves: Iterable[str] = (), **settings: Unpack[PoolSettings]) -> None:
+    def __init__(self, source: S) -> None:
         self._source: S = source
-        self._core = _PoolCore(slaves, **settings)
-
-    def _wake_refill(self) -> None:
-        """Tell the refill worker that the pool changed; called with the core's lock held."""
-        raise NotImplementedError
-
-    def _running(self) -> bool:
-        raise NotImplementedError
 
     @property
     def sae_id(self) -> str:
@@ -74,6 +65,22 @@ class _Pool(Generic[S]):
     def kme_id(self) -> str:
         """The underlying source's KME ID."""
         return self._source.kme_id
+
+
+class _Pool(_Wrapper[S]):
+    """What both pools do without I/O, over their shared :class:`_PoolCore`; the subclasses add the
+    refill worker (a thread, a task) and the calls to their source."""
+
+    def __init__(self, source: S, slaves: Iterable[str] = (), **settings: Unpack[PoolSettings]) -> None:
+        super().__init__(source)
+        self._core = _PoolCore(slaves, **settings)
+
+    def _wake_refill(self) -> None:
+        """Tell the refill worker that the pool changed; called with the core's lock held."""
+        raise NotImplementedError
+
+    def _running(self) -> bool:
+        raise NotImplementedError
 
     def _take(self, slave_sae_id: str, number: int, size_bits: int) -> list[QKDKey] | None:
         """Keys from the pool, or ``None``: the caller fetches them directly (then :meth:`_direct`)."""
@@ -412,24 +419,11 @@ def _set_both(wake: asyncio.Event, changed: asyncio.Event) -> None:
     changed.set()
 
 
-class ThreadedAsyncKeySource:
+class ThreadedAsyncKeySource(_Wrapper[KeySource]):
     """An :class:`~hybridkex.qkd.AsyncKeySource` over a blocking source, calling it in a worker thread.
 
     Lets asyncio code use a :class:`KeyPool` or :class:`~hybridkex.qkd.ETSI014Client`.
     """
-
-    def __init__(self, source: KeySource) -> None:
-        self._source = source
-
-    @property
-    def sae_id(self) -> str:
-        """The wrapped source's SAE ID."""
-        return self._source.sae_id
-
-    @property
-    def kme_id(self) -> str:
-        """The wrapped source's KME ID."""
-        return self._source.kme_id
 
     async def get_keys(self, slave_sae_id: str, number: int = 1, size_bits: int = 256) -> list[QKDKey]:
         """As :meth:`KeySource.get_keys`, in a worker thread."""

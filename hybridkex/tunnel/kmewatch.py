@@ -24,28 +24,24 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from ..exceptions import AlreadyFinalized, HandshakeTimeout, KeyReuseError, KeySourceError
-from ..qkd.errors import (
-    KMEBadRequestError,
-    KMEConnectionError,
-    KMEKeyNotFoundError,
-    KMEResponseError,
-    KMETimeoutError,
-    KMEUnauthorizedError,
-    KMEUnavailableError,
-)
+from ..qkd import KeySource, KeySourceStatus, QKDKey
+from ..qkd import errors as kme
 from .logs import log_event
 from .metrics import KME_ERROR_KINDS, HealthState
 
 __all__ = ["KME_ERROR_KINDS", "KMEWatch", "PeerSAE", "WatchedKeySource", "kme_error_kind"]
 
+T = TypeVar("T")
+
 #: Exception class -> ``kind`` label of ``hybridkex_kme_errors_total``, most specific class first.
 _KINDS: Final[tuple[tuple[type[BaseException], str], ...]] = (
-    (KMETimeoutError, "timeout"), (KMEConnectionError, "connection"), (KMEUnavailableError, "unavailable"),
-    (KMEKeyNotFoundError, "key_not_found"), (KMEUnauthorizedError, "unauthorized"),
-    (KMEBadRequestError, "bad_request"), (KMEResponseError, "bad_response"), (KeyReuseError, "key_reuse"),
+    (kme.KMETimeoutError, "timeout"), (kme.KMEConnectionError, "connection"),
+    (kme.KMEUnavailableError, "unavailable"), (kme.KMEKeyNotFoundError, "key_not_found"),
+    (kme.KMEUnauthorizedError, "unauthorized"), (kme.KMEBadRequestError, "bad_request"),
+    (kme.KMEResponseError, "bad_response"), (KeyReuseError, "key_reuse"),
     (HandshakeTimeout, "timeout"), (OSError, "connection"),
 )
 #: Failures that mean "no key can come from the KME now", whoever is asking.
@@ -185,7 +181,7 @@ class WatchedKeySource:
     Anything else (``close``, ``url``...) is passed through to the wrapped source.
     """
 
-    def __init__(self, source: Any, watch: KMEWatch) -> None:
+    def __init__(self, source: KeySource, watch: KMEWatch) -> None:
         self._source = source
         self._watch = watch
 
@@ -195,7 +191,7 @@ class WatchedKeySource:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._source, name)
 
-    def _call(self, peer: str | None, fn: Callable[..., Any], *args: Any, probe: bool = False) -> Any:
+    def _call(self, peer: str | None, fn: Callable[..., T], *args: Any, probe: bool = False) -> T:
         try:
             result = fn(*args)
         except Exception as exc:
@@ -206,19 +202,19 @@ class WatchedKeySource:
 
     @property
     def sae_id(self) -> str:
-        return str(self._source.sae_id)
+        return self._source.sae_id
 
     @property
     def kme_id(self) -> str:
-        return str(self._call(None, lambda: self._source.kme_id))
+        return self._call(None, lambda: self._source.kme_id)
 
-    def get_keys(self, slave_sae_id: str, number: int = 1, size_bits: int = 256) -> Any:
+    def get_keys(self, slave_sae_id: str, number: int = 1, size_bits: int = 256) -> list[QKDKey]:
         return self._call(slave_sae_id, self._source.get_keys, slave_sae_id, number, size_bits)
 
-    def get_keys_by_id(self, master_sae_id: str, key_ids: Sequence[str]) -> Any:
+    def get_keys_by_id(self, master_sae_id: str, key_ids: Sequence[str]) -> list[QKDKey]:
         return self._call(master_sae_id, self._source.get_keys_by_id, master_sae_id, key_ids)
 
-    def status(self, slave_sae_id: str) -> Any:
+    def status(self, slave_sae_id: str) -> KeySourceStatus:
         return self._call(slave_sae_id, self._source.status, slave_sae_id)
 
     def probe(self, peer_sae_id: str) -> bool:
