@@ -16,9 +16,8 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from ..exceptions import ConfigurationError, InvalidKeyMaterial, KeyReuseError
 from . import _site
@@ -53,15 +52,14 @@ _ACCEPT = {"Accept": "application/json"}
 _ACCEPT_JSON_BODY = {**_ACCEPT, "Content-Type": "application/json"}
 
 
-@dataclass(frozen=True, slots=True)
-class Request(Generic[T]):
-    """One KME request, ready to send; ``finish`` turns the answer's JSON into the result."""
+class Request(NamedTuple, Generic[T]):
+    """One KME request, ready to send; ``finish(where, json)`` turns the answer's JSON into the result."""
 
     method: str
     path: str
     body: bytes | None
     where: str
-    finish: Callable[[Any], T]
+    finish: Callable[[str, Any], T]
 
     @property
     def headers(self) -> dict[str, str]:
@@ -188,7 +186,7 @@ class ClientCore:
                  finish: Callable[[str, Any], T]) -> Request[T]:
         where = self._where(method, path)
         data = None if body is None else json.dumps(body).encode("utf-8")
-        return Request(method, path, data, where, lambda obj: finish(where, obj))
+        return Request(method, path, data, where, finish)
 
     def _enc_keys_request(
         self,
@@ -196,9 +194,9 @@ class ClientCore:
         number: int,
         size_bits: int,
         *,
-        additional_slave_sae_ids: Sequence[str],
-        extension_mandatory: Sequence[Mapping[str, Any]],
-        extension_optional: Sequence[Mapping[str, Any]],
+        additional_slave_sae_ids: Sequence[str] = (),
+        extension_mandatory: Sequence[Mapping[str, Any]] = (),
+        extension_optional: Sequence[Mapping[str, Any]] = (),
     ) -> Request[list[QKDKey]]:
         """'Get key' with every option of the Key request (Table 10); always sent as POST."""
         if isinstance(number, bool) or not isinstance(number, int) or number < 1:
@@ -261,8 +259,7 @@ class ClientCore:
     # -- answers ----------------------------------------------------------------------------------
 
     def _retry_plan(self, where: str) -> RetryPlan:
-        return RetryPlan(where, self._sae_id, retries=self.retries, backoff=self.backoff,
-                         max_backoff=self.max_backoff)
+        return RetryPlan(where, self._sae_id, self.retries, self.backoff, self.max_backoff)
 
     @staticmethod
     def _too_large(where: str, status: int, length: int | None = None) -> KMEResponseError:

@@ -20,7 +20,7 @@ import logging
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..exceptions import HybridKEXError
 from .errors import (
@@ -44,8 +44,7 @@ class StaleConnection(HybridKEXError):
     """Internal: a reused keep-alive connection was dead before any answer (a retry is safe)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
+class Answer(NamedTuple):
     """An HTTP answer as the transport read it (size already bounded)."""
 
     status: int
@@ -116,7 +115,9 @@ def interpret(where: str, answer: Answer, sae_id: str) -> Any:
 class RetryPlan:
     """The attempts of one request: :meth:`next` takes each attempt's result and says what follows."""
 
-    def __init__(self, where: str, sae_id: str, *, retries: int, backoff: float, max_backoff: float) -> None:
+    __slots__ = ("attempt", "backoff", "max_backoff", "retries", "sae_id", "where")
+
+    def __init__(self, where: str, sae_id: str, retries: int, backoff: float, max_backoff: float) -> None:
         self.where = where
         self.sae_id = sae_id
         self.retries = retries

@@ -153,7 +153,7 @@ class AsyncETSI014Client(ClientCore):
         plan = self._retry_plan(request.where)
         while isinstance(step := plan.next(await self._attempt(request)), Wait):
             await asyncio.sleep(step.seconds)
-        return request.finish(step)
+        return request.finish(request.where, step)
 
     async def _attempt(self, request: Request[Any]) -> Answer | ConnectFailed:
         for _ in range(2):  # the second pass only replaces a keep-alive connection that died while idle

@@ -144,7 +144,7 @@ class ETSI014Client(ClientCore):
         plan = self._retry_plan(request.where)
         while isinstance(step := plan.next(self._attempt(request)), Wait):
             time.sleep(step.seconds)
-        return request.finish(step)
+        return request.finish(request.where, step)
 
     def _attempt(self, request: Request[Any]) -> Answer | ConnectFailed:
         try:

@@ -43,7 +43,7 @@ def answer(status: int, body: Any = None, retry_after: str | None = None, conten
 
 
 def plan(retries: int = 3) -> RetryPlan:
-    return RetryPlan("KME test POST /x", "sae-a", retries=retries, backoff=0.1, max_backoff=0.5)
+    return RetryPlan("KME test POST /x", "sae-a", retries, backoff=0.1, max_backoff=0.5)
 
 
 @pytest.fixture
