@@ -17,7 +17,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypedDict, TypeVar, Unpack
 
 from ..exceptions import ConfigurationError, InvalidKeyMaterial, KeyReuseError
 from . import _site
@@ -50,6 +50,14 @@ _SEEN_IDS_LIMIT = 1 << 17
 
 _ACCEPT = {"Accept": "application/json"}
 _ACCEPT_JSON_BODY = {**_ACCEPT, "Content-Type": "application/json"}
+
+
+class KeyRequestOptions(TypedDict, total=False):
+    """The optional members of an ETSI 014 Key request (Table 10), as ``enc_keys`` keyword arguments."""
+
+    additional_slave_sae_ids: Sequence[str]
+    extension_mandatory: Sequence[Mapping[str, Any]]
+    extension_optional: Sequence[Mapping[str, Any]]
 
 
 class Request(NamedTuple, Generic[T]):
@@ -189,14 +197,7 @@ class ClientCore:
         return Request(method, path, data, where, finish)
 
     def _enc_keys_request(
-        self,
-        slave_sae_id: str,
-        number: int,
-        size_bits: int,
-        *,
-        additional_slave_sae_ids: Sequence[str] = (),
-        extension_mandatory: Sequence[Mapping[str, Any]] = (),
-        extension_optional: Sequence[Mapping[str, Any]] = (),
+        self, slave_sae_id: str, number: int, size_bits: int, **options: Unpack[KeyRequestOptions]
     ) -> Request[list[QKDKey]]:
         """'Get key' with every option of the Key request (Table 10); always sent as POST."""
         if isinstance(number, bool) or not isinstance(number, int) or number < 1:
@@ -204,7 +205,7 @@ class ClientCore:
         if isinstance(size_bits, bool) or not isinstance(size_bits, int) or size_bits <= 0 or size_bits % 8:
             raise ConfigurationError(f"must be a positive multiple of 8 bits, got {size_bits!r}", field="size_bits")
         path = self._path(slave_sae_id, "enc_keys")
-        body = key_request_body(number, size_bits, additional_slave_sae_ids, extension_mandatory, extension_optional)
+        body = key_request_body(number, size_bits, **options)
 
         def finish(where: str, obj: Any) -> list[QKDKey]:
             keys = parse_key_container(obj, number=number, size_bits=size_bits, where=where)

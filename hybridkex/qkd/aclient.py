@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar, Unpack
 
 import aiohttp
 
 from ..exceptions import AlreadyFinalized, ConfigurationError
 from . import tlsfail
-from ._request import IDLE_MAX_AGE, MAX_RESPONSE_BYTES, ClientCore, Request
+from ._request import IDLE_MAX_AGE, MAX_RESPONSE_BYTES, ClientCore, KeyRequestOptions, Request
 from ._retry import Answer, ConnectFailed, StaleConnection, Wait
 from .base import QKDKey
 from .errors import KMEConnectionError, KMETimeoutError
@@ -123,19 +123,14 @@ class AsyncETSI014Client(ClientCore):
         return await self.enc_keys(slave_sae_id, number, size_bits)
 
     async def enc_keys(
-        self,
-        slave_sae_id: str,
-        number: int = 1,
-        size_bits: int = 256,
-        *,
-        additional_slave_sae_ids: Sequence[str] = (),
-        extension_mandatory: Sequence[Mapping[str, Any]] = (),
-        extension_optional: Sequence[Mapping[str, Any]] = (),
+        self, slave_sae_id: str, number: int = 1, size_bits: int = 256, **options: Unpack[KeyRequestOptions]
     ) -> list[QKDKey]:
-        """'Get key' with every option of the Key request (Table 10); always sent as POST."""
-        return await self._call(self._enc_keys_request(
-            slave_sae_id, number, size_bits, additional_slave_sae_ids=additional_slave_sae_ids,
-            extension_mandatory=extension_mandatory, extension_optional=extension_optional))
+        """'Get key' with every option of the Key request (Table 10); always sent as POST.
+
+        ``options``: ``additional_slave_sae_ids`` (SAE IDs), ``extension_mandatory`` and
+        ``extension_optional`` (sequences of JSON objects); each empty by default.
+        """
+        return await self._call(self._enc_keys_request(slave_sae_id, number, size_bits, **options))
 
     async def get_keys_by_id(self, master_sae_id: str, key_ids: Sequence[str]) -> list[QKDKey]:
         """Slave role ('Get key with key IDs'): the keys ``master_sae_id`` received, in the given order."""
