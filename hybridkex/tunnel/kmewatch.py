@@ -120,7 +120,6 @@ class KMEWatch:
             return
         self._count(kind)
         text = f"{type(exc).__name__}: {exc}"
-        newly_refused: list[PeerSAE] = []
         with self._lock:
             if kind in _OUTAGE:
                 if self._outage is None:
@@ -130,14 +129,16 @@ class KMEWatch:
             elif kind in _REFUSAL and peer_sae is not None:
                 self._outage = None  # it answered
                 if peer_sae not in self._refused:  # said once per refusal, however often the pool retries
-                    newly_refused = [p for p in self.peers if p.sae_id == peer_sae]
+                    # Said under the lock: a thread that then finds the refusal recorded (the server's
+                    # probe before "listening", racing the pool's first refill) knows it was said.
+                    for p in self.peers:
+                        if p.sae_id == peer_sae:
+                            log_event(logging.ERROR, "kme_peer_refused",
+                                      f"the KME at {self.url} refuses QKD keys for peer {p.identity!r} (SAE "
+                                      f"{p.sae_id!r}); every handshake with this peer will fail until {p.field} "
+                                      f"names an SAE the KME serves for this side (or the KME is configured for "
+                                      f"it): {exc}", peer=p.identity, sae_id=p.sae_id, field=p.field)
                 self._refused[peer_sae] = str(exc)
-        for p in newly_refused:
-            log_event(logging.ERROR, "kme_peer_refused",
-                      f"the KME at {self.url} refuses QKD keys for peer {p.identity!r} (SAE {p.sae_id!r}); every "
-                      f"handshake with this peer will fail until {p.field} names an SAE the KME serves for this "
-                      f"side (or the KME is configured for it): {exc}",
-                      peer=p.identity, sae_id=p.sae_id, field=p.field)
 
     def health(self, pool_levels: Mapping[str, int] | None, keys_per_handshake: int) -> tuple[HealthState, str]:
         """The ``kme`` health component; ``pool_levels`` (slave SAE -> keys) only on the pooled master side."""
