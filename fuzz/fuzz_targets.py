@@ -64,8 +64,9 @@ from hybridkex.protocol import (
 )
 from hybridkex.protocol import _wire as w
 from hybridkex.qkd import ETSI014Client
+from hybridkex.qkd._retry import Answer, interpret
 from hybridkex.qkd.base import QKDKey
-from hybridkex.qkd.etsi014 import parse_status
+from hybridkex.qkd.etsi014 import parse_key_container, parse_status
 from hybridkex.tunnel.config import load_config
 
 __all__ = ["TARGETS", "FuzzFinding", "seeds"]
@@ -321,20 +322,21 @@ def target_kme_json(data: bytes) -> None:
     client = _kme_client()
     where = "fuzz"
     try:
-        obj = client._interpret(where, status, ctype, body, {"Retry-After": "1"})
+        obj = interpret(where, Answer(status, ctype, body, {"Retry-After": "1"}), client.sae_id)
         if status != 200:
             return
         if endpoint == 0:
             parse_status(obj, master_sae_id="sae-a", slave_sae_id="sae-b", where=where)
         elif endpoint == 1:
-            keys = client._parse_keys(obj, where, 1, 256)
+            keys = client._enc_keys_request("sae-b", 1, 256).finish(where, obj)
             if len(keys) != 1 or len(keys[0].key) != 32:
                 raise FuzzFinding("enc_keys accepted a container with other than one 256-bit key")
         elif endpoint == 2:
-            client._parse_keys(obj, where, 2, None)
+            keys = parse_key_container(obj, number=2, size_bits=None, where=where)
+            client._remember(client._issued, (k.key_id for k in keys), "issued")
         else:
             wanted = ["0f0e0d0c-0b0a-4908-8706-050403020100", "00112233-4455-4677-8899-aabbccddeeff"]
-            keys = client._parse_keys_by_id(obj, where, wanted)
+            keys = client._dec_keys_request("sae-a", wanted).finish(where, obj)
             if [k.key_id.lower() for k in keys] != wanted:
                 raise FuzzFinding("dec_keys returned other key IDs than requested")
             client._fetched.clear()  # the same two IDs may come back in the next input

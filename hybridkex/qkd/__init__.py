@@ -17,38 +17,32 @@ from ..exceptions import (
     QKDKeyUnknownError,
 )
 from .base import AsyncKeySource, KeySource, KeySourceStatus, QKDKey
+from .errors import (
+    KMEBadRequestError,
+    KMEConnectionError,
+    KMEKeyNotFoundError,
+    KMEResponseError,
+    KMETimeoutError,
+    KMEUnauthorizedError,
+    KMEUnavailableError,
+)
 from .memory import MemoryKeyLink, MemoryKeySource
 
 if TYPE_CHECKING:
-    from .client import AsyncETSI014Client, ETSI014Client, SecureSiteWarning, certificate_common_name
-    from .errors import (
-        KMEBadRequestError,
-        KMEConnectionError,
-        KMEKeyNotFoundError,
-        KMEResponseError,
-        KMETimeoutError,
-        KMEUnauthorizedError,
-        KMEUnavailableError,
-    )
+    from .aclient import AsyncETSI014Client
+    from .client import ETSI014Client, SecureSiteWarning, certificate_common_name
     from .etsi014 import KMEStatus
     from .kme import KMEPairSettings, SimulatedKMEPair
     from .pki import DemoPKI, create_demo_pki
     from .pool import AsyncKeyPool, KeyPool, PoolStats, ThreadedAsyncKeySource
 
 # The ETSI 014 client, pool and simulator pull in aiohttp and X.509 code; load them on first use so
-# that importing the key-source interface stays cheap.
+# that importing the key-source interface (and its errors) stays cheap.
 _LAZY = {
-    "AsyncETSI014Client": "client",
+    "AsyncETSI014Client": "aclient",
     "ETSI014Client": "client",
     "SecureSiteWarning": "client",
     "certificate_common_name": "client",
-    "KMEBadRequestError": "errors",
-    "KMEConnectionError": "errors",
-    "KMEKeyNotFoundError": "errors",
-    "KMEResponseError": "errors",
-    "KMETimeoutError": "errors",
-    "KMEUnauthorizedError": "errors",
-    "KMEUnavailableError": "errors",
     "KMEStatus": "etsi014",
     "KMEPairSettings": "kme",
     "SimulatedKMEPair": "kme",

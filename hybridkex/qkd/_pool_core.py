@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from ..exceptions import AlreadyFinalized, ConfigurationError
 from .base import QKDKey
@@ -67,6 +69,20 @@ class PoolStats:
     stale_discards: int = 0
 
 
+class PoolSettings(TypedDict, total=False):
+    """The tuning both pools take as keyword arguments (described on :class:`~.pool.KeyPool`)."""
+
+    size_bits: int
+    low_watermark: int
+    high_watermark: int
+    batch_size: int | None
+    max_key_age: float | None
+    retry_backoff: float
+    max_retry_backoff: float
+    stale_discard_interval: float
+    clock: Callable[[], float]
+
+
 @dataclass
 class _SubPool:
     slave: str
@@ -89,15 +105,15 @@ class _PoolCore:
         self,
         slaves: Iterable[str],
         *,
-        size_bits: int,
-        low_watermark: int,
-        high_watermark: int,
-        batch_size: int | None,
-        max_key_age: float | None,
-        retry_backoff: float,
-        max_retry_backoff: float,
-        clock: Callable[[], float],
+        size_bits: int = 256,
+        low_watermark: int = 16,
+        high_watermark: int = 64,
+        batch_size: int | None = None,
+        max_key_age: float | None = None,
+        retry_backoff: float = 0.5,
+        max_retry_backoff: float = 30.0,
         stale_discard_interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if size_bits <= 0 or size_bits % 8:
             raise ConfigurationError("must be a positive multiple of 8", field="size_bits")

@@ -29,16 +29,19 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Generic, TypeVar, Unpack
 
 from .. import workers
 from ..exceptions import AlreadyFinalized, KeySourceError
-from ._pool_core import _DEFAULT_BATCH, PoolStats, _PoolCore, _SubPool
+from ._pool_core import _DEFAULT_BATCH, PoolSettings, PoolStats, _PoolCore, _SubPool
 from .base import AsyncKeySource, KeySource, KeySourceStatus, QKDKey
 
 __all__ = ["AsyncKeyPool", "KeyPool", "PoolStats", "ThreadedAsyncKeySource"]
 
 log = logging.getLogger("hybridkex.qkd.pool")
+
+S = TypeVar("S", bound=KeySource | AsyncKeySource)
 
 
 def _check_keys(keys: Sequence[QKDKey], number: int, size_bits: int) -> None:
@@ -47,55 +50,11 @@ def _check_keys(keys: Sequence[QKDKey], number: int, size_bits: int) -> None:
         raise KeySourceError("the key source returned a different number or size of keys than requested")
 
 
-class KeyPool:
-    """Master-side pre-fetching pool over a blocking :class:`~hybridkex.qkd.KeySource`; thread-safe.
+class _Wrapper(Generic[S]):
+    """A key source over another one, with that one's identities."""
 
-    Args:
-        source: where keys come from (must be safe to call from the refill thread).
-        slaves: slave SAE IDs to pre-fetch for from the start; others get a queue on first use.
-        size_bits: key size the pool holds; other sizes are fetched directly.
-        low_watermark, high_watermark: refill when a queue has ``<= low`` keys, up to ``high``.
-        batch_size: keys per KME request; default the KME's ``max_key_per_request`` (from ``status``),
-            else 32.  Never more than the space up to ``high_watermark``.
-        max_key_age: seconds after which an unused pooled key is discarded (``None``: never).
-        retry_backoff, max_retry_backoff: delay after a failed refill, doubling up to the cap.
-        stale_discard_interval: a slave's queue is dropped as stale (:meth:`discard_stale`) up to 3
-            times in a row, then at most once per this many seconds.
-        start: start the refill thread now (else call :meth:`start`).
-
-    Use as a context manager or call :meth:`close`.
-    """
-
-    def __init__(
-        self,
-        source: KeySource,
-        slaves: Iterable[str] = (),
-        *,
-        size_bits: int = 256,
-        low_watermark: int = 16,
-        high_watermark: int = 64,
-        batch_size: int | None = None,
-        max_key_age: float | None = None,
-        retry_backoff: float = 0.5,
-        max_retry_backoff: float = 30.0,
-        stale_discard_interval: float = 5.0,
-        start: bool = True,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._source = source
-        self._core = _PoolCore(slaves, size_bits=size_bits, low_watermark=low_watermark,
-                               high_watermark=high_watermark, batch_size=batch_size, max_key_age=max_key_age,
-                               retry_backoff=retry_backoff, max_retry_backoff=max_retry_backoff, clock=clock,
-                               stale_discard_interval=stale_discard_interval)
-        self._cond = threading.Condition(self._core.lock)
-        self._thread: threading.Thread | None = None
-        if start:
-            self.start()
-
-    def __repr__(self) -> str:
-        return f"KeyPool(source={self._source!r}, level={self.level()}, high_watermark={self._core.high})"
-
-    # -- KeySource --------------------------------------------------------------------------------
+    def __init__(self, source: S) -> None:
+        self._source: S = source
 
     @property
     def sae_id(self) -> str:
@@ -107,26 +66,35 @@ class KeyPool:
         """The underlying source's KME ID."""
         return self._source.kme_id
 
-    def get_keys(self, slave_sae_id: str, number: int = 1, size_bits: int = 256) -> list[QKDKey]:
-        """``number`` keys shared with ``slave_sae_id``: from the pool if it holds enough, else from the KME.
 
-        Each key is returned once, ever; it is gone from the pool whatever the caller does with it.
-        """
-        with self._cond:
+class _Pool(_Wrapper[S]):
+    """What both pools do without I/O, over their shared :class:`_PoolCore`; the subclasses add the
+    refill worker (a thread, a task) and the calls to their source."""
+
+    def __init__(self, source: S, slaves: Iterable[str] = (), **settings: Unpack[PoolSettings]) -> None:
+        super().__init__(source)
+        self._core = _PoolCore(slaves, **settings)
+
+    def _wake_refill(self) -> None:
+        """Tell the refill worker that the pool changed; called with the core's lock held."""
+        raise NotImplementedError
+
+    def _running(self) -> bool:
+        raise NotImplementedError
+
+    def _take(self, slave_sae_id: str, number: int, size_bits: int) -> list[QKDKey] | None:
+        """Keys from the pool, or ``None``: the caller fetches them directly (then :meth:`_direct`)."""
+        with self._core.lock:
             keys, wake = self._core.take(slave_sae_id, number, size_bits)
             if wake:
-                self._cond.notify_all()
-        if keys is not None:
-            return keys
-        keys = self._source.get_keys(slave_sae_id, number, size_bits)
-        _check_keys(keys, number, size_bits)
-        with self._cond:
-            self._core.note_direct(slave_sae_id, keys)
+                self._wake_refill()
         return keys
 
-    def get_keys_by_id(self, master_sae_id: str, key_ids: Sequence[str]) -> list[QKDKey]:
-        """Slave role: passed straight to the source (keys are fetched by ID on demand)."""
-        return self._source.get_keys_by_id(master_sae_id, key_ids)
+    def _direct(self, slave_sae_id: str, keys: list[QKDKey], number: int, size_bits: int) -> list[QKDKey]:
+        _check_keys(keys, number, size_bits)
+        with self._core.lock:
+            self._core.note_direct(slave_sae_id, keys)
+        return keys
 
     def discard_stale(self, slave_sae_id: str, key_ids: Sequence[str] = (), *, reported_by_peer: bool = True) -> int:
         """A KME does not know ``key_ids``, keys shared with ``slave_sae_id``: drop that slave's queue.
@@ -135,29 +103,116 @@ class KeyPool:
         "key not found" from the peer's Abort or from this side's KME.  Dropped keys are never handed
         out; the queue refills with fresh keys.  A report about keys already dropped changes nothing,
         and drops are rate-limited (3 in a row, then one per ``stale_discard_interval``), since the
-        report may come from an unauthenticated peer.  Returns the keys dropped.
+        report may come from an unauthenticated peer.  Callable from any thread.  Returns the keys
+        dropped.
         """
         reporter = "the peer's KME" if reported_by_peer else "this side's KME"
-        with self._cond:
+        with self._core.lock:
             dropped = self._core.discard_stale(slave_sae_id, key_ids, reporter)
-            self._cond.notify_all()
+            self._wake_refill()
         return dropped
+
+    def level(self, slave_sae_id: str | None = None) -> int:
+        """Keys ready for ``slave_sae_id`` (all slaves if ``None``)."""
+        with self._core.lock:
+            return self._core.level(slave_sae_id)
+
+    def stats(self) -> PoolStats:
+        """Level, counters, fetch latency and failures."""
+        with self._core.lock:
+            return self._core.stats(self._running())
+
+    def _batch(self, sub: _SubPool, n: int, status: KeySourceStatus | Exception) -> int:
+        """How many keys to fetch after asking the KME's ``max_key_per_request``.
+
+        Raises the status request's exception if it failed because of a shutdown.
+        """
+        if isinstance(status, Exception):
+            if self._core.closed or isinstance(status, AlreadyFinalized):
+                raise status
+            # No usable status (yet): the default batch, and ask again next time.
+            log.info("key pool: no status for slave %s (%s); batches of %d", sub.slave, status, _DEFAULT_BATCH)
+            return n
+        with self._core.lock:
+            self._core.learned_batch(sub, status.max_key_per_request)
+        return min(n, status.max_key_per_request)
+
+    def _filled(self, sub: _SubPool, n: int, keys: list[QKDKey] | Exception, latency: float) -> None:
+        """Deposit a background fetch, or count its failure (retried later)."""
+        if not isinstance(keys, Exception):
+            try:
+                _check_keys(keys, n, self._core.size_bits)
+            except KeySourceError as exc:
+                keys = exc
+        with self._core.lock:
+            if isinstance(keys, Exception):
+                self._core.failed(sub, keys)
+            else:
+                self._core.deposit(sub, keys, latency)
+            self._wake_refill()
+
+
+class KeyPool(_Pool[KeySource]):
+    """Master-side pre-fetching pool over a blocking :class:`~hybridkex.qkd.KeySource`; thread-safe.
+
+    Args:
+        source: where keys come from (must be safe to call from the refill thread).
+        slaves: slave SAE IDs to pre-fetch for from the start; others get a queue on first use.
+        size_bits: key size the pool holds; other sizes are fetched directly (default 256).
+        low_watermark, high_watermark: refill when a queue has ``<= low`` keys, up to ``high``
+            (defaults 16, 64).
+        batch_size: keys per KME request; default the KME's ``max_key_per_request`` (from ``status``),
+            else 32.  Never more than the space up to ``high_watermark``.
+        max_key_age: seconds after which an unused pooled key is discarded (default ``None``: never).
+        retry_backoff, max_retry_backoff: delay after a failed refill, doubling up to the cap
+            (defaults 0.5 s, 30 s).
+        stale_discard_interval: a slave's queue is dropped as stale (:meth:`discard_stale`) up to 3
+            times in a row, then at most once per this many seconds (default 5 s).
+        clock: the monotonic clock key ages are measured with (tests).
+        start: start the refill thread now (else call :meth:`start`).
+
+    Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(
+        self, source: KeySource, slaves: Iterable[str] = (), *, start: bool = True, **settings: Unpack[PoolSettings]
+    ) -> None:
+        super().__init__(source, slaves, **settings)
+        self._cond = threading.Condition(self._core.lock)
+        self._thread: threading.Thread | None = None
+        if start:
+            self.start()
+
+    def __repr__(self) -> str:
+        return f"KeyPool(source={self._source!r}, level={self.level()}, high_watermark={self._core.high})"
+
+    def _wake_refill(self) -> None:
+        self._cond.notify_all()
+
+    def _running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- KeySource --------------------------------------------------------------------------------
+
+    def get_keys(self, slave_sae_id: str, number: int = 1, size_bits: int = 256) -> list[QKDKey]:
+        """``number`` keys shared with ``slave_sae_id``: from the pool if it holds enough, else from the KME.
+
+        Each key is returned once, ever; it is gone from the pool whatever the caller does with it.
+        """
+        keys = self._take(slave_sae_id, number, size_bits)
+        if keys is not None:
+            return keys
+        return self._direct(slave_sae_id, self._source.get_keys(slave_sae_id, number, size_bits), number, size_bits)
+
+    def get_keys_by_id(self, master_sae_id: str, key_ids: Sequence[str]) -> list[QKDKey]:
+        """Slave role: passed straight to the source (keys are fetched by ID on demand)."""
+        return self._source.get_keys_by_id(master_sae_id, key_ids)
 
     def status(self, slave_sae_id: str) -> KeySourceStatus:
         """The KME's status, from the source."""
         return self._source.status(slave_sae_id)
 
     # -- pool -------------------------------------------------------------------------------------
-
-    def level(self, slave_sae_id: str | None = None) -> int:
-        """Keys ready for ``slave_sae_id`` (all slaves if ``None``)."""
-        with self._cond:
-            return self._core.level(slave_sae_id)
-
-    def stats(self) -> PoolStats:
-        """Level, counters, fetch latency and failures."""
-        with self._cond:
-            return self._core.stats(self._thread is not None and self._thread.is_alive())
 
     def wait_ready(self, timeout: float = 10.0, minimum: int | None = None) -> bool:
         """Block until every known slave has ``minimum`` keys (default: the high watermark).
@@ -215,76 +270,46 @@ class KeyPool:
                 self._fill(sub, n)
 
     def _fill(self, sub: _SubPool, n: int) -> None:
-        if sub.batch is None and self._core.batch_size is None:
-            try:
-                max_per_request = self._source.status(sub.slave).max_key_per_request
-            except Exception as exc:  # no usable status (yet): the default batch, and ask again next time
-                if self._core.closed or isinstance(exc, AlreadyFinalized):
-                    with self._cond:
-                        self._core.failed(sub, exc)  # shutdown: quiet
-                    return
-                log.info("key pool: no status for slave %s (%s); batches of %d", sub.slave, exc, _DEFAULT_BATCH)
-            else:
-                with self._cond:
-                    self._core.learned_batch(sub, max_per_request)
-                n = min(n, max_per_request)
+        t0 = time.perf_counter()
+        keys: list[QKDKey] | Exception
         try:
+            if sub.batch is None and self._core.batch_size is None:
+                try:
+                    status: KeySourceStatus | Exception = self._source.status(sub.slave)
+                except Exception as exc:  # judged by _batch
+                    status = exc
+                n = self._batch(sub, n, status)
             t0 = time.perf_counter()
             keys = self._source.get_keys(sub.slave, n, self._core.size_bits)
-            latency = time.perf_counter() - t0
-            _check_keys(keys, n, self._core.size_bits)
         except Exception as exc:  # any failure is counted, logged and retried later
-            with self._cond:
-                self._core.failed(sub, exc)
-                self._cond.notify_all()
-            return
-        with self._cond:
-            self._core.deposit(sub, keys, latency)
-            self._cond.notify_all()
+            keys = exc
+        self._filled(sub, n, keys, time.perf_counter() - t0)
 
 
-class AsyncKeyPool:
+class AsyncKeyPool(_Pool[AsyncKeySource]):
     """:class:`KeyPool` for asyncio: the same pool over an :class:`~hybridkex.qkd.AsyncKeySource`.
 
     The refill runs as a task in the event loop that first uses the pool (or calls :meth:`start`).
     Use ``async with`` or call :meth:`aclose`.  Same arguments as :class:`KeyPool` (without ``start``).
     """
 
-    def __init__(
-        self,
-        source: AsyncKeySource,
-        slaves: Iterable[str] = (),
-        *,
-        size_bits: int = 256,
-        low_watermark: int = 16,
-        high_watermark: int = 64,
-        batch_size: int | None = None,
-        max_key_age: float | None = None,
-        retry_backoff: float = 0.5,
-        max_retry_backoff: float = 30.0,
-        stale_discard_interval: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._source = source
-        self._core = _PoolCore(slaves, size_bits=size_bits, low_watermark=low_watermark,
-                               high_watermark=high_watermark, batch_size=batch_size, max_key_age=max_key_age,
-                               retry_backoff=retry_backoff, max_retry_backoff=max_retry_backoff, clock=clock,
-                               stale_discard_interval=stale_discard_interval)
+    def __init__(self, source: AsyncKeySource, slaves: Iterable[str] = (), **settings: Unpack[PoolSettings]) -> None:
+        super().__init__(source, slaves, **settings)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None
         self._fills: set[asyncio.Task[None]] = set()
 
-    @property
-    def sae_id(self) -> str:
-        """The underlying source's SAE ID."""
-        return self._source.sae_id
+    def _wake_refill(self) -> None:
+        # discard_stale() may come from another thread: the events belong to the pool's loop.
+        loop, wake, changed = self._loop, self._wake, self._changed
+        if loop is not None and wake is not None and changed is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(_set_both, wake, changed)
 
-    @property
-    def kme_id(self) -> str:
-        """The underlying source's KME ID."""
-        return self._source.kme_id
+    def _running(self) -> bool:
+        return self._task is not None and not self._task.done()
 
     def start(self) -> None:
         """Start the refill task in the running loop (idempotent)."""
@@ -299,46 +324,19 @@ class AsyncKeyPool:
     async def get_keys(self, slave_sae_id: str, number: int = 1, size_bits: int = 256) -> list[QKDKey]:
         """As :meth:`KeyPool.get_keys`."""
         self.start()
-        with self._core.lock:
-            keys, wake = self._core.take(slave_sae_id, number, size_bits)
-        if wake and self._wake is not None:
-            self._wake.set()
+        keys = self._take(slave_sae_id, number, size_bits)
         if keys is not None:
             return keys
         keys = await self._source.get_keys(slave_sae_id, number, size_bits)
-        _check_keys(keys, number, size_bits)
-        with self._core.lock:
-            self._core.note_direct(slave_sae_id, keys)
-        return keys
+        return self._direct(slave_sae_id, keys, number, size_bits)
 
     async def get_keys_by_id(self, master_sae_id: str, key_ids: Sequence[str]) -> list[QKDKey]:
         """Slave role: passed straight to the source."""
         return await self._source.get_keys_by_id(master_sae_id, key_ids)
 
-    def discard_stale(self, slave_sae_id: str, key_ids: Sequence[str] = (), *, reported_by_peer: bool = True) -> int:
-        """As :meth:`KeyPool.discard_stale`; a plain method, callable from any thread."""
-        reporter = "the peer's KME" if reported_by_peer else "this side's KME"
-        with self._core.lock:
-            dropped = self._core.discard_stale(slave_sae_id, key_ids, reporter)
-        loop, wake = self._loop, self._wake
-        if loop is not None and wake is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(wake.set)
-        return dropped
-
     async def status(self, slave_sae_id: str) -> KeySourceStatus:
         """The KME's status, from the source."""
         return await self._source.status(slave_sae_id)
-
-    def level(self, slave_sae_id: str | None = None) -> int:
-        """Keys ready for ``slave_sae_id`` (all slaves if ``None``)."""
-        with self._core.lock:
-            return self._core.level(slave_sae_id)
-
-    def stats(self) -> PoolStats:
-        """Level, counters, fetch latency and failures."""
-        with self._core.lock:
-            return self._core.stats(self._task is not None and not self._task.done())
 
     async def wait_ready(self, timeout: float = 10.0, minimum: int | None = None) -> bool:
         """Wait until every known slave has ``minimum`` keys (default: the high watermark)."""
@@ -396,56 +394,36 @@ class AsyncKeyPool:
                 await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _fill(self, sub: _SubPool, n: int) -> None:
-        assert self._wake is not None and self._changed is not None
+        t0 = time.perf_counter()
+        keys: list[QKDKey] | Exception
         try:
             if sub.batch is None and self._core.batch_size is None:
                 try:
-                    max_per_request = (await self._source.status(sub.slave)).max_key_per_request
-                except Exception as exc:  # no usable status (yet): the default batch, and ask again next time
-                    if self._core.closed or isinstance(exc, AlreadyFinalized):
-                        raise  # shutdown: handled (quietly) below
-                    log.info("key pool: no status for slave %s (%s); batches of %d", sub.slave, exc,
-                             _DEFAULT_BATCH)
-                else:
-                    with self._core.lock:
-                        self._core.learned_batch(sub, max_per_request)
-                    n = min(n, max_per_request)
+                    status: KeySourceStatus | Exception = await self._source.status(sub.slave)
+                except Exception as exc:  # judged by _batch
+                    status = exc
+                n = self._batch(sub, n, status)
             t0 = time.perf_counter()
             keys = await self._source.get_keys(sub.slave, n, self._core.size_bits)
-            latency = time.perf_counter() - t0
-            _check_keys(keys, n, self._core.size_bits)
         except asyncio.CancelledError:
             with self._core.lock:
                 sub.in_flight = False
             raise
         except Exception as exc:  # counted, logged, retried later
-            with self._core.lock:
-                self._core.failed(sub, exc)
-        else:
-            with self._core.lock:
-                self._core.deposit(sub, keys, latency)
-        self._changed.set()
-        self._wake.set()
+            keys = exc
+        self._filled(sub, n, keys, time.perf_counter() - t0)
 
 
-class ThreadedAsyncKeySource:
+def _set_both(wake: asyncio.Event, changed: asyncio.Event) -> None:
+    wake.set()
+    changed.set()
+
+
+class ThreadedAsyncKeySource(_Wrapper[KeySource]):
     """An :class:`~hybridkex.qkd.AsyncKeySource` over a blocking source, calling it in a worker thread.
 
     Lets asyncio code use a :class:`KeyPool` or :class:`~hybridkex.qkd.ETSI014Client`.
     """
-
-    def __init__(self, source: KeySource) -> None:
-        self._source = source
-
-    @property
-    def sae_id(self) -> str:
-        """The wrapped source's SAE ID."""
-        return self._source.sae_id
-
-    @property
-    def kme_id(self) -> str:
-        """The wrapped source's KME ID."""
-        return self._source.kme_id
 
     async def get_keys(self, slave_sae_id: str, number: int = 1, size_bits: int = 256) -> list[QKDKey]:
         """As :meth:`KeySource.get_keys`, in a worker thread."""

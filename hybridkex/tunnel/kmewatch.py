@@ -24,28 +24,24 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from ..exceptions import AlreadyFinalized, HandshakeTimeout, KeyReuseError, KeySourceError
-from ..qkd.errors import (
-    KMEBadRequestError,
-    KMEConnectionError,
-    KMEKeyNotFoundError,
-    KMEResponseError,
-    KMETimeoutError,
-    KMEUnauthorizedError,
-    KMEUnavailableError,
-)
+from ..qkd import KeySource, KeySourceStatus, QKDKey
+from ..qkd import errors as kme
 from .logs import log_event
 from .metrics import KME_ERROR_KINDS, HealthState
 
 __all__ = ["KME_ERROR_KINDS", "KMEWatch", "PeerSAE", "WatchedKeySource", "kme_error_kind"]
 
+T = TypeVar("T")
+
 #: Exception class -> ``kind`` label of ``hybridkex_kme_errors_total``, most specific class first.
 _KINDS: Final[tuple[tuple[type[BaseException], str], ...]] = (
-    (KMETimeoutError, "timeout"), (KMEConnectionError, "connection"), (KMEUnavailableError, "unavailable"),
-    (KMEKeyNotFoundError, "key_not_found"), (KMEUnauthorizedError, "unauthorized"),
-    (KMEBadRequestError, "bad_request"), (KMEResponseError, "bad_response"), (KeyReuseError, "key_reuse"),
+    (kme.KMETimeoutError, "timeout"), (kme.KMEConnectionError, "connection"),
+    (kme.KMEUnavailableError, "unavailable"), (kme.KMEKeyNotFoundError, "key_not_found"),
+    (kme.KMEUnauthorizedError, "unauthorized"), (kme.KMEBadRequestError, "bad_request"),
+    (kme.KMEResponseError, "bad_response"), (KeyReuseError, "key_reuse"),
     (HandshakeTimeout, "timeout"), (OSError, "connection"),
 )
 #: Failures that mean "no key can come from the KME now", whoever is asking.
@@ -124,7 +120,6 @@ class KMEWatch:
             return
         self._count(kind)
         text = f"{type(exc).__name__}: {exc}"
-        newly_refused: list[PeerSAE] = []
         with self._lock:
             if kind in _OUTAGE:
                 if self._outage is None:
@@ -134,14 +129,16 @@ class KMEWatch:
             elif kind in _REFUSAL and peer_sae is not None:
                 self._outage = None  # it answered
                 if peer_sae not in self._refused:  # said once per refusal, however often the pool retries
-                    newly_refused = [p for p in self.peers if p.sae_id == peer_sae]
+                    # Said under the lock: a thread that then finds the refusal recorded (the server's
+                    # probe before "listening", racing the pool's first refill) knows it was said.
+                    for p in self.peers:
+                        if p.sae_id == peer_sae:
+                            log_event(logging.ERROR, "kme_peer_refused",
+                                      f"the KME at {self.url} refuses QKD keys for peer {p.identity!r} (SAE "
+                                      f"{p.sae_id!r}); every handshake with this peer will fail until {p.field} "
+                                      f"names an SAE the KME serves for this side (or the KME is configured for "
+                                      f"it): {exc}", peer=p.identity, sae_id=p.sae_id, field=p.field)
                 self._refused[peer_sae] = str(exc)
-        for p in newly_refused:
-            log_event(logging.ERROR, "kme_peer_refused",
-                      f"the KME at {self.url} refuses QKD keys for peer {p.identity!r} (SAE {p.sae_id!r}); every "
-                      f"handshake with this peer will fail until {p.field} names an SAE the KME serves for this "
-                      f"side (or the KME is configured for it): {exc}",
-                      peer=p.identity, sae_id=p.sae_id, field=p.field)
 
     def health(self, pool_levels: Mapping[str, int] | None, keys_per_handshake: int) -> tuple[HealthState, str]:
         """The ``kme`` health component; ``pool_levels`` (slave SAE -> keys) only on the pooled master side."""
@@ -185,7 +182,7 @@ class WatchedKeySource:
     Anything else (``close``, ``url``...) is passed through to the wrapped source.
     """
 
-    def __init__(self, source: Any, watch: KMEWatch) -> None:
+    def __init__(self, source: KeySource, watch: KMEWatch) -> None:
         self._source = source
         self._watch = watch
 
@@ -195,7 +192,7 @@ class WatchedKeySource:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._source, name)
 
-    def _call(self, peer: str | None, fn: Callable[..., Any], *args: Any, probe: bool = False) -> Any:
+    def _call(self, peer: str | None, fn: Callable[..., T], *args: Any, probe: bool = False) -> T:
         try:
             result = fn(*args)
         except Exception as exc:
@@ -206,19 +203,19 @@ class WatchedKeySource:
 
     @property
     def sae_id(self) -> str:
-        return str(self._source.sae_id)
+        return self._source.sae_id
 
     @property
     def kme_id(self) -> str:
-        return str(self._call(None, lambda: self._source.kme_id))
+        return self._call(None, lambda: self._source.kme_id)
 
-    def get_keys(self, slave_sae_id: str, number: int = 1, size_bits: int = 256) -> Any:
+    def get_keys(self, slave_sae_id: str, number: int = 1, size_bits: int = 256) -> list[QKDKey]:
         return self._call(slave_sae_id, self._source.get_keys, slave_sae_id, number, size_bits)
 
-    def get_keys_by_id(self, master_sae_id: str, key_ids: Sequence[str]) -> Any:
+    def get_keys_by_id(self, master_sae_id: str, key_ids: Sequence[str]) -> list[QKDKey]:
         return self._call(master_sae_id, self._source.get_keys_by_id, master_sae_id, key_ids)
 
-    def status(self, slave_sae_id: str) -> Any:
+    def status(self, slave_sae_id: str) -> KeySourceStatus:
         return self._call(slave_sae_id, self._source.status, slave_sae_id)
 
     def probe(self, peer_sae_id: str) -> bool:

@@ -159,6 +159,12 @@ def test_request_sends_number_and_size_as_post(faulty: FaultyKME, client: Any) -
     assert faulty.last_body == {"number": 2, "size": 512}
 
 
+def test_key_request_options_are_sent(faulty: FaultyKME, client: Any) -> None:
+    client.enc_keys("sae-b", 1, 256, additional_slave_sae_ids=["sae-c"], extension_optional=[{"x_route": "direct"}])
+    assert faulty.last_body == {"number": 1, "size": 256, "additional_slave_SAE_IDs": ["sae-c"],
+                                "extension_optional": [{"x_route": "direct"}]}
+
+
 def test_status_parsed(faulty: FaultyKME, client: Any) -> None:
     faulty.reply = json_reply(STATUS)
     status = client.status("sae-b")

@@ -111,3 +111,32 @@ def test_health_body_states() -> None:
     assert h.report() == (True, "ok\n")
     h.draining = True
     assert h.report() == (False, "draining\n")
+
+
+def test_a_refusal_is_said_before_another_thread_can_find_it_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool's first refill and the server's probe race; whichever records the refusal says it first."""
+    import threading
+
+    from hybridkex.tunnel import kmewatch
+
+    w, _ = watch(master=True)
+    said: list[str] = []
+    logging_now, go_on = threading.Event(), threading.Event()
+
+    def slow_log(level: int, event: str, msg: str, **fields: object) -> None:
+        logging_now.set()
+        go_on.wait(5)  # the other thread runs meanwhile
+        said.append(event)
+
+    monkeypatch.setattr(kmewatch, "log_event", slow_log)
+    first = threading.Thread(target=w.failure, args=("sae-a", KMEBadRequestError("unknown SAE", status=400)))
+    first.start()
+    assert logging_now.wait(5)
+    second = threading.Thread(target=lambda: (w.failure("sae-a", KMEBadRequestError("unknown SAE", status=400)),
+                                              said.append("probe done")))
+    second.start()
+    second.join(0.3)
+    go_on.set()
+    first.join(5)
+    second.join(5)
+    assert said == ["kme_peer_refused", "probe done"]

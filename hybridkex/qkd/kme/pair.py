@@ -13,7 +13,6 @@ loop); :class:`SimulatedKMEPair` runs it in a background thread for in-process u
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import threading
 from contextlib import ExitStack
@@ -24,13 +23,15 @@ from typing import Any
 from aiohttp import web
 
 from ...exceptions import ConfigurationError, HybridKEXError
+from .._site import is_loopback_host as is_loopback  # the kme command's check of --host
 from ..client import AsyncETSI014Client, ETSI014Client, certificate_common_name
 from ..pki import DemoPKI
 from .app import create_kme_app, server_ssl_context
 from .listener import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, KMESite
 from .store import KeyStore, KMELimits, QKDLinkModel
 
-__all__ = ["DEFAULT_CAPACITY_BITS", "DEFAULT_RATE_BPS", "KMEPairServer", "KMEPairSettings", "SimulatedKMEPair"]
+__all__ = ["DEFAULT_CAPACITY_BITS", "DEFAULT_RATE_BPS", "KMEPairServer", "KMEPairSettings", "SimulatedKMEPair",
+           "is_loopback"]
 
 #: Default link rate: 1 Mbit/s, about 3900 keys of 256 bits per second.
 DEFAULT_RATE_BPS = 1_000_000.0
@@ -295,14 +296,3 @@ class SimulatedKMEPair:
 
     def __repr__(self) -> str:
         return f"SimulatedKMEPair(url_a={self.url_a!r}, url_b={self.url_b!r})"
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback IP literals."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
