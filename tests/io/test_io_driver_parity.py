@@ -16,7 +16,7 @@ from iohelpers import CLIENT_ID, SERVER_ID, WAIT, Setup, make_setup
 import hybridkex
 from hybridkex.api import ReconnectPolicy
 from hybridkex.exceptions import KeySourceError, StoreError
-from hybridkex.io.aio import ServerSide, accept_on_streams, connect_on_streams
+from hybridkex.io.aio import ServerSide, accept_on_streams
 from hybridkex.io.connection import accept
 from hybridkex.io.setup import ServerState
 from hybridkex.protocol import PSKAuthenticator, ResponderConfig
@@ -93,7 +93,7 @@ def _asyncio(side: ServerSide, client: Callable[[tuple[str, int]], Any]) -> Outc
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
-                hreader, hwriter = await accept_on_streams(reader, writer, side)
+                _, hwriter = await accept_on_streams(reader, writer, side)
                 hwriter.write(b"x")
                 await hwriter.drain()
                 hwriter.close()
