@@ -133,7 +133,7 @@ def test_a_key_source_failure_is_answered_by_the_policy() -> None:
     server.receive_data(_first_flight(client))
     event = server.next_event()
     assert isinstance(event, QKDRequest) and event.what == "the QKD key source"
-    from hybridkex.exceptions import KeySourceError  # noqa: PLC0415
+    from hybridkex.exceptions import KeySourceError
 
     server.call_failed(KeySourceError("the KME is down"))  # optional QKD: the no-QKD suite runs
     assert server.next_event() is NEED_DATA
