@@ -6,13 +6,13 @@ from __future__ import annotations
 import http.client
 import http.server
 import re
-from typing import Any
 
 from ..exceptions import ConfigurationError
 from ..protocol import InitiatorConfig
 from .client import HybridClient
 from .config import ClientConfig
 from .connection import HybridSocket, connect
+from .keys import KeySourceArg
 from .server import HybridTCPServer
 
 __all__ = ["HybridHTTPConnection", "HybridHTTPServer"]
@@ -44,7 +44,7 @@ class HybridHTTPConnection(http.client.HTTPConnection):
     """
 
     def __init__(self, host: str, port: int | None = None, *, config: ClientConfig | InitiatorConfig | None = None,
-                 key_source: Any = None, client: HybridClient | None = None, timeout: float | None = None,
+                 key_source: KeySourceArg = None, client: HybridClient | None = None, timeout: float | None = None,
                  source_address: tuple[str, int] | None = None, blocksize: int = 8192) -> None:
         super().__init__(host, port, timeout, source_address, blocksize)
         if (config is None) == (client is None):

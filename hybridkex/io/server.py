@@ -24,6 +24,7 @@ from ..protocol import ResponderConfig
 from ._plumbing import ServerState, describe, log_rejection
 from .config import ServerConfig
 from .connection import HybridSocket, accept
+from .keys import KeySourceArg
 from .reconnect import ReconnectRegistry
 
 __all__ = ["Handler", "HybridServer", "HybridTCPServer", "serve"]
@@ -55,7 +56,7 @@ class HybridTCPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
     def __init__(self, server_address: Any, RequestHandlerClass: Callable[..., Any],
-                 config: ServerConfig | ResponderConfig | None = None, *, key_source: Any = None,
+                 config: ServerConfig | ResponderConfig | None = None, *, key_source: KeySourceArg = None,
                  bind_and_activate: bool = True, reconnect_registry: ReconnectRegistry | None = None) -> None:
         if config is None:
             raise ConfigurationError("a hybridkex server needs a ServerConfig", field="config")
@@ -148,7 +149,7 @@ class HybridServer(HybridTCPServer):
     """
 
     def __init__(self, server_address: Any, config: ServerConfig | ResponderConfig, handler: Handler, *,
-                 key_source: Any = None, reconnect_registry: ReconnectRegistry | None = None,
+                 key_source: KeySourceArg = None, reconnect_registry: ReconnectRegistry | None = None,
                  bind_and_activate: bool = True) -> None:
         if not callable(handler):
             raise ConfigurationError("must be callable as handler(connection, client_address)", field="handler")
@@ -179,7 +180,7 @@ class HybridServer(HybridTCPServer):
         self.close()
 
 
-def serve(address: Any, config: ServerConfig | ResponderConfig, handler: Handler, *, key_source: Any = None,
+def serve(address: Any, config: ServerConfig | ResponderConfig, handler: Handler, *, key_source: KeySourceArg = None,
           poll_interval: float = 0.5) -> None:
     """Serve hybridkex connections on ``address`` until interrupted (blocks).
 
