@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ss_x, x_ct = x.encapsulate(xa.public_bytes())
     ss_m, m_ct = m.encapsulate(ma_key.public_bytes())
     qkd = os.urandom(32)
-    binding = QKDBinding(("0b5f1f1e-6f4e-4a53-9a57-2a4a3c1f6f10",), "sae-b", "sae-a", "kme-b", "kme-a")
+    binding = QKDBinding(key_ids=("0b5f1f1e-6f4e-4a53-9a57-2a4a3c1f6f10",), master_sae_id="sae-b", slave_sae_id="sae-a",
+                         master_kme_id="kme-b", slave_kme_id="kme-a")
     va = PartyView("initiator", b"client.example", os.urandom(32), xa.public_bytes(), ma_key.public_bytes())
     vb = PartyView("responder", b"server.example", os.urandom(32), x_ct, m_ct)
     ma, mb = encode_party(suite, va, binding), encode_party(suite, vb, binding)

@@ -48,9 +48,11 @@ _MAX_ID = 255
 TLS_IDENTITY_BYTES = 16
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class QKDBinding:
-    """Who the QKD keys of an exchange belong to: bound into MA and MB so no ID can be swapped."""
+    """Who the QKD keys of an exchange belong to: bound into MA and MB so no ID can be swapped.
+
+    Keyword-only: four strings in a row are too easy to pass in the wrong order."""
 
     key_ids: tuple[str, ...]
     master_sae_id: str

@@ -51,8 +51,7 @@ def test_known_answer_vectors(case: dict) -> None:
     binding = None
     if case["qkd_binding"]:
         b = case["qkd_binding"]
-        binding = QKDBinding(tuple(case["qkd_key_ids"]), b["master_sae_id"], b["slave_sae_id"],
-                             b["master_kme_id"], b["slave_kme_id"])
+        binding = QKDBinding(key_ids=tuple(case["qkd_key_ids"]), **b)
     ma = encode_party(suite, PartyView("initiator", h(case["identity_a"]), h(case["nonce_a"]),
                                        h(case["x25519_public_a"]), h(case["mlkem_ek"])), binding)
     mb = encode_party(suite, PartyView("responder", h(case["identity_b"]), h(case["nonce_b"]),
@@ -202,12 +201,17 @@ def test_qkd_binding_changes_output() -> None:
     """Substituting a key ID or an SAE ID in the binding changes MA and so the key (dependent-key attacks)."""
     view = PartyView("initiator", b"a", bytes(32), bytes(32), b"k")
     kid = "0b5f1f1e-6f4e-4a53-9a57-2a4a3c1f6f10"
-    b1 = QKDBinding((kid,), "sae-b", "sae-a", "kme-b", "kme-a")
+    b1 = QKDBinding(key_ids=(kid,), master_sae_id="sae-b", slave_sae_id="sae-a",
+                    master_kme_id="kme-b", slave_kme_id="kme-a")
     variants = [
-        QKDBinding(("0b5f1f1e-6f4e-4a53-9a57-2a4a3c1f6f11",), "sae-b", "sae-a", "kme-b", "kme-a"),
-        QKDBinding((kid,), "sae-a", "sae-b", "kme-b", "kme-a"),
-        QKDBinding((kid,), "sae-b", "sae-c", "kme-b", "kme-a"),
-        QKDBinding((kid,), "sae-b", "sae-a", "kme-b", "kme-c"),
+        QKDBinding(key_ids=("0b5f1f1e-6f4e-4a53-9a57-2a4a3c1f6f11",), master_sae_id="sae-b", slave_sae_id="sae-a",
+                   master_kme_id="kme-b", slave_kme_id="kme-a"),
+        QKDBinding(key_ids=(kid,), master_sae_id="sae-a", slave_sae_id="sae-b",
+                   master_kme_id="kme-b", slave_kme_id="kme-a"),
+        QKDBinding(key_ids=(kid,), master_sae_id="sae-b", slave_sae_id="sae-c",
+                   master_kme_id="kme-b", slave_kme_id="kme-a"),
+        QKDBinding(key_ids=(kid,), master_sae_id="sae-b", slave_sae_id="sae-a",
+                   master_kme_id="kme-b", slave_kme_id="kme-c"),
     ]
     base = encode_party(SUITE, view, b1)
     assert all(encode_party(SUITE, view, v) != base for v in variants)

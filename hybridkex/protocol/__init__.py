@@ -24,7 +24,9 @@ Everything public is re-exported here; the underscored modules are private.
 from __future__ import annotations
 
 from ._config import InitiatorConfig, ResponderConfig
-from ._connection import Initiator, Responder, peer_abort_error
+from ._errors import peer_abort_error
+from ._initiator import Initiator
+from ._responder import Responder
 from ._session import Component, Session, SessionInfo
 from ._state import State
 from ._wire import (

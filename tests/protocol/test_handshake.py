@@ -169,3 +169,28 @@ def test_offered_suites_are_reported(qkd):
     assert ia.suite == "x25519-mlkem1024-qkd-hkdfsha384"  # the responder's preference among the offer
     assert ia.offered_suites == ra.offered_suites == ("x25519-mlkem768-qkd-hkdfsha256",
                                                       "x25519-mlkem1024-qkd-hkdfsha384")
+
+
+def _initiator_holds_no_secret(ini: Initiator) -> None:
+    assert ini._ss_x == ini._ss_pq == b""
+    assert ini._x_priv is None and ini._pq_privs == {} and ini._master_keys == []
+    assert ini._secret is None
+
+
+def test_the_initiator_drops_its_shared_secrets_after_success_and_after_failure(qkd):
+    ini_cfg, res_cfg = configs()
+    pair = ConnectionPair.create(ini_cfg, res_cfg, qkd)
+    assert pair.ini._ss_x == pair.ini._ss_pq == b""  # declared from the start
+    assert pair.run().ok
+    _initiator_holds_no_secret(pair.ini)
+
+    def flip_responder_finished(index: int, sender: str, frame: bytes) -> bytes:
+        if sender == "responder" and frame[3] == FrameType.FINISHED:
+            return frame[:-1] + bytes([frame[-1] ^ 1])
+        return frame
+
+    failing = ConnectionPair.create(*configs(), qkd)
+    out = failing.run(tamper=flip_responder_finished)
+    assert out.ini_error is not None  # it decapsulated both secrets, then the Finished failed
+    assert failing.ini.state is State.FAILED
+    _initiator_holds_no_secret(failing.ini)

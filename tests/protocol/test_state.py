@@ -8,7 +8,7 @@ import pytest
 
 from hybridkex.exceptions import KeyUnavailableError, KMEError, LocalProtocolError
 from hybridkex.protocol import Initiator, State
-from hybridkex.protocol import _connection as conn
+from hybridkex.protocol import _base as conn
 from hybridkex.protocol._state import INITIATOR, RESPONDER, TABLES, Input, allowed, expected_frames, render
 from hybridkex.protocol._wire import FrameType
 
@@ -54,13 +54,13 @@ def test_a_transition_outside_the_table_is_refused():
 def test_every_transition_is_exercised(monkeypatch):
     """Run a set of scenarios and record every transition taken: together they cover the tables."""
     seen: set[tuple[str, State, Input, State]] = set()
-    original = conn._Connection._move
+    original = conn.Connection._move
 
     def spy(self, inp, target):
         seen.add((self._role, self._state, inp, target))
         original(self, inp, target)
 
-    monkeypatch.setattr(conn._Connection, "_move", spy)
+    monkeypatch.setattr(conn.Connection, "_move", spy)
 
     def unavailable(request):
         raise KeyUnavailableError("empty")

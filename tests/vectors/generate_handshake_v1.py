@@ -230,7 +230,8 @@ def make_case(auth: str) -> dict[str, Any]:
     pk_i, pk_r = (x25519.X25519PrivateKey.from_private_bytes(k).public_key() for k in (x_i, x_r))
     ss_x = x25519.X25519PrivateKey.from_private_bytes(x_i).exchange(pk_r)
     ek = mlkem.MLKEM768PrivateKey.from_seed_bytes(mlkem_seed).public_key().public_bytes_raw()
-    binding = QKDBinding((qkd_key.key_id,), RES_SAE, INI_SAE, RES_KME, INI_KME)
+    binding = QKDBinding(key_ids=(qkd_key.key_id,), master_sae_id=RES_SAE, slave_sae_id=INI_SAE,
+                         master_kme_id=RES_KME, slave_kme_id=INI_KME)
     ma = encode_party(suite, PartyView("initiator", INITIATOR.encode(), nonce_i, pk_i.public_bytes_raw(), ek), binding)
     mb = encode_party(suite, PartyView("responder", RESPONDER.encode(), nonce_r, pk_r.public_bytes_raw(), ct), binding)
     s = combine_raw(suite, qkd_key=qkd_key.key, x25519_secret=ss_x, pq_secret=ss_m, ma=ma, mb=mb)

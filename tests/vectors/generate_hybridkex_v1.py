@@ -68,7 +68,8 @@ def make_case(description: str, suite_name: str, seed: str, with_qkd: bool) -> d
     binding = None
     if with_qkd:
         key_id = str(__import__("uuid").UUID(bytes=stream(seed + " key id", 16), version=4))
-        binding = QKDBinding((key_id,), "sae-b", "sae-a", "kme-b", "kme-a")
+        binding = QKDBinding(key_ids=(key_id,), master_sae_id="sae-b", slave_sae_id="sae-a",
+                             master_kme_id="kme-b", slave_kme_id="kme-a")
     view_a = PartyView("initiator", f"client-{seed}".encode(), stream(seed + " nonce a", 32), xa_pub, sk.public_bytes())
     view_b = PartyView("responder", f"server-{seed}".encode(), stream(seed + " nonce b", 32), xb_pub, mlkem_ct)
     ma = encode_party(suite, view_a, binding)
