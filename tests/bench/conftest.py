@@ -5,15 +5,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # benchhelpers, without a package __init__
-
 from benchhelpers import TINY_ARGS
 
 

@@ -1,9 +1,8 @@
 """Shared pieces of the hardening tests (imported as ``hardeninghelpers``, never through conftest).
 
-Puts the other test folders' helper modules (tests/io/iohelpers.py, tests/qkd/qkdhelpers.py, the
-protocol tests' package) and the fuzz targets (fuzz/fuzz_targets.py) on ``sys.path`` so that they
-are reused by import, and adds what only these tests need: fuzz input strategies, resource
-counters (file descriptors, RSS) and secret scanning.
+Reuses the other test folders' helper modules and the fuzz targets (fuzz/fuzz_targets.py) by import
+(pyproject.toml's pytest ``pythonpath`` puts their folders on the path), and adds what only these
+tests need: fuzz input strategies, resource counters (file descriptors, RSS) and secret scanning.
 """
 
 from __future__ import annotations
@@ -12,21 +11,17 @@ import asyncio
 import base64
 import contextlib
 import os
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fuzz_targets
 from hypothesis import strategies as st
 
 TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
-for _p in (TESTS, TESTS / "io", TESTS / "qkd", ROOT / "fuzz"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
-import fuzz_targets  # noqa: E402
 
 __all__ = ["ROOT", "TESTS", "fd_count", "fuzz_inputs", "fuzz_targets", "mutate", "rss_bytes", "secret_forms"]
 

@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import hardeninghelpers  # noqa: F401 - puts tests/qkd (qkdhelpers) on sys.path
 import pytest
 from aiohttp import web
 from qkdhelpers import ThreadedServer, free_port, sae_args
@@ -177,7 +176,16 @@ async def _scenario(kmes: SimulatedKMEPair, qkd: str, server_source: Any, client
 
 SERVER_FAULTS = ["down", "slow", "500", "malformed-json", "malformed-type", "malformed-size", "malformed-base64",
                  "malformed-uuid", "malformed-count", "malformed-duplicate"]
-KEY_IDS: list[str] = []
+#: QKD key IDs of every session these tests established (in this process), to check none is used twice.
+KEY_IDS: set[str] = set()
+
+
+def _record_unique(key_ids: tuple[str, ...]) -> None:
+    """No QKD key ID serves two sessions, across the whole fault matrix (whatever order it runs in)."""
+    assert key_ids, "the session used no QKD key"
+    reused = KEY_IDS & set(key_ids)
+    assert not reused, f"QKD key ID(s) {sorted(reused)} used in two sessions"
+    KEY_IDS.update(key_ids)
 
 
 @pytest.mark.parametrize("qkd", ["required", "optional"])
@@ -217,7 +225,7 @@ def test_master_kme_fault(fault: str, qkd: str, kmes: SimulatedKMEPair, pki: Dem
         for c in (master, proxied, slave):
             c.close()
     assert result["legit_error"] is None and result["legit"].qkd_used, "the server did not recover"
-    KEY_IDS.extend(result["legit"].qkd_key_ids)
+    _record_unique(result["legit"].qkd_key_ids)
     rejected = [r.getMessage() for r in caplog.records if "rejected connection" in r.getMessage()]
     if qkd == "required":
         assert isinstance(result["error"], KeyUnavailableError), repr(result["error"])
@@ -281,7 +289,7 @@ def test_key_mismatch_between_sites(qkd: str, kmes: SimulatedKMEPair, pki: DemoP
     assert result["legit_error"] is None and result["legit"].qkd_used
     mismatched = faulty.key_ids_seen[0]
     assert mismatched not in result["legit"].qkd_key_ids
-    KEY_IDS.extend(result["legit"].qkd_key_ids)
+    _record_unique(result["legit"].qkd_key_ids)
     # The KME delivered the mismatched key ID once; asking again is refused, so it can never be reused.
     direct = kmes.key_source("sae-b")
     with pytest.raises(KMEKeyNotFoundError):
@@ -318,13 +326,7 @@ def test_slave_kme_down_fails_even_when_optional(kmes: SimulatedKMEPair, pki: De
     assert isinstance(result["error"], KeyUnavailableError) and "cannot go on" in str(result["error"])
     assert result["server_sessions"] == []
     assert result["legit_error"] is None and result["legit"].qkd_used
-    KEY_IDS.extend(result["legit"].qkd_key_ids)
-
-
-def test_zz_no_qkd_key_in_two_sessions() -> None:
-    if len(KEY_IDS) < 10:
-        pytest.skip("run with the tests above")
-    assert len(KEY_IDS) == len(set(KEY_IDS)), "a QKD key ID was used in two sessions"
+    _record_unique(result["legit"].qkd_key_ids)
 
 
 def test_pki_dir_is_private(pki: DemoPKI) -> None:

@@ -18,17 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import hardeninghelpers  # noqa: F401 - puts tests/qkd on sys.path
 import pytest
 from qkdhelpers import KMEProcess
+from tunnelhelpers import EchoService, TunnelProcess, echo_exchange, expected_echo, write_psk
 
 from hybridkex.qkd.pki import DemoPKI
-
-TUNNEL_DIR = Path(__file__).resolve().parents[1] / "tunnel"
-if str(TUNNEL_DIR) not in os.sys.path:  # tunnelhelpers, reused by import
-    os.sys.path.insert(0, str(TUNNEL_DIR))
-
-from tunnelhelpers import EchoService, TunnelProcess, echo_exchange, expected_echo, write_psk  # noqa: E402
 
 SECURE_ENV = {"HYBRIDKEX_TUNNEL_INSECURE_PLAIN_CHANNEL": "", "HYBRIDKEX_TESTING": ""}
 CONNECTIONS = int(os.environ.get("HYBRIDKEX_TUNNEL_LOAD", "1000"))

@@ -4,18 +4,13 @@ store, running real handshakes in memory (the protocol tests' ConnectionPair) or
 from __future__ import annotations
 
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-_TESTS = str(Path(__file__).resolve().parents[1])
-if _TESTS not in sys.path:  # the protocol tests' helpers live in tests/protocol (a package)
-    sys.path.insert(0, _TESTS)
-
-from protocol.helpers import (  # noqa: E402
+from protocol.helpers import (  # tests/ is on the path (pyproject's pythonpath); protocol is a package
     INI_ID,
     PSK,
     RES_ID,
@@ -28,9 +23,9 @@ from protocol.helpers import (  # noqa: E402
     split_frames,
 )
 
-from hybridkex.exceptions import HybridKEXError  # noqa: E402
-from hybridkex.io import run_initiator, run_responder  # noqa: E402
-from hybridkex.protocol import (  # noqa: E402
+from hybridkex.exceptions import HybridKEXError
+from hybridkex.io import run_initiator, run_responder
+from hybridkex.protocol import (
     NEED_DATA,
     HandshakeComplete,
     Initiator,
@@ -42,7 +37,7 @@ from hybridkex.protocol import (  # noqa: E402
     ResponderConfig,
     Session,
 )
-from hybridkex.recycle import RecycledAuthenticator, RecyclePolicy, SQLiteAuthKeyStore  # noqa: E402
+from hybridkex.recycle import RecycledAuthenticator, RecyclePolicy, SQLiteAuthKeyStore
 
 __all__ = ["INI_ID", "PSK", "RES_ID", "ConnectionPair", "DeterministicRandom", "Initiator", "Peers", "QKDPair",
            "Responder", "clock", "feed", "loopback_pair", "recycled_configs", "split_frames"]

@@ -5,13 +5,9 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # tlshelpers, without a package __init__
 
 PY313 = "/root/.pyenv/versions/3.13.0/bin/python3.13"
 

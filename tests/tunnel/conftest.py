@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # tunnelhelpers, without a package __init__
-
 from kmehelpers import KMEProcess, make_pki
 from tunnelhelpers import EchoService, Tunnels
 
