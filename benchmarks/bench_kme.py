@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from hybridkex.bench.stats import summarize
 from hybridkex.qkd import KeyPool
 from hybridkex.qkd.kme import KMELimits, SimulatedKMEPair
 from hybridkex.qkd.pki import DemoPKI
@@ -40,12 +40,9 @@ def start_fast(pki: DemoPKI, **kwargs: Any) -> SimulatedKMEPair:
 
 
 def quantiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "median_ms": statistics.median(ordered) * 1e3,
-        "p95_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))] * 1e3,
-        "n": len(ordered),
-    }
+    """Median and p95 in milliseconds (hybridkex.bench's quantiles, as every benchmark reports them)."""
+    q = summarize([x * 1e3 for x in samples])
+    return {"median_ms": q["median"], "p95_ms": q["p95"], "n": q["n"]}
 
 
 def timed(fn: Callable[[], Any], n: int) -> list[float]:

@@ -36,6 +36,7 @@ from typing import Any
 import hybridkex
 from hybridkex import Policy, QKDConfig
 from hybridkex.api import ClientConfig, HybridServer, HybridSocket, ReconnectPolicy, ServerConfig
+from hybridkex.bench.stats import quantile
 from hybridkex.protocol import InitiatorConfig, PSKAuthenticator, ResponderConfig
 from hybridkex.qkd import MemoryKeyLink
 
@@ -55,11 +56,6 @@ def echo_one(conn: HybridSocket, address: Any) -> None:
     data = conn.recv(1)
     if data:
         conn.sendall(data)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     plain_thread.join(5)
     plain.close()
 
-    results = {name: {"median_ms": statistics.median(v), "p95_ms": percentile(v, 0.95), "n": len(v)}
+    results = {name: {"median_ms": statistics.median(v), "p95_ms": quantile(v, 0.95), "n": len(v)}
                for name, v in samples.items()}
     ratio = results["full"]["median_ms"] / results["reconnect"]["median_ms"]
     print(f"connection setup on loopback, {n} x {rounds} per variant "

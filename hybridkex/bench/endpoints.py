@@ -44,7 +44,7 @@ from ..qkd.client import ETSI014Client
 from ..recycle import RecycledAuthenticator, SQLiteAuthKeyStore
 from .stages import NullStages
 
-__all__ = ["ClientKit", "ClientSpec", "End", "ServerKit", "pump"]
+__all__ = ["ClientKit", "ClientSpec", "End", "MemoryTLSEnd", "ServerKit", "pump"]
 
 #: Bounds on the in-memory pump (a handshake that needs more exchanges is broken).
 _MAX_EXCHANGES = 16
@@ -165,7 +165,7 @@ class _PyOpenSSLEnd:
                 "tls_group": self.conn.get_group_name()}
 
 
-class _MemoryTLSEnd:
+class MemoryTLSEnd:
     """hybridkex.tls over memory BIOs (with its post-handshake verification)."""
 
     def __init__(self, tls_end: tls.MemoryTLS, stages: NullStages | None = None) -> None:
@@ -469,7 +469,7 @@ class ClientKit:
         if kind == "pyopenssl-cert":
             return _PyOpenSSLEnd(self._pyo, False, self.spec.server_host.encode())
         if kind == "tls-psk":
-            return _MemoryTLSEnd(tls.MemoryTLS(self._psk_ctx, server_side=False))
+            return MemoryTLSEnd(tls.MemoryTLS(self._psk_ctx, server_side=False))
         ticket = self._ticket if self.spec.reconnect else None
         return _SetupEnd(ClientSetup(self.config, self.keys, ticket=ticket), stages or NullStages(),
                          on_ticket=self._keep_ticket)
@@ -545,7 +545,7 @@ class ServerKit:
         if kind == "pyopenssl-cert":
             return _PyOpenSSLEnd(self._pyo, True, None)
         if kind == "tls-psk":
-            return _MemoryTLSEnd(tls.MemoryTLS(self._psk_ctx, server_side=True))
+            return MemoryTLSEnd(tls.MemoryTLS(self._psk_ctx, server_side=True))
         return _SetupEnd(ServerSetup(self.state), stages or NullStages())
 
     def finish(self, conn: Any) -> None:

@@ -31,7 +31,7 @@ from ..qkd.memory import MemoryKeyLink
 from ..qkd.pki import DemoPKI
 from ..qkd.pool import KeyPool
 from ..recycle import RecycledAuthenticator, SQLiteAuthKeyStore
-from ._certs import SERVER_HOST, BaselineCerts, HybridPKI
+from .certs import SERVER_HOST, BaselineCerts, HybridPKI
 from .endpoints import ClientKit, ClientSpec, KMEClientSpec, ServerKit, key_budget, reconnect_policy
 from .variants import Variant
 

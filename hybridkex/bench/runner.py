@@ -31,12 +31,12 @@ from typing import Any
 from OpenSSL import SSL
 
 from .. import __version__
-from ._stats import spread, summarize
 from .endpoints import pump
 from .env import BenchEnv
 from .loopback import ClientWorker, DelayProxy, LoopbackServer
 from .progress import Progress
 from .stages import STAGES, StageClock
+from .stats import spread, summarize
 from .variants import Variant, select
 from .wire import WireLog
 

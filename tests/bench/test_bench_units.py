@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hybridkex.bench._stats import quantile, spread, summarize
 from hybridkex.bench.stages import STAGES, StageClock
+from hybridkex.bench.stats import quantile, spread, summarize
 from hybridkex.bench.variants import VARIANTS, select
 from hybridkex.bench.wire import WireLog
 from hybridkex.cli import main
