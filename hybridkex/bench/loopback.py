@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from ..exceptions import HybridKEXError
 from .endpoints import prepare
@@ -29,6 +29,19 @@ from .wire import WireLog, WireSummary
 __all__ = ["ClientWorker", "DelayProxy", "LoopbackServer", "WorkerError"]
 
 _HOST = "127.0.0.1"
+
+
+class _Stopping:
+    """``with`` support for the threads-and-sockets helpers below: leaving the block stops them."""
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class WorkerError(HybridKEXError):
@@ -43,7 +56,7 @@ def _close_listener(listener: socket.socket) -> None:
         listener.close()
 
 
-class LoopbackServer:
+class LoopbackServer(_Stopping):
     """Accepts on 127.0.0.1 and runs ``handshake(sock)`` for each connection on a worker thread.
 
     ``handshake`` returns the object to close (an SSL connection); ``finish(conn)`` then waits for
@@ -117,14 +130,9 @@ class LoopbackServer:
         for t in self._threads:
             t.join(5)
 
-    def __enter__(self) -> LoopbackServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
-class DelayProxy:
+class DelayProxy(_Stopping):
     """A TCP relay that delays each direction by ``one_way`` seconds and counts what it relays.
 
     Latency, not bandwidth: every chunk is forwarded ``one_way`` seconds after it arrived, so
@@ -251,11 +259,6 @@ class DelayProxy:
         for t in threads:
             t.join(5)
 
-    def __enter__(self) -> DelayProxy:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class ClientWorker:
