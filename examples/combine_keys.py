@@ -27,7 +27,8 @@ alice = hybridkex.PartyView("initiator", b"alice", os.urandom(32), alice_x.publi
 bob_ss_x, x_ct = x25519.encapsulate(alice.x25519_public)
 bob_ss_m, m_ct = mlkem.encapsulate(alice.kem_message)
 (bob_key,) = bob_qkd.get_keys("sae-a", number=1, size_bits=suite.qkd_key_bits)
-binding = hybridkex.QKDBinding((bob_key.key_id,), "sae-b", "sae-a", bob_qkd.kme_id, alice_qkd.kme_id)
+binding = hybridkex.QKDBinding(key_ids=(bob_key.key_id,), master_sae_id="sae-b", slave_sae_id="sae-a",
+                               master_kme_id=bob_qkd.kme_id, slave_kme_id=alice_qkd.kme_id)
 bob = hybridkex.PartyView("responder", b"bob", os.urandom(32), x_ct, m_ct)
 ma, mb = hybridkex.encode_party(suite, alice, binding), hybridkex.encode_party(suite, bob, binding)
 bob_secret = hybridkex.combine(suite, qkd_key=bob_key.key, x25519_secret=bob_ss_x, pq_secret=bob_ss_m, ma=ma, mb=mb)

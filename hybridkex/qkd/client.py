@@ -45,13 +45,19 @@ from ..exceptions import AlreadyFinalized, ConfigurationError
 from . import tlsfail
 from ._request import IDLE_MAX_AGE, MAX_RESPONSE_BYTES, ClientCore, KeyRequestOptions, Request
 from ._retry import Answer, ConnectFailed, Wait
-from ._site import SecureSiteWarning, certificate_common_name, in_secure_site  # noqa: F401 - importable from here
+from ._site import (  # noqa: F401 - importable from here
+    SecureSiteWarning,
+    certificate_common_name,
+    in_secure_site,
+    is_loopback_host,
+)
 from .aclient import AsyncETSI014Client
 from .base import QKDKey
 from .errors import KMEConnectionError, KMETimeoutError
 from .etsi014 import KMEStatus
 
-__all__ = ["AsyncETSI014Client", "ETSI014Client", "SecureSiteWarning", "certificate_common_name"]
+__all__ = ["AsyncETSI014Client", "ETSI014Client", "SecureSiteWarning", "certificate_common_name",
+           "is_loopback_host"]
 
 T = TypeVar("T")
 

@@ -23,8 +23,8 @@ from typing import Any
 from aiohttp import web
 
 from ...exceptions import ConfigurationError, HybridKEXError
-from .._site import is_loopback_host as is_loopback  # the kme command's check of --host
 from ..client import AsyncETSI014Client, ETSI014Client, certificate_common_name
+from ..client import is_loopback_host as is_loopback  # the kme command's check of --host
 from ..pki import DemoPKI
 from .app import create_kme_app, server_ssl_context
 from .listener import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, KMESite
