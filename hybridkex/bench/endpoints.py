@@ -33,7 +33,7 @@ from .. import tls
 from ..exceptions import ConfigurationError, LocalProtocolError
 from ..io import QKDKeyManager
 from ..io.client import HybridClient
-from ..io.config import ClientConfig, ReconnectPolicy, ServerConfig, TLSOptions
+from ..io.config import ClientConfig, ReconnectPolicy, ServerConfig, SteadyPolicy, TLSOptions
 from ..io.connection import accept
 from ..io.reconnect import ReconnectTicket
 from ..io.setup import NEED_DATA, BlockingCall, ClientSetup, Established, Failed, QKDRequest, ServerSetup, ServerState
@@ -42,6 +42,7 @@ from ..protocol import Authenticator, InitiatorConfig, PKIAuthenticator, PSKAuth
 from ..qkd.base import KeySource
 from ..qkd.client import ETSI014Client
 from ..recycle import RecycledAuthenticator, SQLiteAuthKeyStore
+from ..steady import SteadyTicket
 from .stages import NullStages
 
 __all__ = ["ClientKit", "ClientSpec", "End", "MemoryTLSEnd", "ServerKit", "pump"]
@@ -356,7 +357,7 @@ class _SetupEnd:
     measures both ends.  A client's machine reconnects while its ticket lasts."""
 
     def __init__(self, machine: ClientSetup | ServerSetup, stages: NullStages,
-                 on_ticket: Callable[[ReconnectTicket | None], None] | None = None) -> None:
+                 on_ticket: Callable[[ReconnectTicket | SteadyTicket | None], None] | None = None) -> None:
         self._machine = machine
         self._stages = stages
         self._on_ticket = on_ticket
@@ -430,7 +431,7 @@ class ClientKit:
             self._psk_ctx = tls.client_context(spec.psk_identity, spec.psk)
         elif kind == "hybridkex":
             self.config = ClientConfig(self._initiator_config(spec), tls=TLSOptions(groups=spec.tls_groups),
-                                       reconnect=reconnect_policy(spec.reconnect))
+                                       reconnect=reconnect_policy(spec.reconnect), steady=SteadyPolicy(enabled=False))
             self.keys: QKDKeyManager | None = None
             source = key_source
             if source is None and spec.kme is not None:
@@ -442,7 +443,7 @@ class ClientKit:
             # The public client: one long-lived key manager, and reconnect tickets when enabled.
             self.client = HybridClient(self.config, key_source=self.keys)
             self._owned.append(self.client)
-            self._ticket: ReconnectTicket | None = None
+            self._ticket: ReconnectTicket | SteadyTicket | None = None
         else:
             raise ConfigurationError(f"unknown client kind {kind!r}", field="kind")
 
@@ -474,7 +475,7 @@ class ClientKit:
         return _SetupEnd(ClientSetup(self.config, self.keys, ticket=ticket), stages or NullStages(),
                          on_ticket=self._keep_ticket)
 
-    def _keep_ticket(self, ticket: ReconnectTicket | None) -> None:
+    def _keep_ticket(self, ticket: ReconnectTicket | SteadyTicket | None) -> None:
         if ticket is not None:
             if self._ticket is not None:
                 self._ticket.erase()

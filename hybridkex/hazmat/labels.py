@@ -40,6 +40,13 @@ RECONNECT_PSK = b"reconnect psk"
 RECONNECT_IDENTITY = b"reconnect psk identity"
 #: Names a parent session in its reconnect PSK identities, so a server finds it without a search.
 RECONNECT_HANDLE = b"reconnect session handle"
+#: Steady state (docs/spec.md, "Steady state"): the parent's handle, its authentication key, and
+#: the tag that authenticates a steady-state identity before the server spends anything for it.
+STEADY_HANDLE = b"steady state handle"
+STEADY_AUTH_KEY = b"steady state authentication key"
+STEADY_IDENTITY_TAG = b"steady state identity tag"
+#: ETSI CatKDF ``context`` of a steady-state TLS PSK (hashed with MA, MB into the HKDF info).
+STEADY_PSK_CONTEXT = b"hybridkex/v1 steady state psk"
 
 # --- TLS PSK identities (docs/spec.md 4.3). They travel in clear in the ClientHello and are sent as
 # printable ASCII text: stacks that treat identities as C strings or UTF-8 (OpenSSL's legacy PSK
@@ -51,6 +58,16 @@ RECONNECT_HANDLE = b"reconnect session handle"
 TLS_IDENTITY_PREFIX = b"hk1-psk."
 #: Identity of a reconnect: this prefix, then base64url of handle (16) || u32(counter) || tag (16).
 RECONNECT_IDENTITY_PREFIX = b"hk1-rc."
+
+#: Identity of a steady-state connection: this prefix, then base64url of handle (16) || u32(counter)
+#: || flags || the key IDs it uses || the key IDs it announces || tag (16).
+STEADY_IDENTITY_PREFIX = b"hk1-ss."
+
+
+def steady_label(suite_name: bytes) -> bytes:
+    """ETSI CatKDF ``label`` (the HKDF salt) of a steady-state TLS PSK."""
+    return PROTOCOL + b" CatKDF steady " + suite_name
+
 
 #: Every purpose label, for tests that check they are distinct.
 PURPOSES: tuple[bytes, ...] = (
@@ -64,6 +81,9 @@ PURPOSES: tuple[bytes, ...] = (
     RECONNECT_PSK,
     RECONNECT_IDENTITY,
     RECONNECT_HANDLE,
+    STEADY_HANDLE,
+    STEADY_AUTH_KEY,
+    STEADY_IDENTITY_TAG,
 )
 
 # --- Handshake authentication (docs/spec.md, "Handshake"). These keys come from a bootstrap

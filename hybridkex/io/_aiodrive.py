@@ -68,7 +68,8 @@ def established_streams(event: Established | HandshakeDone, streams: _Streams,
     reader, writer = streams
     stream = AsyncTLSStream(event.tls, reader, writer)
     return (HybridStreamReader(stream, limit),
-            HybridStreamWriter(stream, writer, (event.info, event.tls_info, event.reconnect_index), event.ticket))
+            HybridStreamWriter(stream, writer, (event.info, event.tls_info, event.reconnect_index, event.steady),
+                               event.ticket))
 
 
 async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: ServerState,

@@ -10,6 +10,7 @@ from ..protocol import NEED_DATA, QKDKeysByIdRequired, QKDKeysRequired, Sentinel
 
 if TYPE_CHECKING:
     from ..protocol import Session, SessionInfo
+    from ..steady import SteadyFacts, SteadyTicket
     from ..tls import MemoryTLS, TLSInfo
     from .reconnect import ReconnectTicket
 
@@ -63,14 +64,16 @@ class Established:
     """TLS is verified: the connection is ready for application data.
 
     ``tls`` holds every byte received so far (early application data included); ``info`` is the hybrid
-    session (a reconnect's parent); ``ticket`` the client's reconnect ticket, if one was made.
+    session (a reconnect's or steady-state connection's parent); ``ticket`` the client's reconnect or
+    steady-state ticket, if a full handshake made one; ``steady`` the facts of a steady-state connection.
     """
 
     tls: MemoryTLS
     info: SessionInfo
     tls_info: TLSInfo
     reconnect_index: int | None = None
-    ticket: ReconnectTicket | None = None
+    ticket: ReconnectTicket | SteadyTicket | None = None
+    steady: SteadyFacts | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)

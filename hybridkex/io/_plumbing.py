@@ -21,6 +21,7 @@ from ..exceptions import (
 )
 from ..policy import Policy
 from ..protocol import HEADER_LEN, MAGIC, FrameType, Session, peer_abort_error
+from ..steady import SteadyRegistry, SteadyTicket
 from ..tls import PQ_GROUP
 from ..tls.pyopenssl import client_context, server_context
 from ._bridge import BlockingBridge
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
     from OpenSSL import SSL
 
     from ..qkd.base import AsyncKeySource, KeySource
-    from .config import ReconnectPolicy
 
 _log = logging.getLogger("hybridkex.server")
 
@@ -182,8 +182,9 @@ class FullHandshakeKeys:
     identity: bytes
     psk: bytes
     cipher: str
-    ticket: ReconnectTicket | None = None
+    ticket: ReconnectTicket | SteadyTicket | None = None
     handle: bytes | None = None
+    steady_handle: bytes | None = None
 
 
 def report_qkd_fallback(session: Session) -> None:
@@ -195,24 +196,30 @@ def report_qkd_fallback(session: Session) -> None:
             info.peer_identity, info.qkd_note, info.suite)
 
 
-def client_keys(session: Session, policy: ReconnectPolicy) -> FullHandshakeKeys:
-    """Derive the TLS PSK; keep the secret in a ticket when reconnects are on, else erase it."""
+def client_keys(session: Session, config: ClientConfig, manager: QKDKeyManager | None) -> FullHandshakeKeys:
+    """Derive the TLS PSK and the ticket for later connections: a steady-state ticket when the
+    steady state is on, else a reconnect ticket when reconnects are on; erase the secret otherwise."""
     report_qkd_fallback(session)
     keys = FullHandshakeKeys(session.tls_identity(), session.tls_psk(), session.secret.suite.tls_cipher)
-    if policy.enabled:
-        keys.ticket = ReconnectTicket(session.secret, session.info, policy)
+    if config.steady.enabled:
+        keys.ticket = SteadyTicket(session.secret, session.info, config.steady, config.handshake.policy, manager)
+        session.erase()
+    elif config.reconnect.enabled:
+        keys.ticket = ReconnectTicket(session.secret, session.info, config.reconnect)
     else:
         session.erase()
     return keys
 
 
-def server_keys(session: Session, registry: ReconnectRegistry | None) -> FullHandshakeKeys:
-    """Derive the TLS PSK; register the parent for reconnects (before TLS starts, so a client that
-    finished TLS can reconnect at once) or erase the secret."""
+def server_keys(session: Session, state: ServerState) -> FullHandshakeKeys:
+    """Derive the TLS PSK; register the parent for the steady state and reconnects (before TLS
+    starts, so a client that finished TLS can go on at once); erase the secret."""
     report_qkd_fallback(session)
     keys = FullHandshakeKeys(session.tls_identity(), session.tls_psk(), session.secret.suite.tls_cipher)
-    if registry is not None:
-        keys.handle = registry.register(session.secret, session.info)
+    if state.steady is not None:
+        keys.steady_handle = state.steady.register(session.secret, session.info)
+    if state.registry is not None:
+        keys.handle = state.registry.register(session.secret, session.info)  # it now owns the secret
     else:
         session.erase()
     return keys
@@ -246,7 +253,7 @@ class ReconnectLookup:
 
 
 class ServerState:
-    """What a server keeps across connections: config, key manager, reconnect registry.
+    """What a server keeps across connections: config, key manager, steady-state and reconnect registries.
 
     ``loop``: the event loop an asyncio key source's coroutines run on (asyncio servers only)."""
 
@@ -263,10 +270,13 @@ class ServerState:
                 registry if registry is not None else ReconnectRegistry(config.reconnect))
         else:
             self.registry = None
+        self.steady = SteadyRegistry(config.steady, policy, self.keys) if config.steady.enabled else None
 
     def close(self) -> None:
         if self.registry is not None:
             self.registry.clear()
+        if self.steady is not None:
+            self.steady.clear()
 
 
 

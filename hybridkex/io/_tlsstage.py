@@ -12,6 +12,7 @@ from ._events import NEED_DATA, Established, Failed
 
 if TYPE_CHECKING:
     from ..protocol import Sentinel, SessionInfo
+    from ..steady import SteadyFacts, SteadyTicket
     from ..tls import MemoryTLS
     from ._plumbing import ReconnectLookup, Stage
     from .reconnect import ReconnectTicket
@@ -24,13 +25,15 @@ class TLSStage:
 
     ``info`` is the hybrid session the PSK comes from (None on a server reconnect: ``lookup`` finds
     the parent).  ``check_first`` sees the first bytes received (before OpenSSL does) and may raise;
-    ``on_failure`` undoes what the PSK decision registered (a ticket, a registry entry).
+    ``on_failure`` undoes what the PSK decision registered (a ticket, a registry entry);
+    ``on_success`` runs once TLS is verified (a steady-state connection's announced keys).
     """
 
     def __init__(self, tls: MemoryTLS, stage: Stage, info: SessionInfo | None, *,
-                 reconnect_index: int | None = None, ticket: ReconnectTicket | None = None,
+                 reconnect_index: int | None = None, ticket: ReconnectTicket | SteadyTicket | None = None,
                  lookup: ReconnectLookup | None = None, check_first: Callable[[bytes], None] | None = None,
-                 on_failure: Callable[[], None] | None = None) -> None:
+                 on_failure: Callable[[], None] | None = None, on_success: Callable[[], None] | None = None,
+                 steady: SteadyFacts | None = None) -> None:
         self._tls = tls
         self._stage = stage
         self._info = info
@@ -39,6 +42,8 @@ class TLSStage:
         self._lookup = lookup
         self._check_first = check_first
         self._on_failure = on_failure
+        self._on_success = on_success
+        self._steady = steady
         self._unsent = b""
         self._failure: Failed | None = None
 
@@ -82,7 +87,10 @@ class TLSStage:
                     raise LocalProtocolError("TLS completed without a reconnect PSK")
                 info, index = match.info, match.index
             assert info is not None
-            return Established(self._tls, info, tls_info, index, self._ticket)
+            if self._on_success is not None:
+                done, self._on_success, self._on_failure = self._on_success, None, None
+                done()
+            return Established(self._tls, info, tls_info, index, self._ticket, self._steady)
         except Exception as exc:
             self._failure = self._failed(exc)
             return self._failure

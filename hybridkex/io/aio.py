@@ -21,6 +21,7 @@ from typing import Any
 
 from ..exceptions import ConfigurationError, HandshakeTimeout
 from ..protocol import Initiator, InitiatorConfig, Responder, ResponderConfig, Session
+from ..steady import SteadyTicket
 from ._aiodrive import accept, bridged, drive, established_streams
 from ._events import HandshakeDone
 from ._hybrid import HybridStage
@@ -105,7 +106,7 @@ async def run_responder(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 async def open_connection(host: str | None = None, port: int | None = None,
                           config: ClientConfig | InitiatorConfig | None = None, *, key_source: KeySourceArg = None,
-                          timeout: float | None = None, ticket: ReconnectTicket | None = None,
+                          timeout: float | None = None, ticket: ReconnectTicket | SteadyTicket | None = None,
                           limit: int = DEFAULT_LIMIT, **kwargs: Any) -> tuple[HybridStreamReader, HybridStreamWriter]:
     """Open a hybridkex connection; returns ``(reader, writer)`` once TLS is verified.
 
@@ -140,7 +141,7 @@ async def open_connection(host: str | None = None, port: int | None = None,
 
 async def connect_on_streams(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                              config: ClientConfig | InitiatorConfig, *, key_source: KeySourceArg = None,
-                             timeout: float | None = None, ticket: ReconnectTicket | None = None,
+                             timeout: float | None = None, ticket: ReconnectTicket | SteadyTicket | None = None,
                              limit: int = DEFAULT_LIMIT) -> tuple[HybridStreamReader, HybridStreamWriter]:
     """Run the client side of a hybridkex connection over an already connected ``(reader, writer)``.
 

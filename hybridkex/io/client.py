@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any
 
 from ..exceptions import ConfigurationError, PSKRejected, QKDKeyUnknownError
 from ..protocol import InitiatorConfig
+from ..steady import SteadyTicket
 from ._bridge import BlockingBridge
 from ._plumbing import is_async_source, key_manager
 from .aio import DEFAULT_LIMIT, HybridStreamReader, HybridStreamWriter, open_connection
@@ -17,22 +19,28 @@ from .connection import HybridSocket, connect
 from .keys import KeySourceArg, QKDKeyManager
 from .reconnect import ReconnectTicket
 
+Ticket = ReconnectTicket | SteadyTicket
+
 __all__ = ["HybridClient"]
 
 _log = logging.getLogger("hybridkex.client")
 
 
 class HybridClient:
-    """Opens hybridkex connections with one configuration, one key manager and, when the reconnect
-    policy is on, one :class:`ReconnectTicket` per server address used automatically.
+    """Opens hybridkex connections with one configuration, one key manager and one ticket per server
+    address, used automatically: a :class:`~hybridkex.steady.SteadyTicket` (the steady state, on by
+    default) or, with the steady state off and reconnects on, a :class:`ReconnectTicket`.
 
-    The first connection to an address runs the full hybrid handshake; later ones reconnect
-    straight to TLS while the ticket lasts (``config.reconnect``).  If the server refuses a
-    reconnect (it restarted, forgot the session, or has reconnects off), the ticket is dropped and
-    the connection is retried once with a full handshake.  A full handshake that fails because a KME
-    did not know its QKD key (:class:`~hybridkex.exceptions.QKDKeyUnknownError`: the KME restarted
-    and the master's pooled keys were stale; the master drops them) is retried once, transparently,
-    with a new handshake and so a new key.  Thread-safe; usable from blocking code (:meth:`connect`)
+    The first connection to an address runs the full hybrid handshake; later ones are one TLS 1.3
+    handshake each while the ticket lasts: in the steady state with a fresh QKD key per connection,
+    reserved and announced ahead by this client (``config.steady``).  If the server refuses (it
+    restarted, forgot the session, or has the steady state off), the ticket is dropped and the
+    connection is retried once with a full handshake; a server that refuses a new ticket's first
+    connection is not offered the steady state again for :attr:`STEADY_RETRY_AFTER` seconds.  A
+    full handshake that fails because a KME did not know its QKD key
+    (:class:`~hybridkex.exceptions.QKDKeyUnknownError`: the KME restarted and the master's pooled
+    keys were stale; the master drops them) is retried once, transparently, with a new handshake
+    and so a new key.  Thread-safe; usable from blocking code (:meth:`connect`)
     and asyncio (:meth:`open_connection`).
 
     Args:
@@ -48,19 +56,24 @@ class HybridClient:
         self._keys: QKDKeyManager | None = (
             None if self._async_source else key_manager(key_source, self.config.handshake.policy, long_lived=True))
         self._bridge_loop: asyncio.AbstractEventLoop | None = None
-        self._tickets: dict[tuple[str, int], ReconnectTicket] = {}
+        self._tickets: dict[tuple[str, int], Ticket] = {}
+        self._no_steady: dict[tuple[str, int], float] = {}
         self._lock = threading.Lock()
-        #: Connections made with a full hybrid handshake / with a reconnect (for metrics and tests).
+        #: Connections made with a full hybrid handshake / a reconnect / in the steady state.
         self.full_handshakes = 0
         self.reconnects = 0
+        self.steady_connections = 0
         #: Full handshakes that failed on a stale QKD key and were retried.
         self.stale_key_retries = 0
 
     def __repr__(self) -> str:
         return (f"<HybridClient {self.config.handshake.identity!r} full={self.full_handshakes} "
-                f"reconnects={self.reconnects} tickets={len(self._tickets)}>")
+                f"steady={self.steady_connections} reconnects={self.reconnects} tickets={len(self._tickets)}>")
 
-    def _ticket(self, key: tuple[str, int]) -> ReconnectTicket | None:
+    #: Seconds a server that refused the steady state is not offered it again.
+    STEADY_RETRY_AFTER = 600.0
+
+    def _ticket(self, key: tuple[str, int]) -> Ticket | None:
         with self._lock:
             ticket = self._tickets.get(key)
             if ticket is not None and not ticket.usable:
@@ -68,22 +81,31 @@ class HybridClient:
                 ticket = None
             return ticket
 
-    def _store(self, key: tuple[str, int], ticket: ReconnectTicket | None) -> None:
+    def _store(self, key: tuple[str, int], ticket: Ticket | None) -> None:
         if ticket is None:
             return
         with self._lock:
+            if isinstance(ticket, SteadyTicket) and self._no_steady.get(key, 0.0) > time.monotonic():
+                ticket.erase()
+                return
             old = self._tickets.get(key)
             self._tickets[key] = ticket
         if old is not None and old is not ticket:
             old.erase()
+        if isinstance(ticket, SteadyTicket):
+            ticket.refill()  # reserve this server's next QKD keys now, off any connection's path
 
-    def _drop(self, key: tuple[str, int], ticket: ReconnectTicket) -> None:
+    def _drop(self, key: tuple[str, int], ticket: Ticket, exc: Exception) -> None:
+        _log.info("%s to %s:%s refused (%s); running a full handshake",
+                  "steady-state connection" if isinstance(ticket, SteadyTicket) else "reconnect", *key, exc)
         with self._lock:
             if self._tickets.get(key) is ticket:
                 del self._tickets[key]
+            if isinstance(ticket, SteadyTicket) and ticket.connections == 0:
+                self._no_steady[key] = time.monotonic() + self.STEADY_RETRY_AFTER
         ticket.erase()
 
-    def ticket_for(self, host: str, port: int) -> ReconnectTicket | None:
+    def ticket_for(self, host: str, port: int) -> Ticket | None:
         """The usable ticket kept for ``(host, port)``, if any."""
         return self._ticket((host, port))
 
@@ -110,10 +132,10 @@ class HybridClient:
             try:
                 sock = connect(address, self.config, key_source=self._keys, timeout=timeout, ticket=ticket)
             except PSKRejected as exc:
-                _log.info("reconnect to %s:%s refused (%s); running a full handshake", *key, exc)
-                self._drop(key, ticket)
+                self._drop(key, ticket, exc)
             else:
-                self._done(key, sock.session.reconnect, sock.reconnect_ticket)
+                self._done(key, sock.session.reconnect or sock.session.steady is not None, sock.reconnect_ticket,
+                           steady=sock.session.steady is not None)
                 return sock
         try:
             sock = connect(address, self.config, key_source=self._keys, timeout=timeout)
@@ -131,9 +153,11 @@ class HybridClient:
         _log.info("handshake with %s:%s failed on a stale QKD key (%s); retrying once with a new handshake",
                   *key, exc)
 
-    def _done(self, key: tuple[str, int], reconnect: bool, ticket: ReconnectTicket | None) -> None:
+    def _done(self, key: tuple[str, int], reconnect: bool, ticket: Ticket | None, *, steady: bool = False) -> None:
         with self._lock:
-            if reconnect:
+            if steady:
+                self.steady_connections += 1
+            elif reconnect:
                 self.reconnects += 1
             else:
                 self.full_handshakes += 1
@@ -164,10 +188,10 @@ class HybridClient:
                 reader, writer = await open_connection(host, port, self.config, key_source=keys, timeout=timeout,
                                                        ticket=ticket, limit=limit, **kwargs)
             except PSKRejected as exc:
-                _log.info("reconnect to %s:%s refused (%s); running a full handshake", host, port, exc)
-                self._drop(key, ticket)
+                self._drop(key, ticket, exc)
             else:
-                self._done(key, writer.session.reconnect, writer.reconnect_ticket)
+                self._done(key, writer.session.reconnect or writer.session.steady is not None,
+                           writer.reconnect_ticket, steady=writer.session.steady is not None)
                 return reader, writer
         try:
             reader, writer = await open_connection(host, port, self.config, key_source=keys, timeout=timeout,

@@ -7,6 +7,8 @@
 * :class:`TLSOptions`: key-exchange groups, ``require_pq``, key logging, the TLS stage's deadline.
 * :class:`ReconnectPolicy`: zero-extra-round-trip reconnects (off by default), bounded in time and
   count.
+* :class:`SteadyPolicy`: after first contact, one TLS round trip per connection with a fresh QKD key
+  (on by default).
 
 Every stage of connection setup has a deadline (docs/api.md, "Timeouts"): the whole setup is bounded
 by ``timeout``; within it the hybrid handshake by ``policy.timeouts.handshake``, each key-source
@@ -24,7 +26,7 @@ from typing import Any, TypeVar
 from ..exceptions import ConfigurationError
 from ..protocol import InitiatorConfig, ResponderConfig
 
-__all__ = ["ClientConfig", "ReconnectPolicy", "ServerConfig", "TLSOptions"]
+__all__ = ["ClientConfig", "ReconnectPolicy", "ServerConfig", "SteadyPolicy", "TLSOptions"]
 
 #: Connection setup deadline (seconds) when none is configured: long enough for a KME round trip on
 #: a slow network, short enough that a silent peer cannot hold a server slot for long.
@@ -118,6 +120,41 @@ class ReconnectPolicy:
                            _count(self.max_sessions, "reconnect.max_sessions", 1, _MAX_SESSIONS))
 
 
+@dataclass(frozen=True, slots=True)
+class SteadyPolicy:
+    """The steady state (docs/api.md, "Steady state"): on by default.
+
+    After one full, authenticated hybrid handshake, every further connection to the same server is
+    a single TLS 1.3 handshake whose PSK mixes a fresh QKD key (reserved by the client, the ETSI
+    master, and announced one connection ahead so the server holds it in time) with an
+    authentication key derived from the full handshake's QKD-mixed output.  Both ends must enable
+    it; a server that refuses a steady-state connection makes the client run one full handshake.
+    """
+
+    enabled: bool = True
+    #: Steady-state connections one full handshake allows.
+    max_uses: int = 65536
+    #: Seconds a full handshake's authentication key serves; then one full handshake renews it.
+    lifetime: float = 3600.0
+    #: Client side: QKD keys kept reserved and announced ahead (0: none; the server then fetches
+    #: each key on demand, inside the handshake).
+    announce: int = 4
+    #: Seconds an announced, unused QKD key is kept before both ends erase it.
+    key_lifetime: float = 300.0
+    #: Server side: parent sessions remembered at once (bounded memory).
+    max_sessions: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigurationError("must be True or False", field="steady.enabled")
+        object.__setattr__(self, "max_uses", _count(self.max_uses, "steady.max_uses", 1, 2**31))
+        object.__setattr__(self, "lifetime", _seconds(self.lifetime, "steady.lifetime", ceiling=_MAX_LIFETIME))
+        object.__setattr__(self, "announce", _count(self.announce, "steady.announce", 0, 8))
+        object.__setattr__(self, "key_lifetime", _seconds(self.key_lifetime, "steady.key_lifetime",
+                                                          ceiling=_MAX_LIFETIME))
+        object.__setattr__(self, "max_sessions", _count(self.max_sessions, "steady.max_sessions", 1, _MAX_SESSIONS))
+
+
 def _sub(value: Any, cls: type, name: str) -> None:
     if not isinstance(value, cls):
         raise ConfigurationError(f"must be a {cls.__name__}, not {type(value).__name__}", field=name)
@@ -128,6 +165,7 @@ def _check_setup(config: ClientConfig | ServerConfig, handshake_type: type) -> N
     _sub(config.handshake, handshake_type, "handshake")
     _sub(config.tls, TLSOptions, "tls")
     _sub(config.reconnect, ReconnectPolicy, "reconnect")
+    _sub(config.steady, SteadyPolicy, "steady")
     object.__setattr__(config, "timeout", _seconds(config.timeout, "timeout"))
 
 
@@ -156,12 +194,15 @@ class ClientConfig:
         reconnect: the reconnect policy (off by default).
         timeout: deadline in seconds for the whole connection setup: TCP connect, hybrid
             handshake (itself bounded by ``handshake.policy.timeouts``) and TLS handshake.
+        steady: the steady-state policy (on by default; ``SteadyPolicy(enabled=False)`` makes every
+            connection a full handshake).
     """
 
     handshake: InitiatorConfig
     tls: TLSOptions = field(default_factory=TLSOptions)
     reconnect: ReconnectPolicy = field(default_factory=ReconnectPolicy)
     timeout: float = DEFAULT_SETUP_TIMEOUT
+    steady: SteadyPolicy = field(default_factory=SteadyPolicy)
 
     def __post_init__(self) -> None:
         _check_setup(self, InitiatorConfig)
@@ -185,6 +226,7 @@ class ServerConfig:
             dropped when it passes; it never delays other connections.
         max_connections: connections handled at once (handshakes and handlers); more are closed
             at once, with a log line.
+        steady: the steady-state policy (on by default; enforced here for every client).
     """
 
     handshake: ResponderConfig
@@ -192,6 +234,7 @@ class ServerConfig:
     reconnect: ReconnectPolicy = field(default_factory=ReconnectPolicy)
     timeout: float = DEFAULT_SETUP_TIMEOUT
     max_connections: int = 256
+    steady: SteadyPolicy = field(default_factory=SteadyPolicy)
 
     def __post_init__(self) -> None:
         _check_setup(self, ResponderConfig)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ..exceptions import HandshakeTimeout, HybridKEXError
 from ..protocol import SessionInfo
+from ..steady import SteadyFacts, SteadyTicket
 from ..tls import MemoryTLS, TLSInfo
 from ..tls.pyopenssl import export_keying_material
 from ._events import Established, HandshakeDone
@@ -144,7 +145,8 @@ class HybridSocket:
     """
 
     def __init__(self, sock: socket.socket, tls: MemoryTLS, info: SessionInfo, tls_info: TLSInfo, *,
-                 reconnect_index: int | None = None, ticket: ReconnectTicket | None = None) -> None:
+                 reconnect_index: int | None = None, ticket: ReconnectTicket | SteadyTicket | None = None,
+                 steady: SteadyFacts | None = None) -> None:
         sock.setblocking(False)  # we wait with poll(); the timeout below is ours
         self._sock = sock
         self._tls = tls
@@ -160,7 +162,7 @@ class HybridSocket:
         self._io_refs = 0
         self._ticket = ticket
         self._session = HybridSession(info, tls_info, reconnect_index is not None, reconnect_index,
-                                      self.export_keying_material)
+                                      self.export_keying_material, steady=steady)
 
     def __repr__(self) -> str:
         state = "closed" if self._real_closed else f"fd={self.fileno()}"
@@ -168,6 +170,8 @@ class HybridSocket:
         with contextlib.suppress(OSError):
             laddr, raddr = self._sock.getsockname(), self._sock.getpeername()
         kind = f" reconnect#{self._session.reconnect_index}" if self._session.reconnect else ""
+        if self._session.steady is not None:
+            kind = f" steady#{self._session.steady.index}"
         return (f"<HybridSocket {state} laddr={laddr} raddr={raddr} peer={self._session.peer_identity!r} "
                 f"{self._session.version} {self._session.group}{kind}>")
 
@@ -179,9 +183,10 @@ class HybridSocket:
         return self._session
 
     @property
-    def reconnect_ticket(self) -> ReconnectTicket | None:
-        """The client's ticket for reconnects to this server (None unless this connection ran a full
-        hybrid handshake with reconnects enabled)."""
+    def reconnect_ticket(self) -> ReconnectTicket | SteadyTicket | None:
+        """The client's ticket for later connections to this server: a :class:`~hybridkex.steady.SteadyTicket`
+        (the steady state, on by default) or a :class:`ReconnectTicket`; None unless this connection ran a
+        full hybrid handshake with either enabled."""
         return self._ticket
 
     def channel_binding(self) -> bytes:
@@ -480,7 +485,7 @@ class HybridSocket:
 
 
 def connect(address: Address, config: ClientConfig | InitiatorConfig, *, key_source: KeySourceArg = None,
-            timeout: float | None = None, ticket: ReconnectTicket | None = None,
+            timeout: float | None = None, ticket: ReconnectTicket | SteadyTicket | None = None,
             source_address: tuple[str, int] | None = None) -> HybridSocket:
     """Open a hybridkex connection to ``address`` and return it once TLS is verified.
 
@@ -527,4 +532,4 @@ def accept(sock: socket.socket, state: ServerState) -> HybridSocket:
 def _established(sock: socket.socket, event: Established | HandshakeDone) -> HybridSocket:
     assert isinstance(event, Established)
     return HybridSocket(sock, event.tls, event.info, event.tls_info, reconnect_index=event.reconnect_index,
-                        ticket=event.ticket)
+                        ticket=event.ticket, steady=event.steady)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..exceptions import LocalProtocolError
 from ..protocol import SessionInfo
+from ..steady import SteadyFacts
 from ..tls import EXPORTER_LABEL, EXPORTER_LENGTH, TLSInfo
 
 __all__ = ["HybridSession"]
@@ -37,6 +38,9 @@ class HybridSession:
     #: Which reconnect of the parent session this is (None for a full handshake).
     reconnect_index: int | None = None
     _exporter: Exporter | None = field(default=None, repr=False)
+    #: A steady-state connection's facts (its QKD key IDs, whether they were pre-fetched, the
+    #: parent's authentication key ID): one TLS handshake, no hybrid exchange.  None otherwise.
+    steady: SteadyFacts | None = None
 
     @property
     def version(self) -> str:
@@ -92,9 +96,13 @@ class HybridSession:
                     "role": self.tls.role, "post_quantum": self.tls.post_quantum},
             "reconnect": self.reconnect,
             "reconnect_index": self.reconnect_index,
+            "steady": asdict(self.steady) if self.steady is not None else None,
         }
 
     def summary(self) -> str:
         """One line for humans."""
         how = f"reconnect #{self.reconnect_index} of " if self.reconnect else ""
+        if self.steady is not None:
+            qkd = ", ".join(self.steady.qkd_key_ids) or "no QKD key"
+            how = f"steady-state connection #{self.steady.index} (QKD {qkd}) after "
         return f"{self.tls.version} {self.tls.cipher} over {self.tls.group}; PSK from {how}{self.info.summary()}"

@@ -26,12 +26,16 @@ the :class:`Failed` to handle.  The machine never does I/O, never blocks and nev
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..exceptions import HandshakeTimeout, LocalProtocolError, RemoteProtocolError
+from ..exceptions import HandshakeTimeout, KeySourceError, LocalProtocolError, RemoteProtocolError
+from ..hazmat.labels import STEADY_IDENTITY_PREFIX
 from ..protocol import MAGIC, Initiator, InitiatorConfig, Responder
+from ..steady import SteadyTicket, first_psk_identity
 from ..tls import MemoryTLS
 from ..tls.pyopenssl import bind_psk, bind_psk_lookup
 from ._events import (
@@ -63,6 +67,8 @@ from .reconnect import TLS_HANDSHAKE_BYTE, TLS_RECORD_HEADER_LEN, client_hello_c
 
 if TYPE_CHECKING:
     from ..protocol import Session
+    from ..qkd.base import QKDKey
+    from ..steady import SteadyAttempt, SteadyClaim
     from .keys import QKDKeyManager
     from .reconnect import ReconnectKey, ReconnectTicket
 
@@ -81,6 +87,7 @@ __all__ = [
 ]
 
 _Stage = HybridStage | TLSStage
+_log = logging.getLogger("hybridkex.server")
 
 
 class _Setup:
@@ -89,14 +96,22 @@ class _Setup:
     def __init__(self) -> None:
         self._stage: _Stage | None = None
         self._final: Established | Failed | None = None
+        #: A blocking call the setup waits for before a stage starts (a steady-state QKD key):
+        #: the call, what follows its answer, what follows its failure.
+        self._pending: tuple[BlockingCall, Callable[[object], SetupEvent],
+                             Callable[[Exception], SetupEvent]] | None = None
+        self._answered: SetupEvent | None = None
 
     @property
     def stage(self) -> str:
-        """``"first byte"``, ``"hybrid"``, ``"tls"``, ``"established"`` or ``"failed"``."""
+        """``"first byte"``, ``"qkd"`` (a steady-state key), ``"hybrid"``, ``"tls"``, ``"established"`` or
+        ``"failed"``."""
         if isinstance(self._final, Established):
             return "established"
         if self._final is not None:
             return "failed"
+        if self._pending is not None and self._stage is None:
+            return "qkd"
         if self._stage is None:
             return "first byte"
         return "tls" if isinstance(self._stage, TLSStage) else "hybrid"
@@ -120,14 +135,40 @@ class _Setup:
 
     def call_done(self, value: object) -> None:
         """The outstanding :class:`QKDRequest` / :class:`RunHooks` returned ``value``."""
+        if self._pending is not None:
+            _, done, _ = self._pending
+            self._pending = None
+            self._answered = self._guard(lambda: done(value))
+            return
         self._hybrid().call_done(value)
 
     def call_failed(self, exc: Exception) -> None:
         """The outstanding :class:`QKDRequest` / :class:`RunHooks` raised ``exc``."""
+        if self._pending is not None:
+            _, _, failed = self._pending
+            self._pending = None
+            self._answered = self._guard(lambda: failed(exc))
+            return
         self._hybrid().call_failed(exc)
+
+    @staticmethod
+    def _guard(step: Callable[[], SetupEvent]) -> SetupEvent:
+        try:
+            return step()
+        except Exception as exc:  # a continuation must end in an event, never raise to the driver
+            return Failed(exc)
+
+    def _await(self, call: QKDRequest, done: Callable[[object], SetupEvent],
+               failed: Callable[[Exception], SetupEvent]) -> SetupEvent:
+        """Hand ``call`` to the driver; ``done``/``failed`` produce the event after its answer."""
+        self._pending = (call, done, failed)
+        return call
 
     def fail(self, exc: BaseException) -> Failed:
         """The driver's own failure (a deadline passed: TimeoutError; the connection broke: OSError)."""
+        if self._pending is not None:
+            self._pending = None
+            self._on_pending_failure()
         if self._final is None:
             self._final = self._stage.fail(exc) if self._stage is not None else Failed(exc)
         return self._final if isinstance(self._final, Failed) else Failed(exc)
@@ -148,7 +189,15 @@ class _Setup:
             raise LocalProtocolError("there is no outstanding call to answer")
         return self._stage
 
+    def _on_pending_failure(self) -> None:
+        """The driver gave up while a call was outstanding (undo what the call's plan reserved)."""
+
     def _advance(self) -> SetupEvent:
+        if self._pending is not None:
+            raise LocalProtocolError(f"{self._pending[0].what} has not been answered yet (call_done/call_failed)")
+        if self._answered is not None:
+            event, self._answered = self._answered, None
+            return event
         stage = self._stage
         if stage is None:
             return self._begin()
@@ -180,7 +229,8 @@ class ClientSetup(_Setup):
         key_source: a :class:`~hybridkex.io.QKDKeyManager` (required for an epoch key budget) or a
             blocking :class:`~hybridkex.qkd.KeySource` (asyncio drivers bridge an
             :class:`~hybridkex.qkd.AsyncKeySource` first); None only when the policy disables QKD.
-        ticket: a reconnect ticket: while it is usable the connection goes straight to TLS.
+        ticket: a steady-state or reconnect ticket: while it is usable the connection is one TLS
+            handshake with the ticket's PSK (a steady-state one with a fresh QKD key).
         timeout: the whole setup's deadline in seconds (default ``config.timeout``), from now: the
             driver's TCP connect takes its share (:meth:`connect_timeout`).
         randbytes, clock: passed to the handshake core (tests inject deterministic ones).
@@ -191,22 +241,33 @@ class ClientSetup(_Setup):
     """
 
     def __init__(self, config: ClientConfig | InitiatorConfig, key_source: KeySourceArg = None, *,
-                 ticket: ReconnectTicket | None = None, timeout: float | None = None,
+                 ticket: ReconnectTicket | SteadyTicket | None = None, timeout: float | None = None,
                  randbytes: Callable[[int], bytes] | None = None, clock: Callable[[], float] | None = None) -> None:
         super().__init__()
         self.config = ClientConfig.coerce(config)
         self._deadline = Deadline(self.config.timeout if timeout is None else timeout)
         self._core_args = (randbytes, clock)
-        self._reconnect: ReconnectKey | None = ticket.take() if ticket is not None else None
+        self._reconnect: ReconnectKey | None = None
+        self._steady: SteadyAttempt | None = None
+        if isinstance(ticket, SteadyTicket):
+            self._steady = ticket.take()
+        elif ticket is not None:
+            self._reconnect = ticket.take()
         self._keys: QKDKeyManager | None = None
-        if self._reconnect is None:
+        if self._reconnect is None and self._steady is None:
             check_key_source(self.config, key_source)
-            self._keys = key_manager(key_source, self.config.handshake.policy)
+        if self._reconnect is None:
+            self._keys = key_manager(key_source, self.config.handshake.policy, long_lived=self._steady is not None)
 
     @property
     def reconnect(self) -> bool:
-        """Whether this setup is a reconnect (TLS only, with a ticket's PSK)."""
+        """Whether this setup is a reconnect (TLS only, with a reconnect ticket's PSK)."""
         return self._reconnect is not None
+
+    @property
+    def steady(self) -> SteadyAttempt | None:
+        """The steady-state connection this setup makes (TLS only), or None for a full handshake."""
+        return self._steady
 
     def connect_timeout(self) -> float:
         """Seconds the TCP connect may take (HandshakeTimeout once the deadline passed)."""
@@ -220,6 +281,8 @@ class ClientSetup(_Setup):
             bind_psk(tls.connection, key.identity, key.psk)
             self._stage = TLSStage(tls, self._deadline.stage("the TLS handshake (reconnect)", cfg.tls.timeout),
                                    key.info, reconnect_index=key.index)
+        elif self._steady is not None:
+            return self._begin_steady(self._steady)
         else:
             hs = cfg.handshake
             randbytes, clock = self._core_args
@@ -228,9 +291,50 @@ class ClientSetup(_Setup):
                 self._deadline.stage("the hybrid handshake", hs.policy.timeouts.handshake))
         return self._stage.next_event()
 
+    def _begin_steady(self, attempt: SteadyAttempt) -> SetupEvent:
+        request, keys = attempt.request, self._keys
+        if request is None:
+            return self._steady_tls(attempt)
+        if keys is None:
+            attempt.unavailable(KeySourceError("no key source is configured"))
+            return self._steady_tls(attempt)
+        timeout = self._deadline.remaining("the steady state's QKD key", self.config.handshake.policy.timeouts.kme)
+
+        def done(value: object) -> SetupEvent:
+            attempt.provide(value)  # type: ignore[arg-type]  # the key manager answers a list of QKDKey
+            return self._steady_tls(attempt)
+
+        def failed(exc: Exception) -> SetupEvent:
+            if not isinstance(exc, KeySourceError | HandshakeTimeout):
+                attempt.ticket.failed(attempt)
+                return Failed(exc)
+            attempt.unavailable(exc)  # the policy decides, in credentials()
+            return self._steady_tls(attempt)
+
+        return self._await(QKDRequest(functools.partial(keys.answer, request), timeout, request), done, failed)
+
+    def _on_pending_failure(self) -> None:
+        if self._steady is not None:
+            self._steady.ticket.failed(self._steady)
+
+    def _steady_tls(self, attempt: SteadyAttempt) -> SetupEvent:
+        ticket = attempt.ticket
+        try:
+            identity, psk = attempt.credentials()
+            tls = MemoryTLS(tls_context("client", attempt.cipher, self.config.tls, reconnect=True), server_side=False)
+            bind_psk(tls.connection, identity, psk)
+        except Exception as exc:
+            ticket.failed(attempt)
+            return Failed(exc)
+        self._stage = TLSStage(
+            tls, self._deadline.stage("the TLS handshake (steady state)", self.config.tls.timeout), attempt.info,
+            steady=attempt.facts(), on_success=lambda: ticket.succeeded(attempt),
+            on_failure=lambda: ticket.failed(attempt))
+        return self._stage.next_event()
+
     def _tls_after(self, session: Session) -> TLSStage:
         cfg = self.config
-        keys = client_keys(session, cfg.reconnect)
+        keys = client_keys(session, cfg, self._keys)
         ticket = keys.ticket
         tls = MemoryTLS(tls_context("client", keys.cipher, cfg.tls), server_side=False)
         bind_psk(tls.connection, keys.identity, keys.psk)
@@ -316,22 +420,64 @@ class ServerSetup(_Setup):
             cipher = client_hello_cipher(buf[TLS_RECORD_HEADER_LEN:end])
         except RemoteProtocolError as exc:
             return Failed(exc)
+        steady = self._state.steady
+        if steady is not None:
+            try:
+                identity = first_psk_identity(buf[TLS_RECORD_HEADER_LEN:end])
+            except RemoteProtocolError as exc:
+                return Failed(exc)
+            if identity is not None and identity.startswith(STEADY_IDENTITY_PREFIX):
+                claim = steady.claim(identity, cipher)
+                if claim is not None:
+                    return self._begin_steady(claim, cipher)
+        return self._reconnect_tls(cipher)
+
+    def _reconnect_tls(self, cipher: str) -> SetupEvent:
+        """TLS with the reconnect registry's lookup: a reconnect, or (any other identity) a refusal
+        that OpenSSL answers with an alert, so the client knows to run a full handshake."""
         cfg = self._state.config
         lookup = ReconnectLookup(self._state.registry, cipher)
         tls = MemoryTLS(tls_context("server", cipher, cfg.tls, reconnect=True), server_side=True)
         bind_psk_lookup(tls.connection, lookup)
-        self._stage = TLSStage(tls, self._waiting, None, lookup=lookup)
+        return self._start_tls(TLSStage(tls, self._waiting, None, lookup=lookup))
+
+    def _start_tls(self, stage: TLSStage) -> SetupEvent:
+        buf = bytes(self._buffer)
+        self._stage = stage
         self._buffer.clear()
-        self._stage.carry(b"", buf, self._eof)
-        return self._stage.next_event()
+        stage.carry(b"", buf, self._eof)
+        return stage.next_event()
+
+    def _begin_steady(self, claim: SteadyClaim, cipher: str) -> SetupEvent:
+        if claim.keys is not None:
+            return self._steady_tls(claim, claim.keys, cipher)
+        timeout = max(0.0, min(self._waiting.end - time.monotonic(), self._state.config.handshake.policy.timeouts.kme))
+
+        def failed(exc: Exception) -> SetupEvent:
+            _log.warning("steady-state connection #%d of %r: no QKD key %s (%s); refusing it, so the client runs a "
+                         "full handshake", claim.content.index, claim.info.peer_identity, claim.content.used[0], exc)
+            return self._reconnect_tls(cipher)
+
+        return self._await(QKDRequest(lambda: claim.wait(timeout), timeout, claim.request),
+                           lambda keys: self._steady_tls(claim, keys, cipher), failed)  # type: ignore[arg-type]
+
+    def _steady_tls(self, claim: SteadyClaim, keys: list[QKDKey], cipher: str) -> SetupEvent:
+        tls = MemoryTLS(tls_context("server", cipher, self._state.config.tls, reconnect=True), server_side=True)
+        bind_psk(tls.connection, claim.identity, claim.psk(keys))
+        return self._start_tls(TLSStage(tls, self._waiting, claim.info, steady=claim.facts, on_success=claim.confirm))
 
     def _tls_after(self, session: Session) -> TLSStage:
-        cfg, registry = self._state.config, self._state.registry
-        keys = server_keys(session, registry)
-        handle = keys.handle
-        tls = MemoryTLS(tls_context("server", keys.cipher, cfg.tls), server_side=True)
+        state = self._state
+        keys = server_keys(session, state)
+        tls = MemoryTLS(tls_context("server", keys.cipher, state.config.tls), server_side=True)
         bind_psk(tls.connection, keys.identity, keys.psk)
-        discard = (lambda: registry.discard(handle)) if handle is not None and registry is not None else None
-        return TLSStage(tls, self._deadline.stage("the TLS handshake", cfg.tls.timeout), session.info,
+
+        def discard() -> None:  # the parent's own TLS failed: nothing may follow from it
+            if keys.handle is not None and state.registry is not None:
+                state.registry.discard(keys.handle)
+            if keys.steady_handle is not None and state.steady is not None:
+                state.steady.discard(keys.steady_handle)
+
+        return TLSStage(tls, self._deadline.stage("the TLS handshake", state.config.tls.timeout), session.info,
                         on_failure=discard)
 

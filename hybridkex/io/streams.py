@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ..steady import SteadyTicket
 from ..tls import AsyncTLSStream
 from ..tls.pyopenssl import export_keying_material
 from .reconnect import ReconnectTicket
@@ -143,7 +144,7 @@ class HybridStreamWriter:
     """
 
     def __init__(self, stream: AsyncTLSStream, writer: asyncio.StreamWriter, session_facts: tuple[Any, ...],
-                 ticket: ReconnectTicket | None = None) -> None:
+                 ticket: ReconnectTicket | SteadyTicket | None = None) -> None:
         self._stream = stream
         self._writer = writer
         self._eof_sent = False
@@ -153,8 +154,8 @@ class HybridStreamWriter:
         def exporter(label: bytes, length: int, context: bytes | None) -> bytes:
             return export_keying_material(conn, label, length, context)
 
-        info, tls_info, index = session_facts
-        self._session = HybridSession(info, tls_info, index is not None, index, exporter)
+        info, tls_info, index, steady = session_facts
+        self._session = HybridSession(info, tls_info, index is not None, index, exporter, steady=steady)
 
     def __repr__(self) -> str:
         return f"<HybridStreamWriter peer={self._session.peer_identity!r} {self._session.group}>"
@@ -165,8 +166,9 @@ class HybridStreamWriter:
         return self._session
 
     @property
-    def reconnect_ticket(self) -> ReconnectTicket | None:
-        """The client's ticket for reconnects (None unless a full handshake ran with reconnects on)."""
+    def reconnect_ticket(self) -> ReconnectTicket | SteadyTicket | None:
+        """The client's ticket for later connections: steady-state or reconnect (None unless a full
+        handshake ran with either on)."""
         return self._ticket
 
     @property

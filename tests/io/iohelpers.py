@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hybridkex import KeyBudget, Policy, QKDConfig, Timeouts
 from hybridkex.api import ClientConfig, HybridServer, HybridSocket, ReconnectPolicy, ServerConfig, TLSOptions
+from hybridkex.io.config import SteadyPolicy
 from hybridkex.protocol import InitiatorConfig, PKIAuthenticator, PSKAuthenticator, ResponderConfig, SigningCredential
 from hybridkex.qkd import MemoryKeyLink
 
@@ -53,8 +54,12 @@ def make_setup(*, reconnect: ReconnectPolicy | None = None, server_reconnect: Re
                client_psk: bytes | None = None, qkd: str = "required", suites: tuple[str, ...] = (),
                server_timeout: float = 10.0, client_timeout: float = 10.0, kme_timeout: float = 5.0,
                max_connections: int = 256, tls: TLSOptions | None = None, auth: str = "psk",
-               budget: KeyBudget | None = None) -> Setup:
-    """Configurations for CLIENT_ID <-> SERVER_ID with PSK (or PKI) authentication and QKD."""
+               budget: KeyBudget | None = None, steady: SteadyPolicy | None = None,
+               server_steady: SteadyPolicy | None = None) -> Setup:
+    """Configurations for CLIENT_ID <-> SERVER_ID with PSK (or PKI) authentication and QKD.
+
+    The steady state is on (the default) unless ``reconnect`` is given: those tests are about
+    reconnects, which a client with the steady state on does not use."""
     psk = os.urandom(32)
     link = MemoryKeyLink(("kme-client", "kme-server"))
     timeouts = Timeouts(handshake=min(server_timeout, client_timeout), kme=kme_timeout)
@@ -70,9 +75,10 @@ def make_setup(*, reconnect: ReconnectPolicy | None = None, server_reconnect: Re
                           QKDConfig(CLIENT_SAE, "kme-client") if with_qkd else None, peer_identity=SERVER_ID)
     res = ResponderConfig(SERVER_ID, (res_auth,), policy, QKDConfig(SERVER_SAE, "kme-server") if with_qkd else None)
     rc = reconnect or ReconnectPolicy()
-    client = ClientConfig(ini, tls=tls or TLSOptions(), reconnect=rc, timeout=client_timeout)
+    st = steady or SteadyPolicy(enabled=reconnect is None)
+    client = ClientConfig(ini, tls=tls or TLSOptions(), reconnect=rc, timeout=client_timeout, steady=st)
     server = ServerConfig(res, tls=tls or TLSOptions(), reconnect=server_reconnect or rc, timeout=server_timeout,
-                          max_connections=max_connections)
+                          max_connections=max_connections, steady=server_steady or st)
     return Setup(client, server, link, psk)
 
 

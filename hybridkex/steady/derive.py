@@ -1,0 +1,181 @@
+"""The steady state's derivations (docs/spec.md, "Steady state"): pure functions, no state.
+
+A parent session (one full, authenticated hybrid handshake with combined secret ``S``) gives both
+ends::
+
+    handle = derive(S, "steady state handle", 16)                  # public: names the parent
+    A      = derive(S, "steady state authentication key", HashLen)  # secret: recycled from QKD-mixed output
+
+Steady-state connection number ``i`` (1, 2, ...) is one TLS 1.3 handshake whose PSK identity is::
+
+    body     = handle || u32(i) || u8(flags) || u8(n) || n key IDs || u8(m) || m announced key IDs
+    tag      = HKDF-Expand(A, lp("hybridkex/v1") || lp(suite) || lp("steady state identity tag") || lp(body), 16)
+    identity = "hk1-ss." || base64url(body || tag)                 # printable ASCII, in clear
+
+(a key ID is the 16 bytes of its UUID; ``flags`` bit 0 says the key is the pair's epoch key) and
+whose PSK is the ETSI TS 103 744 CatKDF of the connection's QKD key and ``A``::
+
+    psk = CatKDF(psk = k_qkd, k1 = A,
+                 MA = lp("hybridkex/v1 initiator") || lp(client identity),
+                 MB = lp("hybridkex/v1 responder") || lp(server identity),
+                 context = lp("hybridkex/v1 steady state psk") || lp(body) || lp(QKD binding or empty),
+                 label = "hybridkex/v1 CatKDF steady " || suite, length = HashLen)
+
+The QKD binding names the key IDs used and the ETSI roles of the steady state (the client is the
+master), with both SAE and KME IDs.  TLS then runs psk_dhe_ke over X25519MLKEM768, so the traffic
+keys depend on this PSK *and* a fresh ML-KEM and X25519 secret.
+"""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+from dataclasses import dataclass
+from typing import Final
+
+from ..combiner import CombinedSecret, QKDBinding
+from ..exceptions import ConfigurationError, RemoteProtocolError
+from ..hazmat import labels
+from ..hazmat.encoding import Reader, b64url, b64url_decode, lp_join, u8, u32
+from ..hazmat.kdf import cat_kdf, hkdf_expand
+from ..suites import Suite
+
+__all__ = [
+    "HANDLE_LEN",
+    "MAX_ANNOUNCED",
+    "MAX_USED",
+    "SteadyIdentity",
+    "auth_key",
+    "identity_tag",
+    "parse_identity",
+    "steady_handle",
+    "steady_psk",
+]
+
+HANDLE_LEN: Final = 16
+TAG_LEN: Final = 16
+#: QKD keys one steady-state connection may use, and key IDs it may announce (bounded identities).
+MAX_USED: Final = 4
+MAX_ANNOUNCED: Final = 8
+FLAG_EPOCH: Final = 0x01
+_FLAGS: Final = FLAG_EPOCH
+#: The shortest body: handle, counter, flags, two empty key-ID lists.
+_MIN_BODY: Final = HANDLE_LEN + 4 + 1 + 1 + 1
+_MAX_RAW: Final = _MIN_BODY + 16 * (MAX_USED + MAX_ANNOUNCED) + TAG_LEN
+_ROLE_I: Final = labels.PROTOCOL + b" initiator"
+_ROLE_R: Final = labels.PROTOCOL + b" responder"
+
+
+def steady_handle(secret: CombinedSecret) -> bytes:
+    """The public 16-byte handle that names a parent session in its steady-state identities."""
+    return secret.derive(labels.STEADY_HANDLE, HANDLE_LEN)
+
+
+def auth_key(secret: CombinedSecret) -> bytes:
+    """The parent's steady-state authentication key ``A`` (HashLen bytes; secret)."""
+    return secret.derive(labels.STEADY_AUTH_KEY, secret.suite.hash_len)
+
+
+def _id_bytes(key_id: str) -> bytes:
+    try:
+        return uuid.UUID(key_id).bytes
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise ConfigurationError(f"QKD key ID {key_id!r} is not a UUID; the steady state announces UUIDs only",
+                                 field="key_id") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class SteadyIdentity:
+    """The public content of a steady-state PSK identity."""
+
+    handle: bytes
+    index: int
+    epoch: bool
+    #: The QKD key IDs this connection's PSK uses (canonical UUID text); empty: no QKD key.
+    used: tuple[str, ...]
+    #: Key IDs the client (ETSI master) reserved for later connections: the server fetches them
+    #: by ID in the background once this connection is authenticated.
+    announced: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.handle) != HANDLE_LEN or not 1 <= self.index < 2**32:
+            raise ConfigurationError("a steady-state identity needs a 16-byte handle and a counter 1..2^32-1")
+        if len(self.used) > MAX_USED or len(self.announced) > MAX_ANNOUNCED:
+            raise ConfigurationError(f"a steady-state identity carries at most {MAX_USED} used and "
+                                     f"{MAX_ANNOUNCED} announced key IDs")
+
+    def body(self) -> bytes:
+        """The bytes the tag authenticates and the PSK binds (everything but the tag)."""
+        return b"".join((
+            self.handle, u32(self.index), u8(FLAG_EPOCH if self.epoch else 0),
+            u8(len(self.used)), *(_id_bytes(k) for k in self.used),
+            u8(len(self.announced)), *(_id_bytes(k) for k in self.announced),
+        ))
+
+    def encode(self, key: bytes, suite: Suite) -> bytes:
+        """The TLS PSK identity (printable ASCII), tagged under the parent's key ``A``."""
+        body = self.body()
+        return labels.STEADY_IDENTITY_PREFIX + b64url(body + identity_tag(key, suite, body))
+
+
+def identity_tag(key: bytes, suite: Suite, body: bytes) -> bytes:
+    """The 16-byte tag of an identity body under the parent's authentication key."""
+    return hkdf_expand(suite.hash, key, lp_join(labels.PROTOCOL, suite.label, labels.STEADY_IDENTITY_TAG, body),
+                       TAG_LEN)
+
+
+def check_tag(key: bytes, suite: Suite, body: bytes, tag: bytes) -> bool:
+    """Whether ``tag`` is the body's tag (constant time)."""
+    return hmac.compare_digest(tag, identity_tag(key, suite, body))
+
+
+def _decoded_len(n: int) -> int | None:
+    if n % 4 == 1:
+        return None
+    return n * 3 // 4
+
+
+def parse_identity(identity: bytes) -> tuple[SteadyIdentity, bytes, bytes] | None:
+    """``(content, body, tag)`` of a well-formed steady-state identity, else None (never raises).
+
+    Strict: the exact prefix, the canonical base64url of a body whose lengths add up exactly, and
+    no unknown flag.
+    """
+    prefix = labels.STEADY_IDENTITY_PREFIX
+    if not isinstance(identity, bytes) or not identity.startswith(prefix):
+        return None
+    text = identity[len(prefix):]
+    length = _decoded_len(len(text))
+    if length is None or not _MIN_BODY + TAG_LEN <= length <= _MAX_RAW:
+        return None
+    try:
+        raw = b64url_decode(text, length)
+        body, tag = raw[:-TAG_LEN], raw[-TAG_LEN:]
+        r = Reader(body, "steady-state identity")
+        handle = r.fixed(HANDLE_LEN, "handle")
+        index = r.u32("counter")
+        flags = r.u8("flags")
+        used = tuple(str(uuid.UUID(bytes=r.fixed(16, "key ID"))) for _ in range(r.u8("used")))
+        announced = tuple(str(uuid.UUID(bytes=r.fixed(16, "key ID"))) for _ in range(r.u8("announced")))
+        r.end()
+        if flags & ~_FLAGS:
+            return None
+        content = SteadyIdentity(handle, index, bool(flags & FLAG_EPOCH), used, announced)
+    except (RemoteProtocolError, ConfigurationError):
+        return None
+    return content, body, tag
+
+
+def steady_psk(suite: Suite, *, key: bytes, qkd_key: bytes, body: bytes, binding: QKDBinding | None,
+               client_identity: str, server_identity: str) -> bytes:
+    """The TLS PSK of one steady-state connection (HashLen bytes)."""
+    return cat_kdf(
+        (key,),
+        psk=qkd_key,
+        ma=lp_join(_ROLE_I, client_identity.encode("utf-8")),
+        mb=lp_join(_ROLE_R, server_identity.encode("utf-8")),
+        context=lp_join(labels.STEADY_PSK_CONTEXT, body, binding.encode() if binding is not None else b""),
+        label=labels.steady_label(suite.label),
+        length=suite.hash_len,
+        kdf=suite.kdf,
+    )

@@ -1,0 +1,376 @@
+"""The server's side of the steady state: parent sessions, anti-replay, announced QKD keys.
+
+:meth:`SteadyRegistry.claim` checks a steady-state identity before anything is spent for it: a known,
+unexpired parent; the tag, which only a holder of the parent's authentication key can compute
+(constant time); the suite; the QKD policy; a counter never accepted before (a sliding window, as
+IPsec's anti-replay); QKD key IDs never used before.  Only then are the counter and the key IDs
+spent — before TLS runs, so a replayed ClientHello finds them spent and is refused (fail closed: a
+failed handshake spends them too).  After a connection is established, :meth:`confirm` fetches the
+key IDs it announced, by ID, in the background, so the next connection finds its key here.
+
+State is in memory: a restart forgets every parent, and a client then runs one full handshake.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from .. import workers
+from ..combiner import CombinedSecret
+from ..exceptions import HandshakeTimeout, KeySourceError
+from ..protocol import QKDKeysByIdRequired, SessionInfo
+from ..qkd.base import QKDKey
+from ..suites import Suite
+from . import derive
+from .peers import SteadyPeers, steady_peers
+from .ticket import SteadyFacts
+
+if TYPE_CHECKING:
+    from ..io.config import SteadyPolicy
+    from ..io.keys import QKDKeyManager
+    from ..policy import Policy
+
+__all__ = ["RegistryStats", "SteadyClaim", "SteadyRegistry"]
+
+_log = logging.getLogger("hybridkex.steady")
+
+#: Counters accepted out of order behind the highest one (concurrent connections of one client).
+WINDOW: Final = 4096
+#: Announced keys one parent may hold (ready or being fetched): bounded memory per client.
+MAX_HELD: Final = 4 * derive.MAX_ANNOUNCED
+
+
+class _Fetch:
+    """One background fetch of announced key IDs; connections that need one of them wait for it."""
+
+    __slots__ = ("done", "error", "keys")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.keys: dict[str, QKDKey] = {}
+        self.error: BaseException | None = None
+
+
+class _Parent:
+    __slots__ = ("expires", "fetching", "info", "key", "peers", "ready", "spent", "suite", "top", "window")
+
+    def __init__(self, key: bytes, suite: Suite, info: SessionInfo, peers: SteadyPeers | None, expires: float) -> None:
+        self.key = bytearray(key)
+        self.suite = suite
+        self.info = info
+        self.peers = peers
+        self.expires = expires
+        self.top = 0
+        self.window = 0
+        self.ready: dict[str, tuple[QKDKey, float]] = {}
+        self.fetching: dict[str, _Fetch] = {}
+        self.spent: set[str] = set()
+
+    def erase(self) -> None:
+        for i in range(len(self.key)):
+            self.key[i] = 0
+        self.ready.clear()
+
+    def spend(self, index: int) -> str | None:
+        """Mark counter ``index`` used; why not, if it cannot be."""
+        if index > self.top:
+            shift = index - self.top
+            self.window = ((self.window << shift) | 1) & ((1 << WINDOW) - 1) if shift < WINDOW else 1
+            self.top = index
+            return None
+        offset = self.top - index
+        if offset >= WINDOW:
+            return "too old"
+        if self.window >> offset & 1:
+            return "replayed"
+        self.window |= 1 << offset
+        return None
+
+
+@dataclass(slots=True)
+class RegistryStats:
+    """Counters of a :class:`SteadyRegistry` (metrics, tests)."""
+
+    registered: int = 0
+    accepted: int = 0
+    refused: int = 0
+    replayed: int = 0
+    prefetched: int = 0
+    on_demand: int = 0
+    prefetch_failures: int = 0
+
+
+class SteadyClaim:
+    """An accepted steady-state identity: its counter and key IDs are spent.
+
+    :attr:`keys` holds the QKD keys when they are here already; otherwise :meth:`wait` (blocking:
+    a worker thread) waits for the background fetch or fetches them on demand.  Then :meth:`psk`.
+    """
+
+    __slots__ = ("_key", "_registry", "body", "content", "facts", "identity", "info", "keys", "parent_handle",
+                 "peers", "suite")
+
+    def __init__(self, registry: SteadyRegistry, parent: _Parent, identity: bytes, content: derive.SteadyIdentity,
+                 body: bytes, *, keys: list[QKDKey] | None) -> None:
+        self._registry = registry
+        self._key = bytes(parent.key)
+        self.suite = parent.suite
+        self.info = parent.info
+        self.peers = parent.peers
+        self.parent_handle = content.handle
+        self.identity = identity
+        self.content = content
+        self.body = body
+        self.keys = keys
+        usage = "none" if not content.used else "epoch" if content.epoch else "fresh"
+        self.facts = SteadyFacts(content.index, content.used, usage, keys is not None and bool(content.used),
+                                 content.announced, content.handle.hex(),
+                                 None if content.used else "the client's steady-state connection carried no QKD key")
+
+    def __repr__(self) -> str:
+        return f"<SteadyClaim #{self.content.index} of {self.info.peer_identity!r} keys={self.content.used}>"
+
+    @property
+    def request(self) -> QKDKeysByIdRequired:
+        assert self.peers is not None
+        return QKDKeysByIdRequired(self.peers.client_sae_id, self.content.used,
+                                   "epoch" if self.content.epoch else "fresh")
+
+    def wait(self, timeout: float) -> list[QKDKey]:
+        """The QKD keys (blocking): from the background fetch in flight, or fetched now by ID."""
+        return self._registry._wait(self, timeout)
+
+    def psk(self, keys: list[QKDKey]) -> bytes:
+        """The connection's TLS PSK from its QKD keys (in the identity's order)."""
+        want = self.suite.qkd_key_bits // 8
+        if [k.key_id.lower() for k in keys] != [k.lower() for k in self.content.used] or any(
+                len(k.key) != want for k in keys):
+            raise KeySourceError("the key source answered with other QKD keys than the steady-state identity names")
+        binding = self.peers.binding(self.content.used) if keys and self.peers is not None else None
+        return derive.steady_psk(self.suite, key=self._key, qkd_key=b"".join(k.key for k in keys), body=self.body,
+                                 binding=binding, client_identity=self.info.peer_identity,
+                                 server_identity=self.info.local_identity)
+
+    def confirm(self) -> None:
+        """The connection is established: fetch the key IDs it announced, in the background."""
+        self._registry._prefetch(self)
+
+
+class SteadyRegistry:
+    """The server's steady-state parents (bounded, expiring, replay-refusing; thread-safe).
+
+    Args:
+        policy: the server's :class:`~hybridkex.io.SteadyPolicy`.
+        qkd: the server's handshake policy (QKD mode and key budget).
+        keys: the server's long-lived key manager (None when the policy disables QKD).
+    """
+
+    def __init__(self, policy: SteadyPolicy, qkd: Policy, keys: QKDKeyManager | None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy
+        self._qkd = qkd
+        self._keys = keys
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._parents: OrderedDict[bytes, _Parent] = OrderedDict()  # insertion order is expiry order
+        self.stats = RegistryStats()
+
+    def __repr__(self) -> str:
+        return f"<SteadyRegistry sessions={len(self._parents)} max_sessions={self.policy.max_sessions}>"
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._purge_locked()
+            return len(self._parents)
+
+    def register(self, secret: CombinedSecret, info: SessionInfo) -> bytes:
+        """Remember a parent session's handle and authentication key; the handle."""
+        handle = derive.steady_handle(secret)
+        local = self._keys.source.sae_id if self._keys is not None else None
+        peers = steady_peers(info, local) if secret.suite.qkd else None
+        parent = _Parent(derive.auth_key(secret), secret.suite, info, peers, self._clock() + self.policy.lifetime)
+        with self._lock:
+            self._purge_locked()
+            old = self._parents.pop(handle, None)
+            if old is not None:  # pragma: no cover - a 128-bit handle collision
+                old.erase()
+            while len(self._parents) >= self.policy.max_sessions:
+                self._parents.popitem(last=False)[1].erase()
+            self._parents[handle] = parent
+            self.stats.registered += 1
+        return handle
+
+    def discard(self, handle: bytes) -> None:
+        """Forget a parent (its own TLS handshake failed)."""
+        with self._lock:
+            parent = self._parents.pop(handle, None)
+        if parent is not None:
+            parent.erase()
+
+    def clear(self) -> None:
+        """Forget every parent (server shutdown)."""
+        with self._lock:
+            parents, self._parents = list(self._parents.values()), OrderedDict()
+        for p in parents:
+            p.erase()
+
+    def _purge_locked(self) -> None:
+        now = self._clock()
+        while self._parents:
+            handle, parent = next(iter(self._parents.items()))
+            if parent.expires > now:
+                break
+            del self._parents[handle]
+            parent.erase()
+
+    def _refuse(self, why: str, parent: _Parent | None = None) -> None:
+        self.stats.refused += 1
+        who = f" of {parent.info.peer_identity!r}" if parent is not None else ""
+        _log.info("steady-state connection%s refused: %s", who, why)
+
+    def claim(self, identity: bytes, cipher: str) -> SteadyClaim | None:
+        """The accepted identity, with its counter and key IDs spent, or None (refused; logged)."""
+        parsed = derive.parse_identity(identity)
+        if parsed is None:
+            self._refuse("a malformed steady-state identity")
+            return None
+        content, body, tag = parsed
+        with self._lock:
+            self._purge_locked()
+            parent = self._parents.get(content.handle)
+            if parent is None:
+                self._refuse("unknown or expired parent session (the server restarted or forgot it)")
+                return None
+            if not derive.check_tag(bytes(parent.key), parent.suite, body, tag):
+                self._refuse("the identity's tag does not verify", parent)
+                return None
+            why = self._check(parent, content, cipher)
+            if why is None:
+                why = parent.spend(content.index)
+                if why == "replayed":
+                    self.stats.replayed += 1
+                    _log.warning("steady-state connection #%d of %r refused: its counter was used before (a "
+                                 "replayed ClientHello)", content.index, parent.info.peer_identity)
+                    return None
+            if why is not None:
+                self._refuse(why, parent)
+                return None
+            keys: list[QKDKey] | None = [] if not content.used else None
+            if content.used and not content.epoch:
+                parent.spent.update(content.used)
+                held = [parent.ready.pop(k, None) for k in content.used]
+                if all(h is not None for h in held):
+                    keys = [h[0] for h in held if h is not None]
+            self.stats.accepted += 1
+            return SteadyClaim(self, parent, identity, content, body, keys=keys)
+
+    def _check(self, parent: _Parent, content: derive.SteadyIdentity, cipher: str) -> str | None:
+        suite = parent.suite
+        if suite.tls_cipher != cipher:
+            return f"the ClientHello's cipher {cipher} is not the parent suite's {suite.tls_cipher}"
+        if content.index > self.policy.max_uses:
+            return f"counter {content.index} beyond steady.max_uses ({self.policy.max_uses})"
+        if not content.used:
+            if suite.qkd and self._qkd.qkd.value == "required":
+                return "no QKD key, and this server's policy requires one"
+            if suite.qkd:
+                _log.warning("steady-state connection #%d of %r runs WITHOUT QKD (policy: optional)",
+                             content.index, parent.info.peer_identity)
+            return None
+        if not suite.qkd or parent.peers is None or self._keys is None:
+            return "QKD key IDs for a parent session without QKD"
+        if len(content.used) != 1:
+            return "a steady-state connection uses exactly one QKD key"
+        if content.epoch and self._qkd.key_budget.mode != "epoch":
+            return "an epoch key, and this server's key budget is 'fresh'"
+        if not content.epoch and any(k in parent.spent for k in content.used):
+            return f"QKD key {content.used[0]} was used before"
+        return None
+
+    # --- QKD keys ---------------------------------------------------------------------------------
+
+    def _wait(self, claim: SteadyClaim, timeout: float) -> list[QKDKey]:
+        manager = self._keys
+        if manager is None:  # pragma: no cover - claim() refuses key IDs without a key manager
+            raise KeySourceError("no key source is configured")
+        key_id = claim.content.used[0]
+        with self._lock:
+            parent = self._parents.get(claim.parent_handle)
+            fetch = parent.fetching.get(key_id) if parent is not None else None
+        if fetch is not None and not claim.content.epoch:
+            if not fetch.done.wait(timeout):
+                raise HandshakeTimeout(f"the background fetch of QKD key {key_id} did not finish within "
+                                       f"{timeout:.3g} s")
+            key = fetch.keys.get(key_id)
+            if key is not None:
+                with self._lock:
+                    if parent is not None:
+                        parent.ready.pop(key_id, None)
+                self.stats.prefetched += 1
+                return [key]
+            if fetch.error is not None:
+                raise fetch.error
+        self.stats.on_demand += 1
+        return manager.fetch(claim.request)
+
+    def _prefetch(self, claim: SteadyClaim) -> None:
+        manager = self._keys
+        ids = [k for k in claim.content.announced]
+        if not ids or manager is None or claim.peers is None:
+            return
+        with self._lock:
+            parent = self._parents.get(claim.parent_handle)
+            if parent is None:
+                return
+            ids = [k for k in dict.fromkeys(ids)
+                   if k not in parent.spent and k not in parent.ready and k not in parent.fetching]
+            room = MAX_HELD - len(parent.ready) - len(parent.fetching)
+            ids = ids[:max(room, 0)]
+            if not ids:
+                return
+            fetch = _Fetch()
+            for k in ids:
+                parent.fetching[k] = fetch
+        request = QKDKeysByIdRequired(claim.peers.client_sae_id, tuple(ids), "fresh")
+
+        def done(value: object, error: BaseException | None) -> None:
+            now = self._clock()
+            with self._lock:
+                for k in ids:
+                    parent.fetching.pop(k, None)
+                if error is None and isinstance(value, list):
+                    for key in value:
+                        if isinstance(key, QKDKey) and key.key_id in ids:
+                            fetch.keys[key.key_id] = key
+                            if key.key_id not in parent.spent:
+                                parent.ready[key.key_id] = (key, now)
+                        # a key spent meanwhile was waited for by its connection (fetch.keys)
+                    self._expire_ready_locked(parent, now)
+                else:
+                    fetch.error = error
+                    self.stats.prefetch_failures += 1
+            if error is not None:
+                _log.warning("pre-fetching announced QKD keys of %r failed: %s", claim.info.peer_identity, error)
+            fetch.done.set()
+
+        workers.submit(lambda: manager.fetch(request), done)
+
+    def _expire_ready_locked(self, parent: _Parent, now: float) -> None:
+        limit = now - self.policy.key_lifetime
+        for k in [k for k, (_, t) in parent.ready.items() if t <= limit]:
+            del parent.ready[k]
+
+    def held_keys(self, handle: bytes | None = None) -> int:
+        """Pre-fetched keys held (for one parent, or all): tests and metrics."""
+        with self._lock:
+            if handle is None:
+                parents = list(self._parents.values())
+            else:
+                parents = [self._parents[handle]] if handle in self._parents else []
+            return sum(len(p.ready) for p in parents)
