@@ -74,6 +74,12 @@ class HybridSession:
         return self.info.peer_identity
 
     @property
+    def qkd_key_ids(self) -> tuple[str, ...]:
+        """The QKD key IDs in *this connection's* PSK: a steady-state connection's own fresh key(s);
+        a full handshake's; for a reconnect, the parent's (a reconnect takes no QKD key of its own)."""
+        return self.steady.qkd_key_ids if self.steady is not None else self.info.qkd_key_ids
+
+    @property
     def qkd_used(self) -> bool:
         """Whether a QKD key is part of the PSK (for a reconnect: of the parent's)."""
         return self.info.qkd_used

@@ -18,6 +18,7 @@ from iohelpers import CLIENT_ID, SERVER_ID, WAIT, AsyncKeys, digest, make_setup,
 import hybridkex
 from hybridkex import AuthenticationError, HandshakeTimeout, TLSError
 from hybridkex.api import HybridStreamReader, HybridStreamWriter
+from hybridkex.steady import SteadyTicket
 
 
 def run(coro: Awaitable[Any], timeout: float = 60.0) -> Any:
@@ -72,7 +73,9 @@ def test_open_connection_and_start_server(setup: Any) -> None:
             assert cli.info.transcript_hash == srv.info.transcript_hash
             assert cli.channel_binding() == srv_binding
             assert peername[0] == "127.0.0.1" and writer.get_extra_info("peername")[1] == port_of(server)
-            assert writer.reconnect_ticket is None and writer.get_extra_info("hybridkex_ticket") is None
+            # No reconnect ticket (off by default): the default steady state's ticket.
+            ticket = writer.reconnect_ticket
+            assert isinstance(ticket, SteadyTicket) and writer.get_extra_info("hybridkex_ticket") is ticket
             assert writer.get_extra_info("nonexistent", "dflt") == "dflt"
             await writer.aclose()
 

@@ -36,6 +36,7 @@ from hybridkex import (
     TLSError,
 )
 from hybridkex.api import ClientConfig, HybridServer, HybridSocket, ReconnectPolicy, ServerConfig, TLSOptions
+from hybridkex.steady import SteadyTicket
 
 
 def test_connect_and_serve_report_both_sessions(setup: Any) -> None:
@@ -66,7 +67,7 @@ def test_connect_and_serve_report_both_sessions(setup: Any) -> None:
         # The TLS exporter agrees on both ends: channel binding and application keys.
         assert sock.channel_binding() == cli.channel_binding() == srv_binding and len(srv_binding) == 32
         assert sock.export_keying_material(b"app", 24, b"ctx") == srv_key
-        assert sock.reconnect_ticket is None  # reconnects are off by default
+        assert isinstance(sock.reconnect_ticket, SteadyTicket)  # reconnects are off; the steady state is on
         d = cli.as_dict()
         assert d["tls"]["group"] == "X25519MLKEM768" and d["hybrid"]["peer_identity"] == SERVER_ID
         assert "reconnect" not in cli.summary() and "X25519MLKEM768" in cli.summary()

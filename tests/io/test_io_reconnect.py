@@ -27,6 +27,7 @@ from hybridkex.io.reconnect import (
     session_handle,
     tls_record_length,
 )
+from hybridkex.steady import SteadyTicket
 
 ON = ReconnectPolicy(enabled=True, max_uses=5)
 
@@ -176,11 +177,11 @@ def test_reconnects_refused_when_off(server_log: pytest.LogCaptureFixture) -> No
         with pytest.raises(PSKRejected):
             hybridkex.connect(srv.server_address, setup.client, ticket=ticket)
     assert any("UnknownPSKIdentity" in r.getMessage() for r in server_log.records)
-    # Off by default on the client: no ticket, nothing kept.
+    # Off by default on the client: no reconnect ticket (the default steady state's ticket instead).
     default = make_setup()
     with running_server(default) as srv, \
             hybridkex.connect(srv.server_address, default.client, key_source=default.client_keys) as sock:
-        assert sock.reconnect_ticket is None
+        assert isinstance(sock.reconnect_ticket, SteadyTicket)
 
 
 def test_reconnects_must_use_x25519mlkem768(server_log: pytest.LogCaptureFixture) -> None:

@@ -19,7 +19,15 @@ from iohelpers import CLIENT_SAE, SERVER_SAE, Setup, echo_handler, make_setup
 import hybridkex
 from hybridkex import KeyUnavailableError, QKDConfig, QKDKeyUnknownError
 from hybridkex.api import HybridClient, HybridServer
+from hybridkex.io.config import SteadyPolicy
 from hybridkex.qkd import KeyPool, MemoryKeyLink
+
+
+@pytest.fixture
+def setup() -> Setup:
+    """Full handshakes every time: these tests are about the server's pooled keys going stale
+    (tests/qkd/test_qkd_kme_restart.py has the steady state's counterpart)."""
+    return make_setup(steady=SteadyPolicy(enabled=False))
 
 
 class SlowToDiscard(KeyPool):
@@ -46,7 +54,7 @@ def echo_once(client: HybridClient, address: Any) -> tuple[str, ...]:
     with client.connect(address) as conn:
         conn.sendall(b"ping")
         assert conn.recv(16) == b"ping"
-        return conn.session.info.qkd_key_ids
+        return conn.session.qkd_key_ids
 
 
 def rejections(log: pytest.LogCaptureFixture) -> list[str]:
@@ -101,7 +109,7 @@ def test_asyncio_client_retries_a_stale_key_once(setup: Setup, server_log: pytes
 
 
 def test_the_retry_happens_once_only(server_log: pytest.LogCaptureFixture) -> None:
-    setup = make_setup()
+    setup = make_setup(steady=SteadyPolicy(enabled=False))
     other = MemoryKeyLink(("kme-client", "kme-server"))  # the client's KME never knows the server's keys
     with pooled_server(setup) as (server, _pool):
         client = HybridClient(setup.client, key_source=other.source(CLIENT_SAE, 0))
@@ -129,13 +137,13 @@ def test_plain_connect_reports_the_stale_key_without_retrying(setup: Setup) -> N
         assert not info.value.reported_by_peer and len(info.value.key_ids) == 1
         # The server dropped its stale keys before closing: the next handshake gets a fresh key.
         with hybridkex.connect(server.server_address, setup.client, key_source=setup.client_keys) as conn:
-            assert conn.session.info.qkd_key_ids != info.value.key_ids
+            assert conn.session.qkd_key_ids != info.value.key_ids
         assert pool.stats().stale_discards == 1
 
 
 
 def test_an_initiator_that_is_master_drops_its_pool_and_retries(server_log: pytest.LogCaptureFixture) -> None:
-    setup = make_setup()
+    setup = make_setup(steady=SteadyPolicy(enabled=False))
     ini, res = setup.client.handshake, setup.server.handshake
     client_cfg = replace(setup.client, handshake=replace(
         ini, qkd=QKDConfig(CLIENT_SAE, "kme-client", master="initiator", peer_sae_id=SERVER_SAE)))

@@ -23,6 +23,7 @@ from qkdhelpers import KMEProcess, free_port, sae_args
 
 from hybridkex import Policy, QKDConfig
 from hybridkex.api import ClientConfig, HybridClient, HybridServer, HybridSocket, ServerConfig
+from hybridkex.io.config import SteadyPolicy
 from hybridkex.protocol import InitiatorConfig, PSKAuthenticator, ResponderConfig
 from hybridkex.qkd import ETSI014Client, KeyPool
 from hybridkex.qkd.pki import DemoPKI
@@ -109,10 +110,12 @@ def restart(state: dict[str, Any], pki: DemoPKI, ports: tuple[str, ...], tmp_pat
     state["kme"] = KMEProcess(pki, *ports, log_path=tmp_path / "kme.log")
 
 
-def client_for(state: dict[str, Any], pki: DemoPKI, client_kme: Any) -> HybridClient:
+def client_for(state: dict[str, Any], pki: DemoPKI, client_kme: Any, *, steady: bool = False) -> HybridClient:
+    """A client that runs a full handshake every time (the server's pooled keys go stale), or with
+    ``steady`` the default steady state (the client's announced keys go stale)."""
     initiator = InitiatorConfig("client.example", [PSKAuthenticator({"server.example": state["psk"]})], Policy(),
                                 QKDConfig(sae_id="sae-a", kme_id="kme-a"), peer_identity="server.example")
-    return HybridClient(ClientConfig(initiator), key_source=client_kme)
+    return HybridClient(ClientConfig(initiator, steady=SteadyPolicy(enabled=steady)), key_source=client_kme)
 
 
 def run_restarts(state: dict[str, Any], stream: Stream, pki: DemoPKI, ports: tuple[str, ...], tmp_path: Path) -> None:
@@ -143,7 +146,7 @@ def test_blocking_client_rides_out_kme_restarts(pki: DemoPKI, server_side: dict[
                 got = b""
                 while len(got) < len(payload) and (chunk := conn.recv(65536)):
                     got += chunk
-                return got, conn.session.info.qkd_key_ids
+                return got, conn.session.qkd_key_ids
 
         stream = Stream(once)
         run_restarts(state, stream, pki, kme_ports, tmp_path)
@@ -164,7 +167,7 @@ def test_asyncio_client_rides_out_kme_restarts(pki: DemoPKI, server_side: dict[s
             try:
                 writer.write(payload)
                 await writer.drain()
-                return await reader.readexactly(len(payload)), writer.session.info.qkd_key_ids
+                return await reader.readexactly(len(payload)), writer.session.qkd_key_ids
             finally:
                 await writer.aclose()
 
@@ -179,3 +182,29 @@ def test_asyncio_client_rides_out_kme_restarts(pki: DemoPKI, server_side: dict[s
             runner.join(GUARD)
             loop.close()
     check(stream, client, state["pool"])
+
+
+def test_the_steady_state_rides_out_kme_restarts(pki: DemoPKI, server_side: dict[str, Any],
+                                                 kme_ports: tuple[str, ...], tmp_path: Path) -> None:
+    """A KME restart loses the keys the client reserved and announced: the server cannot fetch
+    them, refuses the steady-state connection, and the client runs one full handshake (retried
+    once more if the server's pooled keys went stale too).  No application connection fails and
+    no QKD key is used twice."""
+    state = server_side
+    with ETSI014Client(state["kme"].url_a, **sae_args(pki, "sae-a")) as client_kme:
+        client = client_for(state, pki, client_kme, steady=True)
+
+        def once(payload: bytes) -> tuple[bytes, tuple[str, ...]]:
+            with client.connect(state["address"]) as conn:
+                conn.sendall(payload)
+                got = b""
+                while len(got) < len(payload) and (chunk := conn.recv(65536)):
+                    got += chunk
+                return got, conn.session.qkd_key_ids
+
+        stream = Stream(once)
+        run_restarts(state, stream, pki, kme_ports, tmp_path)
+    assert stream.failures == []
+    assert client.steady_connections >= stream.ok // 2  # most connections stay one TLS round trip
+    assert 2 <= client.full_handshakes <= 1 + 2 * RESTARTS  # first contact, then at most one per restart (+ retry)
+    assert len(stream.key_ids) == len(set(stream.key_ids)) >= stream.ok  # no QKD key used twice
