@@ -11,6 +11,7 @@ from typing import Any
 
 from ..exceptions import ConfigurationError
 from ..protocol import ResponderConfig
+from ..steady import SteadyRegistry
 from ._aiodrive import accept
 from ._plumbing import ServerState, log_rejection
 from .config import ServerConfig
@@ -57,6 +58,11 @@ class HybridAsyncServer:
     @property
     def reconnect_registry(self) -> ReconnectRegistry | None:
         return self._state.registry
+
+    @property
+    def steady_registry(self) -> SteadyRegistry | None:
+        """The parent sessions this server accepts steady-state connections for (None when off)."""
+        return self._state.steady
 
     @property
     def active_connections(self) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..exceptions import ConfigurationError, HybridKEXError
 from ..protocol import ResponderConfig
+from ..steady import SteadyRegistry
 from ._plumbing import ServerState, describe, log_rejection
 from .config import ServerConfig
 from .connection import HybridSocket, accept
@@ -73,6 +74,11 @@ class HybridTCPServer(socketserver.ThreadingTCPServer):
     def reconnect_registry(self) -> ReconnectRegistry | None:
         """The parent sessions this server accepts reconnects for (None when reconnects are off)."""
         return self.hybrid.registry
+
+    @property
+    def steady_registry(self) -> SteadyRegistry | None:
+        """The parent sessions this server accepts steady-state connections for (None when off)."""
+        return self.hybrid.steady
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):

@@ -250,14 +250,16 @@ class SteadyRegistry:
             if not derive.check_tag(bytes(parent.key), parent.suite, body, tag):
                 self._refuse("the identity's tag does not verify", parent)
                 return None
-            why = self._check(parent, content, cipher)
+            why = self._check_counter(parent, content, cipher)
             if why is None:
-                why = parent.spend(content.index)
+                why = parent.spend(content.index)  # spent now, whatever follows: fail closed
                 if why == "replayed":
                     self.stats.replayed += 1
                     _log.warning("steady-state connection #%d of %r refused: its counter was used before (a "
                                  "replayed ClientHello)", content.index, parent.info.peer_identity)
                     return None
+            if why is None:
+                why = self._check_qkd(parent, content)
             if why is not None:
                 self._refuse(why, parent)
                 return None
@@ -270,12 +272,15 @@ class SteadyRegistry:
             self.stats.accepted += 1
             return SteadyClaim(self, parent, identity, content, body, keys=keys)
 
-    def _check(self, parent: _Parent, content: derive.SteadyIdentity, cipher: str) -> str | None:
-        suite = parent.suite
-        if suite.tls_cipher != cipher:
-            return f"the ClientHello's cipher {cipher} is not the parent suite's {suite.tls_cipher}"
+    def _check_counter(self, parent: _Parent, content: derive.SteadyIdentity, cipher: str) -> str | None:
+        if parent.suite.tls_cipher != cipher:
+            return f"the ClientHello's cipher {cipher} is not the parent suite's {parent.suite.tls_cipher}"
         if content.index > self.policy.max_uses:
             return f"counter {content.index} beyond steady.max_uses ({self.policy.max_uses})"
+        return None
+
+    def _check_qkd(self, parent: _Parent, content: derive.SteadyIdentity) -> str | None:
+        suite = parent.suite
         if not content.used:
             if suite.qkd and self._qkd.qkd.value == "required":
                 return "no QKD key, and this server's policy requires one"
