@@ -271,6 +271,7 @@ class ClientSpec:
     kme_id: str = ""
     kme: KMEClientSpec | None = None
     reconnect: bool = False
+    steady: bool = False
     recycle_store: str = ""
     tls_groups: str | None = None
 
@@ -284,7 +285,8 @@ class ClientSpec:
             "credentials": {k: [c.hex(), p.hex()] for k, (c, p) in self.credentials.items()},
             "suite": self.suite, "qkd": self.qkd, "budget": self.budget, "sae_id": self.sae_id,
             "kme_id": self.kme_id, "kme": None if self.kme is None else vars(self.kme),
-            "reconnect": self.reconnect, "recycle_store": self.recycle_store, "tls_groups": self.tls_groups,
+            "reconnect": self.reconnect, "steady": self.steady, "recycle_store": self.recycle_store,
+            "tls_groups": self.tls_groups,
         }
 
     @classmethod
@@ -296,7 +298,7 @@ class ClientSpec:
             anchors={k: bytes.fromhex(v) for k, v in d["anchors"].items()},
             credentials={k: (bytes.fromhex(c), bytes.fromhex(p)) for k, (c, p) in d["credentials"].items()},
             suite=d["suite"], qkd=d["qkd"], budget=d["budget"], sae_id=d["sae_id"], kme_id=d["kme_id"],
-            kme=None if d["kme"] is None else KMEClientSpec(**d["kme"]), reconnect=d["reconnect"],
+            kme=None if d["kme"] is None else KMEClientSpec(**d["kme"]), reconnect=d["reconnect"], steady=d["steady"],
             recycle_store=d["recycle_store"], tls_groups=d["tls_groups"],
         )
 
@@ -318,6 +320,12 @@ def pki_from_material(mode: str, anchors: dict[str, bytes],
 
 def key_budget(mode: str) -> KeyBudget:
     return KeyBudget(mode="epoch") if mode == "epoch" else KeyBudget()
+
+
+def steady_policy(enabled: bool) -> SteadyPolicy:
+    """The steady state with the library's defaults, limits raised so that a benchmark run never needs
+    a second full handshake; off for every other variant (each measures what its id says)."""
+    return SteadyPolicy(enabled=enabled, max_uses=2**31, lifetime=24 * 3600.0)
 
 
 def reconnect_policy(enabled: bool) -> ReconnectPolicy:
@@ -431,7 +439,7 @@ class ClientKit:
             self._psk_ctx = tls.client_context(spec.psk_identity, spec.psk)
         elif kind == "hybridkex":
             self.config = ClientConfig(self._initiator_config(spec), tls=TLSOptions(groups=spec.tls_groups),
-                                       reconnect=reconnect_policy(spec.reconnect), steady=SteadyPolicy(enabled=False))
+                                       reconnect=reconnect_policy(spec.reconnect), steady=steady_policy(spec.steady))
             self.keys: QKDKeyManager | None = None
             source = key_source
             if source is None and spec.kme is not None:
@@ -471,7 +479,7 @@ class ClientKit:
             return _PyOpenSSLEnd(self._pyo, False, self.spec.server_host.encode())
         if kind == "tls-psk":
             return MemoryTLSEnd(tls.MemoryTLS(self._psk_ctx, server_side=False))
-        ticket = self._ticket if self.spec.reconnect else None
+        ticket = self._ticket if self.spec.reconnect or self.spec.steady else None
         return _SetupEnd(ClientSetup(self.config, self.keys, ticket=ticket), stages or NullStages(),
                          on_ticket=self._keep_ticket)
 
@@ -480,6 +488,8 @@ class ClientKit:
             if self._ticket is not None:
                 self._ticket.erase()
             self._ticket = ticket
+            if isinstance(ticket, SteadyTicket):
+                ticket.refill()  # as HybridClient does when it keeps a ticket
 
     def connect(self, address: tuple[str, int]) -> Any:
         """One connection set up to ``address`` (TCP connect included); returns what to close."""

@@ -32,7 +32,15 @@ from ..qkd.pki import DemoPKI
 from ..qkd.pool import KeyPool
 from ..recycle import RecycledAuthenticator, SQLiteAuthKeyStore
 from .certs import SERVER_HOST, BaselineCerts, HybridPKI
-from .endpoints import ClientKit, ClientSpec, KMEClientSpec, ServerKit, key_budget, reconnect_policy
+from .endpoints import (
+    ClientKit,
+    ClientSpec,
+    KMEClientSpec,
+    ServerKit,
+    key_budget,
+    reconnect_policy,
+    steady_policy,
+)
 from .variants import Variant
 
 __all__ = ["CLIENT_ID", "SERVER_ID", "BenchEnv"]
@@ -165,7 +173,8 @@ class BenchEnv:
         res_cfg = ResponderConfig(SERVER_ID, self._server_auths(v), policy,
                                   QKDConfig(MASTER_SAE, kme_ids[0]) if uses_qkd else None)
         keys = QKDKeyManager(master_source, budget) if master_source is not None else None
-        server_cfg = ServerConfig(res_cfg, tls=TLSOptions(groups=v.tls_groups), reconnect=reconnect_policy(v.reconnect))
+        server_cfg = ServerConfig(res_cfg, tls=TLSOptions(groups=v.tls_groups), reconnect=reconnect_policy(v.reconnect),
+                                  steady=steady_policy(v.steady))
         self._servers[v.id] = ServerKit("hybridkex", config=server_cfg, keys=keys)
         if master_source is not None:
             self._master_sources[v.id] = master_source
@@ -182,7 +191,7 @@ class BenchEnv:
         self._client_specs[v.id] = ClientSpec(
             "hybridkex", identity=CLIENT_ID, peer_identity=SERVER_ID, auth=v.auth, auth_psk=self.auth_psk,
             anchors=anchors, credentials=creds, suite=v.suite, qkd=v.qkd, budget=v.budget, sae_id=SLAVE_SAE,
-            kme_id=kme_ids[1], kme=kme, reconnect=v.reconnect, tls_groups=v.tls_groups,
+            kme_id=kme_ids[1], kme=kme, reconnect=v.reconnect, steady=v.steady, tls_groups=v.tls_groups,
             recycle_store=str(self.tmp / f"{v.id}-client.sqlite3") if v.auth == "recycled" else "")
         if v.qkd == "memory":
             self._memory_clients[v.id] = self._own_client(

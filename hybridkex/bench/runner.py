@@ -390,9 +390,45 @@ def _goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "numerator": "hybridkex-epoch-kme5ms", "denominator": "hybridkex-no-qkd", "limit": 1.05,
             "ratio": epoch / none if epoch and none else None,
         })
+    goals += _steady_goals(val)
     for g in goals:
         g["met"] = None if g["ratio"] is None else bool(g["ratio"] <= g["limit"])
     return goals
+
+
+def _steady_goals(val: Callable[[str, str], float | None]) -> list[dict[str, Any]]:
+    """Issue 14's goals for the steady state (hybridkex-1rtt) and the full handshake."""
+
+    def ratio(num: str, den: str, key: str) -> float | None:
+        a, b = val(num, key), val(den, key)
+        return a / b if a is not None and b else None
+
+    def goal(gid: str, text: str, num: str, den: str, *, key: str, limit: float,
+             inverse: bool = False) -> dict[str, Any]:
+        r = ratio(den, num, key) if inverse else ratio(num, den, key)
+        return {"id": gid, "text": text, "numerator": num, "denominator": den, "limit": limit, "ratio": r}
+
+    rt = val("hybridkex-1rtt", "round_trips")
+    psk_bytes, one_bytes = val("tls-psk", "bytes_on_wire"), val("hybridkex-1rtt", "bytes_on_wire")
+    return [
+        {"id": "1rtt-round-trips", "text": "a steady-state connection counts 1 round trip",
+         "numerator": "hybridkex-1rtt", "denominator": None, "limit": 1.0, "ratio": rt},
+        goal("1rtt-cpu", "steady-state CPU (both ends, in memory) <= 0.9x stdlib-cert", "hybridkex-1rtt",
+             "stdlib-cert", key="cpu_ms_median", limit=0.9),
+        goal("1rtt-latency", "steady-state loopback latency <= 1.0x stdlib-cert", "hybridkex-1rtt", "stdlib-cert",
+             key="latency_ms_median", limit=1.0),
+        # Written as stdlib / steady so that <= 1.0 means "at least as many handshakes per second".
+        goal("1rtt-throughput", "steady-state handshakes/s with concurrent clients >= 1.0x stdlib-cert "
+             "(ratio: stdlib-cert / hybridkex-1rtt)", "hybridkex-1rtt", "stdlib-cert", key="handshakes_per_s",
+             limit=1.0, inverse=True),
+        {"id": "1rtt-bytes", "text": "steady-state bytes on the wire <= tls-psk + 300 (ratio: bytes / (tls-psk + 300))",
+         "numerator": "hybridkex-1rtt", "denominator": "tls-psk", "limit": 1.0,
+         "ratio": one_bytes / (psk_bytes + 300) if one_bytes is not None and psk_bytes is not None else None},
+        goal("1rtt-kme-off-critical-path", "steady-state loopback latency with KME +5 ms <= 1.05x at 0 ms",
+             "hybridkex-1rtt-kme5ms", "hybridkex-1rtt", key="latency_ms_median", limit=1.05),
+        goal("full-cpu-2x", "full hybridkex handshake CPU <= 2.0x stdlib-cert", "hybridkex", "stdlib-cert",
+             key="cpu_ms_median", limit=2.0),
+    ]
 
 
 def run_benchmark(opts: BenchOptions, *, progress: bool = True, log: Callable[[str], None] | None = None,

@@ -52,6 +52,8 @@ class Variant:
     budget: Literal["fresh", "epoch"] = "fresh"
     #: hybridkex: reconnects on (the measured connections are reconnects of one full handshake).
     reconnect: bool = False
+    #: hybridkex: the steady state on (the measured connections follow one full handshake).
+    steady: bool = False
     #: hybridkex: the TLS layer's key-exchange groups (TLSOptions.groups); None: the default.
     tls_groups: str | None = None
 
@@ -72,7 +74,8 @@ class Variant:
         d: dict[str, object] = {"id": self.id, "label": self.label, "item": self.item, "kind": self.kind}
         if self.is_hybridkex:
             d.update(auth=self.auth, suite=self.suite, qkd=self.qkd, kme_delay_ms=self.kme_delay_ms,
-                     key_budget=self.budget, reconnect=self.reconnect, tls_groups=self.tls_groups)
+                     key_budget=self.budget, reconnect=self.reconnect, steady=self.steady,
+                     tls_groups=self.tls_groups)
         else:
             d["groups"] = self.groups
         return d
@@ -116,6 +119,9 @@ def _build() -> tuple[Variant, ...]:
                 kme_delay_ms=5),
         _hybrid("hybridkex-reconnect", "hybridkex reconnect: TLS only, PSK from an earlier session", "+",
                 reconnect=True),
+        _hybrid("hybridkex-1rtt", "hybridkex steady state: one TLS handshake, fresh announced QKD key", "1rtt",
+                steady=True),
+        _hybrid("hybridkex-1rtt-kme5ms", "hybridkex steady state, KME +5 ms", "1rtt", steady=True, kme_delay_ms=5),
         _hybrid("hybridkex-tls-x25519", "hybridkex, TLS layer with X25519 only (TLSOptions(groups=...))", "+",
                 tls_groups="X25519"),
     ]

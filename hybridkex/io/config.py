@@ -136,8 +136,8 @@ class SteadyPolicy:
     max_uses: int = 65536
     #: Seconds a full handshake's authentication key serves; then one full handshake renews it.
     lifetime: float = 3600.0
-    #: Client side: QKD keys kept reserved and announced ahead (0: none; the server then fetches
-    #: each key on demand, inside the handshake).
+    #: Client side: QKD keys kept reserved and announced ahead, at least (up to twice as many are
+    #: held; 0: none, and the server fetches each key on demand, inside the handshake).
     announce: int = 4
     #: Seconds an announced, unused QKD key is kept before both ends erase it.
     key_lifetime: float = 300.0

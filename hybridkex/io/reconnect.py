@@ -376,7 +376,12 @@ def client_hello_cipher(record_body: bytes) -> str:
     if sid_len > 32:
         raise RemoteProtocolError("TLS ClientHello: legacy_session_id longer than 32 bytes")
     r.fixed(sid_len, "legacy_session_id")
-    suites = r.vec16("cipher_suites", min_len=2, max_len=65534)
+    return cipher_from_suites(r.vec16("cipher_suites", min_len=2, max_len=65534))
+
+
+def cipher_from_suites(suites: bytes) -> str:
+    """The first TLS 1.3 cipher suite in a ClientHello's ``cipher_suites`` that an external PSK is
+    bound to here (see :func:`client_hello_cipher`)."""
     if len(suites) % 2:
         raise RemoteProtocolError("TLS ClientHello: odd cipher_suites length")
     for i in range(0, len(suites), 2):

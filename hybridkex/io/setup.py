@@ -63,7 +63,13 @@ from ._plumbing import (
 from ._tlsstage import TLSStage
 from .config import ClientConfig
 from .keys import KeySourceArg
-from .reconnect import TLS_HANDSHAKE_BYTE, TLS_RECORD_HEADER_LEN, client_hello_cipher, tls_record_length
+from .reconnect import (
+    TLS_HANDSHAKE_BYTE,
+    TLS_RECORD_HEADER_LEN,
+    cipher_from_suites,
+    client_hello_cipher,
+    tls_record_length,
+)
 
 if TYPE_CHECKING:
     from ..protocol import Session
@@ -417,19 +423,19 @@ class ServerSetup(_Setup):
                 if self._eof:
                     raise RemoteProtocolError("the peer closed the connection in the middle of its ClientHello")
                 return NEED_DATA
-            cipher = client_hello_cipher(buf[TLS_RECORD_HEADER_LEN:end])
+            steady = self._state.steady
+            identity: bytes | None = None
+            if steady is None:
+                cipher = client_hello_cipher(buf[TLS_RECORD_HEADER_LEN:end])
+            else:
+                suites, identity = first_psk_identity(buf[TLS_RECORD_HEADER_LEN:end])
+                cipher = cipher_from_suites(suites)
         except RemoteProtocolError as exc:
             return Failed(exc)
-        steady = self._state.steady
-        if steady is not None:
-            try:
-                identity = first_psk_identity(buf[TLS_RECORD_HEADER_LEN:end])
-            except RemoteProtocolError as exc:
-                return Failed(exc)
-            if identity is not None and identity.startswith(STEADY_IDENTITY_PREFIX):
-                claim = steady.claim(identity, cipher)
-                if claim is not None:
-                    return self._begin_steady(claim, cipher)
+        if steady is not None and identity is not None and identity.startswith(STEADY_IDENTITY_PREFIX):
+            claim = steady.claim(identity, cipher)
+            if claim is not None:
+                return self._begin_steady(claim, cipher)
         return self._reconnect_tls(cipher)
 
     def _reconnect_tls(self, cipher: str) -> SetupEvent:

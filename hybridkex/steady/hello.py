@@ -14,11 +14,15 @@ from ..hazmat.encoding import Reader
 
 __all__ = ["first_psk_identity"]
 
+#: TLS 1.3 ClientHello bounds (RFC 8446 section 4.1.2).
+_MAX_SUITES: Final = 65534
+
 _PRE_SHARED_KEY: Final = 41
 
 
-def first_psk_identity(record_body: bytes) -> bytes | None:
-    """The first identity in the ClientHello's ``pre_shared_key`` extension, or None without one.
+def first_psk_identity(record_body: bytes) -> tuple[bytes, bytes | None]:
+    """The ClientHello's ``cipher_suites`` and the first identity in its ``pre_shared_key``
+    extension (None without one), read in one pass.
 
     ``record_body`` is the body of the first TLS record, holding the whole ClientHello.  Raises
     :class:`RemoteProtocolError` for a malformed ClientHello.
@@ -31,7 +35,7 @@ def first_psk_identity(record_body: bytes) -> bytes | None:
     body.u16("legacy_version")
     body.fixed(32, "random")
     body.fixed(body.u8("legacy_session_id"), "legacy_session_id")
-    body.fixed(body.u16("cipher_suites"), "cipher_suites")
+    suites = body.vec16("cipher_suites", min_len=2, max_len=_MAX_SUITES)
     body.fixed(body.u8("legacy_compression_methods"), "legacy_compression_methods")
     exts = Reader(body.fixed(body.u16("extensions"), "extensions"), "TLS ClientHello extensions")
     body.end()
@@ -47,4 +51,4 @@ def first_psk_identity(record_body: bytes) -> bytes | None:
             found = identities.fixed(identities.u16("identity"), "identity")
             if not found:
                 raise RemoteProtocolError("TLS ClientHello: an empty PSK identity")
-    return found
+    return suites, found

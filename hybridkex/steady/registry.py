@@ -113,8 +113,8 @@ class SteadyClaim:
     a worker thread) waits for the background fetch or fetches them on demand.  Then :meth:`psk`.
     """
 
-    __slots__ = ("_key", "_registry", "body", "content", "facts", "identity", "info", "keys", "parent_handle",
-                 "peers", "suite")
+    __slots__ = ("_key", "_registry", "body", "content", "facts", "fetch", "identity", "info", "keys",
+                 "parent_handle", "peers", "suite")
 
     def __init__(self, registry: SteadyRegistry, parent: _Parent, identity: bytes, content: derive.SteadyIdentity,
                  body: bytes, *, keys: list[QKDKey] | None) -> None:
@@ -128,6 +128,8 @@ class SteadyClaim:
         self.content = content
         self.body = body
         self.keys = keys
+        #: The background fetch of this claim's key, when it was in flight at claim time.
+        self.fetch: _Fetch | None = None
         usage = "none" if not content.used else "epoch" if content.epoch else "fresh"
         self.facts = SteadyFacts(content.index, content.used, usage, keys is not None and bool(content.used),
                                  content.announced, content.handle.hex(),
@@ -264,13 +266,19 @@ class SteadyRegistry:
                 self._refuse(why, parent)
                 return None
             keys: list[QKDKey] | None = [] if not content.used else None
+            fetch: _Fetch | None = None
             if content.used and not content.epoch:
                 parent.spent.update(content.used)
                 held = [parent.ready.pop(k, None) for k in content.used]
                 if all(h is not None for h in held):
                     keys = [h[0] for h in held if h is not None]
+                    self.stats.prefetched += 1
+                else:  # announced and being fetched: the claim waits for that fetch, never fetches again
+                    fetch = parent.fetching.get(content.used[0])
             self.stats.accepted += 1
-            return SteadyClaim(self, parent, identity, content, body, keys=keys)
+            claim = SteadyClaim(self, parent, identity, content, body, keys=keys)
+            claim.fetch = fetch
+            return claim
 
     def _check_counter(self, parent: _Parent, content: derive.SteadyIdentity, cipher: str) -> str | None:
         if parent.suite.tls_cipher != cipher:
@@ -305,22 +313,17 @@ class SteadyRegistry:
         if manager is None:  # pragma: no cover - claim() refuses key IDs without a key manager
             raise KeySourceError("no key source is configured")
         key_id = claim.content.used[0]
-        with self._lock:
-            parent = self._parents.get(claim.parent_handle)
-            fetch = parent.fetching.get(key_id) if parent is not None else None
-        if fetch is not None and not claim.content.epoch:
+        fetch = claim.fetch
+        if fetch is not None:
             if not fetch.done.wait(timeout):
                 raise HandshakeTimeout(f"the background fetch of QKD key {key_id} did not finish within "
                                        f"{timeout:.3g} s")
             key = fetch.keys.get(key_id)
             if key is not None:
-                with self._lock:
-                    if parent is not None:
-                        parent.ready.pop(key_id, None)
                 self.stats.prefetched += 1
                 return [key]
-            if fetch.error is not None:
-                raise fetch.error
+            # The fetch failed (the KME lost the key, or was down): the KME delivers a key once, so
+            # a fetch that failed for this ID cannot succeed on demand either unless the KME was down.
         self.stats.on_demand += 1
         return manager.fetch(claim.request)
 

@@ -220,7 +220,7 @@ class SteadyTicket:
         qkd_key = b"".join(k.key for k in keys)
         psk = derive.steady_psk(self.suite, key=key, qkd_key=qkd_key, body=body, binding=binding,
                                 client_identity=self.info.local_identity, server_identity=self.info.peer_identity)
-        return content.encode(key, self.suite), psk
+        return content.encode(key, self.suite, body), psk
 
     def succeeded(self, attempt: SteadyAttempt) -> None:
         """The connection is established: its announced keys are now the server's to pre-fetch."""
@@ -245,13 +245,16 @@ class SteadyTicket:
     # --- reserve ----------------------------------------------------------------------------------
 
     def refill(self) -> None:
-        """Top the reserve up to ``policy.announce`` keys in the background (one KME call)."""
+        """Once ``policy.announce`` keys or fewer are held, take enough for twice as many in the
+        background: one KME call per ``announce`` connections, so a KME round trip longer than a
+        connection never drains the reserve."""
         manager, peers = self._manager, self.peers
         if manager is None or peers is None or not self.suite.qkd or self._qkd.key_budget.mode == "epoch":
             return
         with self._lock:
-            want = self._policy.announce - len(self._announced) - len(self._reserved) - self._in_flight
-            if want <= 0 or self._refilling or not self._usable_locked():
+            held = len(self._announced) + len(self._reserved) + self._in_flight
+            want = 2 * self._policy.announce - held
+            if held > self._policy.announce or want <= 0 or self._refilling or not self._usable_locked():
                 return
             self._refilling = True
         request = QKDKeysRequired(peers.server_sae_id, want, self.suite.qkd_key_bits, "fresh")
