@@ -1,0 +1,222 @@
+"""The steady state's pieces without sockets: identities, the server's checks in order, the
+anti-replay window, announced keys and their expiry, the client's reserve."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import pytest
+
+from hybridkex import KeyBudget, Policy, get_suite
+from hybridkex.combiner import CombinedSecret
+from hybridkex.exceptions import PolicyViolation, RemoteProtocolError
+from hybridkex.io import QKDKeyManager
+from hybridkex.io.config import SteadyPolicy
+from hybridkex.protocol import SessionInfo
+from hybridkex.qkd import MemoryKeyLink
+from hybridkex.steady import SteadyRegistry, SteadyTicket, derive, first_psk_identity
+from hybridkex.steady.registry import WINDOW
+
+SUITE = get_suite("x25519-mlkem768-qkd-hkdfsha256")
+CIPHER = SUITE.tls_cipher
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def info(role: str) -> SessionInfo:
+    """A parent session as each side records it: the server (responder) was the ETSI master."""
+    local, peer = ("client", "server") if role == "initiator" else ("server", "client")
+    return SessionInfo(
+        version=1, role=role, suite=SUITE.name, offered_suites=(SUITE.name,), local_identity=local,  # type: ignore[arg-type]
+        peer_identity=peer, auth_mode="psk", components=(), qkd_used=True, qkd_usage="fresh",
+        qkd_policy="required", qkd_key_ids=("00000000-0000-4000-8000-000000000000",), master_sae_id="sae-server",
+        slave_sae_id="sae-client", master_kme_id="kme-server", slave_kme_id="kme-client", qkd_note=None,
+        transcript_hash="00")
+
+
+class Pair:
+    """A client ticket and a server registry for one parent secret, over one in-memory QKD link."""
+
+    def __init__(self, *, policy: SteadyPolicy | None = None, qkd: Policy | None = None,
+                 clock: Clock | None = None) -> None:
+        self.link = MemoryKeyLink(("kme-client", "kme-server"))
+        self.clock = clock or Clock()
+        self.policy = policy or SteadyPolicy(announce=2)
+        self.qkd = qkd or Policy()
+        budget = self.qkd.key_budget
+        self.client_keys = QKDKeyManager(self.link.source("sae-client", 0), budget)
+        self.server_keys = QKDKeyManager(self.link.source("sae-server", 1), budget)
+        raw = os.urandom(32)
+        self.ticket = SteadyTicket(CombinedSecret(SUITE, raw), info("initiator"), self.policy, self.qkd,
+                                   self.client_keys, clock=self.clock)
+        self.registry = SteadyRegistry(self.policy, self.qkd, self.server_keys, clock=self.clock)
+        self.handle = self.registry.register(CombinedSecret(SUITE, raw), info("responder"))
+
+    def attempt(self) -> Any:
+        a = self.ticket.take()
+        assert a is not None
+        if a.request is not None:
+            a.provide(self.client_keys.answer(a.request))
+        return a
+
+    def accept(self, identity: bytes) -> tuple[Any, bytes]:
+        claim = self.registry.claim(identity, CIPHER)
+        assert claim is not None
+        keys = claim.keys if claim.keys is not None else claim.wait(5.0)
+        return claim, claim.psk(keys)
+
+
+def wait_held(registry: SteadyRegistry, n: int) -> None:
+    done = threading.Event()
+    for _ in range(200):
+        if registry.held_keys() >= n:
+            return
+        done.wait(0.01)
+    raise AssertionError(f"the server never held {n} pre-fetched keys")
+
+
+def test_both_ends_derive_the_same_psk_and_announced_keys_are_prefetched() -> None:
+    p = Pair()
+    p.ticket.refill()
+    for _ in range(200):
+        if p.ticket.take is not None and p.ticket._reserved:
+            break
+        threading.Event().wait(0.01)
+    first = p.attempt()
+    identity, psk = first.credentials()
+    assert identity.startswith(b"hk1-ss.") and identity.isascii() and len(identity) < 255
+    claim, server_psk = p.accept(identity)
+    assert server_psk == psk and len(psk) == SUITE.hash_len
+    assert claim.facts.index == 1 and claim.facts.qkd_key_ids == first.facts().qkd_key_ids
+    assert first.announced  # the reserve beyond this connection's key is announced
+    claim.confirm()
+    p.ticket.succeeded(first)
+    wait_held(p.registry, len(first.announced))
+    second = p.attempt()
+    assert second.prefetched and second.request is None
+    identity2, psk2 = second.credentials()
+    claim2, server_psk2 = p.accept(identity2)
+    assert claim2.keys is not None  # it was here before the connection started
+    assert server_psk2 == psk2 != psk
+
+
+def test_every_change_to_an_identity_is_refused() -> None:
+    p = Pair(policy=SteadyPolicy(announce=0))
+    identity, _ = p.attempt().credentials()
+    refused = 0
+    for i in range(len(b"hk1-ss."), len(identity)):
+        for repl in (b"A", b"-", b"_"):
+            if identity[i:i + 1] == repl:
+                continue
+            bad = identity[:i] + repl + identity[i + 1:]
+            assert p.registry.claim(bad, CIPHER) is None
+            refused += 1
+    assert refused > 200 and p.registry.stats.accepted == 0
+    assert p.registry.claim(identity, CIPHER) is not None  # nothing was spent by the forgeries
+
+
+def test_the_servers_checks(caplog: pytest.LogCaptureFixture) -> None:
+    p = Pair(policy=SteadyPolicy(announce=0, max_uses=WINDOW * 4))
+    a = p.attempt()
+    identity, _ = a.credentials()
+    assert p.registry.claim(identity, "TLS_AES_256_GCM_SHA384") is None  # another cipher than the suite's
+    assert p.registry.claim(identity, CIPHER) is not None
+    assert p.registry.claim(identity, CIPHER) is None and p.registry.stats.replayed == 1
+    # The same key ID again under a new counter: the key is spent.
+    forged = derive.SteadyIdentity(p.ticket.handle, 2, False, a.facts().qkd_key_ids, ())
+    key = bytes(p.registry._parents[p.handle].key)
+    assert p.registry.claim(forged.encode(key, SUITE), CIPHER) is None
+    assert any("was used before" in r.getMessage() for r in caplog.records)
+    # No QKD key while the policy requires one.
+    bare = derive.SteadyIdentity(p.ticket.handle, 3, False, (), ())
+    assert p.registry.claim(bare.encode(key, SUITE), CIPHER) is None
+    # An epoch key while the server's budget is fresh.
+    epoch = derive.SteadyIdentity(p.ticket.handle, 4, True, ("11111111-1111-4111-8111-111111111111",), ())
+    assert p.registry.claim(epoch.encode(key, SUITE), CIPHER) is None
+    # Beyond max_uses.
+    over = derive.SteadyIdentity(p.ticket.handle, WINDOW * 4 + 1, False, (), ())
+    assert p.registry.claim(over.encode(key, SUITE), CIPHER) is None
+    # An unknown parent (the server restarted).
+    other = Pair(policy=SteadyPolicy(announce=0))
+    assert other.registry.claim(p.attempt().credentials()[0], CIPHER) is None
+
+
+def test_the_replay_window_accepts_out_of_order_counters_once() -> None:
+    p = Pair(policy=SteadyPolicy(announce=0, max_uses=WINDOW * 4))
+    key = bytes(p.registry._parents[p.handle].key)
+
+    def claim(i: int) -> bool:
+        ident = derive.SteadyIdentity(p.ticket.handle, i, False, (), ())
+        return p.registry.claim(ident.encode(key, SUITE), CIPHER) is not None
+
+    p.registry._qkd = Policy(qkd="optional")
+    assert claim(5) and claim(3) and claim(4) and not claim(4) and not claim(5)
+    assert claim(WINDOW + 10)
+    assert not claim(10) and not claim(9)  # 10 behind the highest by WINDOW: too old
+    assert claim(11)  # still inside the window, never seen
+
+
+def test_parents_and_announced_keys_expire() -> None:
+    clock = Clock()
+    p = Pair(policy=SteadyPolicy(announce=0, lifetime=60.0, key_lifetime=10.0), clock=clock)
+    identity, _ = p.attempt().credentials()
+    clock.now += 61
+    assert p.registry.claim(identity, CIPHER) is None and len(p.registry) == 0
+    assert not p.ticket.usable and p.ticket.take() is None
+
+
+def test_a_failed_connection_spends_its_key_and_returns_its_announcements() -> None:
+    p = Pair(policy=SteadyPolicy(announce=2))
+    p.ticket.refill()
+    for _ in range(200):
+        if len(p.ticket._reserved) >= 4:
+            break
+        threading.Event().wait(0.01)
+    a = p.attempt()
+    used, announced = a.facts().qkd_key_ids, [k.key_id for k in a.announced]
+    assert used and announced
+    p.ticket.failed(a)
+    b = p.attempt()
+    assert not set(b.facts().qkd_key_ids) & set(used)  # never handed out again
+    # The announcements were never used: the next connection uses the first of them, announces the rest.
+    again = list(b.facts().qkd_key_ids) + [k.key_id for k in b.announced]
+    assert again[:len(announced)] == announced
+
+
+def test_required_qkd_without_a_key_refuses_to_build_credentials() -> None:
+    p = Pair(policy=SteadyPolicy(announce=0))
+    a = p.ticket.take()
+    assert a is not None and a.request is not None
+    a.unavailable(RuntimeError("KME down"))
+    with pytest.raises(PolicyViolation, match="KME down"):
+        a.credentials()
+
+
+def test_an_epoch_budget_sends_the_epoch_flag() -> None:
+    qkd = Policy(key_budget=KeyBudget(mode="epoch"))
+    p = Pair(policy=SteadyPolicy(announce=2), qkd=qkd)
+    a, b = p.attempt(), p.attempt()
+    assert a.epoch and b.epoch and a.facts().qkd_key_ids == b.facts().qkd_key_ids and not a.announced
+    for att in (a, b):
+        identity, psk = att.credentials()
+        assert p.accept(identity)[1] == psk
+
+
+def test_client_hello_parsing_is_strict() -> None:
+    with pytest.raises(RemoteProtocolError):
+        first_psk_identity(b"\x01\x00\x00")
+    with pytest.raises(RemoteProtocolError):
+        first_psk_identity(b"\x02" + bytes(40))
+    assert derive.parse_identity(b"hk1-ss.") is None and derive.parse_identity(b"hk1-rc.AAAA") is None
+    with pytest.raises(Exception, match="UUID"):
+        derive.SteadyIdentity(bytes(16), 1, False, ("not-a-uuid",), ()).body()
+    with pytest.raises(Exception, match="at most"):
+        derive.SteadyIdentity(bytes(16), 1, False, (), ("11111111-1111-4111-8111-111111111111",) * 9)
