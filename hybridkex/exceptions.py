@@ -30,6 +30,7 @@ __all__ = [
     "QKDKeyUnknownError",
     "RateLimited",
     "RemoteProtocolError",
+    "SteadyStateRefused",
     "StoreError",
     "TLSError",
     "UnknownPSKIdentity",
@@ -180,6 +181,11 @@ class PSKRejected(TLSError):
     A client usually cannot tell why (the server answers every PSK problem with one alert); the
     server raises the precise subclass.
     """
+
+
+class SteadyStateRefused(PSKRejected):
+    """A steady-state connection was refused (the server restarted, forgot the session, or has the
+    steady state off); retry once with a full handshake, which makes a new ticket."""
 
 
 class UnknownPSKIdentity(PSKRejected):

@@ -33,7 +33,8 @@ class TLSStage:
                  reconnect_index: int | None = None, ticket: ReconnectTicket | SteadyTicket | None = None,
                  lookup: ReconnectLookup | None = None, check_first: Callable[[bytes], None] | None = None,
                  on_failure: Callable[[], None] | None = None, on_success: Callable[[], None] | None = None,
-                 steady: SteadyFacts | None = None) -> None:
+                 steady: SteadyFacts | None = None,
+                 map_error: Callable[[BaseException], BaseException] | None = None) -> None:
         self._tls = tls
         self._stage = stage
         self._info = info
@@ -44,6 +45,7 @@ class TLSStage:
         self._on_failure = on_failure
         self._on_success = on_success
         self._steady = steady
+        self._map_error = map_error
         self._unsent = b""
         self._failure: Failed | None = None
 
@@ -109,4 +111,4 @@ class TLSStage:
         if self._on_failure is not None:
             undo, self._on_failure = self._on_failure, None
             undo()
-        return Failed(exc)
+        return Failed(self._map_error(exc) if self._map_error is not None else exc)

@@ -32,7 +32,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..exceptions import HandshakeTimeout, KeySourceError, LocalProtocolError, RemoteProtocolError
+from ..exceptions import (
+    HandshakeTimeout,
+    KeySourceError,
+    LocalProtocolError,
+    PSKRejected,
+    RemoteProtocolError,
+    SteadyStateRefused,
+)
 from ..hazmat.labels import STEADY_IDENTITY_PREFIX
 from ..protocol import MAGIC, Initiator, InitiatorConfig, Responder
 from ..steady import SteadyTicket, first_psk_identity
@@ -227,6 +234,16 @@ class _Setup:
         raise NotImplementedError
 
 
+def _steady_refused(exc: BaseException) -> BaseException:
+    """A refused steady-state PSK says so, so the caller knows a full handshake will do."""
+    if isinstance(exc, PSKRejected) and not isinstance(exc, SteadyStateRefused):
+        refused = SteadyStateRefused(f"the server refused the steady-state connection ({exc}); a full handshake "
+                                     "makes a new ticket")
+        refused.__cause__ = exc
+        return refused
+    return exc
+
+
 class ClientSetup(_Setup):
     """The client side of one connection's setup.
 
@@ -335,7 +352,7 @@ class ClientSetup(_Setup):
         self._stage = TLSStage(
             tls, self._deadline.stage("the TLS handshake (steady state)", self.config.tls.timeout), attempt.info,
             steady=attempt.facts(), on_success=lambda: ticket.succeeded(attempt),
-            on_failure=lambda: ticket.failed(attempt))
+            on_failure=lambda: ticket.failed(attempt), map_error=_steady_refused)
         return self._stage.next_event()
 
     def _tls_after(self, session: Session) -> TLSStage:

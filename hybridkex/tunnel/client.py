@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 
-from ..exceptions import QKDKeyUnknownError
+from ..exceptions import QKDKeyUnknownError, SteadyStateRefused
 from .runtime import Connection, TunnelRuntime, handshake_outcome
 from .streams import PlainStream, SecureStream
 
@@ -57,6 +57,14 @@ class TunnelClient(TunnelRuntime):
         except asyncio.CancelledError:
             up_writer.close()
             raise
+        except SteadyStateRefused as exc:
+            up_writer.close()
+            if not retry_stale_key:
+                self.handshake_failed(conn, exc)
+                return None
+            self.metrics.handshakes.inc(outcome="steady_refused")
+            conn.log.log(logging.INFO, "handshake_retried", "steady-state connection refused; retrying once with a "
+                         "full handshake", reason=str(exc))
         except QKDKeyUnknownError as exc:
             up_writer.close()
             if not retry_stale_key:

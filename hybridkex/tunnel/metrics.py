@@ -40,7 +40,7 @@ __all__ = [
 #: Handshake outcomes, the ``outcome`` label of ``hybridkex_tunnel_handshakes_total``.
 HANDSHAKE_OUTCOMES: Final = ("ok", "timeout", "auth_failed", "protocol_error", "policy_violation",
                              "key_source_error", "tls_error", "io_error", "target_unreachable", "rate_limited",
-                             "internal_error")
+                             "internal_error", "steady_refused")
 #: Why the server refused a connection under its limits, the ``reason`` label of ``..._rejected_total``:
 #: open connections, the pre-authentication limit per address, the limit per peer identity.
 REJECT_REASONS: Final = ("max_connections", "rate_limited", "peer_rate_limited")

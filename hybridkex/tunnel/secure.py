@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from ..exceptions import ConfigurationError
+from ..exceptions import ConfigurationError, SteadyStateRefused
 from ..io import KeySourceArg
 from ..io.aio import HybridStreamReader, HybridStreamWriter, ServerSide, accept_on_streams, connect_on_streams
 from ..io.config import ClientConfig, ServerConfig, TLSOptions
+from ..io.keys import QKDKeyManager
 from ..policy import KeyBudget, Policy, QKDConfig, QKDMode, Timeouts
 from ..protocol import AbortCode, InitiatorConfig, ResponderConfig, encode_abort
+from ..steady import SteadyTicket
 from ..suites import get_suite
 from .config import PeerConfig, TunnelConfig
 from .kmewatch import KMEWatch, PeerSAE, WatchedKeySource
@@ -53,10 +56,14 @@ def _session_facts(session: HybridSession) -> dict[str, object]:
         "components": [f"{c.name}:{c.secret_bytes * 8}" for c in info.components],
         "auth": info.auth_mode,
         "qkd": info.qkd_usage if info.qkd_used else f"none ({info.qkd_note})",
-        "qkd_key_ids": list(info.qkd_key_ids),
+        "qkd_key_ids": list(session.qkd_key_ids),
         "tls_group": session.group,
         "tls_cipher": session.cipher,
         "reconnect": session.reconnect,
+        # One TLS round trip after first contact, with its own QKD key (None: a full handshake).
+        "steady": None if session.steady is None else {
+            "index": session.steady.index, "qkd": session.steady.qkd_usage,
+            "prefetched": session.steady.prefetched, "auth_key_id": session.steady.auth_key_id},
     }
 
 
@@ -83,6 +90,10 @@ class HybridChannelFactory:
         self._server: ServerSide | None = None
         self._client: ClientConfig | None = None
         self._source: KeySourceArg = None
+        #: The client's one long-lived key manager (the steady state reserves keys through it) and
+        #: its steady-state ticket for the tunnel server.
+        self._keys: KeySourceArg = None
+        self._ticket: SteadyTicket | None = None
         self._watched: WatchedKeySource | None = None
         self._keys_per_handshake = 1
         self._probe_task: asyncio.Task[None] | None = None
@@ -147,6 +158,15 @@ class HybridChannelFactory:
             initiator = InitiatorConfig(config.identity, auths, policy=policy, qkd=qkd, peer_identity=peer.identity)
             self._client = ClientConfig(initiator, tls=tls, timeout=timeout)
         self._source = source
+        if config.role == "client":
+            # A reload gets a new manager and forgets the ticket: the next connection is a full
+            # handshake under the new configuration.
+            blocking = (source is not None and not isinstance(source, QKDKeyManager)
+                        and not inspect.iscoroutinefunction(getattr(source, "get_keys", None)))
+            self._keys = QKDKeyManager(source, policy.key_budget) if blocking else source  # type: ignore[arg-type]
+            if self._ticket is not None:
+                self._ticket.erase()
+                self._ticket = None
         self._watch_peers(config)
 
     @staticmethod
@@ -169,9 +189,32 @@ class HybridChannelFactory:
         return HybridStream(hreader, hwriter)
 
     async def connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> HybridStream:
+        """The client side on a new TCP connection: a steady-state connection while this factory's
+        ticket lasts, else a full handshake (which gives the next ticket).
+
+        Raises:
+            SteadyStateRefused: the server refused the steady-state connection (it restarted or
+                forgot the session); the ticket is dropped and the caller retries once on a new
+                connection, which runs a full handshake.
+        """
         if self._client is None:
             raise ConfigurationError("this channel factory is configured for the server role", field="role")
-        hreader, hwriter = await connect_on_streams(reader, writer, self._client, key_source=self._source)
+        ticket = self._ticket if self._ticket is not None and self._ticket.usable else None
+        try:
+            hreader, hwriter = await connect_on_streams(reader, writer, self._client, key_source=self._keys,
+                                                        ticket=ticket)
+        except SteadyStateRefused:
+            assert ticket is not None
+            if self._ticket is ticket:
+                self._ticket = None
+            ticket.erase()
+            raise
+        new = hwriter.reconnect_ticket
+        if isinstance(new, SteadyTicket):
+            old, self._ticket = self._ticket, new
+            if old is not None:
+                old.erase()
+            new.refill()
         return HybridStream(hreader, hwriter)
 
     async def refuse(self, writer: asyncio.StreamWriter) -> None:
