@@ -37,11 +37,12 @@ from ..exceptions import (
     KeySourceError,
     LocalProtocolError,
     PSKRejected,
+    RateLimited,
     RemoteProtocolError,
     SteadyStateRefused,
 )
 from ..hazmat.labels import STEADY_IDENTITY_PREFIX
-from ..protocol import MAGIC, Initiator, InitiatorConfig, Responder
+from ..protocol import MAGIC, AbortCode, Initiator, InitiatorConfig, Responder, encode_abort
 from ..steady import SteadyTicket, first_psk_identity
 from ..tls import MemoryTLS
 from ..tls.pyopenssl import bind_psk, bind_psk_lookup
@@ -114,6 +115,8 @@ class _Setup:
         self._pending: tuple[BlockingCall, Callable[[object], SetupEvent],
                              Callable[[Exception], SetupEvent]] | None = None
         self._answered: SetupEvent | None = None
+        #: An Abort frame for a refusal before any stage ran (a steady-state peer over its rate).
+        self._abort = b""
 
     @property
     def stage(self) -> str:
@@ -136,7 +139,10 @@ class _Setup:
 
     def data_to_send(self) -> bytes:
         """Bytes to send to the peer now (hybrid frames, TLS records, an Abort or an alert)."""
-        return self._stage.data_to_send() if self._stage is not None else b""
+        if self._stage is None:
+            out, self._abort = self._abort, b""
+            return out
+        return self._stage.data_to_send()
 
     def read_size(self) -> int:
         """How many bytes to read at most (the machine keeps whatever belongs to the next stage)."""
@@ -352,7 +358,7 @@ class ClientSetup(_Setup):
         self._stage = TLSStage(
             tls, self._deadline.stage("the TLS handshake (steady state)", self.config.tls.timeout), attempt.info,
             steady=attempt.facts(), on_success=lambda: ticket.succeeded(attempt),
-            on_failure=lambda: ticket.failed(attempt), map_error=_steady_refused)
+            on_failure=lambda: ticket.failed(attempt), map_error=_steady_refused, check_first=check_server_first_bytes)
         return self._stage.next_event()
 
     def _tls_after(self, session: Session) -> TLSStage:
@@ -450,7 +456,11 @@ class ServerSetup(_Setup):
         except RemoteProtocolError as exc:
             return Failed(exc)
         if steady is not None and identity is not None and identity.startswith(STEADY_IDENTITY_PREFIX):
-            claim = steady.claim(identity, cipher)
+            try:
+                claim = steady.claim(identity, cipher, admit=self._state.config.handshake.admit)
+            except RateLimited as exc:  # refused as a full handshake would be: Abort "rate limited"
+                self._abort = encode_abort(AbortCode.RATE_LIMITED)
+                return Failed(exc)
             if claim is not None:
                 return self._begin_steady(claim, cipher)
         return self._reconnect_tls(cipher)

@@ -236,8 +236,13 @@ class SteadyRegistry:
         who = f" of {parent.info.peer_identity!r}" if parent is not None else ""
         _log.info("steady-state connection%s refused: %s", who, why)
 
-    def claim(self, identity: bytes, cipher: str) -> SteadyClaim | None:
-        """The accepted identity, with its counter and key IDs spent, or None (refused; logged)."""
+    def claim(self, identity: bytes, cipher: str, *, admit: Callable[[str], None] | None = None) -> SteadyClaim | None:
+        """The accepted identity, with its counter and key IDs spent, or None (refused; logged).
+
+        ``admit(peer_identity)`` (the server's ``ResponderConfig.admit``, e.g. a per-peer rate
+        limit) runs once the tag has verified and before anything is spent; what it raises
+        (:class:`~hybridkex.exceptions.RateLimited`) propagates.
+        """
         parsed = derive.parse_identity(identity)
         if parsed is None:
             self._refuse("a malformed steady-state identity")
@@ -252,6 +257,8 @@ class SteadyRegistry:
             if not derive.check_tag(bytes(parent.key), parent.suite, body, tag):
                 self._refuse("the identity's tag does not verify", parent)
                 return None
+            if admit is not None:
+                admit(parent.info.peer_identity)
             why = self._check_counter(parent, content, cipher)
             if why is None:
                 why = parent.spend(content.index)  # spent now, whatever follows: fail closed
@@ -354,10 +361,11 @@ class SteadyRegistry:
                     parent.fetching.pop(k, None)
                 if error is None and isinstance(value, list):
                     for key in value:
-                        if isinstance(key, QKDKey) and key.key_id in ids:
-                            fetch.keys[key.key_id] = key
-                            if key.key_id not in parent.spent:
-                                parent.ready[key.key_id] = (key, now)
+                        kid = key.key_id.lower() if isinstance(key, QKDKey) else ""
+                        if kid in ids:
+                            fetch.keys[kid] = key
+                            if kid not in parent.spent:
+                                parent.ready[kid] = (key, now)
                         # a key spent meanwhile was waited for by its connection (fetch.keys)
                     self._expire_ready_locked(parent, now)
                 else:

@@ -105,10 +105,10 @@ class SteadyAttempt:
         return self.ticket.suite.tls_cipher
 
     def facts(self) -> SteadyFacts:
-        ids = tuple(k.key_id for k in self._keys)
+        ids = tuple(k.key_id.lower() for k in self._keys)
         usage = "none" if not ids else "epoch" if self.epoch else "fresh"
         return SteadyFacts(self.index, ids, usage, self.prefetched and bool(ids),
-                           tuple(k.key_id for k in self.announced), self.ticket.handle.hex(), self._note)
+                           tuple(k.key_id.lower() for k in self.announced), self.ticket.handle.hex(), self._note)
 
     def credentials(self) -> tuple[bytes, bytes]:
         """``(identity, psk)``; raises the policy's error when QKD is required and there is no key."""
@@ -209,8 +209,11 @@ class SteadyTicket:
         if self.suite.qkd and not keys:
             _log.warning("steady-state connection #%d to %s runs WITHOUT QKD (policy: optional): %s",
                          attempt.index, self.info.peer_identity, attempt._note)
+        # Canonical (lower-case) key IDs, as the server reads them back from the identity: a KME may
+        # deliver upper-case UUIDs, and the binding must be the same bytes on both ends.
         content = derive.SteadyIdentity(self.handle, attempt.index, attempt.epoch and bool(keys),
-                                        tuple(k.key_id for k in keys), tuple(k.key_id for k in attempt.announced))
+                                        tuple(k.key_id.lower() for k in keys),
+                                        tuple(k.key_id.lower() for k in attempt.announced))
         with self._lock:
             key = bytes(self._key) if self._key is not None else None
         if key is None:

@@ -36,7 +36,7 @@ SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
          "logging", "metrics", "health"),
     "peers": ("identity", "mode", "sae_id", "psk_file", "cert", "key", "ca"),
     "kme": ("embedded", "url", "sae_id", "cert", "key", "ca"),
-    "policy": ("qkd", "suites", "key_budget"),
+    "policy": ("qkd", "suites", "key_budget", "steady"),
     "timeouts": ("handshake", "idle", "drain", "connect"),
     "limits": ("max_connections", "handshake_rate", "handshake_burst", "address_rate", "address_burst"),
     "logging": ("format", "level"),

@@ -32,12 +32,15 @@ class TunnelClient(TunnelRuntime):
         facts = self.handshake_ok(conn, secure, started)
         await self.relay_connection(conn, PlainStream(reader, writer), secure, facts)
 
-    async def _secure_channel(self, conn: Connection, *, retry_stale_key: bool) -> SecureStream | None:
+    async def _secure_channel(self, conn: Connection, *, retry_stale_key: bool,
+                              retry_steady: bool = True) -> SecureStream | None:
         """A new TCP connection and handshake to the tunnel server; None (logged) if either fails.
 
         A handshake that fails because a KME did not know its QKD key (the KME restarted; the
         server, which is master, has dropped its stale keys) is retried once on a new connection,
-        with a new handshake and so a new key; the local connection never notices.
+        with a new handshake and so a new key; so is a refused steady-state connection (the server
+        restarted, or a KME restart lost the announced keys), once more, with a full handshake.
+        The local connection never notices.
         """
         cfg = conn.config
         factory = self.factory
@@ -59,12 +62,13 @@ class TunnelClient(TunnelRuntime):
             raise
         except SteadyStateRefused as exc:
             up_writer.close()
-            if not retry_stale_key:
+            if not retry_steady:  # pragma: no cover - a full handshake never raises it
                 self.handshake_failed(conn, exc)
                 return None
             self.metrics.handshakes.inc(outcome="steady_refused")
             conn.log.log(logging.INFO, "handshake_retried", "steady-state connection refused; retrying once with a "
                          "full handshake", reason=str(exc))
+            return await self._secure_channel(conn, retry_stale_key=retry_stale_key, retry_steady=False)
         except QKDKeyUnknownError as exc:
             up_writer.close()
             if not retry_stale_key:
@@ -77,4 +81,4 @@ class TunnelClient(TunnelRuntime):
             up_writer.close()
             self.handshake_failed(conn, exc)
             return None
-        return await self._secure_channel(conn, retry_stale_key=False)
+        return await self._secure_channel(conn, retry_stale_key=False, retry_steady=retry_steady)

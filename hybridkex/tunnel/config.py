@@ -129,6 +129,8 @@ class PolicyConfig:
     suites: tuple[str, ...] = DEFAULT_SUITES["required"]
     qkd: QKDMode = "required"
     key_budget: KeyBudget = "fresh"
+    #: After first contact, one TLS round trip per connection with a fresh QKD key (docs/tunnel.md).
+    steady: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -564,7 +566,7 @@ class _Validator:
                 names.append(name)
             suites = tuple(names)
         budget = cast(KeyBudget, t.choice("key_budget", KEY_BUDGETS, "fresh"))
-        return PolicyConfig(suites=suites, qkd=qkd, key_budget=budget)
+        return PolicyConfig(suites=suites, qkd=qkd, key_budget=budget, steady=t.boolean("steady", True))
 
     def peers(self, top: Table, policy: PolicyConfig) -> tuple[PeerConfig, ...]:
         raw = top.typed("peers", list, [])

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ..exceptions import ConfigurationError, SteadyStateRefused
 from ..io import KeySourceArg
 from ..io.aio import HybridStreamReader, HybridStreamWriter, ServerSide, accept_on_streams, connect_on_streams
-from ..io.config import ClientConfig, ServerConfig, TLSOptions
+from ..io.config import ClientConfig, ServerConfig, SteadyPolicy, TLSOptions
 from ..io.keys import QKDKeyManager
 from ..policy import KeyBudget, Policy, QKDConfig, QKDMode, Timeouts
 from ..protocol import AbortCode, InitiatorConfig, ResponderConfig, encode_abort
@@ -149,14 +149,17 @@ class HybridChannelFactory:
             responder = ResponderConfig(config.identity, auths, policy=policy, qkd=qkd, peer_sae_ids=sae_ids,
                                         admit=admit_peer)
             old = self._server
-            self._server = ServerSide(ServerConfig(responder, tls=tls, timeout=timeout), key_source=source)
+            steady = SteadyPolicy(enabled=config.policy.steady)
+            self._server = ServerSide(ServerConfig(responder, tls=tls, timeout=timeout, steady=steady),
+                                      key_source=source)
             if old is not None:
                 old.close()
         else:
             peer = self._target_peer(config)
             assert peer is not None
             initiator = InitiatorConfig(config.identity, auths, policy=policy, qkd=qkd, peer_identity=peer.identity)
-            self._client = ClientConfig(initiator, tls=tls, timeout=timeout)
+            self._client = ClientConfig(initiator, tls=tls, timeout=timeout,
+                                        steady=SteadyPolicy(enabled=config.policy.steady))
         self._source = source
         if config.role == "client":
             # A reload gets a new manager and forgets the ticket: the next connection is a full

@@ -75,7 +75,11 @@ def kme_errors(proc: TunnelProcess, kind: str) -> float:
 
 
 def pair(tmp_path: Path, pki: Path, kme: KMEProcess, echo_port: int, procs: list[TunnelProcess],
-         *, extra: str = HEALTH) -> tuple[TunnelProcess, TunnelProcess]:
+         *, extra: str = HEALTH, steady: bool = True) -> tuple[TunnelProcess, TunnelProcess]:
+    """A tunnel pair; ``steady=False`` makes every connection a full handshake (the server's pool
+    and the client's fetch by ID on every connection, which the health tests count on)."""
+    if not steady:
+        extra += "\n[policy]\nsteady = false\n"
     psk = make_psk(tmp_path / "a.psk")
     server = start_secure("server", tmp_path / "server.toml", secure_toml(
         listen="127.0.0.1:0", target=f"127.0.0.1:{echo_port}", identity="server", peer="client-a",
@@ -123,7 +127,7 @@ def test_an_unknown_peer_sae_is_said_once_clearly_and_reported_in_health(
 
 def test_a_killed_kme_is_counted_and_turns_health_degraded_then_unhealthy(
         tmp_path: Path, pki: Path, kme: KMEProcess, echo: EchoService, procs: list[TunnelProcess]) -> None:
-    server, client = pair(tmp_path, pki, kme, echo.port, procs)
+    server, client = pair(tmp_path, pki, kme, echo.port, procs, steady=False)
     assert server.metrics_port is not None
     # The pool gauge is read when scraped: it shows the filled pool before any connection was made.
     wait_until(lambda: metric(scrape(server.metrics_port), "hybridkex_qkd_pool_keys", peer="sae-a") >= 16,
@@ -161,7 +165,8 @@ def test_a_killed_kme_is_counted_and_turns_health_degraded_then_unhealthy(
 
 def test_a_stopped_kme_times_out_is_counted_and_health_recovers(
         tmp_path: Path, pki: Path, kme: KMEProcess, echo: EchoService, procs: list[TunnelProcess]) -> None:
-    server, client = pair(tmp_path, pki, kme, echo.port, procs, extra=HEALTH + "\n[timeouts]\nhandshake = 2\n")
+    server, client = pair(tmp_path, pki, kme, echo.port, procs, extra=HEALTH + "\n[timeouts]\nhandshake = 2\n",
+                          steady=False)
     assert echo_exchange(client.port, b"before") == expected_echo(b"before")
     kme.pause()
     try:
@@ -213,3 +218,27 @@ def test_a_busy_listen_port_is_one_line_with_no_key_pool_noise(tmp_path: Path, p
     # Before the error line at most info records (e.g. "key pool closed: 64 unused key(s) dropped").
     assert all(json.loads(line)["level"] == "info" for line in logged), logged
     assert "AlreadyFinalized" not in proc.stderr and "is closed" not in proc.stderr, logged
+
+
+def test_with_the_kme_gone_the_steady_state_uses_the_keys_both_ends_hold_then_fails_closed(
+        tmp_path: Path, pki: Path, kme: KMEProcess, echo: EchoService, procs: list[TunnelProcess]) -> None:
+    """The client reserved and announced keys before the KME died and the server fetched them:
+    those connections go on (one TLS round trip each), then the client fails closed (QKD required),
+    without taking the server's pooled keys."""
+    server, client = pair(tmp_path, pki, kme, echo.port, procs)
+    for i in range(6):
+        assert echo_exchange(client.port, b"%d" % i) == expected_echo(b"%d" % i)
+    wait_until(lambda: len(server.events("handshake_ok")) == 6, "six handshakes on the server")
+    pool_before = metric(scrape(server.metrics_port), "hybridkex_qkd_pool_keys", peer="sae-a")
+    kme.kill()
+    served = 0
+    while not failed_attempt(client.port):
+        served += 1
+        assert served <= 8, "connections went on without a KME beyond the keys held before it died"
+    assert served >= 1  # the announced keys carried at least the next connection
+    assert failed_attempt(client.port)  # and then policy applies, every time
+    ok = server.events("handshake_ok")
+    assert all(r["session"]["steady"] is not None for r in ok[-served:]), ok[-served:]
+    ids = [i for r in ok for i in r["session"]["qkd_key_ids"]]
+    assert len(ids) == len(set(ids))
+    assert metric(scrape(server.metrics_port), "hybridkex_qkd_pool_keys", peer="sae-a") == pool_before
