@@ -9,8 +9,10 @@ identities and tags are refused.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
+import io
 import json
 import struct
 import subprocess
@@ -21,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from hybridkex.cli import main
 from hybridkex.combiner import CombinedSecret, QKDBinding
 from hybridkex.hazmat.encoding import b64url, u8, u32
 from hybridkex.steady.derive import (
@@ -53,6 +56,14 @@ def test_generator_reproduces_the_file() -> None:
                          timeout=120, check=False)
     assert run.returncode == 0, run.stderr.decode()[-2000:]
     assert run.stdout == (VECTORS / "hybridkex-v1-steady.json").read_bytes()
+
+
+def test_the_cli_prints_the_file() -> None:
+    """`hybridkex vectors --steady` (in this process: a subprocess costs a second of imports)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["vectors", "--steady"]) == 0
+    assert out.getvalue() == (VECTORS / "hybridkex-v1-steady.json").read_text(encoding="utf-8")
 
 
 def test_the_cases_cover_the_format() -> None:
