@@ -49,7 +49,8 @@ _API = frozenset({
     "ClientConfig", "HybridAsyncServer", "HybridClient", "HybridHTTPConnection", "HybridHTTPServer",
     "HybridServer", "HybridSession", "HybridSocket", "HybridStreamReader", "HybridStreamWriter",
     "HybridTCPServer", "ReconnectPolicy", "ReconnectRegistry", "ReconnectTicket", "ServerConfig",
-    "TLSOptions", "connect", "open_connection", "serve", "start_server",
+    "SteadyPolicy", "SteadyRegistry", "SteadyTicket", "TLSOptions", "connect", "open_connection", "serve",
+    "start_server",
 })
 
 if TYPE_CHECKING:  # type checkers see the lazy names' real types (without this, each is an `object`)
@@ -68,6 +69,9 @@ if TYPE_CHECKING:  # type checkers see the lazy names' real types (without this,
     from .api import ReconnectRegistry as ReconnectRegistry
     from .api import ReconnectTicket as ReconnectTicket
     from .api import ServerConfig as ServerConfig
+    from .api import SteadyPolicy as SteadyPolicy
+    from .api import SteadyRegistry as SteadyRegistry
+    from .api import SteadyTicket as SteadyTicket
     from .api import TLSOptions as TLSOptions
     from .api import connect as connect
     from .api import open_connection as open_connection

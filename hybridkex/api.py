@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from .io.aio import HybridAsyncServer, HybridStreamReader, HybridStreamWriter, open_connection, start_server
 from .io.client import HybridClient
-from .io.config import ClientConfig, ReconnectPolicy, ServerConfig, TLSOptions
+from .io.config import ClientConfig, ReconnectPolicy, ServerConfig, SteadyPolicy, TLSOptions
 from .io.connection import HybridSocket, connect
 from .io.http import HybridHTTPConnection, HybridHTTPServer
 from .io.reconnect import ReconnectRegistry, ReconnectTicket
@@ -33,6 +33,7 @@ from .io.session import HybridSession
 # The policy types every ClientConfig/ServerConfig needs, so one import line builds a configuration
 # (docs/api.md says every name it documents is importable from here).
 from .policy import Policy, QKDConfig
+from .steady import SteadyRegistry, SteadyTicket
 
 __all__ = [
     "ClientConfig",
@@ -52,6 +53,9 @@ __all__ = [
     "ReconnectRegistry",
     "ReconnectTicket",
     "ServerConfig",
+    "SteadyPolicy",
+    "SteadyRegistry",
+    "SteadyTicket",
     "TLSOptions",
     "connect",
     "open_connection",
