@@ -201,6 +201,7 @@ def assert_hybrid(rec: dict[str, Any], peer: str, auth: str = "psk") -> None:
     assert s["suite"] == "x25519-mlkem768-qkd-hkdfsha256", s
     assert set(s["components"]) == {"QKD:256", "X25519:256", "ML-KEM-768:256"}, s
     assert s["qkd"] == "fresh" and s["tls_group"] == "X25519MLKEM768" and s["reconnect"] is False, s
+    assert s["steady"] is None or s["steady"]["qkd"] == "fresh", s
 
 
 # --- a standard HTTP client through the tunnel to a real http.server process --------------------------
@@ -268,13 +269,16 @@ def test_http_client_through_the_tunnel_to_a_real_http_server(tunnels: SecureTun
 # --- load: 500 sequential and 100 concurrent connections ----------------------------------------------
 
 
-def test_500_sequential_and_100_concurrent_connections_each_with_its_own_qkd_key(
+def test_1000_connections_one_full_handshake_then_the_steady_state_each_with_its_own_qkd_key(
         tunnels: SecureTunnels, psks: dict[str, Path], echo: EchoService) -> None:
+    """900 sequential and 100 concurrent connections through the tunnel pair (real processes, the
+    simulated KMEs over mutual TLS): one full handshake, then 999 steady-state connections, 1000
+    distinct QKD key IDs, each used once and by both ends, 0 failures."""
     server = tunnels.server(echo.port, [Peer("client-a", "sae-a", psk=psks["client-a"])])
     client = tunnels.client(server, "client-a", psk=psks["client-a"])
 
     failures: list[str] = []
-    for i in range(500):
+    for i in range(900):
         payload = b"sequential %d " % i + os.urandom(64)
         got = echo_exchange(client.port, payload)
         if got != expected_echo(payload):
@@ -292,13 +296,16 @@ def test_500_sequential_and_100_concurrent_connections_each_with_its_own_qkd_key
         results = list(pool.map(one, range(100)))
     assert results.count(True) == 100
 
-    wait_until(lambda: len(server.events("handshake_ok")) == 600 and len(client.events("handshake_ok")) == 600,
-               "600 handshakes logged on both ends")
+    wait_until(lambda: len(server.events("handshake_ok")) == 1000 and len(client.events("handshake_ok")) == 1000,
+               "1000 handshakes logged on both ends")
     ok = server.events("handshake_ok")
     for rec in ok:
         assert_hybrid(rec, "client-a")
+    steady = [r["session"]["steady"] for r in ok]
+    assert steady[0] is None and all(s is not None and s["qkd"] == "fresh" for s in steady[1:])
+    assert sum(s["prefetched"] for s in steady[1:]) >= 900  # announced ahead, fetched before use
     ids = key_ids(ok)
-    assert len(ids) == 600 and len(set(ids)) == 600, "a QKD key ID was used twice"
+    assert len(ids) == 1000 and len(set(ids)) == 1000, "a QKD key ID was used twice"
     assert set(key_ids(client.events("handshake_ok"))) == set(ids)  # both ends mixed in the same keys
     assert not server.events("handshake_failed") and not client.events("handshake_failed")
     assert not server.events("connection_refused") and not client.events("connection_refused")
