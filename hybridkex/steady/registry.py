@@ -272,6 +272,7 @@ class SteadyRegistry:
             if why is not None:
                 self._refuse(why, parent)
                 return None
+            self._expire_ready_locked(parent, self._clock())
             keys: list[QKDKey] | None = [] if not content.used else None
             fetch: _Fetch | None = None
             if content.used and not content.epoch:

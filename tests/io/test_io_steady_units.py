@@ -83,13 +83,19 @@ def wait_held(registry: SteadyRegistry, n: int) -> None:
     raise AssertionError(f"the server never held {n} pre-fetched keys")
 
 
+def wait_reserved(ticket: SteadyTicket, n: int) -> None:
+    """Until the ticket's background refill has reserved ``n`` keys (a hang guard, not a timing test)."""
+    ticket.refill()
+    for _ in range(500):
+        if len(ticket._reserved) >= n:
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"the ticket never reserved {n} keys")
+
+
 def test_both_ends_derive_the_same_psk_and_announced_keys_are_prefetched() -> None:
     p = Pair()
-    p.ticket.refill()
-    for _ in range(200):
-        if p.ticket.take is not None and p.ticket._reserved:
-            break
-        threading.Event().wait(0.01)
+    wait_reserved(p.ticket, 2)
     first = p.attempt()
     identity, psk = first.credentials()
     assert identity.startswith(b"hk1-ss.") and identity.isascii() and len(identity) < 255
@@ -175,11 +181,7 @@ def test_parents_and_announced_keys_expire() -> None:
 
 def test_a_failed_connection_spends_its_key_and_returns_its_announcements() -> None:
     p = Pair(policy=SteadyPolicy(announce=2))
-    p.ticket.refill()
-    for _ in range(200):
-        if len(p.ticket._reserved) >= 4:
-            break
-        threading.Event().wait(0.01)
+    wait_reserved(p.ticket, 4)
     a = p.attempt()
     used, announced = a.facts().qkd_key_ids, [k.key_id for k in a.announced]
     assert used and announced
@@ -220,3 +222,24 @@ def test_client_hello_parsing_is_strict() -> None:
         derive.SteadyIdentity(bytes(16), 1, False, ("not-a-uuid",), ()).body()
     with pytest.raises(Exception, match="at most"):
         derive.SteadyIdentity(bytes(16), 1, False, (), ("11111111-1111-4111-8111-111111111111",) * 9)
+
+
+def test_announced_keys_are_erased_after_key_lifetime_on_both_ends() -> None:
+    clock = Clock()
+    p = Pair(policy=SteadyPolicy(announce=2, key_lifetime=10.0), clock=clock)
+    wait_reserved(p.ticket, 3)
+    first = p.attempt()
+    announced = {k.key_id for k in first.announced}
+    identity, _ = first.credentials()
+    claim, _ = p.accept(identity)
+    claim.confirm()
+    p.ticket.succeeded(first)
+    wait_held(p.registry, len(announced))
+    assert p.ticket.announced_keys == len(announced) > 0
+    clock.now += 11
+    late = p.attempt()  # the client drops what it held too long and takes a new key
+    assert not set(late.facts().qkd_key_ids) & announced
+    assert p.ticket.announced_keys == 0
+    identity, psk = late.credentials()
+    _, server_psk = p.accept(identity)
+    assert server_psk == psk and p.registry.held_keys() == 0  # the server erased its unused ones
