@@ -42,8 +42,9 @@ _log = logging.getLogger("hybridkex.steady")
 
 #: Counters accepted out of order behind the highest one (concurrent connections of one client).
 WINDOW: Final = 4096
-#: Announced keys one parent may hold (ready or being fetched): bounded memory per client.
-MAX_HELD: Final = 4 * derive.MAX_ANNOUNCED
+#: Announced keys one parent may hold (ready or being fetched): bounded memory per client, and room
+#: for what a client's widest window (steady.ticket.MAX_WINDOW, twice that held) announces.
+MAX_HELD: Final = 128
 
 
 class _Fetch:

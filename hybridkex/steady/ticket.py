@@ -35,6 +35,9 @@ __all__ = ["SteadyAttempt", "SteadyFacts", "SteadyTicket"]
 
 _log = logging.getLogger("hybridkex.steady")
 
+#: The most keys a ticket keeps announced ahead (twice that held), however often it misses.
+MAX_WINDOW = 64
+
 
 @dataclass(frozen=True, slots=True)
 class SteadyFacts:
@@ -139,6 +142,10 @@ class SteadyTicket:
         self._announced: deque[_Held] = deque()
         self._reserved: deque[_Held] = deque()
         self._refilling = False
+        #: Keys to keep announced ahead: ``policy.announce``, doubled (up to MAX_WINDOW) each time a
+        #: connection finds none announced, so a client opening connections faster than its keys
+        #: are announced and fetched (concurrency, a slow KME) keeps them off the critical path.
+        self._window = policy.announce
         self._in_flight = 0  # keys announced by connections still being set up
         #: Connections established with this ticket.
         self.connections = 0
@@ -193,6 +200,8 @@ class SteadyTicket:
                     keys = [self._reserved.popleft().key]
                 else:
                     request = QKDKeysRequired(self.peers.server_sae_id, 1, self.suite.qkd_key_bits, "fresh")
+                if not prefetched and self._policy.announce and self.connections:
+                    self._window = min(max(self._window * 2, 1), MAX_WINDOW)  # a miss: hold more ahead
                 if not epoch:
                     while self._reserved and len(announced) < derive.MAX_ANNOUNCED:
                         announced.append(self._reserved.popleft().key)
@@ -248,16 +257,16 @@ class SteadyTicket:
     # --- reserve ----------------------------------------------------------------------------------
 
     def refill(self) -> None:
-        """Once ``policy.announce`` keys or fewer are held, take enough for twice as many in the
-        background: one KME call per ``announce`` connections, so a KME round trip longer than a
-        connection never drains the reserve."""
+        """Once the window's worth of keys or fewer are held (``policy.announce``, grown on misses),
+        take enough for twice as many in the background: one KME call per window of connections,
+        so a KME round trip longer than a connection never drains the reserve."""
         manager, peers = self._manager, self.peers
         if manager is None or peers is None or not self.suite.qkd or self._qkd.key_budget.mode == "epoch":
             return
         with self._lock:
             held = len(self._announced) + len(self._reserved) + self._in_flight
-            want = 2 * self._policy.announce - held
-            if held > self._policy.announce or want <= 0 or self._refilling or not self._usable_locked():
+            want = 2 * self._window - held
+            if held > self._window or want <= 0 or self._refilling or not self._usable_locked():
                 return
             self._refilling = True
         request = QKDKeysRequired(peers.server_sae_id, want, self.suite.qkd_key_bits, "fresh")
