@@ -1,0 +1,114 @@
+"""Write-behind for key rotations: one background thread commits queued rotations in batches.
+
+A handshake hands its rotation over (:meth:`WriteBehind.submit`) and goes on to TLS; the thread
+commits everything queued so far in one transaction (one fsync for the batch: group commit).
+Reads of a pair wait for that pair's queued rotations (:meth:`WriteBehind.wait`), so no key is
+ever offered or accepted before it is durable: docs/recycle.md, section 5, says why that is the
+condition for "no lockout".
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import weakref
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from typing import Generic, TypeVar
+
+__all__ = ["WriteBehind"]
+
+log = logging.getLogger("hybridkex.recycle")
+
+T = TypeVar("T")
+#: Most rotations committed in one transaction (bounds a transaction's duration, not throughput).
+MAX_BATCH = 256
+
+_live: weakref.WeakSet[WriteBehind[object]] = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_all() -> None:
+    # An application that never closes its store still gets its last rotations written at exit.
+    for writer in list(_live):
+        writer.close()
+
+
+class WriteBehind(Generic[T]):
+    """Queue of jobs, each for one key (a pair); ``apply`` commits a batch and returns, per job,
+    None or the exception that job failed with (the others of the batch still commit)."""
+
+    def __init__(self, apply: Callable[[Sequence[T]], list[BaseException | None]], name: str) -> None:
+        self._apply = apply
+        self._name = name
+        self._cond = threading.Condition()
+        self._queue: list[tuple[Hashable, T]] = []
+        self._pending: Counter[Hashable] = Counter()  # queued or being committed, per pair
+        self._errors: list[BaseException] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        _live.add(self)  # type: ignore[arg-type]
+
+    def submit(self, key: Hashable, job: T) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the store is closed")
+            self._queue.append((key, job))
+            self._pending[key] += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def pending(self, key: Hashable | None = None) -> int:
+        with self._cond:
+            return sum(self._pending.values()) if key is None else self._pending[key]
+
+    def wait(self, key: Hashable | None = None, timeout: float | None = None) -> bool:
+        """Wait until nothing is queued for ``key`` (None: for any key); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: not (self._pending if key is None else self._pending[key]), timeout)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait for every queued job; raise the first failure since the last flush (then forget them)."""
+        if not self.wait(None, timeout):
+            raise TimeoutError(f"rotations still queued after {timeout} s")
+        with self._cond:
+            errors, self._errors = self._errors, []
+        if errors:
+            raise errors[0]
+
+    def close(self) -> None:
+        """Commit what is queued, then stop the thread (later submissions fail)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed)
+                if not self._queue:
+                    return  # closed and drained
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            try:
+                results = self._apply([job for _, job in batch])
+            except BaseException as exc:  # every job of the batch failed; the thread lives on
+                results = [exc] * len(batch)
+            failed = [r for r in results if r is not None]
+            if failed:
+                # Safe to go on: a rotation that is not recorded leaves the pair on its current key.
+                log.error("recycled authentication: %d of %d rotations not recorded (%s); the pairs keep "
+                          "their current keys", len(failed), len(batch), failed[0])
+            with self._cond:
+                self._errors.extend(failed)
+                for key, _ in batch:
+                    self._pending[key] -= 1
+                    if not self._pending[key]:
+                        del self._pending[key]
+                self._cond.notify_all()
