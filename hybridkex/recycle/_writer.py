@@ -39,9 +39,11 @@ class WriteBehind(Generic[T]):
     """Queue of jobs, each for one key (a pair); ``apply`` commits a batch and returns, per job,
     None or the exception that job failed with (the others of the batch still commit)."""
 
-    def __init__(self, apply: Callable[[Sequence[T]], list[BaseException | None]], name: str) -> None:
+    def __init__(self, apply: Callable[[Sequence[T]], list[BaseException | None]], name: str,
+                 closed_error: Callable[[], Exception]) -> None:
         self._apply = apply
         self._name = name
+        self._closed_error = closed_error
         self._cond = threading.Condition()
         self._queue: list[tuple[Hashable, T]] = []
         self._pending: Counter[Hashable] = Counter()  # queued or being committed, per pair
@@ -53,7 +55,7 @@ class WriteBehind(Generic[T]):
     def submit(self, key: Hashable, job: T) -> None:
         with self._cond:
             if self._closed:
-                raise RuntimeError("the store is closed")
+                raise self._closed_error()
             self._queue.append((key, job))
             self._pending[key] += 1
             if self._thread is None:

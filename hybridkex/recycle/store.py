@@ -300,7 +300,8 @@ class SQLiteAuthKeyStore:
             self._db = self._open_read_only() if read_only else self._open_read_write()
             if write_behind and not read_only:
                 self._wdb = self._connect_writer()
-                self._writer = WriteBehind(self._commit_batch, f"hybridkex-recycle-writer {self.path.name}")
+                self._writer = WriteBehind(self._commit_batch, f"hybridkex-recycle-writer {self.path.name}",
+                                           lambda: StoreError(f"{self.path} is closed; rotation not recorded"))
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open authentication-key store {self.path}: {exc}") from exc
 
