@@ -52,6 +52,8 @@ def _session_facts(session: HybridSession) -> dict[str, object]:
         "suite": info.suite,
         "components": [f"{c.name}:{c.secret_bytes * 8}" for c in info.components],
         "auth": info.auth_mode,
+        # Recycled authentication: the public ID of the key that authenticated it (None otherwise).
+        "auth_key_id": info.auth_key_id,
         "qkd": info.qkd_usage if info.qkd_used else f"none ({info.qkd_note})",
         "qkd_key_ids": list(info.qkd_key_ids),
         "tls_group": session.group,
@@ -122,6 +124,8 @@ class HybridChannelFactory:
     def _apply(self, config: TunnelConfig) -> None:
         # The same loader as --check-config: what passed there cannot fail here for a file problem.
         material = load_channel_material(config, kme=self._external_source is None)
+        if material.store is not None:
+            self._owned.append(material.store)  # closed (its queued rotations written) on reload and exit
         auths, sae_ids = material.authenticators, material.peer_sae_ids
         policy = _policy(config)
         source = self._key_source(config, material.kme_client, sorted(set(sae_ids.values())))
