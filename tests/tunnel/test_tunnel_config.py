@@ -35,8 +35,10 @@ qkd = "disabled"
 PEER_A = '[[peers]]\nidentity = "client-a"\nmode = "psk"\npsk_file = "a.psk"\n'
 TOP = 'listen = "127.0.0.1:8443"\ntarget = "127.0.0.1:8080"\nidentity = "server"\n'
 NO_QKD = '[policy]\nqkd = "disabled"\n'
-TOP_KEYS = ("health, identity, kme, limits, listen, logging, metrics, peers, policy, target, target_identity, "
-            "timeouts")
+TOP_KEYS = ("health, identity, kme, limits, listen, logging, metrics, peers, policy, recycle, target, "
+            "target_identity, timeouts")
+RECYCLED = GOOD.replace('mode = "psk"', 'mode = "recycled"\nbootstrap = "psk"')
+STORE = '[recycle]\nstore = "keys.sqlite3"\n'
 
 
 @pytest.fixture
@@ -93,9 +95,26 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
      "peers: no peers configured; add a [[peers]] table (or --peer NAME=PSK_FILE) for each peer allowed to connect"),
     ("peers-not-array", TOP + 'peers = "client-a"\n' + NO_QKD, "peers: expected an array, got string 'client-a'"),
     ("peer-mode-typo", GOOD.replace('mode = "psk"', 'mode = "pks"'),
-     'peers[0].mode: expected one of "psk", "pki", got "pks"'),
+     'peers[0].mode: expected one of "psk", "pki", "recycled", got "pks"'),
     ("peer-mode-missing", GOOD.replace('mode = "psk"\n', ""),
-     'peers[0].mode: missing required key; set mode = "psk" or "pki"'),
+     'peers[0].mode: missing required key; set mode = "psk", "pki" or "recycled"'),
+    ("recycled-without-store", RECYCLED, 'peers[0].mode: missing; a peer with mode = "recycled" needs [recycle] '
+     'store = "PATH" (this side\'s key store, created 0600 on first use)'),
+    ("recycled-without-bootstrap", RECYCLED.replace('bootstrap = "psk"\n', "") + STORE,
+     'peers[0].bootstrap: missing required key with mode = "recycled"; set bootstrap = "psk" (with psk_file) '
+     'or "pki" (with cert, key, ca): it authenticates the first handshake'),
+    ("recycled-bad-bootstrap", RECYCLED.replace('bootstrap = "psk"', 'bootstrap = "recycled"') + STORE,
+     'peers[0].bootstrap: expected one of "psk", "pki", got "recycled"'),
+    ("recycled-psk-with-cert", RECYCLED.replace('psk_file = "a.psk"', 'psk_file = "a.psk"\ncert = "cert.pem"')
+     + STORE, 'peers[0].cert: not allowed with bootstrap = "psk" (it belongs to bootstrap = "pki")'),
+    ("bootstrap-without-recycled", GOOD.replace('mode = "psk"', 'mode = "psk"\nbootstrap = "psk"'),
+     'peers[0].bootstrap: not allowed with mode = "psk" (it belongs to mode = "recycled")'),
+    ("recycle-store-missing", RECYCLED + "[recycle]\n",
+     'recycle.store: missing required key; set store = "PATH" (a file this side creates and keeps, e.g. '
+     '"/var/lib/hybridkex/tunnel-keys.sqlite3")'),
+    ("recycle-store-directory", RECYCLED + '[recycle]\nstore = "."\n', "recycle.store: not a regular file: {dir}"),
+    ("recycle-policy-typo", RECYCLED + STORE + 'policy = "once"\n',
+     'recycle.policy: expected one of "bootstrap-once", "recycled-with-fallback", "rebootstrap", got "once"'),
     ("peer-identity-missing", GOOD.replace('identity = "client-a"\n', ""),
      "peers[0].identity: missing required key"),
     ("peer-duplicate", TOP + PEER_A + PEER_A.replace("a.psk", "b.psk") + NO_QKD,
@@ -492,3 +511,16 @@ def test_check_config_accepts_real_files(confdir: Path, demo_pki: Path, capsys: 
     code = cli.main(["tunnel", "server", "--config", "tunnel.toml", "--check-config"])
     out = capsys.readouterr()
     assert (code, out.err) == (0, "") and out.out.startswith("hybridkex: configuration OK: tunnel server ")
+
+
+def test_check_config_of_a_recycled_peer_creates_no_store_and_refuses_a_foreign_file(
+        confdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (confdir / "tunnel.toml").write_text(RECYCLED + STORE)
+    code, err = run_cli(["tunnel", "server", "--config", "tunnel.toml", "--check-config"], capsys)
+    assert code == 0, err
+    assert not (confdir / "keys.sqlite3").exists()  # the tunnel creates it when it starts, not a check
+    (confdir / "keys.sqlite3").write_text("someone else's file\n")
+    code, err = run_cli(["tunnel", "server", "--config", "tunnel.toml", "--check-config"], capsys)
+    assert code == 10 and len(err) == 1, err
+    assert f"not a hybridkex key store: {confdir / 'keys.sqlite3'} (not an SQLite database)" in err[0]
+    assert (confdir / "keys.sqlite3").read_text() == "someone else's file\n"  # left untouched
