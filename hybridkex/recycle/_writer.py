@@ -1,10 +1,11 @@
 """Write-behind for key rotations: one background thread commits queued rotations in batches.
 
 A handshake hands its rotation over (:meth:`WriteBehind.submit`) and goes on to TLS; the thread
-commits everything queued so far in one transaction (one fsync for the batch: group commit).
-Reads of a pair wait for that pair's queued rotations (:meth:`WriteBehind.wait`), so no key is
-ever offered or accepted before it is durable: docs/recycle.md, section 5, says why that is the
-condition for "no lockout".
+commits everything queued so far in one transaction (one fsync for the batch: group commit).  The
+queue is never read: the store's reads see only committed state, so no key is offered or accepted
+before it is durable (docs/recycle.md, section 5: the condition for "no lockout").  A read of a pair
+first waits for that pair's jobs submitted before it (:meth:`WriteBehind.wait`), so each handshake
+sees the rotations of the handshakes that finished before it started.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import atexit
 import logging
 import threading
 import weakref
-from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
@@ -46,7 +46,12 @@ class WriteBehind(Generic[T]):
         self._closed_error = closed_error
         self._cond = threading.Condition()
         self._queue: list[tuple[Hashable, T]] = []
-        self._pending: Counter[Hashable] = Counter()  # queued or being committed, per pair
+        # Jobs are numbered as submitted and finish in that order (FIFO batches): a reader waits for
+        # the last job of its pair submitted *before* it started, never for later ones, so a pair
+        # under constant load cannot starve its readers.
+        self._submitted = 0
+        self._done = 0
+        self._last: dict[Hashable, int] = {}  # the newest job number per key, while unfinished
         self._errors: list[BaseException] = []
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -57,21 +62,25 @@ class WriteBehind(Generic[T]):
             if self._closed:
                 raise self._closed_error()
             self._queue.append((key, job))
-            self._pending[key] += 1
+            self._submitted += 1
+            self._last[key] = self._submitted
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
             self._cond.notify_all()
 
     def pending(self, key: Hashable | None = None) -> int:
+        """Unfinished jobs (None: of every key; a key: 1 if any of its jobs is unfinished, else 0)."""
         with self._cond:
-            return sum(self._pending.values()) if key is None else self._pending[key]
+            if key is None:
+                return self._submitted - self._done
+            return int(self._last.get(key, 0) > self._done)
 
     def wait(self, key: Hashable | None = None, timeout: float | None = None) -> bool:
-        """Wait until nothing is queued for ``key`` (None: for any key); False on timeout."""
+        """Wait until every job of ``key`` (None: of any key) submitted so far has finished; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(
-                lambda: not (self._pending if key is None else self._pending[key]), timeout)
+            target = self._submitted if key is None else self._last.get(key, 0)
+            return self._cond.wait_for(lambda: self._done >= target, timeout)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait for every queued job; raise the first failure since the last flush (then forget them)."""
@@ -109,8 +118,8 @@ class WriteBehind(Generic[T]):
                           "their current keys", len(failed), len(batch), failed[0])
             with self._cond:
                 self._errors.extend(failed)
+                self._done += len(batch)
                 for key, _ in batch:
-                    self._pending[key] -= 1
-                    if not self._pending[key]:
-                        del self._pending[key]
+                    if self._last.get(key, 0) <= self._done:
+                        self._last.pop(key, None)
                 self._cond.notify_all()

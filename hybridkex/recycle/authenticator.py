@@ -241,8 +241,8 @@ class RecycledAuthenticator(Authenticator):
         else:
             return
         new_id = session.next_auth_key_id()
-        # Write-behind where the store offers it: the fsync leaves the handshake's critical path, and
-        # the store's reads wait for it, so the new key is never used before it is durable.
+        # Write-behind where the store offers it: the fsync leaves the handshake's critical path; the
+        # store never shows a queued key, so the new key is not used before it is durable.
         record = self._store.rotate_later if isinstance(self._store, WriteBehindStore) else self._store.rotate
         record(info.local_identity, info.peer_identity, used_key_id=used, new_key_id=new_id,
                new_key=session.next_auth_key())

@@ -26,9 +26,11 @@ Rotation semantics (docs/spec.md, "Recycled authentication"):
 The SQLite implementation uses WAL mode and ``BEGIN IMMEDIATE`` transactions, so a process killed at
 any instant leaves either the old or the new state.  Handshakes record their rotation with
 :meth:`SQLiteAuthKeyStore.rotate_later` (write-behind: a background thread commits queued rotations
-in batches, one fsync each, off the handshake's critical path); every read of a pair first waits for
-that pair's queued rotations, so a key is never offered or accepted before it is durable (the
-condition for "no lockout" when a process dies: docs/recycle.md, section 5).  Other databases can
+in batches, one fsync each, off the handshake's critical path).  Reads see only committed state, so
+a key is never offered or accepted before it is durable (the condition for "no lockout" when a
+process dies: docs/recycle.md, section 5), and a read of a pair first waits for that pair's
+rotations queued before it, so a handshake sees those of the handshakes finished before it.  Other
+databases can
 implement :class:`AuthKeyStore` (see docs/recycle.md for a PostgreSQL mapping shared by replicas).
 Key material is never logged and never appears in ``repr``; inspection returns metadata only.
 """
@@ -131,7 +133,7 @@ class WriteBehindStore(AuthKeyStore, Protocol):
     """A store that can record a rotation after returning (:class:`SQLiteAuthKeyStore`).
 
     The contract that keeps "no lockout" (docs/recycle.md, section 5): rotations become durable in
-    the order they were queued, and no read returns state a queued rotation has not made durable.
+    the order they were queued, and no read returns what a queued rotation has not made durable yet.
     """
 
     def rotate_later(self, local_id: str, peer_id: str, *, used_key_id: bytes | None, new_key_id: bytes,
@@ -408,8 +410,8 @@ class SQLiteAuthKeyStore:
         return [AuthKey(bytes(r[0]), r[1], bytes(r[2]), r[3], bool(r[4]), r[5] is not None) for r in rows]
 
     def _query(self, sql: str, params: tuple[object, ...], pair: tuple[str, str] | None = None) -> list[Any]:
-        """Run a read under the lock once the pair's (None: every) queued rotation is durable; a
-        database failure becomes a StoreError naming the file."""
+        """Run a read under the lock once the pair's (None: every pair's) rotations queued so far are
+        committed; a database failure becomes a StoreError naming the file."""
         self._drain(*(pair or (None, None)))
         with self._lock:
             try:
@@ -484,8 +486,8 @@ class SQLiteAuthKeyStore:
     def rotate_later(self, local_id: str, peer_id: str, *, used_key_id: bytes | None, new_key_id: bytes,
                      new_key: bytes) -> None:
         """Queue a rotation for the background writer and return at once (``write_behind=False``:
-        :meth:`rotate`).  Reads of the pair wait for it, so the new key is never used before it is
-        durable; a failure is logged and raised by the next :meth:`flush` (the pair keeps its keys)."""
+        :meth:`rotate`).  Reads never see it before it is committed (and the next read of the pair
+        waits for that); a failure is logged and raised by the next :meth:`flush` (the pair keeps its keys)."""
         if self._writer is None:
             self.rotate(local_id, peer_id, used_key_id=used_key_id, new_key_id=new_key_id, new_key=new_key)
             return
@@ -636,8 +638,8 @@ class SQLiteAuthKeyStore:
             db.execute("ROLLBACK")
 
     def _drain(self, local_id: str | None = None, peer_id: str | None = None) -> None:
-        """Wait for the queued rotations of the pair (None: of every pair), so that a read never
-        shows a key that is not durable yet (docs/recycle.md, section 5)."""
+        """Wait for the rotations of the pair (None: of every pair) queued before this call: a
+        handshake then sees the rotations of every handshake that finished before it started."""
         if self._writer is not None and self._writer.pending(None if local_id is None else (local_id, peer_id)):
             self._writer.wait(None if local_id is None else (local_id, peer_id))
 

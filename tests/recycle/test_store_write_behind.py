@@ -123,3 +123,36 @@ def test_without_write_behind_rotate_later_is_rotate(tmp_path: Path) -> None:
         with pytest.raises(InvalidKeyMaterial):  # raised to the caller, not logged
             store.rotate_later(A, B, used_key_id=None, new_key_id=kid(1), new_key=bytes(32))
         store.flush()
+
+
+def test_a_read_never_waits_for_rotations_queued_after_it_began(tmp_path: Path) -> None:
+    """A pair under constant load cannot starve its readers: each waits only for what came before it."""
+    tokens = threading.Semaphore(0)  # one per writer transaction allowed to start
+    holding = threading.Event()  # the writer has taken rotation 1 and waits
+
+    def hook(stage: str) -> None:
+        if stage == "begin" and threading.current_thread().name.startswith("hybridkex-recycle-writer"):
+            holding.set()
+            assert tokens.acquire(timeout=20)
+
+    store = SQLiteAuthKeyStore(tmp_path / "k.sqlite3", crash_hook=hook)
+    try:
+        store.rotate_later(A, B, used_key_id=None, new_key_id=kid(1), new_key=bytes(32))
+        assert holding.wait(10)
+        seen: list[list[bytes]] = []
+        reader = threading.Thread(target=lambda: seen.append([k.key_id for k in store.keys(A, B)]))
+        reader.start()
+        reader.join(0.2)
+        assert reader.is_alive()
+        store.rotate_later(A, B, used_key_id=kid(1), new_key_id=kid(2), new_key=bytes(32))  # after the read began
+        tokens.release()  # only the transaction holding rotation 1 may run
+        reader.join(10)
+        assert seen == [[kid(1)]]  # it did not wait for rotation 2, which is still held
+        assert store.pending_rotations() == 1
+        tokens.release()
+        store.flush(10)
+        assert [k.key_id for k in store.keys(A, B)] == [kid(2), kid(1)]
+    finally:
+        for _ in range(4):
+            tokens.release()
+        store.close()
