@@ -55,6 +55,8 @@ __all__ = ["AuthKey", "AuthKeyStore", "BootstrapState", "PairSummary", "SQLiteAu
 
 KEY_ID_LEN = 16
 KEY_LEN = 32
+#: Longest a read waits for its pair's queued rotations (seconds) before it uses what is committed.
+READ_WAIT = 2.0
 
 #: What a store knows about a pair's bootstrap credential: never seen (no record of the pair),
 #: still accepted, or retired (after the first recycled success, or by the operator).
@@ -640,8 +642,11 @@ class SQLiteAuthKeyStore:
     def _drain(self, local_id: str | None = None, peer_id: str | None = None) -> None:
         """Wait for the rotations of the pair (None: of every pair) queued before this call: a
         handshake then sees the rotations of every handshake that finished before it started."""
-        if self._writer is not None and self._writer.pending(None if local_id is None else (local_id, peer_id)):
-            self._writer.wait(None if local_id is None else (local_id, peer_id))
+        key = None if local_id is None else (local_id, peer_id)
+        if self._writer is not None and self._writer.pending(key):
+            # Bounded: a writer stuck on a lock held by another process must not stall handshakes.
+            # Going on is safe, reads see only committed keys; at worst the previous key once more.
+            self._writer.wait(key, READ_WAIT)
 
     def _hook(self, stage: str) -> None:
         if self._crash_hook is not None:

@@ -156,3 +156,24 @@ def test_a_read_never_waits_for_rotations_queued_after_it_began(tmp_path: Path) 
         for _ in range(4):
             tokens.release()
         store.close()
+
+
+def test_a_stuck_writer_holds_a_read_back_only_for_a_bounded_time(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """E.g. another process holds the write lock: the read goes on with the committed keys (safe)."""
+    from hybridkex.recycle import store as store_module
+
+    monkeypatch.setattr(store_module, "READ_WAIT", 0.05)
+    gate = Gate()
+    store = SQLiteAuthKeyStore(tmp_path / "k.sqlite3", crash_hook=gate)
+    try:
+        store.rotate(A, B, used_key_id=None, new_key_id=kid(1), new_key=bytes(32))
+        store.rotate_later(A, B, used_key_id=kid(1), new_key_id=kid(2), new_key=bytes(32))
+        assert [k.key_id for k in store.keys(A, B)] == [kid(1)]  # not the queued key: it is not durable
+        assert store.pending_rotations() == 1
+        gate.open.set()
+        store.flush(10)
+        assert [k.key_id for k in store.keys(A, B)] == [kid(2), kid(1)]
+    finally:
+        gate.open.set()
+        store.close()
