@@ -13,7 +13,7 @@ from __future__ import annotations
 import binascii
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -207,7 +207,8 @@ def _kme_client(config: TunnelConfig) -> ETSI014Client | None:
         raise ConfigurationError(str(exc), field="kme") from None
 
 
-def _store(config: TunnelConfig, *, create: bool) -> SQLiteAuthKeyStore | None:
+def _store(config: TunnelConfig, *, create: bool,
+           open_store: Callable[[Path], SQLiteAuthKeyStore] | None) -> SQLiteAuthKeyStore | None:
     """The ``[recycle]`` store, opened (created 0600 if absent), or with ``create=False`` only checked."""
     if config.recycle is None:
         return None
@@ -217,15 +218,17 @@ def _store(config: TunnelConfig, *, create: bool) -> SQLiteAuthKeyStore | None:
         if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
             raise StoreError(f"cannot create the key store {path}: {parent} is not a writable directory")
         return None
-    return SQLiteAuthKeyStore(path)  # refuses anything that is not a hybridkex store, one line
+    return (open_store or SQLiteAuthKeyStore)(path)  # refuses anything that is not a hybridkex store, one line
 
 
-def load_channel_material(config: TunnelConfig, *, kme: bool = True, create_store: bool = True) -> ChannelMaterial:
+def load_channel_material(config: TunnelConfig, *, kme: bool = True, create_store: bool = True,
+                          open_store: Callable[[Path], SQLiteAuthKeyStore] | None = None) -> ChannelMaterial:
     """Read every key, certificate and CA file of ``config``, open the recycled-key store and build the
     KME client (no I/O on the network).  ``kme=False`` skips the KME client (a caller that supplies
-    its own key source); ``create_store=False`` checks the store's path without creating it."""
+    its own key source); ``create_store=False`` checks the store's path without creating it;
+    ``open_store`` opens (or reuses) the store instead of a new :class:`SQLiteAuthKeyStore`."""
     auths, sae_ids = _authenticators(config.peers)
-    store = _store(config, create=create_store)
+    store = _store(config, create=create_store, open_store=open_store)
     if store is not None:
         assert config.recycle is not None
         recycled = frozenset(p.identity for p in config.peers if p.mode == "recycled")
@@ -235,7 +238,7 @@ def load_channel_material(config: TunnelConfig, *, kme: bool = True, create_stor
     try:
         client = _kme_client(config) if kme else None
     except BaseException:
-        if store is not None:
+        if store is not None and open_store is None:
             store.close()
         raise
     return ChannelMaterial(auths, sae_ids, client, store)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from ..exceptions import ConfigurationError
@@ -21,6 +22,7 @@ from ..io.aio import HybridStreamReader, HybridStreamWriter, ServerSide, accept_
 from ..io.config import ClientConfig, ServerConfig, TLSOptions
 from ..policy import KeyBudget, Policy, QKDConfig, QKDMode, Timeouts
 from ..protocol import AbortCode, InitiatorConfig, ResponderConfig, encode_abort
+from ..recycle import SQLiteAuthKeyStore
 from ..suites import get_suite
 from .config import PeerConfig, TunnelConfig
 from .kmewatch import KMEWatch, PeerSAE, WatchedKeySource
@@ -88,6 +90,9 @@ class HybridChannelFactory:
         self._watched: WatchedKeySource | None = None
         self._keys_per_handshake = 1
         self._probe_task: asyncio.Task[None] | None = None
+        # Recycled-key stores by path, kept across reloads: a handshake in flight during a reload still
+        # reads and rotates the store its configuration named.  Closed (queue written) by aclose().
+        self._stores: dict[Path, SQLiteAuthKeyStore] = {}
         count = metrics.kme_error if metrics is not None else (lambda kind: None)
         self.watch = KMEWatch(count, url="", master=config.role == "server")
         self._apply(config)
@@ -123,9 +128,7 @@ class HybridChannelFactory:
 
     def _apply(self, config: TunnelConfig) -> None:
         # The same loader as --check-config: what passed there cannot fail here for a file problem.
-        material = load_channel_material(config, kme=self._external_source is None)
-        if material.store is not None:
-            self._owned.append(material.store)  # closed (its queued rotations written) on reload and exit
+        material = load_channel_material(config, kme=self._external_source is None, open_store=self._store)
         auths, sae_ids = material.authenticators, material.peer_sae_ids
         policy = _policy(config)
         source = self._key_source(config, material.kme_client, sorted(set(sae_ids.values())))
@@ -152,6 +155,11 @@ class HybridChannelFactory:
             self._client = ClientConfig(initiator, tls=tls, timeout=timeout)
         self._source = source
         self._watch_peers(config)
+
+    def _store(self, path: Path) -> SQLiteAuthKeyStore:
+        if path not in self._stores:
+            self._stores[path] = SQLiteAuthKeyStore(path)
+        return self._stores[path]
 
     @staticmethod
     def _target_peer(config: TunnelConfig) -> PeerConfig | None:
@@ -205,6 +213,8 @@ class HybridChannelFactory:
             self._server.close()
         _close_all(self._owned)
         self._owned = []
+        _close_all(list(self._stores.values()))
+        self._stores.clear()
 
     # -- KME health -------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """Recycled authentication in the tunnel, end to end over the REAL secure channel: two ``hybridkex
 tunnel`` processes and a real ``hybridkex kme`` (QKD required).  The first connection is
-authenticated by the bootstrap PSK, later ones by recycled keys; restarting either side (SIGTERM,
-or SIGKILL with a rotation possibly still queued) keeps working, and the retired PSK is refused."""
+authenticated by the bootstrap PSK, later ones by recycled keys; a reload and restarting either side
+(SIGTERM, or SIGKILL with a rotation possibly still queued) keep working, and the retired PSK is
+refused."""
 
 from __future__ import annotations
 
@@ -103,6 +104,14 @@ def test_bootstrap_once_then_recycled_keys_across_restarts(pair: Pair) -> None:
         assert c["auth_key_id"] == s["auth_key_id"]  # both sides agree on the key
         used.append(s["auth_key_id"])
     assert len(set(used)) == 3  # a new key every connection
+
+    # A reload (SIGHUP) keeps the store open for handshakes in flight and goes on with the same keys.
+    mark = len(pair.server.records())
+    pair.server.send_signal(signal.SIGHUP)
+    pair.server.wait_event("config_reloaded", start=mark)
+    c, s = connect_once(pair)
+    assert c["auth"] == s["auth"] == "recycled" and c["auth_key_id"] == s["auth_key_id"]
+    used.append(s["auth_key_id"])
 
     # Restarts: orderly (SIGTERM writes what is queued) and abrupt (SIGKILL right after a connection,
     # its rotation possibly not written): never a lockout, never back to the bootstrap.
