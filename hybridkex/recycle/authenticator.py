@@ -170,6 +170,9 @@ class RecycledAuthenticator(Authenticator):
             raise ConfigurationError("must be a RecyclePolicy or a policy name", field="recycle.policy")
         self._store = store
         self._policy = policy or RecyclePolicy()
+        # Write-behind where the store offers it: the fsync leaves the handshake's critical path; the
+        # store never shows a queued key, so the new key is not used before it is durable.
+        self._record = store.rotate_later if isinstance(store, WriteBehindStore) else store.rotate
 
     def __repr__(self) -> str:
         return f"RecycledAuthenticator(store={self._store!r}, policy={self._policy.bootstrap!r})"
@@ -241,11 +244,8 @@ class RecycledAuthenticator(Authenticator):
         else:
             return
         new_id = session.next_auth_key_id()
-        # Write-behind where the store offers it: the fsync leaves the handshake's critical path; the
-        # store never shows a queued key, so the new key is not used before it is durable.
-        record = self._store.rotate_later if isinstance(self._store, WriteBehindStore) else self._store.rotate
-        record(info.local_identity, info.peer_identity, used_key_id=used, new_key_id=new_id,
-               new_key=session.next_auth_key())
+        self._record(info.local_identity, info.peer_identity, used_key_id=used, new_key_id=new_id,
+                     new_key=session.next_auth_key())
         log.info("recycled authentication %s <-> %s: authenticated by %s%s, stored next key %s",
                  info.local_identity, info.peer_identity, info.auth_mode,
                  f" key {used.hex()}" if used is not None else " (bootstrap)", new_id.hex())
