@@ -30,8 +30,8 @@ in batches, one fsync each, off the handshake's critical path).  Reads see only 
 a key is never offered or accepted before it is durable (the condition for "no lockout" when a
 process dies: docs/recycle.md, section 5), and a read of a pair first waits for that pair's
 rotations queued before it, so a handshake sees those of the handshakes finished before it.  Other
-databases can
-implement :class:`AuthKeyStore` (see docs/recycle.md for a PostgreSQL mapping shared by replicas).
+databases can implement :class:`AuthKeyStore` (see docs/recycle.md for a PostgreSQL mapping shared
+by replicas).
 Key material is never logged and never appears in ``repr``; inspection returns metadata only.
 """
 
