@@ -133,5 +133,6 @@ def test_bootstrap_once_then_recycled_keys_across_restarts(pair: Pair) -> None:
         assert oct(path.stat().st_mode & 0o777) == "0o600"
         with SQLiteAuthKeyStore(path, read_only=True) as store:
             [summary] = store.summaries()
-            assert summary.bootstrap_retired and summary.rotations >= 12 and summary.keys <= 8
+            # 13 connections, less at most the one each SIGKILL may have cut off before its write
+            assert summary.bootstrap_retired and summary.rotations >= 13 - 2 and summary.keys <= 8
             assert store.is_spent(local, peer, bytes.fromhex(used[0]))
