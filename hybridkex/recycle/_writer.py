@@ -24,6 +24,9 @@ log = logging.getLogger("hybridkex.recycle")
 T = TypeVar("T")
 #: Most rotations committed in one transaction (bounds a transaction's duration, not throughput).
 MAX_BATCH = 256
+#: Seconds an idle writer thread waits before it exits (the next submission starts a new one), so a
+#: store nobody closes is not kept alive by its thread forever.
+IDLE_EXIT = 30.0
 
 _live: weakref.WeakSet[WriteBehind[object]] = weakref.WeakSet()
 
@@ -103,9 +106,10 @@ class WriteBehind(Generic[T]):
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closed)
+                self._cond.wait_for(lambda: self._queue or self._closed, IDLE_EXIT)
                 if not self._queue:
-                    return  # closed and drained
+                    self._thread = None  # closed and drained, or idle: submit() starts a new one
+                    return
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             try:
                 results = self._apply([job for _, job in batch])

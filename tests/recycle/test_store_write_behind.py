@@ -177,3 +177,24 @@ def test_a_stuck_writer_holds_a_read_back_only_for_a_bounded_time(tmp_path: Path
     finally:
         gate.open.set()
         store.close()
+
+
+def test_an_idle_writer_thread_exits_and_comes_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hybridkex.recycle import _writer
+
+    monkeypatch.setattr(_writer, "IDLE_EXIT", 0.05)
+    store = SQLiteAuthKeyStore(tmp_path / "idle.sqlite3")
+
+    def writers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "hybridkex-recycle-writer idle.sqlite3"]
+
+    try:
+        for n in (1, 2):
+            store.rotate_later(A, B, used_key_id=kid(n - 1) if n > 1 else None, new_key_id=kid(n), new_key=bytes(32))
+            store.flush(10)
+            for t in writers():
+                t.join(10)
+            assert not writers()  # idle: gone, so a store nobody closes is not pinned by its thread
+        assert [k.key_id for k in store.keys(A, B)] == [kid(2), kid(1)]
+    finally:
+        store.close()
