@@ -4,7 +4,15 @@ See docs/recycle.md and docs/spec.md ("Recycled authentication").
 """
 
 from .authenticator import BootstrapPolicy, RecycledAuthenticator, RecycledKey, RecyclePolicy
-from .store import AuthKey, AuthKeyStore, BootstrapState, PairSummary, SQLiteAuthKeyStore, StoreError
+from .store import (
+    AuthKey,
+    AuthKeyStore,
+    BootstrapState,
+    PairSummary,
+    SQLiteAuthKeyStore,
+    StoreError,
+    WriteBehindStore,
+)
 
 __all__ = [
     "AuthKey",
@@ -17,4 +25,5 @@ __all__ = [
     "RecycledKey",
     "SQLiteAuthKeyStore",
     "StoreError",
+    "WriteBehindStore",
 ]

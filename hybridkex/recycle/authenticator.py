@@ -30,7 +30,8 @@ Usage::
     session = run_initiator(sock, config, keys)   # rotates the store after success
 
 The store is read from inside the handshake (``offer``/``accept``/``permits``: one indexed SQLite
-read) and written by the driver after it (one fsync'd transaction).  Key bytes never appear in
+read) and written after it: the driver's hook queues the rotation (:meth:`SQLiteAuthKeyStore.rotate_later`)
+and a background thread commits it (one fsync'd transaction per batch).  Key bytes never appear in
 ``repr``, logs or exception text; only public key IDs and epochs do.
 """
 
@@ -47,7 +48,7 @@ from ..hazmat.encoding import lp_join
 from ..hazmat.kdf import hkdf
 from ..protocol import MAX_RECYCLED_KEY_IDS
 from ..protocol.auth import AuthContext, Authenticator, AuthMode, AuthOffer, MACAuthenticator
-from .store import KEY_ID_LEN, KEY_LEN, AuthKey, AuthKeyStore
+from .store import KEY_ID_LEN, KEY_LEN, AuthKey, AuthKeyStore, WriteBehindStore
 
 if TYPE_CHECKING:
     from ..protocol import CertificateMsg, Session
@@ -169,6 +170,9 @@ class RecycledAuthenticator(Authenticator):
             raise ConfigurationError("must be a RecyclePolicy or a policy name", field="recycle.policy")
         self._store = store
         self._policy = policy or RecyclePolicy()
+        # Write-behind where the store offers it: the fsync leaves the handshake's critical path; the
+        # store never shows a queued key, so the new key is not used before it is durable.
+        self._record = store.rotate_later if isinstance(store, WriteBehindStore) else store.rotate
 
     def __repr__(self) -> str:
         return f"RecycledAuthenticator(store={self._store!r}, policy={self._policy.bootstrap!r})"
@@ -224,7 +228,8 @@ class RecycledAuthenticator(Authenticator):
     # --- rotation ----------------------------------------------------------------------------------
 
     def after_handshake(self, session: Session) -> None:
-        """Record the key this handshake derived (one store transaction); see the module docs.
+        """Record the key this handshake derived (queued for the store's writer, or one store
+        transaction for a store without write-behind); see the module docs.
 
         Skipped when the handshake says nothing about recycling: a bootstrap handshake whose
         initiator did not offer the recycled mode (a peer without recycling).
@@ -239,8 +244,8 @@ class RecycledAuthenticator(Authenticator):
         else:
             return
         new_id = session.next_auth_key_id()
-        self._store.rotate(info.local_identity, info.peer_identity, used_key_id=used, new_key_id=new_id,
-                           new_key=session.next_auth_key())
+        self._record(info.local_identity, info.peer_identity, used_key_id=used, new_key_id=new_id,
+                     new_key=session.next_auth_key())
         log.info("recycled authentication %s <-> %s: authenticated by %s%s, stored next key %s",
                  info.local_identity, info.peer_identity, info.auth_mode,
                  f" key {used.hex()}" if used is not None else " (bootstrap)", new_id.hex())

@@ -23,9 +23,15 @@ Rotation semantics (docs/spec.md, "Recycled authentication"):
   e.g. one of 20 concurrent handshakes of the pair) then still finds its key.  With a grace at
   least the handshake timeout every handshake in flight completes; ``grace=0`` deletes at once.
 
-The SQLite implementation uses WAL mode and one ``BEGIN IMMEDIATE`` transaction per rotation, so a
-process killed at any instant leaves either the old or the new state.  Other databases can
-implement :class:`AuthKeyStore` (see docs/recycle.md for a PostgreSQL mapping shared by replicas).
+The SQLite implementation uses WAL mode and ``BEGIN IMMEDIATE`` transactions, so a process killed at
+any instant leaves either the old or the new state.  Handshakes record their rotation with
+:meth:`SQLiteAuthKeyStore.rotate_later` (write-behind: a background thread commits queued rotations
+in batches, one fsync each, off the handshake's critical path).  Reads see only committed state, so
+a key is never offered or accepted before it is durable (the condition for "no lockout" when a
+process dies: docs/recycle.md, section 5), and a read of a pair first waits for that pair's
+rotations queued before it, so a handshake sees those of the handshakes finished before it.  Other
+databases can implement :class:`AuthKeyStore` (see docs/recycle.md for a PostgreSQL mapping shared
+by replicas).
 Key material is never logged and never appears in ``repr``; inspection returns metadata only.
 """
 
@@ -39,14 +45,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from ..exceptions import ConfigurationError, InvalidKeyMaterial, StoreError
+from ._writer import WriteBehind
 
-__all__ = ["AuthKey", "AuthKeyStore", "BootstrapState", "PairSummary", "SQLiteAuthKeyStore", "StoreError"]
+__all__ = ["AuthKey", "AuthKeyStore", "BootstrapState", "PairSummary", "SQLiteAuthKeyStore", "StoreError",
+           "WriteBehindStore"]
 
 KEY_ID_LEN = 16
 KEY_LEN = 32
+#: Longest a read waits for its pair's queued rotations (seconds) before it uses what is committed.
+READ_WAIT = 2.0
 
 #: What a store knows about a pair's bootstrap credential: never seen (no record of the pair),
 #: still accepted, or retired (after the first recycled success, or by the operator).
@@ -118,6 +128,40 @@ class AuthKeyStore(Protocol):
         ...
 
     def summaries(self) -> list[PairSummary]: ...
+
+
+@runtime_checkable
+class WriteBehindStore(AuthKeyStore, Protocol):
+    """A store that can record a rotation after returning (:class:`SQLiteAuthKeyStore`).
+
+    The contract that keeps "no lockout" (docs/recycle.md, section 5): rotations become durable in
+    the order they were queued, and no read returns what a queued rotation has not made durable yet.
+    """
+
+    def rotate_later(self, local_id: str, peer_id: str, *, used_key_id: bytes | None, new_key_id: bytes,
+                     new_key: bytes) -> None: ...
+
+    def flush(self, timeout: float | None = None) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Rotation:
+    """One rotation waiting for the writer (key bytes never in ``repr``)."""
+
+    local_id: str
+    peer_id: str
+    used: bytes | None
+    new_id: bytes
+    new_key: bytes = field(repr=False)
+
+
+def _rotation_error(exc: BaseException, path: Path) -> BaseException:
+    """The typed error a failed rotation raises (or logs): a collision or spent ID, or the store."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        return InvalidKeyMaterial("derived authentication key ID collides with a stored one")
+    if isinstance(exc, sqlite3.Error):
+        return StoreError(f"cannot record key rotation in {path}: {exc}")
+    return exc
 
 
 _SCHEMA = """
@@ -236,7 +280,8 @@ class SQLiteAuthKeyStore:
 
     def __init__(self, path: str | os.PathLike[str], *, max_keys: int = 8, grace: float = 60.0,
                  clock: Callable[[], float] = time.time,
-                 crash_hook: Callable[[str], None] | None = None, read_only: bool = False) -> None:
+                 crash_hook: Callable[[str], None] | None = None, read_only: bool = False,
+                 write_behind: bool = True) -> None:
         if max_keys < 2:
             raise ConfigurationError("max_keys must be at least 2 (a two-key window)", field="max_keys")
         if not isinstance(grace, int | float) or isinstance(grace, bool) or not 0 <= grace <= 3600:
@@ -252,8 +297,15 @@ class SQLiteAuthKeyStore:
         # Test hook: called with a stage name inside the rotation transaction (crash-injection tests).
         self._crash_hook = crash_hook
         self._lock = threading.Lock()
+        # Write-behind (rotate_later): its own connection, so reads (WAL snapshots) never wait for its fsync.
+        self._wdb: sqlite3.Connection | None = None
+        self._writer: WriteBehind[_Rotation] | None = None
         try:
             self._db = self._open_read_only() if read_only else self._open_read_write()
+            if write_behind and not read_only:
+                self._wdb = self._connect_writer()
+                self._writer = WriteBehind(self._commit_batch, f"hybridkex-recycle-writer {self.path.name}",
+                                           lambda: StoreError(f"{self.path} is closed; rotation not recorded"))
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open authentication-key store {self.path}: {exc}") from exc
 
@@ -295,12 +347,23 @@ class SQLiteAuthKeyStore:
             raise
         return db
 
+    def _connect_writer(self) -> sqlite3.Connection:
+        db = sqlite3.connect(_uri(self.path, "rw"), uri=True, timeout=30, isolation_level=None,
+                             check_same_thread=False)
+        db.execute("PRAGMA synchronous=FULL")  # per connection: each batch is durable at COMMIT
+        return db
+
     def __repr__(self) -> str:
         return f"SQLiteAuthKeyStore({str(self.path)!r})"
 
     def close(self) -> None:
+        """Write what is queued (a failure is logged), then close."""
+        if self._writer is not None:
+            self._writer.close()
         with self._lock:
             self._db.close()
+            if self._wdb is not None:
+                self._wdb.close()
 
     def __enter__(self) -> SQLiteAuthKeyStore:
         return self
@@ -313,6 +376,7 @@ class SQLiteAuthKeyStore:
     def keys(self, local_id: str, peer_id: str, *, include_superseded: bool = False) -> list[AuthKey]:
         # Superseded keys past the grace period may linger until the next rotation purges them;
         # they are never returned.
+        self._drain(local_id, peer_id)
         horizon = self._clock() - self._grace if include_superseded else float("inf")
         with self._lock:
             try:
@@ -330,6 +394,7 @@ class SQLiteAuthKeyStore:
         ids = list(dict.fromkeys(bytes(k) for k in key_ids))[:64]  # bounded: a Hello lists at most 16
         if not ids:
             return []
+        self._drain(local_id, peer_id)
         horizon = self._clock() - self._grace
         rows = []
         with self._lock:
@@ -346,8 +411,10 @@ class SQLiteAuthKeyStore:
         rows.sort(key=lambda r: (r[1], r[3], r[6]), reverse=True)
         return [AuthKey(bytes(r[0]), r[1], bytes(r[2]), r[3], bool(r[4]), r[5] is not None) for r in rows]
 
-    def _query(self, sql: str, params: tuple[object, ...]) -> list[Any]:
-        """Run a read under the lock; a database failure becomes a StoreError naming the file."""
+    def _query(self, sql: str, params: tuple[object, ...], pair: tuple[str, str] | None = None) -> list[Any]:
+        """Run a read under the lock once the pair's (None: every pair's) rotations queued so far are
+        committed; a database failure becomes a StoreError naming the file."""
+        self._drain(*(pair or (None, None)))
         with self._lock:
             try:
                 return self._db.execute(sql, params).fetchall()
@@ -355,12 +422,14 @@ class SQLiteAuthKeyStore:
                 raise StoreError(f"cannot read authentication-key store {self.path}: {exc}") from exc
 
     def bootstrap_retired(self, local_id: str, peer_id: str) -> bool:
-        rows = self._query("SELECT bootstrap_retired FROM pairs WHERE local_id=? AND peer_id=?", (local_id, peer_id))
+        rows = self._query("SELECT bootstrap_retired FROM pairs WHERE local_id=? AND peer_id=?", (local_id, peer_id),
+                           (local_id, peer_id))
         return bool(rows and rows[0][0])
 
     def bootstrap_state(self, local_id: str, peer_id: str) -> BootstrapState:
         """``"unknown"`` when the store has no record of the pair (never rotated, never armed by
         :meth:`rebootstrap`), else ``"active"`` or ``"retired"``."""
+        self._drain(local_id, peer_id)
         with self._lock:
             try:
                 row = self._db.execute("SELECT bootstrap_retired FROM pairs WHERE local_id=? AND peer_id=?",
@@ -375,7 +444,7 @@ class SQLiteAuthKeyStore:
         """Whether ``key_id`` was held once and has since been superseded: never offered or stored
         again, and never accepted again once the grace period is over."""
         return bool(self._query("SELECT 1 FROM spent_key_ids WHERE local_id=? AND peer_id=? AND key_id=?",
-                                (local_id, peer_id, key_id)))
+                                (local_id, peer_id, key_id), (local_id, peer_id)))
 
     def summaries(self) -> list[PairSummary]:
         rows = self._query(
@@ -391,89 +460,146 @@ class SQLiteAuthKeyStore:
     def audit_log(self, local_id: str, peer_id: str) -> list[tuple[str, int | None, float]]:
         """(event, epoch, timestamp) rows of the pair, oldest first."""
         rows = self._query("SELECT event, epoch, at FROM audit WHERE local_id=? AND peer_id=? ORDER BY id",
-                           (local_id, peer_id))
+                           (local_id, peer_id), (local_id, peer_id))
         return [(r[0], r[1], r[2]) for r in rows]
 
     # -- writes -----------------------------------------------------------------------------------------
 
     def rotate(self, local_id: str, peer_id: str, *, used_key_id: bytes | None, new_key_id: bytes,
                new_key: bytes) -> None:
-        if len(new_key_id) != KEY_ID_LEN or len(new_key) != KEY_LEN:
-            raise InvalidKeyMaterial(f"recycled keys are {KEY_LEN} bytes with {KEY_ID_LEN}-byte IDs")
-        self._check_writable()
-        now = self._clock()
+        """Record a rotation now, durably (one fsync'd transaction), before returning."""
+        rotation = self._rotation(local_id, peer_id, used_key_id, new_key_id, new_key)
+        self._drain()  # after every rotation queued before it
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._hook("begin")
-                self._db.execute("INSERT OR IGNORE INTO pairs(local_id, peer_id) VALUES (?, ?)", (local_id, peer_id))
-                if used_key_id is None:
-                    used_epoch = 0
-                else:
-                    row = self._db.execute(
-                        "SELECT epoch FROM auth_keys WHERE local_id=? AND peer_id=? AND key_id=?",
-                        (local_id, peer_id, used_key_id)).fetchone()
-                    if row is None:
-                        # Superseded by a concurrent rotation: the key this handshake derived is still
-                        # stored (the peer may hold it), but nothing older than what exists is deleted.
-                        used_epoch = self._db.execute(
-                            "SELECT COALESCE(MIN(epoch), 1) FROM auth_keys WHERE local_id=? AND peer_id=? "
-                            "AND superseded_at IS NULL", (local_id, peer_id)).fetchone()[0]
-                    else:
-                        used_epoch = row[0]
-                        self._db.execute("UPDATE auth_keys SET confirmed=1 WHERE local_id=? AND peer_id=? AND key_id=?",
-                                         (local_id, peer_id, used_key_id))
-                        # The peer proved it holds `used`: every older epoch is superseded.
-                        self._db.execute(
-                            "INSERT OR IGNORE INTO spent_key_ids SELECT local_id, peer_id, key_id, ? FROM auth_keys "
-                            "WHERE local_id=? AND peer_id=? AND epoch < ?", (now, local_id, peer_id, used_epoch))
-                        # Spent at once; kept (never offered) for the grace period, for handshakes in flight.
-                        self._db.execute("UPDATE auth_keys SET superseded_at=? WHERE local_id=? AND peer_id=? "
-                                         "AND epoch < ? AND superseded_at IS NULL",
-                                         (now, local_id, peer_id, used_epoch))
-                        self._db.execute("UPDATE pairs SET bootstrap_retired=1 WHERE local_id=? AND peer_id=? "
-                                         "AND bootstrap_retired=0", (local_id, peer_id))
-                self._db.execute("DELETE FROM auth_keys WHERE local_id=? AND peer_id=? AND superseded_at IS NOT "
-                                 "NULL AND superseded_at <= ?", (local_id, peer_id, now - self._grace))
-                self._hook("after-delete")
-                if self._db.execute("SELECT 1 FROM spent_key_ids WHERE local_id=? AND peer_id=? AND key_id=?",
-                                    (local_id, peer_id, new_key_id)).fetchone():
-                    raise InvalidKeyMaterial("derived authentication key ID was already used once")
-                self._db.execute(
-                    "INSERT INTO auth_keys(local_id, peer_id, key_id, epoch, key, created_at) VALUES (?,?,?,?,?,?)",
-                    (local_id, peer_id, new_key_id, used_epoch + 1, new_key, now))
-                self._evict(local_id, peer_id, now)
-                self._db.execute("UPDATE pairs SET rotations=rotations+1, last_rotation_at=? WHERE local_id=? "
-                                 "AND peer_id=?", (now, local_id, peer_id))
-                self._db.execute("INSERT INTO audit(local_id, peer_id, event, epoch, at) VALUES (?,?,?,?,?)",
-                                 (local_id, peer_id, "rotate", used_epoch + 1, now))
+                self._rotate_in(self._db, rotation, self._clock())
                 self._hook("before-commit")
                 self._db.execute("COMMIT")
                 self._hook("after-commit")
-            except sqlite3.IntegrityError as exc:
-                self._rollback()
-                raise InvalidKeyMaterial("derived authentication key ID collides with a stored one") from exc
-            except sqlite3.Error as exc:
-                self._rollback()
-                raise StoreError(f"cannot record key rotation in {self.path}: {exc}") from exc
-            except BaseException:
-                self._rollback()
-                raise
+            except BaseException as exc:
+                self._rollback(self._db)
+                err = _rotation_error(exc, self.path)
+                if err is exc:
+                    raise
+                raise err from exc
 
-    def _evict(self, local_id: str, peer_id: str, now: float) -> None:
+    def rotate_later(self, local_id: str, peer_id: str, *, used_key_id: bytes | None, new_key_id: bytes,
+                     new_key: bytes) -> None:
+        """Queue a rotation for the background writer and return at once (``write_behind=False``:
+        :meth:`rotate`).  Reads never see it before it is committed (and the next read of the pair
+        waits for that); a failure is logged and raised by the next :meth:`flush` (the pair keeps its keys)."""
+        if self._writer is None:
+            self.rotate(local_id, peer_id, used_key_id=used_key_id, new_key_id=new_key_id, new_key=new_key)
+            return
+        rotation = self._rotation(local_id, peer_id, used_key_id, new_key_id, new_key)
+        self._hook("queued")
+        self._writer.submit((local_id, peer_id), rotation)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued rotation is durable; raise the first that failed since the last flush."""
+        if self._writer is not None:
+            self._writer.flush(timeout)
+
+    def pending_rotations(self) -> int:
+        """Rotations queued and not yet durable (0 without write-behind)."""
+        return self._writer.pending() if self._writer is not None else 0
+
+    def _rotation(self, local_id: str, peer_id: str, used_key_id: bytes | None, new_key_id: bytes,
+                  new_key: bytes) -> _Rotation:
+        if len(new_key_id) != KEY_ID_LEN or len(new_key) != KEY_LEN:
+            raise InvalidKeyMaterial(f"recycled keys are {KEY_LEN} bytes with {KEY_ID_LEN}-byte IDs")
+        self._check_writable()
+        return _Rotation(local_id, peer_id, None if used_key_id is None else bytes(used_key_id),
+                         bytes(new_key_id), bytes(new_key))
+
+    def _commit_batch(self, batch: Sequence[_Rotation]) -> list[BaseException | None]:
+        """The writer thread: every queued rotation in one transaction (one fsync), each in a savepoint
+        so that one refused rotation (a colliding key ID) does not undo the others."""
+        db = self._wdb
+        assert db is not None
+        results: list[BaseException | None] = []
+        now = self._clock()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            self._hook("begin")
+            for rotation in batch:
+                db.execute("SAVEPOINT rotation")
+                try:
+                    self._rotate_in(db, rotation, now)
+                except (InvalidKeyMaterial, sqlite3.IntegrityError) as exc:
+                    db.execute("ROLLBACK TO rotation")
+                    results.append(_rotation_error(exc, self.path))
+                else:
+                    results.append(None)
+                db.execute("RELEASE rotation")
+            self._hook("before-commit")
+            db.execute("COMMIT")
+            self._hook("after-commit")
+        except BaseException as exc:
+            self._rollback(db)
+            return [_rotation_error(exc, self.path)] * len(batch)
+        return results
+
+    def _rotate_in(self, db: sqlite3.Connection, r: _Rotation, now: float) -> None:
+        """One rotation inside the caller's transaction (module docs: confirm, supersede, insert, evict)."""
+        local_id, peer_id, used_key_id, new_key_id, new_key = r.local_id, r.peer_id, r.used, r.new_id, r.new_key
+        db.execute("INSERT OR IGNORE INTO pairs(local_id, peer_id) VALUES (?, ?)", (local_id, peer_id))
+        if used_key_id is None:
+            used_epoch = 0
+        else:
+            row = db.execute(
+                "SELECT epoch FROM auth_keys WHERE local_id=? AND peer_id=? AND key_id=?",
+                (local_id, peer_id, used_key_id)).fetchone()
+            if row is None:
+                # Superseded by a concurrent rotation: the key this handshake derived is still
+                # stored (the peer may hold it), but nothing older than what exists is deleted.
+                used_epoch = db.execute(
+                    "SELECT COALESCE(MIN(epoch), 1) FROM auth_keys WHERE local_id=? AND peer_id=? "
+                    "AND superseded_at IS NULL", (local_id, peer_id)).fetchone()[0]
+            else:
+                used_epoch = row[0]
+                db.execute("UPDATE auth_keys SET confirmed=1 WHERE local_id=? AND peer_id=? AND key_id=?",
+                           (local_id, peer_id, used_key_id))
+                # The peer proved it holds `used`: every older epoch is superseded.
+                db.execute(
+                    "INSERT OR IGNORE INTO spent_key_ids SELECT local_id, peer_id, key_id, ? FROM auth_keys "
+                    "WHERE local_id=? AND peer_id=? AND epoch < ?", (now, local_id, peer_id, used_epoch))
+                # Spent at once; kept (never offered) for the grace period, for handshakes in flight.
+                db.execute("UPDATE auth_keys SET superseded_at=? WHERE local_id=? AND peer_id=? "
+                           "AND epoch < ? AND superseded_at IS NULL", (now, local_id, peer_id, used_epoch))
+                db.execute("UPDATE pairs SET bootstrap_retired=1 WHERE local_id=? AND peer_id=? "
+                           "AND bootstrap_retired=0", (local_id, peer_id))
+        db.execute("DELETE FROM auth_keys WHERE local_id=? AND peer_id=? AND superseded_at IS NOT "
+                   "NULL AND superseded_at <= ?", (local_id, peer_id, now - self._grace))
+        self._hook("after-delete")
+        if db.execute("SELECT 1 FROM spent_key_ids WHERE local_id=? AND peer_id=? AND key_id=?",
+                      (local_id, peer_id, new_key_id)).fetchone():
+            raise InvalidKeyMaterial("derived authentication key ID was already used once")
+        db.execute(
+            "INSERT INTO auth_keys(local_id, peer_id, key_id, epoch, key, created_at) VALUES (?,?,?,?,?,?)",
+            (local_id, peer_id, new_key_id, used_epoch + 1, new_key, now))
+        self._evict(db, local_id, peer_id, now)
+        db.execute("UPDATE pairs SET rotations=rotations+1, last_rotation_at=? WHERE local_id=? "
+                   "AND peer_id=?", (now, local_id, peer_id))
+        db.execute("INSERT INTO audit(local_id, peer_id, event, epoch, at) VALUES (?,?,?,?,?)",
+                   (local_id, peer_id, "rotate", used_epoch + 1, now))
+
+    def _evict(self, db: sqlite3.Connection, local_id: str, peer_id: str, now: float) -> None:
         # Only live keys count: superseded ones are already spent and expire with the grace period.
-        count = self._db.execute("SELECT COUNT(*) FROM auth_keys WHERE local_id=? AND peer_id=? AND "
-                                 "superseded_at IS NULL", (local_id, peer_id)).fetchone()[0]
+        count = db.execute("SELECT COUNT(*) FROM auth_keys WHERE local_id=? AND peer_id=? AND "
+                           "superseded_at IS NULL", (local_id, peer_id)).fetchone()[0]
         excess = count - self._max_keys
         if excess <= 0:
             return
-        victims = self._db.execute(
+        victims = db.execute(
             "SELECT key_id FROM auth_keys WHERE local_id=? AND peer_id=? AND superseded_at IS NULL "
             "ORDER BY confirmed ASC, epoch ASC, created_at ASC LIMIT ?", (local_id, peer_id, excess)).fetchall()
         for (key_id,) in victims:
-            self._db.execute("INSERT OR IGNORE INTO spent_key_ids VALUES (?,?,?,?)", (local_id, peer_id, key_id, now))
-            self._db.execute("DELETE FROM auth_keys WHERE local_id=? AND peer_id=? AND key_id=?",
-                             (local_id, peer_id, key_id))
+            db.execute("INSERT OR IGNORE INTO spent_key_ids VALUES (?,?,?,?)", (local_id, peer_id, key_id, now))
+            db.execute("DELETE FROM auth_keys WHERE local_id=? AND peer_id=? AND key_id=?",
+                       (local_id, peer_id, key_id))
 
     def retire_bootstrap(self, local_id: str, peer_id: str) -> None:
         self._simple_write(local_id, peer_id, "retire-bootstrap",
@@ -486,6 +612,7 @@ class SQLiteAuthKeyStore:
 
     def _simple_write(self, local_id: str, peer_id: str, event: str, *statements: str) -> None:
         self._check_writable()
+        self._drain()  # a queued rotation must not bring back keys a rebootstrap forgets
         now = self._clock()
         with self._lock:
             try:
@@ -500,16 +627,26 @@ class SQLiteAuthKeyStore:
                                  (local_id, peer_id, event, None, now))
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
-                self._rollback()
+                self._rollback(self._db)
                 raise StoreError(f"cannot update {self.path}: {exc}") from exc
 
     def _check_writable(self) -> None:
         if self.read_only:
             raise StoreError(f"{self.path} was opened read-only; open it without read_only=True to change it")
 
-    def _rollback(self) -> None:
+    @staticmethod
+    def _rollback(db: sqlite3.Connection) -> None:
         with contextlib.suppress(sqlite3.Error):  # no transaction was open
-            self._db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
+
+    def _drain(self, local_id: str | None = None, peer_id: str | None = None) -> None:
+        """Wait for the rotations of the pair (None: of every pair) queued before this call: a
+        handshake then sees the rotations of every handshake that finished before it started."""
+        key = None if local_id is None else (local_id, peer_id)
+        if self._writer is not None and self._writer.pending(key):
+            # Bounded: a writer stuck on a lock held by another process must not stall handshakes.
+            # Going on is safe, reads see only committed keys; at worst the previous key once more.
+            self._writer.wait(key, READ_WAIT)
 
     def _hook(self, stage: str) -> None:
         if self._crash_hook is not None:

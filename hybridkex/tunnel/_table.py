@@ -33,8 +33,9 @@ def describe(value: object) -> str:
 #: misspelt required key is named as the typo it is, not as a missing key.
 SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "": ("listen", "target", "identity", "peers", "target_identity", "kme", "policy", "timeouts", "limits",
-         "logging", "metrics", "health"),
-    "peers": ("identity", "mode", "sae_id", "psk_file", "cert", "key", "ca"),
+         "logging", "metrics", "health", "recycle"),
+    "peers": ("identity", "mode", "sae_id", "psk_file", "cert", "key", "ca", "bootstrap"),
+    "recycle": ("store", "policy"),
     "kme": ("embedded", "url", "sae_id", "cert", "key", "ca"),
     "policy": ("qkd", "suites", "key_budget", "steady"),
     "timeouts": ("handshake", "idle", "drain", "connect"),

@@ -25,6 +25,7 @@ from typing import Any, Final, Literal, TypeVar, cast
 from ..exceptions import ConfigurationError, HybridKEXError
 from ..hazmat.kem import get_kem
 from ..suites import SUITES, get_suite
+from ._recycle import RecycleConfig, recycle_table, recycled_peer
 from ._table import MISSING, Table, describe
 
 __all__ = [
@@ -53,7 +54,7 @@ KeyBudget = Literal["fresh", "epoch"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
-PEER_MODES: Final = ("psk", "pki")
+PEER_MODES: Final = ("psk", "pki", "recycled")
 QKD_MODES: Final = ("required", "optional", "disabled")
 KEY_BUDGETS: Final = ("fresh", "epoch")
 LOG_FORMATS: Final = ("text", "json")
@@ -108,6 +109,8 @@ class PeerConfig:
     ca: Path | None = None
     #: The peer's ETSI GS QKD 014 SAE ID (needed whenever QKD may be used).
     sae_id: str | None = None
+    #: ``mode = "recycled"``: what authenticates the pair's first handshake (``"psk"`` or ``"pki"``).
+    bootstrap: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +207,8 @@ class TunnelConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    #: ``[recycle]``: the recycled-key store (required when a peer has ``mode = "recycled"``).
+    recycle: RecycleConfig | None = None
     #: The file this configuration was read from, if any.
     source: Path | None = None
     warnings: tuple[ConfigWarning, ...] = ()
@@ -526,10 +531,11 @@ class _Validator:
         limits = self.limits(top)
         logging_cfg = self.logging(top)
         metrics, health = self.metrics(top)
+        recycle = recycle_table(self, top, peers, self.warnings, ConfigWarning)
         return TunnelConfig(
             role=self.role, listen=listen, target=target, identity=identity, peers=peers,
             target_identity=target_identity, kme=kme, policy=policy, timeouts=timeouts, limits=limits,
-            logging=logging_cfg, metrics=metrics, health=health, source=self.source,
+            logging=logging_cfg, metrics=metrics, health=health, recycle=recycle, source=self.source,
             warnings=tuple(self.warnings),
         )
 
@@ -585,7 +591,10 @@ class _Validator:
             seen[ident] = i
             mode = t.choice("mode", PEER_MODES, "psk") if t.has("mode") else None
             if mode is None:
-                raise ConfigurationError('missing required key; set mode = "psk" or "pki"', field=t.name("mode"))
+                raise ConfigurationError('missing required key; set mode = "psk", "pki" or "recycled"',
+                                         field=t.name("mode"))
+            if mode != "recycled":
+                t.forbid("bootstrap", f'with mode = "{mode}" (it belongs to mode = "recycled")')
             sae_id = t.string("sae_id", None)
             peer = _PEER_MODE_VALIDATORS[mode](self, t, ident, sae_id)
             out.append(peer)
@@ -667,9 +676,9 @@ class _Validator:
         return MetricsConfig(enabled=enabled, listen=listen), health
 
 
-#: Peer authentication modes and their validators; a new mode (e.g. "recycled") adds an entry here
-#: and to :data:`PEER_MODES`.
+#: Peer authentication modes and their validators; a new mode adds an entry here and to :data:`PEER_MODES`.
 _PEER_MODE_VALIDATORS: Final[dict[str, Callable[[_Validator, Table, str, str | None], PeerConfig]]] = {
     "psk": _Validator.psk_peer,
     "pki": _Validator.pki_peer,
+    "recycled": recycled_peer,
 }

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import binascii
 import contextlib
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,9 +22,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa
 
-from ..exceptions import ConfigurationError
+from ..exceptions import ConfigurationError, StoreError
 from ..protocol import PKIAuthenticator, PSKAuthenticator, SigningCredential
-from ..protocol.auth import Authenticator
+from ..protocol.auth import Authenticator, AuthMode, AuthOffer
+from ..recycle import RecycledAuthenticator, RecyclePolicy, SQLiteAuthKeyStore
 from .config import KMEConfig, PeerConfig, TunnelConfig
 
 if TYPE_CHECKING:
@@ -46,11 +48,36 @@ class ChannelMaterial:
     authenticators: tuple[Authenticator, ...]
     peer_sae_ids: dict[str, str]
     kme_client: ETSI014Client | None = None
+    #: The recycled-key store (``[recycle]``), open; closing it writes its queued rotations.
+    store: SQLiteAuthKeyStore | None = None
 
     def close(self) -> None:
-        if self.kme_client is not None:
-            with contextlib.suppress(Exception):
-                self.kme_client.close()
+        for item in (self.kme_client, self.store):
+            if item is not None:
+                with contextlib.suppress(Exception):
+                    item.close()
+
+
+class PeerRecycledAuthenticator(RecycledAuthenticator):
+    """Recycled authentication for the peers configured with ``mode = "recycled"`` only: any other
+    peer is neither offered nor accepted a recycled key, and its own mode is not vetoed by the store."""
+
+    def __init__(self, store: SQLiteAuthKeyStore, policy: RecyclePolicy, peers: frozenset[str]) -> None:
+        super().__init__(store, policy)
+        self._peers = peers
+
+    def offer(self, local_identity: str, peer_identity: str | None) -> AuthOffer:
+        if peer_identity is not None and peer_identity not in self._peers:
+            return None  # type: ignore[return-value]  # the base class allows None: mode left out
+        return super().offer(local_identity, peer_identity)
+
+    def accept(self, local_identity: str, peer_identity: str, key_ids: tuple[bytes, ...]) -> Any:
+        return super().accept(local_identity, peer_identity, key_ids) if peer_identity in self._peers else None
+
+    def permits(self, mode: AuthMode, local_identity: str, peer_identity: str | None) -> bool:
+        if peer_identity is not None and peer_identity not in self._peers:
+            return mode is not AuthMode.RECYCLED
+        return super().permits(mode, local_identity, peer_identity)
 
 
 def load_psk_file(path: Path, field: str) -> bytes:
@@ -131,7 +158,7 @@ def _authenticators(peers: Sequence[PeerConfig]) -> tuple[tuple[Authenticator, .
     for i, peer in enumerate(peers):
         if peer.sae_id:
             sae_ids[peer.identity] = peer.sae_id
-        if peer.mode == "psk":
+        if (peer.bootstrap or peer.mode) == "psk":  # a recycled peer: its bootstrap credential
             assert peer.psk_file is not None
             psk_keys[peer.identity] = load_psk_file(peer.psk_file, f"peers[{i}].psk_file")
             continue
@@ -180,13 +207,44 @@ def _kme_client(config: TunnelConfig) -> ETSI014Client | None:
         raise ConfigurationError(str(exc), field="kme") from None
 
 
-def load_channel_material(config: TunnelConfig, *, kme: bool = True) -> ChannelMaterial:
-    """Read every key, certificate and CA file of ``config`` and build the KME client (no I/O on the
-    network).  ``kme=False`` skips the KME client (a caller that supplies its own key source)."""
+def _store(config: TunnelConfig, *, create: bool,
+           open_store: Callable[[Path], SQLiteAuthKeyStore] | None) -> SQLiteAuthKeyStore | None:
+    """The ``[recycle]`` store, opened (created 0600 if absent), or with ``create=False`` only checked."""
+    if config.recycle is None:
+        return None
+    path = config.recycle.store
+    if not create and not path.exists():
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise StoreError(f"cannot create the key store {path}: {parent} is not a writable directory")
+        return None
+    return (open_store or SQLiteAuthKeyStore)(path)  # refuses anything that is not a hybridkex store, one line
+
+
+def load_channel_material(config: TunnelConfig, *, kme: bool = True, create_store: bool = True,
+                          open_store: Callable[[Path], SQLiteAuthKeyStore] | None = None) -> ChannelMaterial:
+    """Read every key, certificate and CA file of ``config``, open the recycled-key store and build the
+    KME client (no I/O on the network).  ``kme=False`` skips the KME client (a caller that supplies
+    its own key source); ``create_store=False`` checks the store's path without creating it;
+    ``open_store`` opens (or reuses) the store instead of a new :class:`SQLiteAuthKeyStore`."""
     auths, sae_ids = _authenticators(config.peers)
-    return ChannelMaterial(auths, sae_ids, _kme_client(config) if kme else None)
+    store = _store(config, create=create_store, open_store=open_store)
+    if store is not None:
+        assert config.recycle is not None
+        recycled = frozenset(p.identity for p in config.peers if p.mode == "recycled")
+        # First, before the bootstraps: they are used only while a pair has no recycled key in common.
+        auths = (PeerRecycledAuthenticator(store, RecyclePolicy(config.recycle.policy), recycled),  # type: ignore[arg-type]
+                 *auths)
+    try:
+        client = _kme_client(config) if kme else None
+    except BaseException:
+        if store is not None and open_store is None:
+            store.close()
+        raise
+    return ChannelMaterial(auths, sae_ids, client, store)
 
 
 def check_channel_config(config: TunnelConfig) -> None:
-    """What ``--check-config`` runs after the schema: the same loading as startup, then nothing is kept."""
-    load_channel_material(config).close()
+    """What ``--check-config`` runs after the schema: the same loading as startup (an existing store is
+    opened and validated, a missing one is not created), then nothing is kept."""
+    load_channel_material(config, create_store=False).close()

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import inspect
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from ..exceptions import ConfigurationError, SteadyStateRefused
@@ -24,6 +25,7 @@ from ..io.keys import QKDKeyManager
 from ..policy import KeyBudget, Policy, QKDConfig, QKDMode, Timeouts
 from ..protocol import AbortCode, InitiatorConfig, ResponderConfig, encode_abort
 from ..steady import SteadyTicket
+from ..recycle import SQLiteAuthKeyStore
 from ..suites import get_suite
 from .config import PeerConfig, TunnelConfig
 from .kmewatch import KMEWatch, PeerSAE, WatchedKeySource
@@ -55,6 +57,8 @@ def _session_facts(session: HybridSession) -> dict[str, object]:
         "suite": info.suite,
         "components": [f"{c.name}:{c.secret_bytes * 8}" for c in info.components],
         "auth": info.auth_mode,
+        # Recycled authentication: the public ID of the key that authenticated it (None otherwise).
+        "auth_key_id": info.auth_key_id,
         "qkd": info.qkd_usage if info.qkd_used else f"none ({info.qkd_note})",
         "qkd_key_ids": list(session.qkd_key_ids),
         "tls_group": session.group,
@@ -97,6 +101,9 @@ class HybridChannelFactory:
         self._watched: WatchedKeySource | None = None
         self._keys_per_handshake = 1
         self._probe_task: asyncio.Task[None] | None = None
+        # Recycled-key stores by path, kept across reloads: a handshake in flight during a reload still
+        # reads and rotates the store its configuration named.  Closed (queue written) by aclose().
+        self._stores: dict[Path, SQLiteAuthKeyStore] = {}
         count = metrics.kme_error if metrics is not None else (lambda kind: None)
         self.watch = KMEWatch(count, url="", master=config.role == "server")
         self._apply(config)
@@ -132,7 +139,7 @@ class HybridChannelFactory:
 
     def _apply(self, config: TunnelConfig) -> None:
         # The same loader as --check-config: what passed there cannot fail here for a file problem.
-        material = load_channel_material(config, kme=self._external_source is None)
+        material = load_channel_material(config, kme=self._external_source is None, open_store=self._store)
         auths, sae_ids = material.authenticators, material.peer_sae_ids
         policy = _policy(config)
         source = self._key_source(config, material.kme_client, sorted(set(sae_ids.values())))
@@ -171,6 +178,11 @@ class HybridChannelFactory:
                 self._ticket.erase()
                 self._ticket = None
         self._watch_peers(config)
+
+    def _store(self, path: Path) -> SQLiteAuthKeyStore:
+        if path not in self._stores:
+            self._stores[path] = SQLiteAuthKeyStore(path)
+        return self._stores[path]
 
     @staticmethod
     def _target_peer(config: TunnelConfig) -> PeerConfig | None:
@@ -247,6 +259,8 @@ class HybridChannelFactory:
             self._server.close()
         _close_all(self._owned)
         self._owned = []
+        _close_all(list(self._stores.values()))
+        self._stores.clear()
 
     # -- KME health -------------------------------------------------------------------------------
 

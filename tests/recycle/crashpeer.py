@@ -1,11 +1,15 @@
 """A long-lived peer process for the crash tests (run by test_recycle_crash.py, not collected).
 
-    python crashpeer.py initiator|responder STORE_PATH
+    python crashpeer.py initiator|responder STORE_PATH write-behind|sync
 
 Runs one real handshake over loopback per command read from stdin (one JSON object a line) with the
-blocking driver and its own SQLite store, and prints one JSON result a line.  A command may name a
-point at which this process kills itself with SIGKILL: before/after each message it sends
-(``before-send-1`` ...) or inside the store's rotation transaction (``store:begin`` ...).
+blocking driver and its own SQLite store (grace 0: a superseded key is gone at once, so a side that
+used a key before it was durable would lock the pair out), and prints one JSON result a line.  A
+command may name a point at which this process kills itself with SIGKILL: before/after each message
+it sends (``before-send-1`` ...), after the handshake with its rotation queued but not written
+(``store:queued``, write-behind only) or inside the rotation's transaction (``store:begin`` ...: the
+writer thread's, with write-behind).  ``{"flush": true}`` waits for the queued rotations and reports
+the keys.
 
 Responder: prints ``{"port": N}`` at start; each command ``{"kill": point|null}`` serves one
 connection.  Initiator: prints ``{"ready": true}``; each command ``{"port": N, "kill": point|null}``
@@ -75,8 +79,9 @@ def _emit(obj: object) -> None:
 
 
 def main() -> int:
-    role, path = sys.argv[1], sys.argv[2]
-    store = SQLiteAuthKeyStore(path, crash_hook=lambda stage: _maybe_die(f"store:{stage}"))
+    role, path, writes = sys.argv[1], sys.argv[2], sys.argv[3]
+    store = SQLiteAuthKeyStore(path, grace=0, write_behind=writes == "write-behind",
+                               crash_hook=lambda stage: _maybe_die(f"store:{stage}"))
     local, peer = (INI_ID, RES_ID) if role == "initiator" else (RES_ID, INI_ID)
     auths = (RecycledAuthenticator(store, "bootstrap-once"), PSKAuthenticator({peer: PSK}))
     policy = Policy(qkd="disabled")
@@ -92,7 +97,12 @@ def main() -> int:
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd.get("quit"):
+            store.close()
             return 0
+        if cmd.get("flush"):
+            store.flush()
+            _emit({"keys": [k.key_id.hex() for k in store.keys(local, peer)]})
+            continue
         _kill_at[0] = cmd.get("kill")
         result: dict[str, object] = {"ok": False}
         try:
@@ -108,6 +118,8 @@ def main() -> int:
                       "new": session.next_auth_key_id().hex(),
                       "used_spent": used is not None and store.is_spent(local, peer, bytes.fromhex(used))}
             session.erase()
+            if str(_kill_at[0]).startswith("store:"):
+                store.flush()  # the writer reaches the point now, while this command's kill is armed
         except (HybridKEXError, OSError) as exc:
             result["error"] = type(exc).__name__
             result["detail"] = getattr(exc, "detail", "") or str(exc)

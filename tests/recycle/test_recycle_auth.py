@@ -540,9 +540,12 @@ def test_a_broken_store_fails_closed(peers: Peers, tmp_path: Path) -> None:
     assert peers.handshake().ok
 
 
-def test_a_failed_rotation_erases_the_session_and_raises(tmp_path: Path) -> None:
-    """The blocking driver: if recording the rotation fails, the caller gets the error, not a session;
-    the store rolled back and the pair goes on."""
+@pytest.mark.parametrize("write_behind", [True, False])
+def test_a_failed_rotation_keeps_the_pair_on_its_keys(tmp_path: Path, write_behind: bool,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """If recording the rotation fails, the store rolls back and the pair goes on with its keys.
+    Write-behind: the handshake has succeeded already; the failure is logged in one line and raised
+    by flush().  Without write-behind (the blocking driver): the caller gets the error, not a session."""
     from recyclehelpers import loopback_pair
 
     def refuse(stage: str) -> None:
@@ -556,10 +559,19 @@ def test_a_failed_rotation_erases_the_session_and_raises(tmp_path: Path) -> None
     ini_cfg, res_cfg = recycled_configs(good, res_store)
     loopback_pair(ini_cfg, res_cfg, qkd)
     before = good.keys(INI_ID, RES_ID)
-    failing = SQLiteAuthKeyStore(path, crash_hook=refuse)
-    ini, res = loopback_pair(recycled_configs(failing, res_store)[0], res_cfg, qkd)
-    assert isinstance(ini, StoreError) and isinstance(res, Session)
-    assert good.keys(INI_ID, RES_ID) == before  # rolled back
+    failing = SQLiteAuthKeyStore(path, crash_hook=refuse, write_behind=write_behind)
+    with caplog.at_level(logging.ERROR, logger="hybridkex.recycle"):
+        ini, res = loopback_pair(recycled_configs(failing, res_store)[0], res_cfg, qkd)
+        if write_behind:
+            assert isinstance(ini, Session) and isinstance(res, Session)
+            with pytest.raises(StoreError, match="disk full"):
+                failing.flush()
+            failing.flush()  # reported once
+            [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+            assert "1 of 1 rotations not recorded" in line and "keep their current keys" in line
+        else:
+            assert isinstance(ini, StoreError) and isinstance(res, Session)
+    assert good.keys(INI_ID, RES_ID) == failing.keys(INI_ID, RES_ID) == before  # rolled back
     ini, res = loopback_pair(ini_cfg, res_cfg, qkd)
     assert isinstance(ini, Session) and isinstance(res, Session) and res.info.auth_mode == "recycled"
     for s in (good, failing, res_store):

@@ -1,6 +1,8 @@
 """SIGKILL either side at chosen points across 200 handshakes (real processes over loopback, each
 with its own SQLite store), restart it, and check: never locked out, recovered by the next handshake,
-no key ever used again once dropped, no key ID derived twice."""
+no key ever used again once dropped, no key ID derived twice.  Twice: with the write-behind the
+handshakes use (a rotation queued after the handshake, committed by a background thread) and with
+synchronous rotations."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from hybridkex.recycle import SQLiteAuthKeyStore
 
 INI_ID, RES_ID = "client.example", "server.example"
@@ -23,17 +27,19 @@ HANDSHAKES = 200
 KILLS = 28
 READ_TIMEOUT = 30.0
 
-INITIATOR_POINTS = ["before-send-1", "after-send-1", "before-send-2", "after-send-2",
-                    "store:begin", "store:after-delete", "store:before-commit", "store:after-commit"]
-RESPONDER_POINTS = ["before-send-1", "after-send-1",
-                    "store:begin", "store:after-delete", "store:before-commit", "store:after-commit"]
+STORE_POINTS = ["store:begin", "store:after-delete", "store:before-commit", "store:after-commit"]
+INITIATOR_POINTS = ["before-send-1", "after-send-1", "before-send-2", "after-send-2", *STORE_POINTS]
+RESPONDER_POINTS = ["before-send-1", "after-send-1", *STORE_POINTS]
+#: Write-behind only: the handshake is over (the peer may already use the connection), the rotation
+#: is queued and nothing of it is written.
+QUEUED = "store:queued"
 
 
 class Peer:
     """One worker process, restartable; lines from its stdout arrive through a queue (None = EOF)."""
 
-    def __init__(self, role: str, store: Path, log: Path) -> None:
-        self.role, self.store, self.log = role, store, log
+    def __init__(self, role: str, store: Path, log: Path, writes: str) -> None:
+        self.role, self.store, self.log, self.writes = role, store, log, writes
         self.proc: subprocess.Popen[bytes] | None = None
         self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.hello: dict[str, Any] = {}
@@ -42,7 +48,7 @@ class Peer:
     def start(self) -> None:
         self.restarts += 1
         with self.log.open("ab") as err:
-            self.proc = subprocess.Popen([sys.executable, str(PEER), self.role, str(self.store)],
+            self.proc = subprocess.Popen([sys.executable, str(PEER), self.role, str(self.store), self.writes],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
         self.lines = queue.Queue()
         threading.Thread(target=self._pump, args=(self.proc, self.lines), daemon=True).start()
@@ -88,20 +94,26 @@ class Peer:
                 stream.close()
 
 
-def _schedule() -> dict[int, tuple[str, str]]:
+def _schedule(writes: str) -> dict[int, tuple[str, str]]:
     """Kill points chosen up front with a fixed seed: every point at least once, never two handshakes in
     a row (the one after a kill shows the recovery)."""
     rng = random.Random(SEED)
-    points = [("initiator", p) for p in INITIATOR_POINTS] + [("responder", p) for p in RESPONDER_POINTS]
+    extra = [QUEUED] if writes == "write-behind" else []
+    points = ([("initiator", p) for p in [*INITIATOR_POINTS, *extra]]
+              + [("responder", p) for p in [*RESPONDER_POINTS, *extra]])
     chosen = points + [rng.choice(points) for _ in range(KILLS - len(points))]
     rng.shuffle(chosen)
     slots = sorted(rng.sample(range(HANDSHAKES // 2), KILLS))  # even indices only: i + 1 is never a kill
     return {2 * s: kill for s, kill in zip(slots, chosen, strict=True)}
 
 
-def test_sigkill_at_any_point_never_locks_out_or_reuses_a_key(tmp_path: Path) -> None:
-    schedule = _schedule()
-    peers = {role: Peer(role, tmp_path / f"{role}.sqlite3", tmp_path / f"{role}.log")
+@pytest.mark.parametrize("writes", ["write-behind", "sync"])
+def test_sigkill_at_any_point_never_locks_out_or_reuses_a_key(tmp_path: Path, writes: str) -> None:
+    schedule = _schedule(writes)
+    extra = [QUEUED] if writes == "write-behind" else []
+    assert set(schedule.values()) >= {("initiator", p) for p in [*INITIATOR_POINTS, *extra]} | {
+        ("responder", p) for p in [*RESPONDER_POINTS, *extra]}
+    peers = {role: Peer(role, tmp_path / f"{role}.sqlite3", tmp_path / f"{role}.log", writes)
              for role in ("initiator", "responder")}
     live: dict[str, set[str]] = {"initiator": set(), "responder": set()}
     dropped: dict[str, set[str]] = {"initiator": set(), "responder": set()}
@@ -144,6 +156,14 @@ def test_sigkill_at_any_point_never_locks_out_or_reuses_a_key(tmp_path: Path) ->
                 assert results["initiator"]["used"] == results["responder"]["used"]
                 assert results["initiator"]["new"] == results["responder"]["new"]
             outcomes.append((i, f"{side}:{point}" if side else None, both, ok["initiator"] != ok["responder"]))
+        for role, p in peers.items():  # what the last rotations made durable
+            p.send({"flush": True})
+            final = p.read()
+            assert final is not None
+            keys = set(final["keys"])
+            assert not keys & dropped[role]
+            dropped[role] |= live[role] - keys
+            live[role] = keys
     finally:
         for p in peers.values():
             p.stop()

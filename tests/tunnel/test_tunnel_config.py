@@ -35,8 +35,10 @@ qkd = "disabled"
 PEER_A = '[[peers]]\nidentity = "client-a"\nmode = "psk"\npsk_file = "a.psk"\n'
 TOP = 'listen = "127.0.0.1:8443"\ntarget = "127.0.0.1:8080"\nidentity = "server"\n'
 NO_QKD = '[policy]\nqkd = "disabled"\n'
-TOP_KEYS = ("health, identity, kme, limits, listen, logging, metrics, peers, policy, target, target_identity, "
-            "timeouts")
+TOP_KEYS = ("health, identity, kme, limits, listen, logging, metrics, peers, policy, recycle, target, "
+            "target_identity, timeouts")
+RECYCLED = GOOD.replace('mode = "psk"', 'mode = "recycled"\nbootstrap = "psk"')
+STORE = '[recycle]\nstore = "keys.sqlite3"\n'
 
 
 @pytest.fixture
@@ -93,9 +95,26 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
      "peers: no peers configured; add a [[peers]] table (or --peer NAME=PSK_FILE) for each peer allowed to connect"),
     ("peers-not-array", TOP + 'peers = "client-a"\n' + NO_QKD, "peers: expected an array, got string 'client-a'"),
     ("peer-mode-typo", GOOD.replace('mode = "psk"', 'mode = "pks"'),
-     'peers[0].mode: expected one of "psk", "pki", got "pks"'),
+     'peers[0].mode: expected one of "psk", "pki", "recycled", got "pks"'),
     ("peer-mode-missing", GOOD.replace('mode = "psk"\n', ""),
-     'peers[0].mode: missing required key; set mode = "psk" or "pki"'),
+     'peers[0].mode: missing required key; set mode = "psk", "pki" or "recycled"'),
+    ("recycled-without-store", RECYCLED, 'peers[0].mode: missing; a peer with mode = "recycled" needs [recycle] '
+     'store = "PATH" (this side\'s key store, created 0600 on first use)'),
+    ("recycled-without-bootstrap", RECYCLED.replace('bootstrap = "psk"\n', "") + STORE,
+     'peers[0].bootstrap: missing required key with mode = "recycled"; set bootstrap = "psk" (with psk_file) '
+     'or "pki" (with cert, key, ca): it authenticates the first handshake'),
+    ("recycled-bad-bootstrap", RECYCLED.replace('bootstrap = "psk"', 'bootstrap = "recycled"') + STORE,
+     'peers[0].bootstrap: expected one of "psk", "pki", got "recycled"'),
+    ("recycled-psk-with-cert", RECYCLED.replace('psk_file = "a.psk"', 'psk_file = "a.psk"\ncert = "cert.pem"')
+     + STORE, 'peers[0].cert: not allowed with bootstrap = "psk" (it belongs to bootstrap = "pki")'),
+    ("bootstrap-without-recycled", GOOD.replace('mode = "psk"', 'mode = "psk"\nbootstrap = "psk"'),
+     'peers[0].bootstrap: not allowed with mode = "psk" (it belongs to mode = "recycled")'),
+    ("recycle-store-missing", RECYCLED + "[recycle]\n",
+     'recycle.store: missing required key; set store = "PATH" (a file this side creates and keeps, e.g. '
+     '"/var/lib/hybridkex/tunnel-keys.sqlite3")'),
+    ("recycle-store-directory", RECYCLED + '[recycle]\nstore = "."\n', "recycle.store: not a regular file: {dir}"),
+    ("recycle-policy-typo", RECYCLED + STORE + 'policy = "once"\n',
+     'recycle.policy: expected one of "bootstrap-once", "recycled-with-fallback", "rebootstrap", got "once"'),
     ("peer-identity-missing", GOOD.replace('identity = "client-a"\n', ""),
      "peers[0].identity: missing required key"),
     ("peer-duplicate", TOP + PEER_A + PEER_A.replace("a.psk", "b.psk") + NO_QKD,
@@ -492,3 +511,80 @@ def test_check_config_accepts_real_files(confdir: Path, demo_pki: Path, capsys: 
     code = cli.main(["tunnel", "server", "--config", "tunnel.toml", "--check-config"])
     out = capsys.readouterr()
     assert (code, out.err) == (0, "") and out.out.startswith("hybridkex: configuration OK: tunnel server ")
+
+
+def test_check_config_of_a_recycled_peer_creates_no_store_and_refuses_a_foreign_file(
+        confdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (confdir / "tunnel.toml").write_text(RECYCLED + STORE)
+    code, err = run_cli(["tunnel", "server", "--config", "tunnel.toml", "--check-config"], capsys)
+    assert code == 0, err
+    assert not (confdir / "keys.sqlite3").exists()  # the tunnel creates it when it starts, not a check
+    (confdir / "keys.sqlite3").write_text("someone else's file\n")
+    code, err = run_cli(["tunnel", "server", "--config", "tunnel.toml", "--check-config"], capsys)
+    assert code == 10 and len(err) == 1, err
+    assert f"not a hybridkex key store: {confdir / 'keys.sqlite3'} (not an SQLite database)" in err[0]
+    assert (confdir / "keys.sqlite3").read_text() == "someone else's file\n"  # left untouched
+
+
+def _ed25519_pki(d: Path) -> Path:
+    """A CA and a certificate for "server" with Ed25519 keys (what a pki peer signs with)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.x509.oid import NameOID
+
+    d.mkdir()
+    now = dt.datetime.now(dt.UTC)
+    ca_key, key = ed25519.Ed25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+
+    def cert(cn: str, public: object, issuer: str, ca: bool) -> x509.Certificate:
+        return (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+                .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                .public_key(public).serial_number(x509.random_serial_number())  # type: ignore[arg-type]
+                .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                .sign(ca_key, None))
+
+    pem = serialization.Encoding.PEM
+    (d / "ca.crt").write_bytes(cert("test-ca", ca_key.public_key(), "test-ca", True).public_bytes(pem))
+    (d / "server.crt").write_bytes(cert("server", key.public_key(), "test-ca", False).public_bytes(pem))
+    (d / "server.key").write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption()))
+    (d / "server.key").chmod(0o600)
+    return d
+
+
+def test_recycled_peers_get_the_recycled_mode_first_and_other_peers_are_left_alone(confdir: Path) -> None:
+    """A PKI-bootstrapped recycled peer next to a plain PSK peer: the store (here under policy
+    "rebootstrap", which refuses every bootstrap it has no record of) governs only the recycled one."""
+    from hybridkex.protocol.auth import AuthMode
+    from hybridkex.tunnel.material import PeerRecycledAuthenticator, load_channel_material
+
+    pki = _ed25519_pki(confdir / "ed-pki")
+    (confdir / "tunnel.toml").write_text(
+        TOP + f'[[peers]]\nidentity = "client-a"\nmode = "recycled"\nbootstrap = "pki"\ncert = "{pki / "server.crt"}"\n'
+        f'key = "{pki / "server.key"}"\nca = "{pki / "ca.crt"}"\n\n'
+        '[[peers]]\nidentity = "client-b"\nmode = "psk"\npsk_file = "b.psk"\n\n'
+        + NO_QKD + '[recycle]\nstore = "state/keys.sqlite3"\npolicy = "rebootstrap"\n')
+    cfg = load_config("server", "tunnel.toml")
+    assert [(p.mode, p.bootstrap) for p in cfg.peers] == [("recycled", "pki"), ("psk", None)]
+    assert cfg.recycle is not None and cfg.recycle.store == confdir / "state" / "keys.sqlite3"
+    material = load_channel_material(cfg, kme=False)
+    try:
+        recycled, *bootstraps = material.authenticators
+        assert isinstance(recycled, PeerRecycledAuthenticator) and recycled.policy.bootstrap == "rebootstrap"
+        assert [a.mode for a in bootstraps] == [AuthMode.PKI_ED25519, AuthMode.PSK]
+        assert oct((confdir / "state" / "keys.sqlite3").stat().st_mode & 0o777) == "0o600"  # created at startup
+        # client-a: recycled, and its bootstrap refused until an operator arms it (policy rebootstrap)
+        assert recycled.permits(AuthMode.RECYCLED, "server", "client-a")
+        assert not recycled.permits(AuthMode.PKI_ED25519, "server", "client-a")
+        assert recycled.offer("server", "client-a") is not None
+        # client-b: never offered or accepted a recycled key; its PSK is not the store's business
+        assert not recycled.permits(AuthMode.RECYCLED, "server", "client-b")
+        assert recycled.permits(AuthMode.PSK, "server", "client-b")
+        assert recycled.offer("server", "client-b") is None
+        assert recycled.accept("server", "client-b", (bytes(16),)) is None
+    finally:
+        material.close()

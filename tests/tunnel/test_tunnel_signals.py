@@ -118,7 +118,7 @@ def test_sighup_reload_adds_and_removes_peers_without_dropping_connections(echo:
     server.send_signal(signal.SIGHUP)
     err = server.wait_event("config_reload_failed", start=mark)
     assert err["level"] == "error"
-    assert 'peers[0].mode: expected one of "psk", "pki", got "pks"' in err["msg"]
+    assert 'peers[0].mode: expected one of "psk", "pki", "recycled", got "pks"' in err["msg"]
     assert "\n" not in err["msg"]
     assert echo_exchange(client_b.port, b"still") == expected_echo(b"still")
     assert refused_or_closed_without_data(client_a.port)
