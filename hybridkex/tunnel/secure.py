@@ -24,8 +24,8 @@ from ..io.config import ClientConfig, ServerConfig, SteadyPolicy, TLSOptions
 from ..io.keys import QKDKeyManager
 from ..policy import KeyBudget, Policy, QKDConfig, QKDMode, Timeouts
 from ..protocol import AbortCode, InitiatorConfig, ResponderConfig, encode_abort
-from ..steady import SteadyTicket
 from ..recycle import SQLiteAuthKeyStore
+from ..steady import SteadyTicket
 from ..suites import get_suite
 from .config import PeerConfig, TunnelConfig
 from .kmewatch import KMEWatch, PeerSAE, WatchedKeySource
