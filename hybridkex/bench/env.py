@@ -41,6 +41,7 @@ from .endpoints import (
     reconnect_policy,
     steady_policy,
 )
+from .kmeproc import KMEProcessPair
 from .variants import Variant
 
 __all__ = ["CLIENT_ID", "SERVER_ID", "BenchEnv"]
@@ -56,13 +57,15 @@ POOL_LOW, POOL_HIGH, POOL_BATCH = 64, 512, 128
 class BenchEnv:
     """Builds and owns every resource the selected variants need."""
 
-    def __init__(self, variants: tuple[Variant, ...]) -> None:
+    def __init__(self, variants: tuple[Variant, ...], *, kme_process: bool = True) -> None:
         self.variants = variants
+        #: The simulated KMEs in a process of their own (default), or in a thread of this one.
+        self._kme_process = kme_process
         self._stack = ExitStack()
         self._servers: dict[str, ServerKit] = {}
         self._client_specs: dict[str, ClientSpec] = {}
         self._memory_clients: dict[str, ClientKit] = {}
-        self._pairs: dict[int, SimulatedKMEPair] = {}
+        self._pairs: dict[int, SimulatedKMEPair | KMEProcessPair] = {}
         self._pools: dict[int, KeyPool] = {}
         self._memory_link: MemoryKeyLink | None = None
         self._master_sources: dict[str, KeySource] = {}
@@ -82,14 +85,18 @@ class BenchEnv:
 
     # --- resources --------------------------------------------------------------------------------
 
-    def _kme_pair(self, delay_ms: int) -> SimulatedKMEPair:
+    def _kme_pair(self, delay_ms: int) -> SimulatedKMEPair | KMEProcessPair:
         pair = self._pairs.get(delay_ms)
         if pair is None:
             if self._demo_pki is None:
                 self._demo_pki = self._stack.enter_context(DemoPKI.temporary())
-            # A link that is never the bottleneck: the benchmark is about handshakes, not key rates.
-            pair = SimulatedKMEPair.start(self._demo_pki, rate_bps=1e12, capacity_bits=1 << 40,
-                                          delay=delay_ms / 1000, limits=KMELimits(max_pending_keys=1_000_000))
+            if self._kme_process:
+                # Its own process, as KMEs are other machines: see hybridkex.bench.kmeproc.
+                pair = KMEProcessPair(self._demo_pki, delay_ms=delay_ms)
+            else:
+                # A link that is never the bottleneck: the benchmark is about handshakes, not key rates.
+                pair = SimulatedKMEPair.start(self._demo_pki, rate_bps=1e12, capacity_bits=1 << 40,
+                                              delay=delay_ms / 1000, limits=KMELimits(max_pending_keys=1_000_000))
             self._stack.callback(pair.stop)
             self._pairs[delay_ms] = pair
         return pair
