@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 from .exceptions import AlreadyFinalized, ConfigurationError, InvalidKeyMaterial
@@ -104,6 +105,12 @@ def encode_party(suite: Suite | str, party: PartyView, qkd: QKDBinding | None) -
     )
 
 
+@lru_cache(maxsize=32)
+def _derive_prefix(suite_label: bytes) -> bytes:
+    """``lp(PROTOCOL) || lp(suite label)``, the public start of every derive() info, made once."""
+    return lp_join(labels.PROTOCOL, suite_label)
+
+
 def _require_len(value: bytes, expected: int, what: str) -> bytes:
     if not isinstance(value, bytes | bytearray | memoryview):
         raise TypeError(f"{what} must be bytes, not {type(value).__name__}")
@@ -139,7 +146,7 @@ class CombinedSecret:
         """HKDF-Expand(secret, lp(PROTOCOL) || lp(suite) || lp(purpose) || lp(context), length)."""
         if self._secret is None:
             raise AlreadyFinalized("this combined secret was erased")
-        info = lp_join(labels.PROTOCOL, self.suite.label, purpose, context)
+        info = _derive_prefix(self.suite.label) + lp_join(purpose, context)
         return hkdf_expand(self.suite.hash, bytes(self._secret), info, length)
 
     def tls_psk(self) -> bytes:

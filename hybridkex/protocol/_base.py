@@ -17,12 +17,11 @@ when one is raised the connection is ``FAILED``, an Abort with a coarse code is 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import os
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Literal, NoReturn
+from typing import Any, Literal, NoReturn
 
 from ..combiner import CombinedSecret, QKDBinding
 from ..exceptions import (
@@ -33,6 +32,7 @@ from ..exceptions import (
     QKDKeyUnknownError,
     RemoteProtocolError,
 )
+from ..hazmat.kdf import hmac_digest
 from ..hazmat.kem import KEM, X25519KEM, get_kem
 from ..qkd.base import QKDKey
 from ..suites import Suite
@@ -140,6 +140,10 @@ class Connection:
         self._request: QKDKeysRequired | QKDKeysByIdRequired | None = None
         self._request_open = False
         self._transcript: list[bytes] = []
+        # Running transcript hash, started once the suite (and so the hash) is known; fed the
+        # frames not yet hashed on each use, so no frame is hashed twice.
+        self._th_hash: Any = None
+        self._th_fed = 0
         self._suite: Suite | None = None
         self._secret: CombinedSecret | None = None
         self._authenticator: Authenticator | None = None
@@ -301,7 +305,13 @@ class Connection:
 
     def _th(self) -> bytes:
         assert self._suite is not None
-        return hashlib.new(self._suite.hash, b"".join(self._transcript)).digest()
+        h = self._th_hash
+        if h is None:
+            h = self._th_hash = hashlib.new(self._suite.hash)
+        for frame in self._transcript[self._th_fed:]:
+            h.update(frame)
+        self._th_fed = len(self._transcript)
+        return bytes(h.copy().digest())
 
     # --- state and failure ------------------------------------------------------------------------
 
@@ -346,7 +356,7 @@ class Connection:
     def _confirm(self, purpose: bytes, th: bytes) -> bytes:
         assert self._secret is not None and self._suite is not None
         key = self._secret.derive(purpose, self._suite.hash_len)
-        return hmac.digest(key, th, self._suite.hash)
+        return hmac_digest(self._suite.hash, key, th)
 
     def _check_keys(self, request: QKDKeysRequired | QKDKeysByIdRequired, keys: list[QKDKey]) -> None:
         if not all(isinstance(k, QKDKey) for k in keys):

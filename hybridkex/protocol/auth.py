@@ -58,7 +58,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, SignatureAl
 from ..exceptions import AuthenticationError, ConfigurationError
 from ..hazmat import labels
 from ..hazmat.encoding import lp_join
-from ..hazmat.kdf import hkdf
+from ..hazmat.kdf import hkdf, hmac_digest
 from ..suites import Suite
 from ._wire import CertificateChain, CertificateMsg, SignatureAlgorithm
 
@@ -266,7 +266,7 @@ class MACAuthenticator(Authenticator):
                     info=lp_join(labels.PROTOCOL, s.label, purpose), length=s.hash_len)
 
     def _mac(self, ctx: AuthContext, peer: str, data: bytes) -> bytes:
-        return hmac.digest(self._mac_key(ctx, peer), data, ctx.suite.hash)
+        return hmac_digest(ctx.suite.hash, self._mac_key(ctx, peer), data)
 
     def check_peer(self, peer_identity: str) -> None:
         self.pair_key(peer_identity)
