@@ -11,6 +11,7 @@ This module knows nothing about state or cryptography; it only checks shapes.
 
 from __future__ import annotations
 
+import re
 import struct
 import uuid
 from dataclasses import dataclass
@@ -168,6 +169,8 @@ RECYCLED_KEY_ID_LEN = 16
 #: Most recycled key IDs a Hello may list.
 MAX_RECYCLED_KEY_IDS = 16
 _E = TypeVar("_E", bound=IntEnum)
+#: 8-4-4-4-12 hex digits in either case: exactly the key IDs whose UUID is their lower-case form.
+_CANONICAL_UUID = re.compile(rb"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 X25519_LEN = 32
 
 
@@ -228,14 +231,13 @@ def _read_key_ids(r: Reader, what: str) -> tuple[str, ...]:
     out: list[str] = []
     for _ in range(n):
         raw = r.fixed(_KEY_ID_LEN, what)
-        try:
-            text = raw.decode("ascii")
-            canonical = str(uuid.UUID(text))
-        except (UnicodeDecodeError, ValueError):
-            raise RemoteProtocolError(f"{what}: a key ID is not a UUID") from None
-        if canonical != text.lower():
+        if _CANONICAL_UUID.fullmatch(raw) is None:  # the pattern settles the usual case, no UUID object
+            try:
+                uuid.UUID(raw.decode("ascii"))
+            except (UnicodeDecodeError, ValueError):
+                raise RemoteProtocolError(f"{what}: a key ID is not a UUID") from None
             raise RemoteProtocolError(f"{what}: a key ID is not a canonical UUID")
-        out.append(text)
+        out.append(raw.decode("ascii"))
     if len(set(out)) != len(out):
         raise RemoteProtocolError(f"{what}: duplicate key ID")
     return tuple(out)

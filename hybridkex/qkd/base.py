@@ -8,6 +8,7 @@ receives key IDs with the keys; the *slave* SAE later fetches the same keys from
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,10 @@ from ..exceptions import InvalidKeyMaterial
 __all__ = ["AsyncKeySource", "KeySource", "KeySourceStatus", "QKDKey"]
 
 
+#: 8-4-4-4-12 hex digits in either case: exactly the strings whose UUID is their lower-case form.
+_CANONICAL_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
 @dataclass(frozen=True, slots=True)
 class QKDKey:
     """One QKD key and its ETSI key ID. The key bytes never appear in ``repr`` or ``str``."""
@@ -26,14 +31,19 @@ class QKDKey:
     key: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
+        # The usual case is settled by the pattern, without building a UUID object.
+        if not isinstance(self.key_id, str) or _CANONICAL_UUID.fullmatch(self.key_id) is None:
+            self._check_key_id()
+        if not isinstance(self.key, bytes) or not self.key:
+            raise InvalidKeyMaterial("QKD key must be non-empty bytes")
+
+    def _check_key_id(self) -> None:
         try:
             canonical = str(uuid.UUID(self.key_id))
         except (ValueError, TypeError, AttributeError) as exc:
             raise InvalidKeyMaterial(f"QKD key ID {self.key_id!r} is not a UUID") from exc
         if canonical != self.key_id.lower():
             raise InvalidKeyMaterial(f"QKD key ID {self.key_id!r} is not in canonical UUID form")
-        if not isinstance(self.key, bytes) or not self.key:
-            raise InvalidKeyMaterial("QKD key must be non-empty bytes")
 
     def __repr__(self) -> str:
         return f"QKDKey(key_id={self.key_id!r}, size_bits={len(self.key) * 8}, key=<redacted>)"
