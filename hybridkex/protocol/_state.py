@@ -125,10 +125,23 @@ def allowed(table: Table, state: State, inp: Input) -> frozenset[State]:
     return table.get(state, {}).get(inp, frozenset())
 
 
-def expected_frames(table: Table, state: State) -> frozenset[FrameType]:
-    """Frame types that may arrive in ``state`` (checked on the header, before the body is read)."""
+def _expected(table: Table, state: State) -> frozenset[FrameType]:
     row = table.get(state, {})
     return frozenset(ft for ft, inp in FRAME_INPUT.items() if inp in row)
+
+
+# Per table and state, made once: this is asked for every frame header.
+_EXPECTED: dict[int, tuple[Table, dict[State, frozenset[FrameType]]]] = {
+    id(t): (t, {st: _expected(t, st) for st in State}) for t in (INITIATOR, RESPONDER)
+}
+
+
+def expected_frames(table: Table, state: State) -> frozenset[FrameType]:
+    """Frame types that may arrive in ``state`` (checked on the header, before the body is read)."""
+    known = _EXPECTED.get(id(table))
+    if known is not None and known[0] is table:
+        return known[1][state]
+    return _expected(table, state)
 
 
 def mermaid(role: str) -> str:
