@@ -16,6 +16,7 @@ when one is raised the connection is ``FAILED``, an Abort with a coarse code is 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -112,6 +113,7 @@ def _share_size(kem_code: int) -> int | None:
     return get_kem(name, "cryptography").public_key_size
 
 
+@functools.lru_cache(maxsize=64)  # public and immutable: one tuple per suite
 def _components(suite: Suite) -> tuple[Component, ...]:
     x = Component("X25519", "classical", 32)
     pq = Component(suite.pq_kem, "post-quantum", _pq_kem(suite).shared_secret_size)
