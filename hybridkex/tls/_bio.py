@@ -72,8 +72,11 @@ class MemoryTLS:
         chunks = []
         while True:
             try:
-                chunks.append(self.connection.bio_read(_CHUNK))
+                chunk = self.connection.bio_read(_CHUNK)
             except SSL.WantReadError:
+                break
+            chunks.append(chunk)
+            if len(chunk) < _CHUNK:  # a memory BIO hands out all it holds: a short read emptied it
                 break
         return b"".join(chunks)
 
