@@ -46,6 +46,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum
+from functools import lru_cache
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
 
@@ -245,6 +246,12 @@ class AuthOffer:
 # --- MAC modes -------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=32)
+def _mac_info(suite_label: bytes, purpose: bytes) -> bytes:
+    """The HKDF info of a MAC key: public labels only, so made once per suite and role."""
+    return lp_join(labels.PROTOCOL, suite_label, purpose)
+
+
 class MACAuthenticator(Authenticator):
     """HMAC over ``TH || confirm`` with a key that depends on the peer pair.
 
@@ -263,7 +270,7 @@ class MACAuthenticator(Authenticator):
         purpose = labels.PSK_AUTH_INITIATOR if ctx.prover_role == "initiator" else labels.PSK_AUTH_RESPONDER
         s = ctx.suite
         return hkdf(s.hash, salt=labels.PSK_AUTH_SALT, ikm=self.pair_key(peer),
-                    info=lp_join(labels.PROTOCOL, s.label, purpose), length=s.hash_len)
+                    info=_mac_info(s.label, purpose), length=s.hash_len)
 
     def _mac(self, ctx: AuthContext, peer: str, data: bytes) -> bytes:
         return hmac_digest(ctx.suite.hash, self._mac_key(ctx, peer), data)
