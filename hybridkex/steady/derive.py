@@ -35,7 +35,7 @@ from typing import Final
 from ..combiner import CombinedSecret, QKDBinding
 from ..exceptions import ConfigurationError, RemoteProtocolError
 from ..hazmat import labels
-from ..hazmat.encoding import Reader, b64url, b64url_decode, lp_join, u8, u32
+from ..hazmat.encoding import b64url, b64url_decode, lp_join, u8, u32
 from ..hazmat.kdf import cat_kdf, hkdf_expand
 from ..suites import Suite
 
@@ -159,19 +159,24 @@ def parse_identity(identity: bytes) -> tuple[SteadyIdentity, bytes, bytes] | Non
         return None
     try:
         raw = b64url_decode(text, length)
-        body, tag = raw[:-TAG_LEN], raw[-TAG_LEN:]
-        r = Reader(body, "steady-state identity")
-        handle = r.fixed(HANDLE_LEN, "handle")
-        index = r.u32("counter")
-        flags = r.u8("flags")
-        used = tuple(_id_text(r.fixed(16, "key ID")) for _ in range(r.u8("used")))
-        announced = tuple(_id_text(r.fixed(16, "key ID")) for _ in range(r.u8("announced")))
-        r.end()
-        if flags & ~_FLAGS:
-            return None
-        content = SteadyIdentity(handle, index, bool(flags & FLAG_EPOCH), used, announced)
-    except (RemoteProtocolError, ConfigurationError):
+    except RemoteProtocolError:
         return None
+    body, tag = raw[:-TAG_LEN], raw[-TAG_LEN:]
+    # Plain offsets (this runs once per connection): handle, counter, flags, then two counted lists.
+    n_used = body[HANDLE_LEN + 5]
+    at = HANDLE_LEN + 6 + 16 * n_used
+    if at >= len(body):
+        return None
+    n_ann = body[at]
+    if at + 1 + 16 * n_ann != len(body) or n_used > MAX_USED or n_ann > MAX_ANNOUNCED:
+        return None
+    flags = body[HANDLE_LEN + 4]
+    index = int.from_bytes(body[HANDLE_LEN:HANDLE_LEN + 4], "big")
+    if flags & ~_FLAGS or index == 0:
+        return None
+    used = tuple(_id_text(body[HANDLE_LEN + 6 + 16 * i:HANDLE_LEN + 22 + 16 * i]) for i in range(n_used))
+    announced = tuple(_id_text(body[at + 1 + 16 * i:at + 17 + 16 * i]) for i in range(n_ann))
+    content = SteadyIdentity(body[:HANDLE_LEN], index, bool(flags & FLAG_EPOCH), used, announced)
     return content, body, tag
 
 

@@ -2,7 +2,8 @@
 
 A steady-state server must know the connection's QKD key before TLS starts (OpenSSL's PSK callback
 cannot wait for a KME), so it reads the identity from the ClientHello itself.  Hand-written because
-no maintained Python library parses a ClientHello without running a handshake; strict, bounded.
+no maintained Python library parses a ClientHello without running a handshake; strict and bounded,
+and with plain offsets rather than a field reader: it runs once per connection.
 """
 
 from __future__ import annotations
@@ -10,14 +11,25 @@ from __future__ import annotations
 from typing import Final
 
 from ..exceptions import RemoteProtocolError
-from ..hazmat.encoding import Reader
 
 __all__ = ["first_psk_identity"]
 
-#: TLS 1.3 ClientHello bounds (RFC 8446 section 4.1.2).
-_MAX_SUITES: Final = 65534
-
 _PRE_SHARED_KEY: Final = 41
+
+
+def _bad(what: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"TLS ClientHello: {what}")
+
+
+def _vec(data: bytes, pos: int, width: int, end: int, what: str) -> tuple[int, int]:
+    """The (start, stop) of a length-prefixed field at ``pos`` that must end by ``end``."""
+    if pos + width > end:
+        raise _bad(f"truncated in {what}")
+    n = int.from_bytes(data[pos:pos + width], "big")
+    start = pos + width
+    if start + n > end:
+        raise _bad(f"truncated in {what}")
+    return start, start + n
 
 
 def first_psk_identity(record_body: bytes) -> tuple[bytes, bytes | None]:
@@ -27,28 +39,36 @@ def first_psk_identity(record_body: bytes) -> tuple[bytes, bytes | None]:
     ``record_body`` is the body of the first TLS record, holding the whole ClientHello.  Raises
     :class:`RemoteProtocolError` for a malformed ClientHello.
     """
-    r = Reader(record_body, "TLS ClientHello")
-    if r.u8("msg_type") != 1:
-        raise RemoteProtocolError("the first TLS handshake message is not a ClientHello")
-    length = int.from_bytes(r.fixed(3, "length"), "big")
-    body = Reader(r.fixed(length, "ClientHello body"), "TLS ClientHello")
-    body.u16("legacy_version")
-    body.fixed(32, "random")
-    body.fixed(body.u8("legacy_session_id"), "legacy_session_id")
-    suites = body.vec16("cipher_suites", min_len=2, max_len=_MAX_SUITES)
-    body.fixed(body.u8("legacy_compression_methods"), "legacy_compression_methods")
-    exts = Reader(body.fixed(body.u16("extensions"), "extensions"), "TLS ClientHello extensions")
-    body.end()
+    data = bytes(record_body)
+    if len(data) < 4 or data[0] != 1:
+        raise _bad("the first TLS handshake message is not a ClientHello")
+    end = 4 + int.from_bytes(data[1:4], "big")
+    if end > len(data):
+        raise _bad("truncated in ClientHello body")
+    pos = 4 + 2 + 32  # legacy_version, random
+    _, pos = _vec(data, pos, 1, end, "legacy_session_id")
+    s0, pos = _vec(data, pos, 2, end, "cipher_suites")
+    if pos - s0 < 2:
+        raise _bad("no cipher suite")
+    suites = data[s0:pos]
+    _, pos = _vec(data, pos, 1, end, "legacy_compression_methods")
+    e0, e1 = _vec(data, pos, 2, end, "extensions")
+    if e1 != end:
+        raise _bad(f"{end - e1} unexpected trailing bytes")
     found: bytes | None = None
-    while exts.remaining:
-        kind = exts.u16("extension type")
-        data = exts.fixed(exts.u16("extension length"), "extension")
+    pos = e0
+    while pos < e1:
+        if pos + 4 > e1:
+            raise _bad("truncated in extension header")
+        kind = int.from_bytes(data[pos:pos + 2], "big")
+        x0, x1 = _vec(data, pos + 2, 2, e1, "extension")
         if kind == _PRE_SHARED_KEY:
-            if exts.remaining:
-                raise RemoteProtocolError("TLS ClientHello: pre_shared_key is not the last extension")
-            psk = Reader(data, "TLS pre_shared_key")
-            identities = Reader(psk.fixed(psk.u16("identities"), "identities"), "TLS PSK identities")
-            found = identities.fixed(identities.u16("identity"), "identity")
-            if not found:
-                raise RemoteProtocolError("TLS ClientHello: an empty PSK identity")
+            if x1 != e1:
+                raise _bad("pre_shared_key is not the last extension")
+            i0, i1 = _vec(data, x0, 2, x1, "PSK identities")
+            p0, p1 = _vec(data, i0, 2, i1, "PSK identity")
+            if p0 == p1:
+                raise _bad("an empty PSK identity")
+            found = data[p0:p1]
+        pos = x1
     return suites, found

@@ -243,3 +243,29 @@ def test_announced_keys_are_erased_after_key_lifetime_on_both_ends() -> None:
     identity, psk = late.credentials()
     _, server_psk = p.accept(identity)
     assert server_psk == psk and p.registry.held_keys() == 0  # the server erased its unused ones
+
+
+def test_client_hello_reading_survives_every_truncation_and_byte_flip() -> None:
+    """A real steady-state ClientHello, cut at every length and with every byte flipped: the
+    reader returns or raises RemoteProtocolError, nothing else; intact, it finds the identity."""
+    from hybridkex.tls import MemoryTLS
+    from hybridkex.tls.pyopenssl import bind_psk, client_context
+
+    p = Pair(policy=SteadyPolicy(announce=0))
+    identity, psk = p.attempt().credentials()
+    tls = MemoryTLS(client_context(suite=CIPHER, groups="X25519MLKEM768", require_pq=True), server_side=False)
+    bind_psk(tls.connection, identity, psk)
+    tls.do_handshake()
+    record = tls.data_to_send()
+    body = record[5:5 + int.from_bytes(record[3:5], "big")]
+    suites, found = first_psk_identity(body)
+    assert found == identity and len(suites) % 2 == 0
+    for n in range(len(body)):
+        with pytest.raises(RemoteProtocolError):
+            first_psk_identity(body[:n])
+    for i in range(0, len(body), 3):
+        flipped = body[:i] + bytes([body[i] ^ 0xFF]) + body[i + 1:]
+        try:
+            first_psk_identity(flipped)
+        except RemoteProtocolError:
+            pass
