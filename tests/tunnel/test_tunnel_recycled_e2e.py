@@ -24,27 +24,31 @@ SERVER, CLIENT = "server.example", "client-a"
 NO_RATE_LIMIT = "\n[limits]\nhandshake_rate = 0\n"
 
 
-def recycled_toml(text: str, store: Path) -> str:
-    """A one-peer PSK configuration turned into a recycled one with that PSK as its bootstrap."""
+def recycled_toml(text: str, store: Path, *, steady: bool = False) -> str:
+    """A one-peer PSK configuration turned into a recycled one with that PSK as its bootstrap.
+
+    The steady state is off unless ``steady``: then only the first connection and the first after
+    each restart are full handshakes (the ones that use the store)."""
     assert text.count('mode = "psk"') == 1
     return text.replace('mode = "psk"', 'mode = "recycled"\nbootstrap = "psk"') + (
-        f'\n[recycle]\nstore = "{store}"\n')
+        f'\n[recycle]\nstore = "{store}"\n\n[policy]\nsteady = {str(steady).lower()}\n')
 
 
 class Pair:
-    def __init__(self, tmp: Path, kme: KMEProcess, pki: Path, echo: EchoService) -> None:
-        self.tmp, self.procs = tmp, []
+    def __init__(self, tmp: Path, kme: KMEProcess, pki: Path, echo: EchoService, *, steady: bool = False) -> None:
+        self.tmp, self.procs, self.steady = tmp, [], steady
         psk = make_psk(tmp / "bootstrap.psk")
         self.server_store, self.client_store = tmp / "server-keys.sqlite3", tmp / "client-keys.sqlite3"
         self.server_text = recycled_toml(secure_toml(
             listen="127.0.0.1:0", target=f"127.0.0.1:{echo.port}", identity=SERVER, peer=CLIENT, peer_sae="sae-a",
-            psk=psk, kme_url=kme.url_b, sae="sae-b", pki=pki, extra=NO_RATE_LIMIT), self.server_store)
+            psk=psk, kme_url=kme.url_b, sae="sae-b", pki=pki, extra=NO_RATE_LIMIT), self.server_store, steady=steady)
         self.psk_client_text = ""
         self.server = self.start("server", "server", self.server_text)
         self.psk_client_text = secure_toml(
             listen="127.0.0.1:0", target=f"127.0.0.1:{self.server.port}", identity=CLIENT, peer=SERVER,
             peer_sae="sae-b", psk=psk, kme_url=kme.url_a, sae="sae-a", pki=pki)
-        self.client = self.start("client", "client", recycled_toml(self.psk_client_text, self.client_store))
+        self.client = self.start("client", "client", recycled_toml(self.psk_client_text, self.client_store,
+                                                                   steady=steady))
 
     def start(self, role: str, name: str, text: str) -> TunnelProcess:
         path = self.tmp / f"{name}.toml"
@@ -65,7 +69,8 @@ class Pair:
             # the client's target port changes with the server's restart
             self.client.stop()
             self.psk_client_text = self.psk_client_text.replace(f":{old.port}\"", f":{self.server.port}\"")
-        self.client = self.start("client", "client", recycled_toml(self.psk_client_text, self.client_store))
+        self.client = self.start("client", "client", recycled_toml(self.psk_client_text, self.client_store,
+                                                                   steady=self.steady))
 
     def stop(self) -> None:
         for p in self.procs:
@@ -136,3 +141,28 @@ def test_bootstrap_once_then_recycled_keys_across_restarts(pair: Pair) -> None:
             # 13 connections, less at most the one each SIGKILL may have cut off before its write
             assert summary.bootstrap_retired and summary.rotations >= 13 - 2 and summary.keys <= 8
             assert store.is_spent(local, peer, bytes.fromhex(used[0]))
+
+
+def test_with_the_steady_state_only_full_handshakes_use_the_store(tmp_path: Path, kme: KMEProcess, pki: Path,
+                                                                   echo: EchoService) -> None:
+    """Steady state on (the default): first contact bootstraps, the next connections are one TLS
+    round trip each under the parent's authentication key; after a restart the full handshake is
+    authenticated by a recycled key from the store, never the bootstrap again."""
+    pair = Pair(tmp_path, kme, pki, echo, steady=True)
+    try:
+        first_c, first_s = connect_once(pair)
+        assert first_c["auth"] == first_s["auth"] == "psk" and first_s["steady"] is None
+        for i in range(1, 4):
+            c, s = connect_once(pair)
+            assert s["steady"] is not None and s["steady"]["index"] == i and s["auth"] == "psk", s
+            assert c["qkd_key_ids"] == s["qkd_key_ids"] != first_s["qkd_key_ids"]
+        for role, sig in (("client", signal.SIGKILL), ("server", signal.SIGKILL)):
+            pair.restart(role, sig)
+            c, s = connect_once(pair)
+            assert s["steady"] is None and c["auth"] == s["auth"] == "recycled", (role, c, s)
+            c, s = connect_once(pair)
+            assert s["steady"] is not None and s["auth"] == "recycled", (role, s)
+        ids = [i for r in sessions(pair.server) for i in r["qkd_key_ids"]]
+        assert len(ids) == len(set(ids))
+    finally:
+        pair.stop()
