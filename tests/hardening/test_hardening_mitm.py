@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,13 +160,13 @@ def _positions(msg: bytes) -> list[int]:
     return sorted({p for p in header + body if p < len(msg)})
 
 
-def _kinds(recorded: dict[str, list[bytes]]) -> dict[str, list[str]]:
+def classify(recorded: dict[str, list[bytes]]) -> dict[str, list[str]]:
     """Each message's role: a hybrid frame name, a TLS handshake record, or (after the sender's
     handshake) "app-data" (client) / "post-handshake" (server: ticket, application data, alerts).
 
     The client's TLS handshake ends with its Finished, its first encrypted record; the server's
     flight is EncryptedExtensions and Finished, its first two encrypted records (PSK: no
-    certificate).  Asserted here so that a change of shape fails loudly instead of misclassifying."""
+    certificate)."""
     out: dict[str, list[str]] = {}
     for d, handshake_encrypted in ((C2S, 1), (S2C, 2)):
         kinds, seen = [], 0
@@ -177,14 +178,23 @@ def _kinds(recorded: dict[str, list[bytes]]) -> dict[str, list[str]]:
                     kind = "app-data" if d == C2S else "post-handshake"
             kinds.append(kind)
         out[d] = kinds
+    return out
+
+
+def _kinds(recorded: dict[str, list[bytes]]) -> dict[str, list[str]]:
+    """:func:`classify`, asserting a full connection's shape so that a change fails loudly instead
+    of misclassifying."""
+    out = classify(recorded)
     assert out[C2S][:5] == ["Hello", "Finished", "tls-handshake", "tls-ccs", "tls-encrypted"], out
     assert out[S2C][:6] == ["Response", "Finished", "tls-handshake", "tls-ccs", "tls-encrypted", "tls-encrypted"], out
     return out
 
 
-def _cases(recorded: dict[str, list[bytes]], replay: dict[str, list[bytes]]) -> list[tuple[Attack, str]]:
+def attack_cases(recorded: dict[str, list[bytes]], replay: dict[str, list[bytes]], kinds: dict[str, list[str]],
+                 extra_positions: Callable[[str, int, bytes], list[int]] = lambda d, i, m: []
+                 ) -> list[tuple[Attack, str]]:
+    """Every message times every action (``extra_positions``: more bytes to flip in a message)."""
     cases: list[tuple[Attack, str]] = []
-    kinds = _kinds(recorded)
     for d in (C2S, S2C):
         msgs = recorded[d]
         for i, msg in enumerate(msgs):
@@ -198,11 +208,16 @@ def _cases(recorded: dict[str, list[bytes]], replay: dict[str, list[bytes]]) -> 
                 actions.append(Attack(d, i, "reorder"))
             if i < len(replay[d]):
                 actions.append(Attack(d, i, "replay", replacement=replay[d][i]))
+            positions = sorted({*_positions(msg), *extra_positions(d, i, msg)})
             actions += [Attack(d, i, "modify", position=p, xor=x)
-                        for p in _positions(msg) for x in ((0x01,) if p else (0x01, 0x80))]
+                        for p in positions for x in ((0x01,) if p else (0x01, 0x80))]
             last = i == len(msgs) - 1
             cases += [(a, f"{kind}+last" if last else kind) for a in actions]
     return cases
+
+
+def _cases(recorded: dict[str, list[bytes]], replay: dict[str, list[bytes]]) -> list[tuple[Attack, str]]:
+    return attack_cases(recorded, replay, _kinds(recorded))
 
 
 def _tolerated(attack: Attack, kind: str) -> bool:
@@ -234,6 +249,37 @@ async def _record(setup: Any) -> dict[str, list[bytes]]:
     return proxy.record.messages
 
 
+def check_outcomes(outcomes: list[Outcome], log: ErrorLog, *,
+                   lockout: str = "a legitimate client was not served afterwards") -> None:
+    """The table's checks (module docstring); ``lockout`` names a failed follow-up connection."""
+    problems = []
+    seen_ids: Counter[str] = Counter()
+    for o in outcomes:
+        seen_ids.update(o.key_ids)
+        attack_label = o.attack.label
+        if not o.applied:
+            problems.append(f"{attack_label}: the proxy never saw the message")
+        if not o.legit_ok:
+            problems.append(f"{attack_label}: {lockout}")
+        if "WRONG-DATA" in o.client or "HANG" in o.client or o.client == "NOT-STEADY":
+            problems.append(f"{attack_label}: client outcome {o.client}")
+        if any(not o.payload.startswith(r) for r in o.received):
+            problems.append(f"{attack_label}: the server application received bytes the client never sent")
+        if _tolerated(o.attack, o.kind):
+            continue
+        if o.client == "echo":
+            problems.append(f"{attack_label} ({o.kind}): the attacked connection succeeded")
+        # The handler may run once the server's handshake really completed: attacks on later records,
+        # and a duplicate of the client's TLS Finished (the first, authentic copy completes it).
+        completed = o.kind.startswith(("app-data", "post-handshake")) or (
+            o.attack.action == "duplicate" and o.attack.direction == C2S and o.kind == "tls-encrypted")
+        if not completed and o.attacked_handler_runs:
+            problems.append(f"{attack_label} ({o.kind}): the server handler ran for an attacked handshake")
+    assert not [k for k, n in seen_ids.items() if n > 1], "a QKD key ID was used in two sessions"
+    assert not [r.getMessage() for r in log.records], [r.getMessage() for r in log.records][:5]
+    assert not problems, "\n".join(problems)
+
+
 def test_active_attacker_table() -> None:
     setup = _setup()
     log = ErrorLog()
@@ -252,33 +298,7 @@ def test_active_attacker_table() -> None:
     finally:
         logging.getLogger("hybridkex").removeHandler(log)
 
-    problems = []
-    seen_ids: Counter[str] = Counter()
-    for o in outcomes:
-        seen_ids.update(o.key_ids)
-        attack_label = o.attack.label
-        tolerated = _tolerated(o.attack, o.kind)
-        if not o.applied:
-            problems.append(f"{attack_label}: the proxy never saw the message")
-        if not o.legit_ok:
-            problems.append(f"{attack_label}: a legitimate client was not served afterwards")
-        if "WRONG-DATA" in o.client or "HANG" in o.client:
-            problems.append(f"{attack_label}: client outcome {o.client}")
-        if any(not o.payload.startswith(r) for r in o.received):
-            problems.append(f"{attack_label}: the server application received bytes the client never sent")
-        if tolerated:
-            continue
-        if o.client == "echo":
-            problems.append(f"{attack_label} ({o.kind}): the attacked connection succeeded")
-        # The handler may run once the server's handshake really completed: attacks on later records,
-        # and a duplicate of the client's TLS Finished (the first, authentic copy completes it).
-        completed = o.kind.startswith(("app-data", "post-handshake")) or (
-            o.attack.action == "duplicate" and o.attack.direction == C2S and o.kind == "tls-encrypted")
-        if not completed and o.attacked_handler_runs:
-            problems.append(f"{attack_label} ({o.kind}): the server handler ran for an attacked handshake")
-    assert not [k for k, n in seen_ids.items() if n > 1], "a QKD key ID was used in two sessions"
-    assert not [r.getMessage() for r in log.records], [r.getMessage() for r in log.records][:5]
-    assert not problems, "\n".join(problems)
+    check_outcomes(outcomes, log)
     STATS["cases"] = len(outcomes)
     STATS["client_outcomes"] = Counter(o.client.split(":")[0] + ":" + o.client.split(":")[-1] for o in outcomes)
     STATS["tolerated_succeeded"] = sorted(o.attack.label for o in outcomes if o.client == "echo")

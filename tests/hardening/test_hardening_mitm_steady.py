@@ -20,30 +20,26 @@ import asyncio
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from hardeninghelpers import C2S, S2C, Attack, AttackProxy, message_kind
+from hardeninghelpers import C2S, S2C, Attack, AttackProxy
 from iohelpers import make_setup
-from test_hardening_mitm import CONCURRENCY, PAYLOAD_LEN, SETUP_TIMEOUT, ErrorLog, _echo_handler, _positions, _tolerated
+from test_hardening_mitm import (
+    CONCURRENCY,
+    PAYLOAD_LEN,
+    SETUP_TIMEOUT,
+    ErrorLog,
+    Outcome,
+    _echo_handler,
+    attack_cases,
+    check_outcomes,
+    classify,
+)
 
 import hybridkex
 from hybridkex.exceptions import HybridKEXError
 from hybridkex.steady import SteadyTicket
-
-
-@dataclass
-class Outcome:
-    attack: Attack
-    kind: str
-    client: str = ""
-    attacked_handler_runs: int = 0
-    received: list[bytes] = field(default_factory=list)
-    payload: bytes = b""
-    legit_ok: bool = False
-    key_ids: tuple[str, ...] = ()
-    applied: bool = False
 
 
 def _setup() -> Any:
@@ -152,47 +148,19 @@ def _kinds(recorded: dict[str, list[bytes]]) -> dict[str, list[str]]:
     """A steady-state connection: the client's ClientHello, (CCS), Finished, then data; the server's
     ServerHello, (CCS), EncryptedExtensions and Finished, then data.  Asserted so a change of shape
     fails loudly."""
-    out: dict[str, list[str]] = {}
-    for d, handshake_encrypted in ((C2S, 1), (S2C, 2)):
-        kinds, seen = [], 0
-        for msg in recorded[d]:
-            kind = message_kind(msg)
-            if kind == "tls-encrypted":
-                seen += 1
-                if seen > handshake_encrypted:
-                    kind = "app-data" if d == C2S else "post-handshake"
-            kinds.append(kind)
-        out[d] = kinds
+    out = classify(recorded)
     assert out[C2S][0] == "tls-handshake" and "tls-encrypted" in out[C2S], out
     assert out[S2C][0] == "tls-handshake" and out[S2C].count("tls-encrypted") == 2, out
     return out
 
 
-def _cases(recorded: dict[str, list[bytes]], replay: dict[str, list[bytes]]) -> list[tuple[Attack, str]]:
-    cases: list[tuple[Attack, str]] = []
-    kinds = _kinds(recorded)
-    for d in (C2S, S2C):
-        msgs = recorded[d]
-        for i, msg in enumerate(msgs):
-            kind = kinds[d][i]
-            actions = [Attack(d, i, "drop"), Attack(d, i, "duplicate"), Attack(d, i, "truncate"),
-                       Attack(d, i, "truncate_fix"), Attack(d, i, "inject"), Attack(d, i, "delay", delay=0.3)]
-            if kind not in ("app-data", "post-handshake"):
-                actions.append(Attack(d, i, "delay", delay=SETUP_TIMEOUT + 1.0))
-            if i + 1 < len(msgs):
-                actions.append(Attack(d, i, "reorder"))
-            if i < len(replay[d]):
-                actions.append(Attack(d, i, "replay", replacement=replay[d][i]))
-            positions = _positions(msg)
-            if i == 0 and d == C2S:  # the identity, its tag and the binder, inside the ClientHello
-                at = msg.find(b"hk1-ss.")
-                assert at > 0
-                positions = sorted({*positions, at, at + 10, at + 40, len(msg) - 20})
-            actions += [Attack(d, i, "modify", position=p, xor=x) for p in positions
-                        for x in ((0x01,) if p else (0x01, 0x80))]
-            last = i == len(msgs) - 1
-            cases += [(a, f"{kind}+last" if last else kind) for a in actions]
-    return cases
+def _identity_positions(direction: str, index: int, msg: bytes) -> list[int]:
+    """In the ClientHello: the identity's prefix, body and tag, and the binder at its end."""
+    if (direction, index) != (C2S, 0):
+        return []
+    at = msg.find(b"hk1-ss.")
+    assert at > 0
+    return [at, at + 10, at + 40, len(msg) - 20]
 
 
 def test_active_attacker_table_in_the_steady_state() -> None:
@@ -203,7 +171,7 @@ def test_active_attacker_table_in_the_steady_state() -> None:
     async def main() -> list[Outcome]:
         recorded = await _record(setup)
         replay = await _record(setup)
-        cases = _cases(recorded, replay)
+        cases = attack_cases(recorded, replay, _kinds(recorded), _identity_positions)
         sem = asyncio.Semaphore(CONCURRENCY)
         return list(await asyncio.gather(*(_run_case(setup, a, k, sem) for a, k in cases)))
 
@@ -212,30 +180,7 @@ def test_active_attacker_table_in_the_steady_state() -> None:
     finally:
         logging.getLogger("hybridkex").removeHandler(log)
 
-    problems = []
-    seen_ids: Counter[str] = Counter()
-    for o in outcomes:
-        seen_ids.update(o.key_ids)
-        label = o.attack.label
-        if not o.applied:
-            problems.append(f"{label}: the proxy never saw the message")
-        if not o.legit_ok:
-            problems.append(f"{label}: the ticket's next steady-state connection failed (lockout)")
-        if "WRONG-DATA" in o.client or "HANG" in o.client or o.client == "NOT-STEADY":
-            problems.append(f"{label}: client outcome {o.client}")
-        if any(not o.payload.startswith(r) for r in o.received):
-            problems.append(f"{label}: the server application received bytes the client never sent")
-        if _tolerated(o.attack, o.kind):
-            continue
-        if o.client == "echo":
-            problems.append(f"{label} ({o.kind}): the attacked connection succeeded")
-        completed = o.kind.startswith(("app-data", "post-handshake")) or (
-            o.attack.action == "duplicate" and o.attack.direction == C2S and o.kind == "tls-encrypted")
-        if not completed and o.attacked_handler_runs:
-            problems.append(f"{label} ({o.kind}): the server handler ran for an attacked handshake")
-    assert not [k for k, n in seen_ids.items() if n > 1], "a QKD key ID was used in two sessions"
-    assert not [r.getMessage() for r in log.records], [r.getMessage() for r in log.records][:5]
-    assert not problems, "\n".join(problems)
+    check_outcomes(outcomes, log, lockout="the ticket's next steady-state connection failed (lockout)")
     print("mitm steady:", len(outcomes), "cases;", Counter(o.client.split(":")[0] for o in outcomes))
 
 

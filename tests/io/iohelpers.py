@@ -286,3 +286,19 @@ class AsyncKeys:
 
     async def status(self, *args: Any, **kwargs: Any) -> Any:
         return self._inner.status(*args, **kwargs)
+
+
+def recording_handler(log: Any) -> Any:
+    """A server handler that puts each connection's session on ``log`` (a queue), then echoes."""
+    def handler(conn: HybridSocket, address: Any) -> None:
+        log.put(conn.session)
+        echo_handler(conn, address)
+
+    return handler
+
+
+def echo_once(sock: HybridSocket, payload: bytes = b"ping") -> bytes:
+    """Send ``payload`` and return what comes back (one read)."""
+    sock.settimeout(WAIT)
+    sock.sendall(payload)
+    return sock.recv(100)

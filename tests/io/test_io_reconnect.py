@@ -13,12 +13,12 @@ import types
 from typing import Any
 
 import pytest
-from iohelpers import CLIENT_ID, WAIT, RecordingProxy, echo_handler, make_setup, running_server
+from iohelpers import CLIENT_ID, WAIT, RecordingProxy, echo_once, make_setup, recording_handler, running_server
 
 import hybridkex
 from hybridkex import CombinedSecret, PSKRejected, RemoteProtocolError, TLSError, get_suite
 from hybridkex import tls as hktls
-from hybridkex.api import HybridClient, HybridSocket, ReconnectPolicy, ReconnectRegistry, ReconnectTicket
+from hybridkex.api import HybridClient, ReconnectPolicy, ReconnectRegistry, ReconnectTicket
 from hybridkex.io.reconnect import (
     IDENTITY_LEN,
     client_hello_cipher,
@@ -40,18 +40,6 @@ class FakeClock:
         return self.now
 
 
-def recording_handler(log: queue.Queue[Any]) -> Any:
-    def handler(conn: HybridSocket, address: Any) -> None:
-        log.put(conn.session)
-        echo_handler(conn, address)
-
-    return handler
-
-
-def echo_once(sock: HybridSocket, payload: bytes = b"ping") -> bytes:
-    sock.settimeout(WAIT)
-    sock.sendall(payload)
-    return sock.recv(100)
 
 
 def test_reconnects_skip_the_hybrid_exchange() -> None:

@@ -11,28 +11,14 @@ import socket
 from typing import Any
 
 import pytest
-from iohelpers import CLIENT_ID, WAIT, RecordingProxy, echo_handler, make_setup, running_server
+from iohelpers import CLIENT_ID, WAIT, RecordingProxy, echo_once, make_setup, recording_handler, running_server
 
 import hybridkex
 from hybridkex import KeyBudget, KeyUnavailableError, PolicyViolation
-from hybridkex.api import HybridClient, HybridSocket
+from hybridkex.api import HybridClient
 from hybridkex.io import QKDKeyManager
 from hybridkex.io.config import SteadyPolicy
 from hybridkex.steady import SteadyTicket
-
-
-def recording_handler(log: queue.Queue[Any]) -> Any:
-    def handler(conn: HybridSocket, address: Any) -> None:
-        log.put(conn.session)
-        echo_handler(conn, address)
-
-    return handler
-
-
-def echo_once(sock: HybridSocket, payload: bytes = b"ping") -> bytes:
-    sock.settimeout(WAIT)
-    sock.sendall(payload)
-    return sock.recv(100)
 
 
 class Failing:

@@ -118,6 +118,16 @@ def client_for(state: dict[str, Any], pki: DemoPKI, client_kme: Any, *, steady: 
     return HybridClient(ClientConfig(initiator, steady=SteadyPolicy(enabled=steady)), key_source=client_kme)
 
 
+def blocking_exchange(client: HybridClient, address: Any, payload: bytes) -> tuple[bytes, tuple[str, ...]]:
+    """One connection: send ``payload``, read its echo; what came back and the connection's key IDs."""
+    with client.connect(address) as conn:
+        conn.sendall(payload)
+        got = b""
+        while len(got) < len(payload) and (chunk := conn.recv(65536)):
+            got += chunk
+        return got, conn.session.qkd_key_ids
+
+
 def run_restarts(state: dict[str, Any], stream: Stream, pki: DemoPKI, ports: tuple[str, ...], tmp_path: Path) -> None:
     with stream:
         stream.wait_for(PER_PHASE)
@@ -140,15 +150,7 @@ def test_blocking_client_rides_out_kme_restarts(pki: DemoPKI, server_side: dict[
     with ETSI014Client(state["kme"].url_a, **sae_args(pki, "sae-a")) as client_kme:
         client = client_for(state, pki, client_kme)
 
-        def once(payload: bytes) -> tuple[bytes, tuple[str, ...]]:
-            with client.connect(state["address"]) as conn:
-                conn.sendall(payload)
-                got = b""
-                while len(got) < len(payload) and (chunk := conn.recv(65536)):
-                    got += chunk
-                return got, conn.session.qkd_key_ids
-
-        stream = Stream(once)
+        stream = Stream(lambda payload: blocking_exchange(client, state["address"], payload))
         run_restarts(state, stream, pki, kme_ports, tmp_path)
     check(stream, client, state["pool"])
 
@@ -194,15 +196,7 @@ def test_the_steady_state_rides_out_kme_restarts(pki: DemoPKI, server_side: dict
     with ETSI014Client(state["kme"].url_a, **sae_args(pki, "sae-a")) as client_kme:
         client = client_for(state, pki, client_kme, steady=True)
 
-        def once(payload: bytes) -> tuple[bytes, tuple[str, ...]]:
-            with client.connect(state["address"]) as conn:
-                conn.sendall(payload)
-                got = b""
-                while len(got) < len(payload) and (chunk := conn.recv(65536)):
-                    got += chunk
-                return got, conn.session.qkd_key_ids
-
-        stream = Stream(once)
+        stream = Stream(lambda payload: blocking_exchange(client, state["address"], payload))
         run_restarts(state, stream, pki, kme_ports, tmp_path)
     assert stream.failures == []
     assert client.steady_connections >= stream.ok // 2  # most connections stay one TLS round trip
