@@ -9,16 +9,16 @@ The connection setup (:mod:`hybridkex.io.setup`) uses them; most users never tou
 
 from .hello import first_psk_identity
 from .peers import SteadyPeers, steady_peers
-from .registry import RegistryStats, SteadyClaim, SteadyRegistry
+from .registry import SteadyClaim, SteadyRegistry, SteadyStats
 from .ticket import SteadyAttempt, SteadyFacts, SteadyTicket
 
 __all__ = [
-    "RegistryStats",
     "SteadyAttempt",
     "SteadyClaim",
     "SteadyFacts",
     "SteadyPeers",
     "SteadyRegistry",
+    "SteadyStats",
     "SteadyTicket",
     "first_psk_identity",
     "steady_peers",

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ..io.keys import QKDKeyManager
     from ..policy import Policy
 
-__all__ = ["RegistryStats", "SteadyClaim", "SteadyRegistry"]
+__all__ = ["SteadyClaim", "SteadyRegistry", "SteadyStats"]
 
 _log = logging.getLogger("hybridkex.steady")
 
@@ -95,7 +95,7 @@ class _Parent:
 
 
 @dataclass(slots=True)
-class RegistryStats:
+class SteadyStats:
     """Counters of a :class:`SteadyRegistry` (metrics, tests)."""
 
     registered: int = 0
@@ -182,7 +182,7 @@ class SteadyRegistry:
         self._clock = clock
         self._lock = threading.Lock()
         self._parents: OrderedDict[bytes, _Parent] = OrderedDict()  # insertion order is expiry order
-        self.stats = RegistryStats()
+        self.stats = SteadyStats()
 
     def __repr__(self) -> str:
         return f"<SteadyRegistry sessions={len(self._parents)} max_sessions={self.policy.max_sessions}>"
