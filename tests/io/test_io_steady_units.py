@@ -103,10 +103,11 @@ def test_both_ends_derive_the_same_psk_and_announced_keys_are_prefetched() -> No
     claim, server_psk = p.accept(identity)
     assert server_psk == psk and len(psk) == SUITE.hash_len
     assert claim.facts.index == 1 and claim.facts.qkd_key_ids == first.facts().qkd_key_ids
-    assert first.announced  # the reserve beyond this connection's key is announced
+    announced = len(first.announced)
+    assert announced  # the reserve beyond this connection's key is announced
     claim.confirm()
-    p.ticket.succeeded(first)
-    wait_held(p.registry, len(first.announced))
+    p.ticket.succeeded(first)  # (it hands the announcements to the ticket: first.announced is now empty)
+    wait_held(p.registry, announced)
     second = p.attempt()
     assert second.prefetched and second.request is None
     identity2, psk2 = second.credentials()
