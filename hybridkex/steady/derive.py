@@ -43,6 +43,7 @@ __all__ = [
     "HANDLE_LEN",
     "MAX_ANNOUNCED",
     "MAX_USED",
+    "PskContext",
     "SteadyIdentity",
     "auth_key",
     "identity_tag",
@@ -193,3 +194,28 @@ def steady_psk(suite: Suite, *, key: bytes, qkd_key: bytes, body: bytes, binding
         length=suite.hash_len,
         kdf=suite.kdf,
     )
+
+
+class PskContext:
+    """What every steady-state PSK of one parent shares, encoded once: MA, MB, the CatKDF label and
+    the QKD binding's SAE/KME part (the same bytes :func:`steady_psk` builds per call)."""
+
+    __slots__ = ("_kdf", "_len", "_tail", "label", "ma", "mb")
+
+    def __init__(self, suite: Suite, *, client_identity: str, server_identity: str,
+                 qkd_ids: tuple[str, str, str, str] | None) -> None:
+        """``qkd_ids``: (master SAE, slave SAE, master KME, slave KME) of the steady state, or None."""
+        self.ma = lp_join(_ROLE_I, client_identity.encode("utf-8"))
+        self.mb = lp_join(_ROLE_R, server_identity.encode("utf-8"))
+        self.label = labels.steady_label(suite.label)
+        self._tail = lp_join(*(x.encode("utf-8") for x in qkd_ids)) if qkd_ids is not None else None
+        self._kdf, self._len = suite.kdf, suite.hash_len
+
+    def psk(self, *, key: bytes, qkd_key: bytes, body: bytes, key_ids: tuple[str, ...]) -> bytes:
+        """The PSK of the connection whose identity body is ``body`` and whose QKD keys are ``key_ids``."""
+        binding = b""
+        if key_ids and self._tail is not None:  # QKDBinding.encode(), with its constant part made once
+            binding = lp_join(lp_join(*(k.encode("ascii") for k in key_ids))) + self._tail
+        return cat_kdf((key,), psk=qkd_key, ma=self.ma, mb=self.mb,
+                       context=lp_join(labels.STEADY_PSK_CONTEXT, body, binding), label=self.label,
+                       length=self._len, kdf=self._kdf)

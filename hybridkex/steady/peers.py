@@ -25,6 +25,11 @@ class SteadyPeers:
     server_sae_id: str
     server_kme_id: str
 
+    @property
+    def ids(self) -> tuple[str, str, str, str]:
+        """(master SAE, slave SAE, master KME, slave KME): the order of a QKD binding."""
+        return (self.client_sae_id, self.server_sae_id, self.client_kme_id, self.server_kme_id)
+
     def binding(self, key_ids: tuple[str, ...]) -> QKDBinding:
         return QKDBinding(key_ids=key_ids, master_sae_id=self.client_sae_id, slave_sae_id=self.server_sae_id,
                           master_kme_id=self.client_kme_id, slave_kme_id=self.server_kme_id)

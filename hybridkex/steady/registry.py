@@ -59,7 +59,8 @@ class _Fetch:
 
 
 class _Parent:
-    __slots__ = ("expires", "fetching", "info", "key", "peers", "ready", "spent", "suite", "top", "window")
+    __slots__ = ("expires", "fetching", "info", "key", "peers", "psk_context", "ready", "spent", "suite", "top",
+                 "window")
 
     def __init__(self, key: bytes, suite: Suite, info: SessionInfo, peers: SteadyPeers | None, expires: float) -> None:
         self.key = bytearray(key)
@@ -72,6 +73,9 @@ class _Parent:
         self.ready: dict[str, tuple[QKDKey, float]] = {}
         self.fetching: dict[str, _Fetch] = {}
         self.spent: set[str] = set()
+        self.psk_context = derive.PskContext(suite, client_identity=info.peer_identity,
+                                             server_identity=info.local_identity,
+                                             qkd_ids=peers.ids if peers is not None else None)
 
     def erase(self) -> None:
         for i in range(len(self.key)):
@@ -114,13 +118,14 @@ class SteadyClaim:
     a worker thread) waits for the background fetch or fetches them on demand.  Then :meth:`psk`.
     """
 
-    __slots__ = ("_key", "_registry", "body", "content", "facts", "fetch", "identity", "info", "keys",
+    __slots__ = ("_key", "_psk_context", "_registry", "body", "content", "facts", "fetch", "identity", "info", "keys",
                  "parent_handle", "peers", "suite")
 
     def __init__(self, registry: SteadyRegistry, parent: _Parent, identity: bytes, content: derive.SteadyIdentity,
                  body: bytes, *, keys: list[QKDKey] | None) -> None:
         self._registry = registry
         self._key = bytes(parent.key)
+        self._psk_context = parent.psk_context
         self.suite = parent.suite
         self.info = parent.info
         self.peers = parent.peers
@@ -155,10 +160,8 @@ class SteadyClaim:
         if [k.key_id.lower() for k in keys] != [k.lower() for k in self.content.used] or any(
                 len(k.key) != want for k in keys):
             raise KeySourceError("the key source answered with other QKD keys than the steady-state identity names")
-        binding = self.peers.binding(self.content.used) if keys and self.peers is not None else None
-        return derive.steady_psk(self.suite, key=self._key, qkd_key=b"".join(k.key for k in keys), body=self.body,
-                                 binding=binding, client_identity=self.info.peer_identity,
-                                 server_identity=self.info.local_identity)
+        return self._psk_context.psk(key=self._key, qkd_key=b"".join(k.key for k in keys), body=self.body,
+                                     key_ids=self.content.used if keys else ())
 
     def confirm(self) -> None:
         """The connection is established: fetch the key IDs it announced, in the background."""

@@ -152,6 +152,9 @@ class SteadyTicket:
         local = keys.source.sae_id if keys is not None else None
         self.peers: SteadyPeers | None = steady_peers(info, local) if self.suite.qkd else None
         self.qkd_possible = self.peers is not None and keys is not None
+        self._psk = derive.PskContext(self.suite, client_identity=info.local_identity,
+                                      server_identity=info.peer_identity,
+                                      qkd_ids=self.peers.ids if self.peers is not None else None)
         # No refill yet: a ticket nobody keeps must not take QKD keys (HybridClient calls refill()).
 
     def __repr__(self) -> str:
@@ -228,10 +231,7 @@ class SteadyTicket:
         if key is None:
             raise AlreadyFinalized("this steady-state ticket was erased")
         body = content.body()
-        binding = self.peers.binding(content.used) if keys and self.peers is not None else None
-        qkd_key = b"".join(k.key for k in keys)
-        psk = derive.steady_psk(self.suite, key=key, qkd_key=qkd_key, body=body, binding=binding,
-                                client_identity=self.info.local_identity, server_identity=self.info.peer_identity)
+        psk = self._psk.psk(key=key, qkd_key=b"".join(k.key for k in keys), body=body, key_ids=content.used)
         return content.encode(key, self.suite, body), psk
 
     def succeeded(self, attempt: SteadyAttempt) -> None:

@@ -269,3 +269,22 @@ def test_client_hello_reading_survives_every_truncation_and_byte_flip() -> None:
         flipped = body[:i] + bytes([body[i] ^ 0xFF]) + body[i + 1:]
         with contextlib.suppress(RemoteProtocolError):  # anything else fails the test
             first_psk_identity(flipped)
+
+
+def test_the_per_parent_psk_context_gives_the_specified_psk() -> None:
+    """PskContext (MA, MB and the binding's constant part encoded once) equals derive.steady_psk,
+    the function the known-answer vectors check, with and without a QKD key."""
+    from hybridkex.combiner import QKDBinding
+
+    ids = ("sae-c", "sae-s", "kme-c", "kme-s")
+    ctx = derive.PskContext(SUITE, client_identity="client", server_identity="server", qkd_ids=ids)
+    body = derive.SteadyIdentity(os.urandom(16), 7, False, ("11111111-1111-4111-8111-111111111111",), ()).body()
+    key, qkd = os.urandom(32), os.urandom(32)
+    binding = QKDBinding(key_ids=("11111111-1111-4111-8111-111111111111",), master_sae_id=ids[0],
+                         slave_sae_id=ids[1], master_kme_id=ids[2], slave_kme_id=ids[3])
+    expected = derive.steady_psk(SUITE, key=key, qkd_key=qkd, body=body, binding=binding,
+                                 client_identity="client", server_identity="server")
+    assert ctx.psk(key=key, qkd_key=qkd, body=body, key_ids=binding.key_ids) == expected
+    bare = derive.steady_psk(SUITE, key=key, qkd_key=b"", body=body, binding=None, client_identity="client",
+                             server_identity="server")
+    assert ctx.psk(key=key, qkd_key=b"", body=body, key_ids=()) == bare != expected
