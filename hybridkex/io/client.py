@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any
 
-from ..exceptions import ConfigurationError, PSKRejected, QKDKeyUnknownError
+from ..exceptions import AlreadyFinalized, ConfigurationError, PSKRejected, QKDKeyUnknownError
 from ..protocol import InitiatorConfig
 from ..steady import SteadyTicket
 from ._bridge import BlockingBridge
@@ -89,6 +89,11 @@ class HybridClient:
                 ticket.erase()
                 return
             old = self._tickets.get(key)
+            if isinstance(ticket, SteadyTicket) and isinstance(old, SteadyTicket) and old.usable:
+                # Concurrent full handshakes to one server each make a ticket: keep the one in use
+                # (other connections may hold attempts from it) and drop the newcomer, unused.
+                ticket.erase()
+                return
             self._tickets[key] = ticket
         if old is not None and old is not ticket:
             old.erase()
@@ -101,7 +106,10 @@ class HybridClient:
         with self._lock:
             if self._tickets.get(key) is ticket:
                 del self._tickets[key]
-            if isinstance(ticket, SteadyTicket) and ticket.connections == 0:
+            # A server that refused a new ticket's first connection has the steady state off (a
+            # ticket dropped by another connection meanwhile says nothing about the server).
+            if isinstance(ticket, SteadyTicket) and ticket.connections == 0 and not isinstance(
+                    exc.__cause__, AlreadyFinalized):
                 self._no_steady[key] = time.monotonic() + self.STEADY_RETRY_AFTER
         ticket.erase()
 

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..exceptions import (
+    AlreadyFinalized,
     HandshakeTimeout,
     KeySourceError,
     LocalProtocolError,
@@ -349,7 +350,11 @@ class ClientSetup(_Setup):
     def _steady_tls(self, attempt: SteadyAttempt) -> SetupEvent:
         ticket = attempt.ticket
         try:
-            identity, psk = attempt.credentials()
+            try:
+                identity, psk = attempt.credentials()
+            except AlreadyFinalized as exc:  # the ticket was dropped meanwhile (another connection's refusal)
+                raise SteadyStateRefused("the steady-state ticket was dropped while this connection started; a full "
+                                         "handshake makes a new one") from exc
             tls = MemoryTLS(tls_context("client", attempt.cipher, self.config.tls, reconnect=True), server_side=False)
             bind_psk(tls.connection, identity, psk)
         except Exception as exc:

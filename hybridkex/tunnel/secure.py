@@ -226,10 +226,13 @@ class HybridChannelFactory:
             raise
         new = hwriter.reconnect_ticket
         if isinstance(new, SteadyTicket):
-            old, self._ticket = self._ticket, new
-            if old is not None:
-                old.erase()
-            new.refill()
+            if self._ticket is not None and self._ticket.usable:
+                # Concurrent full handshakes (first contact under load) each make a ticket: keep the
+                # one in use (connections may hold attempts from it) and drop the newcomer, unused.
+                new.erase()
+            else:
+                self._ticket = new
+                new.refill()
         return HybridStream(hreader, hwriter)
 
     async def refuse(self, writer: asyncio.StreamWriter) -> None:

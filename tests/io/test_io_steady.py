@@ -258,3 +258,25 @@ def test_a_ticket_is_never_pickled_and_never_prints_a_key() -> None:
     assert "key=" not in text and "b'" not in text
     ticket.erase()
     assert not ticket.usable and ticket.take() is None
+
+
+def test_concurrent_first_contacts_keep_one_ticket_and_no_connection_fails() -> None:
+    """Ten connections at once with no ticket yet: ten full handshakes, each making a ticket; the
+    client keeps the first and drops the others unused, so no connection holding an attempt from
+    the kept ticket fails; then everything is the steady state."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    setup = make_setup()
+    with running_server(setup) as srv:
+        client = HybridClient(setup.client, key_source=setup.client_keys)
+
+        def one(i: int) -> bool:
+            with client.connect(srv.server_address) as sock:
+                return echo_once(sock, b"c%d" % i) == b"c%d" % i
+
+        for _ in range(3):
+            with ThreadPoolExecutor(max_workers=10) as pool:
+                assert all(pool.map(one, range(10)))
+        assert client.full_handshakes + client.steady_connections == 30
+        assert client.steady_connections >= 20  # after the first wave, the steady state
+        assert len(client._tickets) == 1
