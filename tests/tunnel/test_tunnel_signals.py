@@ -89,9 +89,11 @@ def test_sighup_reload_adds_and_removes_peers_without_dropping_connections(echo:
     long_lived.wait_received(len(sent))
 
     # client-b is not a peer yet.
+    mark = len(server.records())
     assert refused_or_closed_without_data(client_b.port)
-    failed = server.events("handshake_failed")
-    assert failed[-1]["outcome"] == "auth_failed" and "client-b" in failed[-1]["reason"]
+    # The server logs the refusal after closing the connection: wait for the line, do not race it.
+    failed = server.wait_event("handshake_failed", start=mark)
+    assert failed["outcome"] == "auth_failed" and "client-b" in failed["reason"]
 
     rec = reload(("client-a", "client-b"))
     assert rec["added"] == ["client-b"] and rec["removed"] == []
