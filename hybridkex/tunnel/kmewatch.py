@@ -140,6 +140,11 @@ class KMEWatch:
                                       f"it): {exc}", peer=p.identity, sae_id=p.sae_id, field=p.field)
                 self._refused[peer_sae] = str(exc)
 
+    def refused(self, peer_sae: str) -> bool:
+        """Whether the KME refused ``peer_sae`` (and that was said)."""
+        with self._lock:
+            return peer_sae in self._refused
+
     def health(self, pool_levels: Mapping[str, int] | None, keys_per_handshake: int) -> tuple[HealthState, str]:
         """The ``kme`` health component; ``pool_levels`` (slave SAE -> keys) only on the pooled master side."""
         with self._lock:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -278,12 +279,21 @@ class HybridChannelFactory:
         state, detail = self.watch.health(levels, self._keys_per_handshake)
         self._metrics.health.set("kme", state, detail)
 
-    def probe_peers(self) -> None:
-        """Ask the KME once about each watched peer SAE (blocking; a thread). Failures are recorded, not raised."""
+    def probe_peers(self, *, attempts: int = 3, pause: float = 0.5) -> None:
+        """Ask the KME about each watched peer SAE (blocking; a thread). Failures are recorded, not raised.
+
+        A probe that found the KME unreachable (at start-up it may still be busy) is tried again, up
+        to ``attempts`` times ``pause`` s apart, so that a peer SAE the KME refuses is still reported
+        before ``listening``."""
         watched = self._watched
-        if watched is not None:
-            for p in self.watch.peers:
-                watched.probe(p.sae_id)
+        if watched is None:
+            return
+        pending = [p.sae_id for p in self.watch.peers]
+        for attempt in range(attempts):
+            pending = [sae for sae in pending if not watched.probe(sae) and not self.watch.refused(sae)]
+            if not pending or attempt == attempts - 1:
+                return
+            time.sleep(pause)
 
     def start_probing(self, interval: float = PROBE_INTERVAL) -> None:
         """Probe the KME whenever no request has succeeded for ``interval`` s, so health notices an
