@@ -117,8 +117,9 @@ class _WithoutCreated(Collector):
     def collect(self) -> Iterable[Metric]:
         for family in self._source.collect():
             created = family.name + "_created"
-            family.samples = [s for s in family.samples if s.name != created]  # a fresh object per collect
-            yield family
+            copy = Metric(family.name, family.documentation, family.type, family.unit)
+            copy.samples = [s for s in family.samples if s.name != created]
+            yield copy
 
 
 class TunnelMetrics:

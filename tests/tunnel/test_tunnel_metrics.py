@@ -293,6 +293,7 @@ def test_multiprocess_mode_sums_what_every_process_counted(tmp_path: Path) -> No
     out = subprocess.run([sys.executable, "-c", _SCRAPER], env=env, check=True, timeout=WAIT * 4,
                          capture_output=True, text=True).stdout
     samples = parse_prometheus(out)
+    assert "_created" not in out
     assert metric(samples, "hybridkex_tunnel_bytes_total", direction="in") == 123
     assert metric(samples, "hybridkex_tunnel_handshakes_total", outcome="ok") == 2
     assert metric(samples, "hybridkex_tunnel_handshake_duration_seconds_count") == 2
