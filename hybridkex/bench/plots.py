@@ -79,6 +79,7 @@ def _latency(plt: Any, rows: list[dict[str, Any]], subtitle: str) -> Any:
     fig, ax = plt.subplots(figsize=(10, 0.42 * len(data) + 1.8))
     # matplotlib >= 3.10 spells it orientation=, older releases vert=.
     horizontal = {"orientation": "horizontal"} if _mpl_at_least(3, 10) else {"vert": False}
+    # Box and whiskers are NumPy percentiles (linear), the definition of stats.quantile behind the tables.
     ax.boxplot([d[1] for d in data], whis=(1, 99), showfliers=True, widths=0.6,
                flierprops={"markersize": 2, "alpha": 0.4}, **horizontal)
     ax.set_yticks(range(1, len(data) + 1), [d[0] for d in data], fontsize=8)

@@ -51,7 +51,7 @@ class TunnelClient(TunnelRuntime):
         except asyncio.CancelledError:
             raise
         except (OSError, TimeoutError) as exc:
-            self.metrics.handshakes.inc(outcome="target_unreachable")
+            self.metrics.count_handshake("target_unreachable")
             self.target_failed(conn, exc)
             return None
         try:
@@ -65,7 +65,7 @@ class TunnelClient(TunnelRuntime):
             if not retry_steady:  # pragma: no cover - a full handshake never raises it
                 self.handshake_failed(conn, exc)
                 return None
-            self.metrics.handshakes.inc(outcome="steady_refused")
+            self.metrics.count_handshake("steady_refused")
             conn.log.log(logging.INFO, "handshake_retried", "steady-state connection refused; retrying once with a "
                          "full handshake", reason=str(exc))
             return await self._secure_channel(conn, retry_stale_key=retry_stale_key, retry_steady=False)
@@ -74,7 +74,7 @@ class TunnelClient(TunnelRuntime):
             if not retry_stale_key:
                 self.handshake_failed(conn, exc)
                 return None
-            self.metrics.handshakes.inc(outcome=handshake_outcome(exc))
+            self.metrics.count_handshake(handshake_outcome(exc))
             conn.log.log(logging.INFO, "handshake_retried", "stale QKD key; retrying once with a new handshake",
                          reason=str(exc))
         except Exception as exc:

@@ -1,238 +1,79 @@
-"""Tunnel metrics in the Prometheus text exposition format, a health state, and the HTTP endpoint.
+"""Tunnel metrics (``prometheus_client``), a health state, and the HTTP endpoint (``aiohttp.web``).
 
-:class:`TunnelMetrics` holds the metrics the runtime maintains (handshakes, latency, bytes,
-connections) and the small API a channel factory uses to report its own state: the QKD key pool
-level and KME errors, or any further counter, gauge or histogram it registers.  State that lives
-elsewhere (the pool level, the KME's health) is read by *collectors* right before each scrape
-and health check, so what is served is current, never the value of the last connection.  The
-endpoint is a deliberately small asyncio HTTP/1.1 server (GET ``/metrics`` and ``/healthz``, one
-request per connection, bounded request size and time); it is off unless configured and binds to
-loopback by default.
+:class:`TunnelMetrics` owns one *private* :class:`prometheus_client.CollectorRegistry` (never the
+library's global default, so two runtimes in one process, or an application that embeds the
+tunnel and has its own metrics, never collide).  The runtime reports through a few named methods
+(:meth:`TunnelMetrics.add_bytes` on the data path, :meth:`TunnelMetrics.count_handshake`, ...);
+a channel factory uses :meth:`~TunnelMetrics.set_qkd_pool_levels`, :meth:`~TunnelMetrics.kme_error`,
+:attr:`~TunnelMetrics.health`, and may register metrics of its own.  State that lives elsewhere
+(the pool level, the KME's health) is read by *collectors* right before each scrape and health
+check, so what is served is current, never the value of the last connection.
+
+Worker processes: when ``PROMETHEUS_MULTIPROC_DIR`` is set before this module is imported,
+``prometheus_client`` keeps every value in memory-mapped files in that directory and
+:meth:`TunnelMetrics.exposition` serves the sum over all processes (its multiprocess mode); each
+gauge below says how its values combine.  Nothing else changes for the callers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import math
-import threading
-from collections.abc import Callable, Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Final, Literal
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from .config import Address
 from .logs import log_event
 
 __all__ = [
+    "CLOSE_OUTCOMES",
+    "CONTENT_TYPE",
     "HANDSHAKE_OUTCOMES",
     "KME_ERROR_KINDS",
+    "LATENCY_BUCKETS",
+    "MULTIPROCESS",
     "REJECT_REASONS",
-    "Counter",
-    "Gauge",
     "Health",
     "HealthState",
-    "Histogram",
     "MetricsServer",
-    "Registry",
     "TunnelMetrics",
+    "start_metrics_server",
 ]
 
 #: Handshake outcomes, the ``outcome`` label of ``hybridkex_tunnel_handshakes_total``.
 HANDSHAKE_OUTCOMES: Final = ("ok", "timeout", "auth_failed", "protocol_error", "policy_violation",
                              "key_source_error", "tls_error", "io_error", "target_unreachable", "rate_limited",
-                             "internal_error", "steady_refused")
+                             "failed", "internal_error", "steady_refused")
 #: Why the server refused a connection under its limits, the ``reason`` label of ``..._rejected_total``:
 #: open connections, the pre-authentication limit per address, the limit per peer identity.
 REJECT_REASONS: Final = ("max_connections", "rate_limited", "peer_rate_limited")
+#: How relayed connections ended, the ``outcome`` label of ``hybridkex_tunnel_closed_connections_total``: the
+#: relay's outcomes, ``shutdown`` (cut at the drain deadline) and ``target_unreachable``.
+CLOSE_OUTCOMES: Final = ("closed", "idle_timeout", "reset", "stream_error", "io_error", "internal_error", "shutdown",
+                         "target_unreachable")
 #: Kinds of failed KME requests, the ``kind`` label of ``hybridkex_kme_errors_total``.
 KME_ERROR_KINDS: Final = ("connection", "timeout", "unavailable", "key_not_found", "unauthorized", "bad_request",
                           "bad_response", "key_reuse", "other")
 #: Handshake latency buckets in seconds; QKD handshakes with a remote KME take around a second.
 LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+#: What a scraper that asks for nothing in particular gets (Prometheus text format 0.0.4).
+CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 
+#: prometheus_client picks its value storage when it is first imported, from this variable; read
+#: it once here, too, so the exposition matches the storage.
+MULTIPROCESS: Final = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _num(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
-
-
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape_label(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
-        self.name = name
-        self.help = help_text
-        self.labelnames = tuple(labelnames)
-        self._lock = threading.Lock()
-
-    def _key(self, labels: dict[str, str]) -> tuple[str, ...]:
-        if set(labels) != set(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {tuple(labels)}")
-        return tuple(str(labels[n]) for n in self.labelnames)
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {_escape_help(self.help)}", f"# TYPE {self.name} {self.kind}"]
-
-    def render(self) -> list[str]:
-        raise NotImplementedError
-
-
-class _Valued(_Metric):
-    """A metric with one number per label combination (counters and gauges)."""
-
-    _values: dict[tuple[str, ...], float]
-
-    def value(self, **labels: str) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
-    def render(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [*self.header(), *(f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items)]
-
-
-class Counter(_Valued):
-    """A monotonically increasing count, optionally split by labels."""
-
-    kind = "counter"
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = (),
-                 initial: Iterable[Sequence[str]] = ()) -> None:
-        super().__init__(name, help_text, labelnames)
-        self._values: dict[tuple[str, ...], float] = {}
-        if not self.labelnames:
-            self._values[()] = 0.0
-        for values in initial:
-            self._values[tuple(values)] = 0.0
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        if amount < 0:
-            raise ValueError("a counter only goes up")
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-
-
-class Gauge(_Valued):
-    """A value that goes up and down, optionally split by labels."""
-
-    kind = "gauge"
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labelnames)
-        self._values: dict[tuple[str, ...], float] = {} if self.labelnames else {(): 0.0}
-
-    def set(self, value: float, **labels: str) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = float(value)
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def dec(self, amount: float = 1.0, **labels: str) -> None:
-        self.inc(-amount, **labels)
-
-    def remove(self, **labels: str) -> None:
-        """Forget one label combination (e.g. a peer removed by a reload)."""
-        with self._lock:
-            self._values.pop(self._key(labels), None)
-
-    def replace(self, values: Iterable[tuple[Sequence[str], float]]) -> None:
-        """Set every label combination at once, forgetting those not given (a collector's snapshot)."""
-        fresh = {tuple(str(v) for v in key): float(value) for key, value in values}
-        with self._lock:
-            self._values = fresh
-
-
-
-class Histogram(_Metric):
-    """Observations counted into cumulative buckets, with their sum and count (no labels)."""
-
-    kind = "histogram"
-
-    def __init__(self, name: str, help_text: str, buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
-        super().__init__(name, help_text)
-        if list(buckets) != sorted(buckets) or not buckets:
-            raise ValueError("histogram buckets must be a sorted, non-empty sequence")
-        self.buckets = tuple(float(b) for b in buckets)
-        self._counts = [0] * (len(self.buckets) + 1)
-        self._sum = 0.0
-
-    def observe(self, value: float) -> None:
-        with self._lock:
-            self._sum += value
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    self._counts[i] += 1
-                    break
-            else:
-                self._counts[-1] += 1
-
-    @property
-    def count(self) -> int:
-        return sum(self._counts)
-
-    def render(self) -> list[str]:
-        with self._lock:
-            counts = list(self._counts)
-            total = self._sum
-        lines = self.header()
-        running = 0
-        for bound, c in zip((*self.buckets, math.inf), counts, strict=True):
-            running += c
-            lines.append(f'{self.name}_bucket{{le="{_num(bound)}"}} {running}')
-        lines.append(f"{self.name}_sum {_num(total)}")
-        lines.append(f"{self.name}_count {running}")
-        return lines
-
-
-class Registry:
-    """An ordered set of metrics rendered together; names must be unique."""
-
-    def __init__(self) -> None:
-        self._metrics: dict[str, _Metric] = {}
-
-    def register(self, metric: _Metric) -> None:
-        if metric.name in self._metrics:
-            raise ValueError(f"metric {metric.name} is already registered")
-        self._metrics[metric.name] = metric
-
-    def get(self, name: str) -> _Metric | None:
-        return self._metrics.get(name)
-
-    def render(self) -> str:
-        lines: list[str] = []
-        for m in self._metrics.values():
-            lines.extend(m.render())
-        return "\n".join(lines) + "\n"
-
-
+Direction = Literal["in", "out"]
 HealthState = Literal["ok", "degraded", "unhealthy"]
 
 
@@ -265,55 +106,124 @@ class Health:
         return overall != "unhealthy", "".join(line + "\n" for line in (overall, *lines))
 
 
-class TunnelMetrics:
-    """The tunnel's metrics, and the API a channel factory uses to add its own.
+class _WithoutCreated(Collector):
+    """A registry's metrics without the ``<name>_created`` timestamps ``prometheus_client`` adds to counters
+    and histograms: they would double the number of series, and the tunnel never served them.  (The
+    library's own switch, ``disable_created_metrics()``, is process-wide.)"""
 
-    Factories should use :meth:`set_qkd_pool_level`, :meth:`kme_error` and :attr:`health`, and may
-    register further metrics with :meth:`counter`, :meth:`gauge` and :meth:`histogram`.
+    def __init__(self, source: Collector) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._source.collect():
+            created = family.name + "_created"
+            copy = Metric(family.name, family.documentation, family.type, family.unit)
+            copy.samples = [s for s in family.samples if s.name != created]
+            yield copy
+
+
+class TunnelMetrics:
+    """The tunnel's metrics on a private registry, and the API the runtime and channel factories use.
+
+    The runtime calls :meth:`add_bytes` (per relayed chunk), :meth:`count_handshake`,
+    :meth:`connection_opened` / :meth:`connection_ended`, :meth:`count_refused`,
+    :meth:`count_closed`, :meth:`count_reload` and :meth:`set_configured_peers`.  Factories use
+    :meth:`set_qkd_pool_levels`, :meth:`kme_error`, :attr:`health` and :meth:`add_collector`, and
+    may register further metrics with :meth:`counter`, :meth:`gauge` and :meth:`histogram`.  The
+    ``prometheus_client`` objects are attributes (``handshakes``, ``bytes``, ...) for reading.
     """
 
     def __init__(self, role: str) -> None:
-        self.registry = Registry()
+        self.registry = CollectorRegistry(auto_describe=True)
         self.health = Health()
-        self.info = self.gauge("hybridkex_tunnel_info", "Tunnel role (value is always 1).", ("role",))
-        self.info.set(1, role=role)
-        self.handshakes = self.counter(
-            "hybridkex_tunnel_handshakes_total", "Handshakes by outcome.", ("outcome",),
-            initial=[(o,) for o in HANDSHAKE_OUTCOMES])
+        self._collectors: list[Callable[[], None]] = []
+        # Gauges say how worker processes' values combine in multiprocess mode (ignored otherwise).
+        self.info = self.gauge("hybridkex_tunnel_info", "Tunnel role (value is always 1).", ("role",),
+                               multiprocess_mode="max")
+        self.info.labels(role).set(1)
+        self.handshakes = self.counter("hybridkex_tunnel_handshakes_total", "Handshakes by outcome.", ("outcome",),
+                                       initial=[(o,) for o in HANDSHAKE_OUTCOMES])
         self.handshake_seconds = self.histogram(
             "hybridkex_tunnel_handshake_duration_seconds", "Duration of successful handshakes in seconds.")
         self.bytes = self.counter(
             "hybridkex_tunnel_bytes_total",
             "Bytes relayed; direction in = from the listening side to the target, out = back.",
             ("direction",), initial=[("in",), ("out",)])
-        self.active = self.gauge("hybridkex_tunnel_active_connections", "Open connections (incl. handshaking).")
+        self.active = self.gauge("hybridkex_tunnel_active_connections", "Open connections (incl. handshaking).",
+                                 multiprocess_mode="livesum")
         self.connections = self.counter("hybridkex_tunnel_connections_total", "Connections accepted.")
         self.rejected = self.counter(
             "hybridkex_tunnel_rejected_connections_total", "Connections refused under the limits, by reason.",
             ("reason",), initial=[(r,) for r in REJECT_REASONS])
         self.closed = self.counter(
             "hybridkex_tunnel_closed_connections_total", "Relayed connections closed, by how they ended.",
-            ("outcome",))
+            ("outcome",), initial=[(o,) for o in CLOSE_OUTCOMES])
         self.reloads = self.counter(
             "hybridkex_tunnel_config_reloads_total", "Configuration reloads (SIGHUP) by outcome.", ("outcome",),
             initial=[("ok",), ("error",)])
-        self.peers = self.gauge("hybridkex_tunnel_configured_peers", "Peers in the running configuration.")
-        self.qkd_pool = self.gauge(
-            "hybridkex_qkd_pool_keys", "QKD keys ready in the local pool, per peer SAE.", ("peer",))
-        self.kme_errors = self.counter(
-            "hybridkex_kme_errors_total", "Failed KME requests, by kind.", ("kind",),
-            initial=[(k,) for k in KME_ERROR_KINDS])
-        self._collectors: list[Callable[[], None]] = []
+        self.peers = self.gauge("hybridkex_tunnel_configured_peers", "Peers in the running configuration.",
+                                multiprocess_mode="max")
+        self.qkd_pool = self.gauge("hybridkex_qkd_pool_keys", "QKD keys ready in the local pool, per peer SAE.",
+                                   ("peer",), multiprocess_mode="livesum")
+        self.kme_errors = self.counter("hybridkex_kme_errors_total", "Failed KME requests, by kind.", ("kind",),
+                                       initial=[(k,) for k in KME_ERROR_KINDS])
+        # The data path's counters, resolved once: one dict lookup and one locked add per chunk.
+        self._bytes = {d: self.bytes.labels(d).inc for d in ("in", "out")}
+        self._connections = self.connections.inc
+        self._active_inc, self._active_dec = self.active.inc, self.active.dec
 
-    # --- factory API --------------------------------------------------------------------------
+    # --- the runtime's API ----------------------------------------------------------------------
+
+    def add_bytes(self, direction: Direction, n: int) -> None:
+        """Count ``n`` relayed bytes; ``direction`` ``"in"`` = listening side -> target, ``"out"`` = back.
+
+        Called for every chunk the relay delivers (or for a batch of them): keep it this cheap.
+        """
+        self._bytes[direction](n)
+
+    def count_handshake(self, outcome: str, seconds: float | None = None) -> None:
+        """Count one handshake by ``outcome`` (:data:`HANDSHAKE_OUTCOMES`); ``seconds`` is a success's duration."""
+        self.handshakes.labels(outcome).inc()
+        if seconds is not None:
+            self.handshake_seconds.observe(seconds)
+
+    def connection_opened(self) -> None:
+        """An accepted connection (past the limits) is now open."""
+        self._connections()
+        self._active_inc()
+
+    def connection_ended(self) -> None:
+        self._active_dec()
+
+    def count_refused(self, reason: str) -> None:
+        """A connection refused under the limits (:data:`REJECT_REASONS`)."""
+        self.rejected.labels(reason).inc()
+
+    def count_closed(self, outcome: str) -> None:
+        """A relayed connection closed, by how it ended (or ``target_unreachable``)."""
+        self.closed.labels(outcome).inc()
+
+    def count_reload(self, ok: bool) -> None:
+        self.reloads.labels("ok" if ok else "error").inc()
+
+    def set_configured_peers(self, n: int) -> None:
+        self.peers.set(n)
+
+    # --- factory API ----------------------------------------------------------------------------
 
     def set_qkd_pool_level(self, peer: str, keys: int) -> None:
         """Report how many QKD keys are ready for ``peer`` (a gauge)."""
-        self.qkd_pool.set(keys, peer=peer)
+        self.qkd_pool.labels(peer).set(keys)
+
+    def set_qkd_pool_levels(self, levels: Mapping[str, int]) -> None:
+        """Report the level of every peer's pool at once, forgetting peers not given (e.g. removed by a reload)."""
+        self.qkd_pool.clear()
+        for peer, keys in levels.items():
+            self.qkd_pool.labels(peer).set(keys)
 
     def kme_error(self, kind: str) -> None:
         """Count one failed KME request; ``kind`` is one of :data:`KME_ERROR_KINDS` (or a factory's own)."""
-        self.kme_errors.inc(kind=kind)
+        self.kme_errors.labels(kind).inc()
 
     def add_collector(self, collect: Callable[[], None]) -> None:
         """Run ``collect`` before every scrape and health check (to set gauges and health from live state).
@@ -341,125 +251,125 @@ class TunnelMetrics:
 
     def counter(self, name: str, help_text: str, labelnames: Sequence[str] = (),
                 initial: Iterable[Sequence[str]] = ()) -> Counter:
-        """Register and return a new counter."""
-        metric = Counter(name, help_text, labelnames, initial)
-        self.registry.register(metric)
+        """Register and return a new counter; ``initial`` label values are exposed (as 0) from the start."""
+        metric = Counter(name, help_text, labelnames, registry=self.registry)
+        for values in initial:
+            metric.labels(*values)
         return metric
 
-    def gauge(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> Gauge:
+    def gauge(self, name: str, help_text: str, labelnames: Sequence[str] = (), *,
+              multiprocess_mode: Literal["all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum",
+                                         "mostrecent", "livemostrecent"] = "all") -> Gauge:
         """Register and return a new gauge."""
-        metric = Gauge(name, help_text, labelnames)
-        self.registry.register(metric)
-        return metric
+        return Gauge(name, help_text, labelnames, registry=self.registry, multiprocess_mode=multiprocess_mode)
 
     def histogram(self, name: str, help_text: str, buckets: Sequence[float] = LATENCY_BUCKETS) -> Histogram:
-        """Register and return a new histogram."""
-        metric = Histogram(name, help_text, buckets)
-        self.registry.register(metric)
-        return metric
+        """Register and return a new histogram (no labels)."""
+        return Histogram(name, help_text, registry=self.registry, buckets=buckets)
+
+    # --- exposition -----------------------------------------------------------------------------
+
+    def exposed(self) -> Collector:
+        """What a scrape reads: this registry, or in multiprocess mode every process's values."""
+        if not MULTIPROCESS:
+            return _WithoutCreated(self.registry)
+        merged = CollectorRegistry(auto_describe=True)
+        MultiProcessCollector(merged)  # type: ignore[no-untyped-call]  # the library leaves it unannotated
+        return merged  # the multiprocess mode has no _created samples
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """``(body, content type)`` for a scrape whose ``Accept`` header is ``accept``, on fresh state.
+
+        Without an ``Accept`` that asks for OpenMetrics or a newer text format, the Prometheus text
+        format 0.0.4 (:data:`CONTENT_TYPE`).
+        """
+        self.collect()
+        encode, content_type = choose_encoder(accept)
+        return encode(self.exposed()), content_type
 
     def render(self) -> str:
+        """The text format 0.0.4, on fresh state (for tests and debugging)."""
         self.collect()
-        return self.registry.render()
+        return generate_latest(self.exposed()).decode("utf-8")
 
 
 # --- HTTP endpoint ------------------------------------------------------------------------------
 
-_MAX_REQUEST = 8192
-_REQUEST_TIMEOUT = 5.0
-#: Connections held at once. A new connection beyond this evicts the oldest one instead of being
-#: refused, so idle or slow clients (which can hold a slot for _REQUEST_TIMEOUT) never lock out
-#: the health checker: it always gets in, at the expense of whoever has waited longest.
-_MAX_CLIENTS = 64
-_REASONS: Final = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-                   503: "Service Unavailable"}
+#: Longest request line and header line accepted (a longer one is answered 400).
+_MAX_LINE = 8190
+#: A connection that has not completed a request this long after connecting (or after the last
+#: response) is closed: slow or idle clients cost a socket for at most this long and, since every
+#: connection is served on its own, never delay the health checker.
+_IDLE_TIMEOUT = 5.0
+_TEXT: Final = "text/plain; charset=utf-8"
+
+
+class _QuietBadRequests(logging.Filter):
+    """aiohttp logs every malformed request as an error with a traceback; for a metrics endpoint that is
+    a confused client, not a fault of the tunnel: one debug event instead.  Other errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        log_event(logging.DEBUG, "metrics_bad_request", "malformed request to the metrics endpoint answered 400",
+                  error=f"{type(exc).__name__}: {exc.message}")
+        return False
+
+
+_HTTP_LOG: Final = logging.getLogger(__name__ + ".http")
+_HTTP_LOG.addFilter(_QuietBadRequests())
 
 
 class MetricsServer:
-    """Serves ``/metrics`` and/or ``/healthz`` over plain HTTP/1.1 (meant for loopback)."""
+    """Serves ``/metrics`` and/or ``/healthz`` over plain HTTP/1.1 with ``aiohttp.web`` (meant for loopback).
+
+    ``GET`` and ``HEAD`` only; other methods on these paths are answered 405, other paths 404.
+    """
 
     def __init__(self, metrics: TunnelMetrics, listen: Address, *, serve_metrics: bool, serve_health: bool) -> None:
         self.metrics = metrics
         self.listen = listen
         self.serve_metrics = serve_metrics
         self.serve_health = serve_health
-        self._server: asyncio.Server | None = None
-        self._tasks: dict[asyncio.Task[None], None] = {}  # insertion-ordered: oldest first
-        self.evicted = 0
+        self._runner: web.AppRunner | None = None
 
     @property
     def address(self) -> Address:
         """The bound address (the real port when the configured port was 0)."""
-        assert self._server is not None
-        host, port = self._server.sockets[0].getsockname()[:2]
+        assert self._runner is not None
+        host, port = self._runner.addresses[0][:2]
         return Address(host, port)
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.listen.host, self.listen.port,
-                                                  limit=_MAX_REQUEST)
+        app = web.Application()
+        if self.serve_metrics:
+            app.router.add_get("/metrics", self._metrics)
+        if self.serve_health:
+            app.router.add_get("/healthz", self._health)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0, logger=_HTTP_LOG,
+                               keepalive_timeout=_IDLE_TIMEOUT, max_line_size=_MAX_LINE, max_field_size=_MAX_LINE)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.listen.host, self.listen.port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        while len(self._tasks) >= _MAX_CLIENTS:
-            oldest = next(iter(self._tasks))
-            del self._tasks[oldest]
-            oldest.cancel()
-            self.evicted += 1
-        self._tasks[task] = None
-        try:
-            async with asyncio.timeout(_REQUEST_TIMEOUT):
-                await self._respond(reader, writer)
-        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            pass  # a broken or slow scraper only loses its own request
-        except asyncio.CancelledError:
-            if task in self._tasks:  # cancelled by close(), not evicted: let the cancellation through
-                raise
-            task.uncancel()  # evicted: this connection just ends
-        finally:
-            self._tasks.pop(task, None)
-            writer.close()
-            with contextlib.suppress(OSError, TimeoutError, asyncio.CancelledError):
-                async with asyncio.timeout(1):
-                    await writer.wait_closed()
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body, content_type = self.metrics.exposition(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
-    async def _respond(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = request_line.split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-            await self._send(writer, 400, "bad request\n", head_only=False)
-            return
-        method, target, _ = parts
-        path = target.split("?", 1)[0]
-        if path == "/metrics" and self.serve_metrics:
-            status, body, ctype = 200, self.metrics.render(), CONTENT_TYPE
-        elif path == "/healthz" and self.serve_health:
-            ok, body = self.metrics.health_report()
-            status, ctype = (200 if ok else 503), "text/plain; charset=utf-8"
-        else:
-            status, body, ctype = 404, "not found\n", "text/plain; charset=utf-8"
-        if method not in ("GET", "HEAD"):
-            status, body, ctype = 405, "method not allowed\n", "text/plain; charset=utf-8"
-        await self._send(writer, status, body, head_only=method == "HEAD", content_type=ctype)
-
-    @staticmethod
-    async def _send(writer: asyncio.StreamWriter, status: int, body: str, *, head_only: bool,
-                    content_type: str = "text/plain; charset=utf-8") -> None:
-        data = body.encode("utf-8")
-        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-                f"Content-Type: {content_type}\r\nContent-Length: {len(data)}\r\n"
-                "Cache-Control: no-store\r\nConnection: close\r\n\r\n").encode("latin-1")
-        writer.write(head if head_only else head + data)
-        await writer.drain()
+    async def _health(self, request: web.Request) -> web.Response:
+        ok, body = self.metrics.health_report()
+        return web.Response(status=200 if ok else 503, body=body.encode("utf-8"),
+                            headers={"Content-Type": _TEXT, "Cache-Control": "no-store"})
 
 
 async def start_metrics_server(metrics: TunnelMetrics, listen: Address, *, serve_metrics: bool,

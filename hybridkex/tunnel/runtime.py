@@ -189,7 +189,7 @@ class TunnelRuntime:
             await self._close_listeners()
             await self.factory.aclose()
             raise
-        self.metrics.peers.set(len(cfg.peers))
+        self.metrics.set_configured_peers(len(cfg.peers))
         log_event(logging.INFO, "listening", f"tunnel {self.role} listening", role=self.role,
                   address=str(self.address), target=str(cfg.target), identity=cfg.identity,
                   peers=sorted(cfg.peer_identities), suites=list(cfg.policy.suites), qkd=cfg.policy.qkd)
@@ -290,7 +290,7 @@ class TunnelRuntime:
             try:
                 new = self._loader()
             except ConfigurationError as exc:
-                self.metrics.reloads.inc(outcome="error")
+                self.metrics.count_reload(ok=False)
                 log_event(logging.ERROR, "config_reload_failed",
                           f"configuration reload failed, keeping the running configuration: {exc}")
                 return False
@@ -301,7 +301,7 @@ class TunnelRuntime:
             try:
                 await self.factory.reconfigure(new)
             except Exception as exc:
-                self.metrics.reloads.inc(outcome="error")
+                self.metrics.count_reload(ok=False)
                 log_event(logging.ERROR, "config_reload_failed",
                           f"configuration reload failed, keeping the running configuration: {_reason(exc)}")
                 return False
@@ -309,8 +309,8 @@ class TunnelRuntime:
             configure_logging(new.logging.format, new.logging.level)
             self._address_limit.configure(new.limits.address_rate, new.limits.address_burst)
             self._peer_limit.configure(new.limits.handshake_rate, new.limits.handshake_burst)
-            self.metrics.peers.set(len(new.peers))
-            self.metrics.reloads.inc(outcome="ok")
+            self.metrics.set_configured_peers(len(new.peers))
+            self.metrics.count_reload(ok=True)
             for w in new.warnings:
                 log_event(logging.WARNING, "config_warning", w.message, field=w.field)
             if fixed:
@@ -347,8 +347,7 @@ class TunnelRuntime:
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
-        self.metrics.active.inc()
-        self.metrics.connections.inc()
+        self.metrics.connection_opened()
         conn.log.log(logging.DEBUG, "accepted", "connection accepted")
         admission = ADMISSION.set(self._peer_limit.peek)  # the channel asks it when the peer names itself
         try:
@@ -363,7 +362,7 @@ class TunnelRuntime:
         finally:
             ADMISSION.reset(admission)
             self._conns.discard(task)
-            self.metrics.active.dec()
+            self.metrics.connection_ended()
             writer.close()
 
     async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reason: str,
@@ -390,7 +389,7 @@ class TunnelRuntime:
             writer.close()
 
     def _count_refusal(self, reason: str, peer_addr: str, why: str, peer_identity: str | None = None) -> None:
-        self.metrics.rejected.inc(reason=reason)
+        self.metrics.count_refused(reason)
         suppressed = self._throttle.check(reason)
         if suppressed is not None:
             fields: dict[str, object] = {"reason": reason, "peer_addr": peer_addr,
@@ -412,15 +411,14 @@ class TunnelRuntime:
                                 f"peer {who!r} is over its handshake rate (limits.handshake_rate)", who)
             return
         outcome = handshake_outcome(exc)
-        self.metrics.handshakes.inc(outcome=outcome)
+        self.metrics.count_handshake(outcome)
         level = logging.ERROR if outcome == "internal_error" else logging.WARNING
         conn.log.log(level, "handshake_failed", "handshake failed; connection closed", outcome=outcome,
                      reason=_reason(exc), duration_ms=round((time.monotonic() - conn.started) * 1000, 3))
 
     def handshake_ok(self, conn: Connection, stream: SecureStream, started: float) -> Mapping[str, object]:
         elapsed = time.monotonic() - started
-        self.metrics.handshakes.inc(outcome="ok")
-        self.metrics.handshake_seconds.observe(elapsed)
+        self.metrics.count_handshake("ok", elapsed)
         facts = safe_fields(stream.session_facts)
         # Authenticated: the address gets its token back, the peer identity pays for the handshake.
         self._address_limit.refund(conn.address_key)
@@ -433,7 +431,7 @@ class TunnelRuntime:
 
     async def relay_connection(self, conn: Connection, listen_side: SecureStream, target_side: SecureStream,
                                facts: Mapping[str, object]) -> None:
-        bytes_metric = self.metrics.bytes
+        add_bytes = self.metrics.add_bytes
         idle = conn.config.timeouts.idle or None
         # Counted here as well as in the relay so that a connection cut at the drain deadline still
         # reports what it moved.
@@ -441,14 +439,14 @@ class TunnelRuntime:
 
         def on_bytes(direction: Direction, n: int) -> None:
             moved[direction] += n
-            bytes_metric.inc(n, direction=direction)
+            add_bytes(direction, n)
 
         result: RelayResult | None = None
         try:
             result = await relay(listen_side, target_side, idle_timeout=idle, on_bytes=on_bytes)
         finally:
             outcome = result.outcome if result else "shutdown"
-            self.metrics.closed.inc(outcome=outcome)
+            self.metrics.count_closed(outcome)
             fields: dict[str, object] = {"outcome": outcome, "bytes_in": moved["in"], "bytes_out": moved["out"],
                                          "duration_s": round(time.monotonic() - conn.started, 3)}
             if result is not None and result.error:
@@ -458,6 +456,6 @@ class TunnelRuntime:
             conn.log.log(logging.INFO, "connection_closed", "connection closed", **fields)
 
     def target_failed(self, conn: Connection, exc: BaseException) -> None:
-        self.metrics.closed.inc(outcome="target_unreachable")
+        self.metrics.count_closed("target_unreachable")
         conn.log.log(logging.WARNING, "target_unreachable", f"cannot connect to target {conn.config.target}",
                      reason=_reason(exc) if str(exc) or isinstance(exc, OSError) else "connect deadline exceeded")

@@ -275,7 +275,7 @@ class HybridChannelFactory:
         levels: dict[str, int] | None = None
         if callable(stats):  # the server's pool
             levels = dict(stats().levels)
-            self._metrics.qkd_pool.replace(((sae,), n) for sae, n in levels.items())
+            self._metrics.set_qkd_pool_levels(levels)
         state, detail = self.watch.health(levels, self._keys_per_handshake)
         self._metrics.health.set("kme", state, detail)
 

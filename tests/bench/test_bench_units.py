@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import random
+import statistics
 import subprocess
 import sys
 import time
@@ -39,9 +42,27 @@ def test_wire_log_counts_flights_and_the_round_trips_a_client_waits_for() -> Non
 
 
 def test_statistics() -> None:
-    data = [float(x) for x in range(1, 101)]
-    assert quantile(data, 0.5) == 50.5 and quantile(data, 0.99) == pytest.approx(99.01)
-    assert quantile([3.0], 0.99) == 3.0
+    data = [float(x) for x in range(100, 0, -1)]  # unsorted on purpose
+    # Known values of linear interpolation between closest ranks: position (n - 1) * q, 0-based.
+    assert quantile(data, 0.5) == 50.5 == statistics.median(data)
+    assert quantile(data, 0.95) == pytest.approx(95.05) and quantile(data, 0.99) == pytest.approx(99.01)
+    assert (quantile(data, 0), quantile(data, 1), quantile(data, 0.01)) == (1.0, 100.0, pytest.approx(1.99))
+    assert (quantile([1.0, 2.0, 3.0, 4.0], 0.25), quantile([1.0, 2.0, 3.0, 4.0], 0.75)) == (1.75, 3.25)
+    assert quantile([3.0], 0.99) == 3.0 == quantile([3.0], 0.01)
+    assert math.isnan(quantile([], 0.95))
+    with pytest.raises(ValueError, match="whole percentile"):
+        quantile(data, 0.999)
+    # The same definition as NumPy's default, which draws the plots' boxes: tables and plots agree.
+    import numpy as np
+    from matplotlib import cbook
+
+    rng = random.Random(18)
+    sample = [rng.lognormvariate(0, 1) for _ in range(537)]
+    for q in (0.01, 0.25, 0.5, 0.95, 0.99):
+        assert quantile(sample, q) == pytest.approx(float(np.percentile(sample, q * 100)), rel=1e-12)
+    stats = cbook.boxplot_stats(sample, whis=(1, 99))[0]
+    assert (stats["q1"], stats["med"], stats["q3"]) == pytest.approx(
+        (quantile(sample, 0.25), quantile(sample, 0.5), quantile(sample, 0.75)), rel=1e-12)
     s = summarize([4.0, 1.0, 3.0, 2.0])
     assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 4.0, 4)
     assert spread([1.0, 2.0, 3.0]) == 1.0 and spread([5.0]) == 0.0

@@ -1,4 +1,4 @@
-"""Tunnel building blocks in-process: log redaction, metrics format and endpoint, rate limits, relay, seam."""
+"""Tunnel building blocks in-process: log redaction, rate limits, relay, seam (metrics: test_tunnel_metrics.py)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from hybridkex.tunnel.channel import PlainStream, SecureStream
 from hybridkex.tunnel.config import Overrides, TunnelConfig, load_config
 from hybridkex.tunnel.limits import HandshakeRateLimiter, LogThrottle, rate_key
 from hybridkex.tunnel.logs import REDACTED, ConnectionLog, configure_logging, safe_fields
-from hybridkex.tunnel.metrics import Counter, Gauge, Histogram, MetricsServer, Registry, TunnelMetrics
+from hybridkex.tunnel.metrics import TunnelMetrics
 from hybridkex.tunnel.relay import relay
 from hybridkex.tunnel.runtime import handshake_outcome
 from hybridkex.tunnel.server import TunnelServer
@@ -111,90 +111,6 @@ def test_connection_log_lines_never_carry_key_bytes(fmt: str) -> None:
         assert doc["session"] == {"suite": "s", "key": REDACTED, "material": REDACTED}
     else:
         assert ' info handshake_ok "handshake complete" conn=c0ffee peer_addr=127.0.0.1:5 session=' in line
-
-
-# --- metrics ----------------------------------------------------------------------------------------
-
-
-def test_prometheus_text_format() -> None:
-    reg = Registry()
-    c = Counter("t_total", "A counter.\nSecond line.", ("kind",), initial=[("a",)])
-    g = Gauge("t_level", "A gauge.", ("peer",))
-    h = Histogram("t_seconds", "A histogram.", buckets=(0.1, 1.0))
-    for m in (c, g, h):
-        reg.register(m)
-    c.inc(kind='we"ird\\')
-    c.inc(2, kind="a")
-    g.set(5, peer="SAE_B")
-    for v in (0.05, 0.5, 7):
-        h.observe(v)
-    assert reg.render() == (
-        "# HELP t_total A counter.\\nSecond line.\n# TYPE t_total counter\n"
-        't_total{kind="a"} 2\nt_total{kind="we\\"ird\\\\"} 1\n'
-        '# HELP t_level A gauge.\n# TYPE t_level gauge\nt_level{peer="SAE_B"} 5\n'
-        "# HELP t_seconds A histogram.\n# TYPE t_seconds histogram\n"
-        't_seconds_bucket{le="0.1"} 1\nt_seconds_bucket{le="1"} 2\nt_seconds_bucket{le="+Inf"} 3\n'
-        "t_seconds_sum 7.55\nt_seconds_count 3\n")
-    assert parse_prometheus(reg.render())[("t_total", (("kind", 'we\\"ird\\\\'),))] == 1
-    with pytest.raises(ValueError, match="only goes up"):
-        c.inc(-1, kind="a")
-    with pytest.raises(ValueError, match="takes labels"):
-        c.inc(peer="x")
-    with pytest.raises(ValueError, match="already registered"):
-        reg.register(Counter("t_total", "again"))
-
-
-def test_factory_metrics_api() -> None:
-    m = TunnelMetrics("client")
-    m.set_qkd_pool_level("SAE_B", 12)
-    m.kme_error("http_503")
-    m.kme_error("http_503")
-    extra = m.counter("hybridkex_custom_total", "Factory-defined.")
-    extra.inc()
-    samples = parse_prometheus(m.render())
-    assert samples[("hybridkex_qkd_pool_keys", (("peer", "SAE_B"),))] == 12
-    assert samples[("hybridkex_kme_errors_total", (("kind", "http_503"),))] == 2
-    assert samples[("hybridkex_custom_total", ())] == 1
-    assert samples[("hybridkex_tunnel_handshakes_total", (("outcome", "timeout"),))] == 0  # present from the start
-
-
-def test_metrics_endpoint_requests() -> None:
-    async def main() -> None:
-        metrics = TunnelMetrics("server")
-        from hybridkex.tunnel.config import Address
-
-        server = MetricsServer(metrics, Address("127.0.0.1", 0), serve_metrics=True, serve_health=True)
-        await server.start()
-        port = server.address.port
-
-        async def request(raw: bytes) -> bytes:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(raw)
-            await writer.drain()
-            data = await asyncio.wait_for(reader.read(), 10)
-            writer.close()
-            await writer.wait_closed()
-            return data
-
-        try:
-            ok = await request(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert ok.startswith(b"HTTP/1.1 200 OK\r\n") and b"hybridkex_tunnel_info" in ok
-            head = await request(b"HEAD /metrics HTTP/1.1\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
-            assert (await request(b"POST /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 405 ")
-            assert (await request(b"\x16\x03\x01 garbage\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
-            assert await request(b"GET /" + b"a" * 10_000) == b""  # oversized head: dropped
-            assert (await request(b"GET /healthz HTTP/1.1\r\n\r\n")).endswith(b"\r\n\r\nok\n")
-            metrics.health.set("kme", False, "KME unreachable")
-            sick = await request(b"GET /healthz HTTP/1.1\r\n\r\n")
-            assert sick.startswith(b"HTTP/1.1 503 ") and sick.endswith(b"kme: KME unreachable\n")
-            metrics.health.set("kme", True)
-            metrics.health.draining = True
-            assert (await request(b"GET /healthz HTTP/1.1\r\n\r\n")).endswith(b"draining\n")
-        finally:
-            await server.close()
-
-    asyncio.run(main())
 
 
 # --- limits -----------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -22,6 +21,9 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 PY = sys.executable
 WAIT = 15.0  # upper bound for anything that should happen "soon"; never a timing assertion
@@ -306,8 +308,7 @@ class TunnelProcess:
 
 # --- metrics ---------------------------------------------------------------------------------------
 
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([^}]*)\})? (\S+)$')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def http_get(port: int, path: str) -> tuple[int, str, str]:
@@ -319,36 +320,33 @@ def http_get(port: int, path: str) -> tuple[int, str, str]:
         return exc.code, exc.headers.get("Content-Type", ""), exc.read().decode()
 
 
-def parse_prometheus(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Parse the text exposition format strictly enough to catch malformed output."""
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    typed: dict[str, str] = {}
-    assert text.endswith("\n")
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            continue
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert kind in ("counter", "gauge", "histogram"), line
-            typed[name] = kind
-            continue
-        m = _SAMPLE.match(line)
-        assert m, f"malformed sample line {line!r}"
-        name, _, labels, value = m.groups()
-        base = re.sub(r"_(bucket|sum|count)$", "", name)
-        assert name in typed or base in typed, f"sample {name} before its TYPE line"
-        parsed = tuple(sorted(_LABEL.findall(labels or "")))
-        samples[(name, parsed)] = float(value)
+def metric_families(text: str) -> dict[str, Metric]:
+    """The text exposition format parsed by prometheus_client's own parser (it raises on malformed input)."""
+    families: dict[str, Metric] = {}
+    for family in text_string_to_metric_families(text):
+        assert family.name not in families, f"metric family {family.name} exposed twice"
+        families[family.name] = family
+    return families
+
+
+def parse_prometheus(text: str) -> Samples:
+    """Every sample of an exposition, by (sample name, sorted labels); a duplicate sample fails."""
+    samples: Samples = {}
+    for family in metric_families(text).values():
+        for s in family.samples:
+            key = (s.name, tuple(sorted(s.labels.items())))
+            assert key not in samples, f"sample {key} exposed twice"
+            samples[key] = s.value
     return samples
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(port: int) -> Samples:
     status, ctype, body = http_get(port, "/metrics")
     assert status == 200 and ctype.startswith("text/plain; version=0.0.4"), (status, ctype)
     return parse_prometheus(body)
 
 
-def metric(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+def metric(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
