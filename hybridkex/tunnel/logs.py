@@ -140,7 +140,11 @@ def configure_logging(fmt: str = "text", level: str = "info", stream: TextIO | N
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.NOTSET)  # the root's level applies to tunnel and library records alike
     logger.propagate = True
-    logging.captureWarnings(True)  # warnings.warn() (e.g. SecureSiteWarning) becomes a record too
+    # warnings.warn() (e.g. SecureSiteWarning) becomes a record too.  Off first: captureWarnings(True)
+    # does nothing while logging believes it still captures, even after someone (a test runner, an
+    # embedding application) put warnings.showwarning back.
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     return logger
 
 
