@@ -17,7 +17,8 @@ draw the same pads for the same tag.  Frames are ``seq (8 bytes) | flag (1) | pa
 A tag covers every frame the sender sent since its previous tag (the *segment*), so the protocol
 chooses per message between real-time authentication (a tag on every frame) and a tag at the end of
 each phase (far less key for Cascade's many round trips); a receiver must not act irreversibly on
-an untagged frame before the tag that closes its segment has verified.  Sequence numbers per direction stop replay and reordering.
+an untagged frame before the tag that closes its segment has verified.  Sequence numbers per
+direction stop replay and reordering.
 """
 
 from __future__ import annotations

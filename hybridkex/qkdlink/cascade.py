@@ -124,6 +124,8 @@ class CascadeBob:
     def receive(self, parities: list[int]) -> None:
         if len(parities) != len(self._pending) or any(b not in (0, 1) for b in parities):
             raise RemoteProtocolError("Cascade answer does not match the queries")
+        if self.rounds >= 64 * self.params.passes:
+            raise RemoteProtocolError("Cascade does not converge: too many round trips")
         self.leaked_bits += len(parities)
         self.rounds += 1
         for (_, q), bit in zip(self._pending, parities, strict=True):
@@ -152,6 +154,10 @@ class CascadeBob:
             self._new.append([p, b, q[1], q[2]])
 
     def _flip(self, index: int) -> None:
+        if self.corrected >= self.params.n // 4 + 16:
+            # Honest parities fix each error once; this many flips means the answers contradict
+            # each other (altered in flight), and the searches could chase them for ever.
+            raise RemoteProtocolError("Cascade does not converge: the parities received are inconsistent")
         self._bits[index] ^= 1
         for p in range(self.params.passes):
             self._pb[p][self._pos[p][index]] ^= 1

@@ -132,6 +132,7 @@ class _End:
         self.error: HybridKEXError | None = None
         self.result: BlockResult | None = None
         self.frames = 0
+        self._last_verified = True
         self._start_consumed = auth.pool.consumed_bits
         self._estimate: pp.Estimate | None = None
         # Phase tags: at most 6 per block (CLICKS, SIFT, ESTIMATE, CASCADE_DONE, VERIFY, CONFIRM or an
@@ -155,9 +156,13 @@ class _End:
 
     def _open(self, frame: bytes) -> tuple[int, _Reader]:
         self.frames += 1
-        payload, _verified = self.auth.open(frame)
+        payload, verified = self.auth.open(frame)
+        self._last_verified = verified
         if not payload:
             raise RemoteProtocolError("empty classical message")
+        if not verified and payload[0] not in (ANSWERS, QUERIES):
+            # Only Cascade's round trips may wait for a later tag; anything else untagged was altered.
+            raise LinkAuthenticationError(f"untagged classical message {payload[0]} where a tag is required")
         return payload[0], _Reader(payload[1:])
 
     def _fail(self, err: HybridKEXError) -> None:
@@ -214,8 +219,11 @@ class _End:
             self._fail(err)
             return None
         except RemoteProtocolError as err:
-            # An authenticated peer never sends these, so treat it like tampering: no key.
-            self._fail(err)
+            if not self._last_verified:
+                # Malformed and not (yet) authenticated: altered in flight, as the closing tag would show.
+                self._fail(LinkAuthenticationError(f"unauthenticated classical message is malformed ({err})"))
+            else:
+                self._fail(err)
             return None
 
     def _handle(self, kind: int, r: _Reader) -> bytes | None:
