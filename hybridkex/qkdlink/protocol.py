@@ -182,7 +182,8 @@ class _End:
         code, qber = r.take(1)[0], r.f64()
         reason = _ABORT_REASONS.get(code, "unknown")
         if reason == "qber":
-            self._fail(QBERAbort(qber=qber, threshold=self.config.qber_threshold, sample_size=0))
+            sample = int(getattr(self, "_sample_size", 0))  # Alice knows the size of the sample she drew
+            self._fail(QBERAbort(qber=qber, threshold=self.config.qber_threshold, sample_size=sample))
         else:
             self._fail(LinkAbort(f"the peer aborted the block ({reason})", reason=reason))
 
