@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "AlreadyFinalized",
     "AuthenticationError",
+    "BootstrapExhausted",
     "ConfigurationError",
     "HandshakeTimeout",
     "HybridKEXError",
@@ -21,12 +22,15 @@ __all__ = [
     "KeyReuseError",
     "KeySourceError",
     "KeyUnavailableError",
+    "LinkAbort",
+    "LinkAuthenticationError",
     "LocalProtocolError",
     "PSKHashMismatch",
     "PSKMismatch",
     "PSKRejected",
     "PolicyViolation",
     "ProtocolError",
+    "QBERAbort",
     "QKDKeyUnknownError",
     "RateLimited",
     "RemoteProtocolError",
@@ -223,3 +227,31 @@ class HandshakeTimeout(HybridKEXError, TimeoutError):
     """A handshake stage (peer, KME) did not finish within its deadline."""
 
     exit_code = 9
+
+
+class LinkAbort(KeySourceError):
+    """A QKD link block was discarded and gave no key (``reason`` says why, e.g. verification failed)."""
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+
+class QBERAbort(LinkAbort):
+    """A QKD link block aborted: the sampled QBER is above the threshold (noise or an eavesdropper)."""
+
+    def __init__(self, *, qber: float, threshold: float, sample_size: int) -> None:
+        super().__init__(f"QBER {qber:.2%} above the {threshold:.2%} threshold ({sample_size} bits sampled): "
+                         "block discarded", reason="qber")
+        self.qber = qber
+        self.threshold = threshold
+        self.sample_size = sample_size
+
+
+class LinkAuthenticationError(AuthenticationError):
+    """A classical message of the QKD link failed its Wegman-Carter MAC: the block is discarded."""
+
+
+class BootstrapExhausted(KeySourceError):
+    """The QKD link has no authentication key left: the bootstrap secret ran out before a block
+    completed (or the reserved key of earlier blocks did); provide a longer bootstrap secret."""
