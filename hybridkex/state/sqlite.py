@@ -80,7 +80,9 @@ class SQLiteState:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executescript("SAVEPOINT s;" + _TABLES + "RELEASE s;")
+            for statement in _TABLES.split(";"):  # not executescript: it would commit first
+                if statement.strip():
+                    db.execute(statement)
             rows = db.execute("SELECT version FROM state_schema").fetchall()
             if not rows:
                 db.execute("INSERT INTO state_schema VALUES (?)", (SCHEMA_VERSION,))
