@@ -57,6 +57,57 @@ def ctx() -> Any:
     return mp.get_context("spawn")  # a fresh interpreter: no connection or lock inherited from the test
 
 
+class Gate:
+    """Releases racing workers together, once every one of them has opened its state."""
+
+    def __init__(self, c: Any) -> None:
+        self.ready = c.Semaphore(0)
+        self.go = c.Event()
+
+    def wait(self, timeout: float = 60) -> None:
+        self.ready.release()
+        self.go.wait(timeout)
+
+    def open(self, n: int, timeout: float = 60) -> None:
+        for _ in range(n):
+            if not self.ready.acquire(timeout=timeout):
+                raise AssertionError("a worker did not start")
+        self.go.set()
+
+
+def _run(target: Any, args: tuple[Any, ...], gate: Gate, out: Any, i: int) -> None:
+    try:
+        out.put((i, True, target(*args, gate)))
+    except BaseException as exc:
+        out.put((i, False, f"{type(exc).__name__}: {exc}"))
+        raise
+
+
+def race(target: Any, arglist: list[tuple[Any, ...]], *, during: Any = None, timeout: float = 240) -> list[Any]:
+    """One process per argument tuple, released together; ``during(gate)`` runs meanwhile; the results."""
+    c = ctx()
+    gate, out = Gate(c), c.Queue()
+    procs = [c.Process(target=_run, args=(target, a, gate, out, i)) for i, a in enumerate(arglist)]
+    for p in procs:
+        p.start()
+    try:
+        gate.open(len(procs))
+        if during is not None:
+            during()
+        results: dict[int, Any] = {}
+        for _ in procs:
+            i, ok, value = out.get(timeout=timeout)
+            if not ok:
+                raise AssertionError(f"worker {i} failed: {value}")
+            results[i] = value
+        return [results[i] for i in range(len(procs))]
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():  # pragma: no cover - a hung worker
+                p.kill()
+
+
 # -- workers (module level: spawned processes import them) ------------------------------------------------
 
 def spend_worker(url: str, scope: str, ids: list[str], seed: int, start: Any) -> list[str]:
