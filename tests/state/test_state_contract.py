@@ -112,7 +112,7 @@ def test_secrets_never_stored_in_clear(url: str, tmp_path: object) -> None:
             dump = _pg_dump(url)
         else:
             s.close()
-            dump = b"".join(p.read_bytes() for p in s.path.parent.glob(s.path.name + "*"))  # type: ignore[attr-defined]
+            dump = b"".join(p.read_bytes() for p in s.path.parent.glob(s.path.name + "*"))
     assert secret not in dump
 
 
