@@ -134,3 +134,18 @@ def test_handshakes_served_by_two_replicas_sharing_postgresql(pg: PG, tmp_path: 
         ini_store.close()
         for r in replicas:
             r.close()
+
+
+def test_recycled_authenticator_from_state(url: str) -> None:
+    from hybridkex.exceptions import ConfigurationError
+    from hybridkex.recycle import RecycledAuthenticator
+
+    with open_state(url, seal_key=SEAL_KEY) as s:
+        auth = RecycledAuthenticator.from_state("bootstrap-once", state=s)
+        assert auth.store is s.auth_keys()
+    by_url = RecycledAuthenticator.from_state(state_url=url, seal_key=SEAL_KEY)
+    by_url.store.rotate(A, B, used_key_id=None, new_key_id=kid(1), new_key=key(1))
+    assert [k.key_id for k in by_url.store.keys(A, B)] == [kid(1)]
+    by_url.store.close()
+    with pytest.raises(ConfigurationError, match="exactly one"):
+        RecycledAuthenticator.from_state()
