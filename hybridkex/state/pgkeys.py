@@ -6,6 +6,8 @@ deleted before the peer proved it holds a newer key, so no lockout), one transac
 SQLite serialises every writer on its file lock, here a rotation locks its pair's row
 (``SELECT ... FOR UPDATE``): rotations of one pair, from any host, run one at a time; other pairs
 do not wait.  The key bytes are stored sealed under the host's state key, bound to their row.
+Times (created, superseded, the grace period) are the database's clock, so replicas whose clocks
+differ agree on when a superseded key stops being accepted.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConfigurationError, InvalidKeyMaterial
 from ..recycle.store import KEY_ID_LEN, KEY_LEN, AuthKey, BootstrapState, PairSummary
-from .base import Sealer, aad, now
+from .base import Sealer, aad
 
 if TYPE_CHECKING:
     import psycopg
@@ -23,6 +25,12 @@ if TYPE_CHECKING:
     from .postgres import PostgresState
 
 __all__ = ["PostgresAuthKeyStore"]
+
+def _db_now(c: psycopg.Connection[Any]) -> float:
+    """The database's clock, in seconds since the epoch (one clock for every replica)."""
+    row = c.execute("SELECT extract(epoch FROM now())::double precision").fetchone()
+    assert row is not None
+    return float(row[0])
 
 
 class _Collision(Exception):
@@ -55,23 +63,24 @@ class PostgresAuthKeyStore:
     # -- reads ------------------------------------------------------------------------------------
 
     def keys(self, local_id: str, peer_id: str, *, include_superseded: bool = False) -> list[AuthKey]:
-        horizon = now() - self._grace if include_superseded else float("inf")
+        grace = self._grace if include_superseded else -1e18  # superseded keys only within the grace period
         rows = self._state.run("read authentication keys", lambda c: c.execute(
             "SELECT key_id, epoch, sealed_key, created_at, confirmed, superseded_at FROM auth_keys "
-            "WHERE local_id = %s AND peer_id = %s AND (superseded_at IS NULL OR superseded_at > %s) "
-            "ORDER BY epoch DESC, created_at DESC, seq DESC", (local_id, peer_id, horizon)).fetchall())
+            "WHERE local_id = %s AND peer_id = %s AND (superseded_at IS NULL OR "
+            "superseded_at > extract(epoch FROM now())::double precision - %s) "
+            "ORDER BY epoch DESC, created_at DESC, seq DESC", (local_id, peer_id, grace)).fetchall())
         return [self._key(local_id, peer_id, r) for r in rows]
 
     def find(self, local_id: str, peer_id: str, key_ids: Sequence[bytes]) -> list[AuthKey]:
         ids = list(dict.fromkeys(bytes(k) for k in key_ids))[:64]  # bounded: a Hello lists at most 16
         if not ids:
             return []
-        horizon = now() - self._grace
         rows = self._state.run("read authentication keys", lambda c: c.execute(
             "SELECT key_id, epoch, sealed_key, created_at, confirmed, superseded_at FROM auth_keys "
             "WHERE local_id = %s AND peer_id = %s AND key_id = ANY(%s) AND (superseded_at IS NULL OR "
-            "superseded_at > %s) ORDER BY epoch DESC, created_at DESC, seq DESC",
-            (local_id, peer_id, ids, horizon)).fetchall())
+            "superseded_at > extract(epoch FROM now())::double precision - %s) "
+            "ORDER BY epoch DESC, created_at DESC, seq DESC",
+            (local_id, peer_id, ids, self._grace)).fetchall())
         return [self._key(local_id, peer_id, r) for r in rows]
 
     def bootstrap_retired(self, local_id: str, peer_id: str) -> bool:
@@ -115,11 +124,11 @@ class PostgresAuthKeyStore:
         used = None if used_key_id is None else bytes(used_key_id)
         new_id, sealed = bytes(new_key_id), self._sealer.seal(aad("authkey", local_id, peer_id, bytes(new_key_id)),
                                                               new_key)
-        t = now()
 
         def go(c: psycopg.Connection[Any]) -> None:
             pair = (local_id, peer_id)
             self._lock_pair(c, local_id, peer_id)
+            t = _db_now(c)
             used_epoch = 0
             if used is not None:
                 row = c.execute("SELECT epoch FROM auth_keys WHERE local_id = %s AND peer_id = %s AND key_id = %s",
@@ -186,11 +195,10 @@ class PostgresAuthKeyStore:
         self._pair_event(local_id, peer_id, "rebootstrap")
 
     def _pair_event(self, local_id: str, peer_id: str, event: str) -> None:
-        t = now()
-
         def go(c: psycopg.Connection[Any]) -> None:
             pair = (local_id, peer_id)
             self._lock_pair(c, local_id, peer_id)
+            t = _db_now(c)
             if event == "rebootstrap":
                 c.execute("INSERT INTO auth_spent SELECT local_id, peer_id, key_id, %s FROM auth_keys WHERE "
                           "local_id = %s AND peer_id = %s ON CONFLICT DO NOTHING", (t, *pair))
