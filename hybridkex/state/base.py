@@ -79,6 +79,13 @@ class SharedState(Protocol):
         """Accept counter ``index`` of ``scope`` once: None, or why not (``"replayed"``, ``"too old"``)."""
         ...
 
+    def spend_claim(self, counter_scope: str, index: int, scope: str, ids: Sequence[str], *,
+                    window: int = WINDOW) -> str | None:
+        """:meth:`spend_counter`, then (if accepted) :meth:`spend` of ``ids``, in one transaction (one
+        round trip: a steady-state connection's whole cost here): None, or why not (``"replayed"``,
+        ``"too old"``, ``"key used"``).  An accepted counter stays spent whatever follows."""
+        ...
+
     def hold(self, scope: str, ids: Sequence[str], *, expires_at: float) -> int:
         """Hold IDs for a later :meth:`take` (IDs spent already are not held); how many are now held."""
         ...

@@ -4,7 +4,8 @@
 NOTHING`` on a primary key (a second inserter waits for the first's commit, then inserts nothing),
 a counter window is read ``FOR UPDATE`` (one writer per scope at a time), and a pooled ID is taken
 with ``FOR UPDATE SKIP LOCKED`` (concurrent takers get different rows, none waits).  Every call is
-one transaction under READ COMMITTED, which these statements make sufficient.
+one transaction under READ COMMITTED, which these statements make sufficient.  The spends on a
+connection's critical path are server-side functions (schema migration 1): one round trip each.
 
 The schema is versioned (table ``hybridkex_schema``); a new database gets every migration, an older
 one is migrated only when asked (``migrate=True``: a fleet upgrades its schema once, deliberately),
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ..exceptions import StateError, StateReadOnly, StateSchemaError, StateUnavailable, UnsupportedAlgorithm
 from . import base
-from .base import SCHEMA_VERSION, WINDOW, Sealer, Ticket, aad, advance_window, check_name, check_window, now
+from .base import SCHEMA_VERSION, WINDOW, Sealer, Ticket, aad, check_name, check_window, now
 from .pgkeys import PostgresAuthKeyStore
 
 if TYPE_CHECKING:
@@ -34,15 +35,74 @@ T = TypeVar("T")
 
 #: Schema migrations, in order: version N is MIGRATIONS[N - 1].  Append only; never edit a released one.
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
-    # 1: anti-replay and tickets
+    # 1: anti-replay and tickets.  The spends are functions: one round trip each, atomic as one statement.
     ("CREATE TABLE state_spent (scope text NOT NULL, key_id text NOT NULL, spent_at double precision NOT NULL, "
      "PRIMARY KEY (scope, key_id))",
-     "CREATE TABLE state_counters (scope text PRIMARY KEY, top bigint NOT NULL, win bytea NOT NULL)",
+     # win: bit o (from the left, 0-based) set when counter top - o was accepted (IPsec's window)
+     "CREATE TABLE state_counters (scope text PRIMARY KEY, top bigint NOT NULL, win varbit NOT NULL)",
      "CREATE TABLE state_held (scope text NOT NULL, key_id text NOT NULL, held_at double precision NOT NULL, "
      "expires_at double precision NOT NULL, PRIMARY KEY (scope, key_id))",
      "CREATE INDEX state_held_order ON state_held (scope, held_at, key_id)",
      "CREATE TABLE state_tickets (kind text NOT NULL, handle bytea NOT NULL, secret bytea NOT NULL, "
-     "meta bytea NOT NULL, expires_at double precision NOT NULL, PRIMARY KEY (kind, handle))"),
+     "meta bytea NOT NULL, expires_at double precision NOT NULL, PRIMARY KEY (kind, handle))",
+     """CREATE FUNCTION hybridkex_spend_ids(p_scope text, p_ids text[], p_at double precision) RETURNS boolean
+        LANGUAGE plpgsql AS $f$
+        DECLARE n bigint;
+        BEGIN
+          -- A second inserter of an ID waits for the first's commit, then inserts nothing.
+          INSERT INTO state_spent SELECT p_scope, k, p_at FROM unnest(p_ids) AS k ON CONFLICT DO NOTHING;
+          GET DIAGNOSTICS n = ROW_COUNT;
+          IF n < cardinality(p_ids) THEN
+            RAISE EXCEPTION USING ERRCODE = 'HK001';  -- undoes this block's inserts: all or none
+          END IF;
+          DELETE FROM state_held WHERE scope = p_scope AND key_id = ANY(p_ids);
+          RETURN true;
+        EXCEPTION WHEN SQLSTATE 'HK001' THEN
+          RETURN false;
+        END $f$""",
+     """CREATE FUNCTION hybridkex_spend_counter(p_scope text, p_index bigint, p_width integer) RETURNS text
+        LANGUAGE plpgsql AS $f$
+        DECLARE v_top bigint; v_win varbit; v_off bigint;
+        BEGIN
+          INSERT INTO state_counters VALUES (p_scope, 0, repeat('0', p_width)::varbit) ON CONFLICT DO NOTHING;
+          SELECT top, win INTO v_top, v_win FROM state_counters WHERE scope = p_scope FOR UPDATE;
+          IF length(v_win) <> p_width THEN  -- another window width than before: keep what fits
+            v_win := substring(v_win || repeat('0', p_width)::varbit FROM 1 FOR p_width);
+          END IF;
+          IF p_index > v_top THEN
+            IF p_index - v_top >= p_width THEN
+              v_win := repeat('0', p_width)::varbit;
+            ELSE
+              v_win := v_win >> (p_index - v_top)::integer;
+            END IF;
+            UPDATE state_counters SET top = p_index, win = set_bit(v_win, 0, 1) WHERE scope = p_scope;
+            RETURN NULL;
+          END IF;
+          v_off := v_top - p_index;
+          IF v_off >= p_width THEN
+            RETURN 'too old';
+          END IF;
+          IF get_bit(v_win, v_off::integer) = 1 THEN
+            RETURN 'replayed';
+          END IF;
+          UPDATE state_counters SET win = set_bit(v_win, v_off::integer, 1) WHERE scope = p_scope;
+          RETURN NULL;
+        END $f$""",
+     """CREATE FUNCTION hybridkex_spend_claim(p_counter text, p_index bigint, p_width integer, p_scope text,
+                                              p_ids text[], p_at double precision) RETURNS text
+        LANGUAGE plpgsql AS $f$
+        DECLARE why text;
+        BEGIN
+          why := hybridkex_spend_counter(p_counter, p_index, p_width);
+          IF why IS NOT NULL THEN
+            RETURN why;
+          END IF;
+          -- the counter stays spent whatever follows (fail closed)
+          IF cardinality(p_ids) > 0 AND NOT hybridkex_spend_ids(p_scope, p_ids, p_at) THEN
+            RETURN 'key used';
+          END IF;
+          RETURN NULL;
+        END $f$"""),
     # 2: recycled-authentication keys (hybridkex.state.pgkeys), the key bytes sealed
     ("CREATE TABLE auth_pairs (local_id text NOT NULL, peer_id text NOT NULL, "
      "bootstrap_retired boolean NOT NULL DEFAULT false, rotations bigint NOT NULL DEFAULT 0, "
@@ -69,10 +129,6 @@ def _psycopg() -> Any:
         raise UnsupportedAlgorithm('the PostgreSQL state backend needs psycopg 3: pip install "hybridkex[postgresql]"'
                                    ) from None
     return psycopg
-
-
-class _Refused(Exception):
-    """Internal: one ID of a spend was used before; the transaction is rolled back."""
 
 
 class PostgresState:
@@ -139,8 +195,9 @@ class PostgresState:
                                     f"{text}")
         return StateError(f"the PostgreSQL state database {self.where} refused to {what}: {text}")
 
-    def run(self, what: str, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
-        """``fn(conn)`` in one transaction.  A connection that broke since its last use (the server
+    def run(self, what: str, fn: Callable[[psycopg.Connection[Any]], T], *, single: bool = False) -> T:
+        """``fn(conn)`` in one transaction (``single``: ``fn`` runs one statement, its own transaction,
+        saving the BEGIN and COMMIT round trips).  A connection that broke since its last use (the server
         restarted) is replaced once; a failure on a fresh connection is the caller's error.  Retrying
         after a commit whose answer was lost is safe: a spend then finds its IDs spent and refuses
         (fail closed), it never accepts twice."""
@@ -150,6 +207,8 @@ class PostgresState:
                 conn = self._connect() if fresh else self._conn
                 assert conn is not None
                 try:
+                    if single:
+                        return fn(conn)
                     with conn.transaction():
                         return fn(conn)
                 except self._pg.OperationalError as exc:
@@ -208,39 +267,34 @@ class PostgresState:
     def spend(self, scope: str, ids: Sequence[str]) -> bool:
         check_name("scope", scope)
         wanted = list(dict.fromkeys(check_name("key_id", k) for k in ids))
-        t = now()
-
-        def go(c: psycopg.Connection[Any]) -> None:
-            for k in wanted:
-                cur = c.execute("INSERT INTO state_spent VALUES (%s, %s, %s) ON CONFLICT DO NOTHING", (scope, k, t))
-                if cur.rowcount == 0:
-                    raise _Refused  # the transaction rolls back: all or none
-            if wanted:
-                c.execute("DELETE FROM state_held WHERE scope = %s AND key_id = ANY(%s)", (scope, wanted))
-        try:
-            self.run("spend key IDs", go)
-        except _Refused:
-            return False
-        return True
+        if not wanted:
+            return True
+        row = self.run("spend key IDs", lambda c: c.execute(
+            "SELECT hybridkex_spend_ids(%s, %s, %s)", (scope, wanted, now())).fetchone(), single=True)
+        return bool(row is not None and row[0])
 
     def is_spent(self, scope: str, key_id: str) -> bool:
         return self.run("read spent key IDs", lambda c: c.execute(
-            "SELECT 1 FROM state_spent WHERE scope = %s AND key_id = %s", (scope, key_id)).fetchone() is not None)
+            "SELECT 1 FROM state_spent WHERE scope = %s AND key_id = %s", (scope, key_id)).fetchone() is not None,
+            single=True)
 
     def spend_counter(self, scope: str, index: int, *, window: int = WINDOW) -> str | None:
         check_name("scope", scope)
         check_window(index, window)
+        row = self.run("spend a counter", lambda c: c.execute(
+            "SELECT hybridkex_spend_counter(%s, %s, %s)", (scope, index, window)).fetchone(), single=True)
+        return None if row is None or row[0] is None else str(row[0])
 
-        def go(c: psycopg.Connection[Any]) -> str | None:
-            c.execute("INSERT INTO state_counters VALUES (%s, 0, '') ON CONFLICT DO NOTHING", (scope,))
-            row = c.execute("SELECT top, win FROM state_counters WHERE scope = %s FOR UPDATE", (scope,)).fetchone()
-            assert row is not None
-            top, win, why = advance_window(int(row[0]), int.from_bytes(bytes(row[1]), "big"), index, window)
-            if why is None:
-                c.execute("UPDATE state_counters SET top = %s, win = %s WHERE scope = %s",
-                          (top, win.to_bytes((window + 7) // 8, "big"), scope))
-            return why
-        return self.run("spend a counter", go)
+    def spend_claim(self, counter_scope: str, index: int, scope: str, ids: Sequence[str], *,
+                    window: int = WINDOW) -> str | None:
+        check_name("scope", counter_scope)
+        check_name("scope", scope)
+        check_window(index, window)
+        wanted = list(dict.fromkeys(check_name("key_id", k) for k in ids))
+        row = self.run("spend a steady-state claim", lambda c: c.execute(
+            "SELECT hybridkex_spend_claim(%s, %s, %s, %s, %s, %s)",
+            (counter_scope, index, window, scope, wanted, now())).fetchone(), single=True)
+        return None if row is None or row[0] is None else str(row[0])
 
     def hold(self, scope: str, ids: Sequence[str], *, expires_at: float) -> int:
         check_name("scope", scope)

@@ -150,13 +150,38 @@ class SQLiteState:
         check_name("scope", scope)
         check_window(index, window)
         with self._write("spend a counter") as db:
-            row = db.execute("SELECT top, win FROM state_counters WHERE scope=?", (scope,)).fetchone()
-            top, win = (row[0], int.from_bytes(row[1], "big")) if row else (0, 0)
-            top, win, why = advance_window(top, win, index, window)
-            if why is None:
-                db.execute("INSERT OR REPLACE INTO state_counters VALUES (?,?,?)",
-                           (scope, top, win.to_bytes((window + 7) // 8, "big")))
+            return self._counter_in(db, scope, index, window)
+
+    @staticmethod
+    def _counter_in(db: sqlite3.Connection, scope: str, index: int, window: int) -> str | None:
+        row = db.execute("SELECT top, win FROM state_counters WHERE scope=?", (scope,)).fetchone()
+        top, win = (row[0], int.from_bytes(row[1], "big")) if row else (0, 0)
+        top, win, why = advance_window(top, win, index, window)
+        if why is None:
+            db.execute("INSERT OR REPLACE INTO state_counters VALUES (?,?,?)",
+                       (scope, top, win.to_bytes((window + 7) // 8, "big")))
         return why
+
+    def spend_claim(self, counter_scope: str, index: int, scope: str, ids: Sequence[str], *,
+                    window: int = WINDOW) -> str | None:
+        check_name("scope", counter_scope)
+        check_name("scope", scope)
+        check_window(index, window)
+        wanted = list(dict.fromkeys(check_name("key_id", k) for k in ids))
+        t = now()
+        with self._write("spend a steady-state claim") as db:
+            why = self._counter_in(db, counter_scope, index, window)
+            if why is not None:
+                return why
+            db.execute("SAVEPOINT ids")  # the counter stays spent whatever follows (fail closed)
+            for k in wanted:
+                if db.execute("INSERT OR IGNORE INTO state_spent VALUES (?,?,?)", (scope, k, t)).rowcount == 0:
+                    db.execute("ROLLBACK TO ids")
+                    db.execute("RELEASE ids")
+                    return "key used"
+                db.execute("DELETE FROM state_held WHERE scope=? AND key_id=?", (scope, k))
+            db.execute("RELEASE ids")
+        return None
 
     def hold(self, scope: str, ids: Sequence[str], *, expires_at: float) -> int:
         check_name("scope", scope)

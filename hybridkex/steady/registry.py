@@ -312,14 +312,15 @@ class SteadyRegistry:
         """Spend the counter and the fresh key IDs in the shared state too; why not, if not."""
         state = self._state
         assert state is not None
-        try:
-            why = state.spend_counter(f"steady:{content.handle.hex()}", content.index, window=WINDOW)
+        fresh = bool(content.used) and not content.epoch and parent.peers is not None
+        scope = f"qkd:{parent.peers.client_sae_id}:{parent.peers.server_sae_id}" if parent.peers else "qkd:-"
+        try:  # one transaction, one round trip
+            why = state.spend_claim(f"steady:{content.handle.hex()}", content.index, scope,
+                                    content.used if fresh else (), window=WINDOW)
+            if why == "key used":
+                return f"QKD key {content.used[0]} was used before (by another server sharing the state)"
             if why is not None:
                 return f"{why}: counter {content.index} (shared state)"
-            if content.used and not content.epoch and parent.peers is not None:
-                scope = f"qkd:{parent.peers.client_sae_id}:{parent.peers.server_sae_id}"
-                if not state.spend(scope, content.used):
-                    return f"QKD key {content.used[0]} was used before (by another server sharing the state)"
         except StateError as exc:
             _log.warning("steady-state connection #%d of %r refused: %s (fail closed)", content.index,
                          parent.info.peer_identity, exc)

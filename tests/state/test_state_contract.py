@@ -139,3 +139,31 @@ def test_url_forms(tmp_path: object) -> None:
         open_state("mysql://x/y")
     with pytest.raises(ConfigurationError, match="three slashes"):
         open_state("sqlite://relative.db")
+
+
+def test_spend_claim_spends_the_counter_then_the_ids(state: SharedState) -> None:
+    assert state.spend_claim("steady:p", 1, "qkd", ["k1"]) is None
+    assert state.is_spent("qkd", "k1")
+    assert state.spend_claim("steady:p", 1, "qkd", ["k2"]) == "replayed"
+    assert not state.is_spent("qkd", "k2")  # a refused counter spends nothing
+    assert state.spend_claim("steady:p", 2, "qkd", ["k1"]) == "key used"
+    assert state.spend_claim("steady:p", 2, "qkd", ["k3"]) == "replayed"  # the counter stayed spent: fail closed
+    assert state.spend_claim("steady:p", 3, "qkd", ["k3", "k1"]) == "key used"
+    assert not state.is_spent("qkd", "k3")  # all IDs or none
+    assert state.spend_claim("steady:p", 4, "qkd", []) is None
+    assert state.spend_claim("steady:p", 4 + 4096, "qkd", []) is None
+    assert state.spend_claim("steady:p", 4, "qkd", []) == "too old"
+
+
+def test_counter_windows_of_other_widths(state: SharedState) -> None:
+    """Bits survive a shift by less than the width, vanish beyond it (both backends' encodings)."""
+    for i in (100, 90, 37):
+        assert state.spend_counter("w", i, window=64) is None
+    assert state.spend_counter("w", 130, window=64) is None  # shift 30: 100 and 90 still recorded
+    assert state.spend_counter("w", 100, window=64) == "replayed"
+    assert state.spend_counter("w", 90, window=64) == "replayed"
+    assert state.spend_counter("w", 37, window=64) == "too old"
+    assert state.spend_counter("w", 91, window=64) is None
+    assert state.spend_counter("w", 1000, window=64) is None  # beyond the width: a new window
+    assert state.spend_counter("w", 999, window=64) is None
+    assert state.spend_counter("w", 999, window=64) == "replayed"
