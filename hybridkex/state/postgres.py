@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -118,6 +119,11 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
+#: Seconds after a failed connection attempt during which calls fail at once with the same error: a
+#: database that is down costs one connection attempt per interval, not one per connection (the asyncio
+#: servers call the state from their event loop).
+RETRY_AFTER: Final = 0.5
+
 #: pg_advisory_xact_lock key held while the schema is created or migrated ("HKXS").
 _SCHEMA_LOCK: Final = 0x484B5853
 
@@ -139,13 +145,14 @@ class PostgresState:
         url: ``postgresql://user@host/db`` (libpq URI or ``key=value`` string).
         seal_key: the host's 32-byte state key: tickets and recycled keys are stored only sealed under it.
         migrate: bring an older schema to this version (otherwise StateSchemaError).
-        connect_timeout: seconds to wait for the server (libpq ``connect_timeout``).
+        connect_timeout: seconds to wait for the server (libpq ``connect_timeout``); after a failed
+            attempt, calls fail at once for :data:`RETRY_AFTER` seconds.
     """
 
     backend = "postgresql"
 
     def __init__(self, url: str, *, seal_key: bytes | None = None, migrate: bool = False, max_keys: int = 8,
-                 grace: float = 60.0, connect_timeout: int = 5) -> None:
+                 grace: float = 60.0, connect_timeout: int = 2) -> None:
         self._pg = _psycopg()
         self._url = url
         self.where = base.redact_url(url)
@@ -155,6 +162,7 @@ class PostgresState:
         self._conn: psycopg.Connection[Any] | None = None
         self._max_keys, self._grace = max_keys, grace
         self._keys: PostgresAuthKeyStore | None = None
+        self._down: tuple[float, StateError] | None = None  # (until, error) after a failed connection
         with self._lock:
             conn = self._connect()
             try:
@@ -169,11 +177,16 @@ class PostgresState:
     # -- connection and errors ----------------------------------------------------------------------
 
     def _connect(self) -> psycopg.Connection[Any]:
+        if self._down is not None and time.monotonic() < self._down[0]:
+            raise type(self._down[1])(str(self._down[1]))
         try:
             conn = self._pg.connect(self._url, autocommit=True, connect_timeout=self._timeout,
                                     application_name="hybridkex")
         except self._pg.Error as exc:
-            raise self._error(exc, "connect") from None
+            error = self._error(exc, "connect")
+            self._down = (time.monotonic() + RETRY_AFTER, error)
+            raise error from None
+        self._down = None
         self._conn = conn
         return conn  # type: ignore[no-any-return]
 

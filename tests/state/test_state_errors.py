@@ -137,3 +137,27 @@ def test_a_foreign_sqlite_file_is_refused_untouched(tmp_path: Path) -> None:
         open_state(path)
     assert "not a hybridkex key store" in _one_line(exc)
     assert path.read_bytes() == before
+
+
+def test_a_down_database_costs_one_connection_attempt_per_interval(pg: PG) -> None:
+    """After a failed attempt, calls fail at once with the same line (no new attempt) until RETRY_AFTER:
+    an event loop calling the state is not held up by a connection attempt per call."""
+    import time
+
+    from hybridkex.state import postgres
+
+    url = pg.new_url()
+    with open_state(url) as s:
+        assert s.spend("a", ["b"])
+        pg.admin(pg.server.get_uri(), f"DROP DATABASE {urllib.parse.urlsplit(url).path.lstrip('/')} WITH (FORCE)")
+        with pytest.raises(StateUnavailable) as first:
+            s.spend("a", ["c"])
+        assert s._down is not None
+        until = s._down[0]
+        with pytest.raises(StateUnavailable) as second:
+            s.spend("a", ["d"])
+        assert str(second.value) == str(first.value) and s._down[0] == until  # no new attempt
+        time.sleep(postgres.RETRY_AFTER + 0.05)
+        with pytest.raises(StateUnavailable):
+            s.spend("a", ["e"])
+        assert s._down[0] > until  # a new attempt, after the interval
