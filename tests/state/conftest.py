@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from statehelpers import PG, SEAL_KEY, state_url
+from statehelpers import PG, SEAL_KEY, pg_session, state_url
 
 from hybridkex.state import SharedState, open_state
 
 
 @pytest.fixture(scope="session")
 def pg() -> Iterator[PG]:
-    """One PostgreSQL server for the session (about a second to start); skipped only if it cannot start."""
-    try:
-        with warnings.catch_warnings():  # platformdirs: XDG_RUNTIME_DIR unset in CI, /tmp is used instead
-            warnings.simplefilter("ignore")
-            import pgserver
-    except ImportError as exc:  # pragma: no cover - pgserver is in the [test] extra
-        pytest.skip(f"pgserver is not installed ({exc}); pip install -e '.[test]'")
-    # A short path: the server's Unix socket lives in the data directory (sun_path is 108 bytes).
-    root = Path(tempfile.mkdtemp(prefix="hkx-pg-"))
-    try:
-        server = pgserver.get_server(root / "data", cleanup_mode="delete")
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        shutil.rmtree(root, ignore_errors=True)
-        pytest.skip(f"pgserver cannot start PostgreSQL here: {type(exc).__name__}: {exc}")
-    yield PG(server)
-    server.cleanup()
-    shutil.rmtree(root, ignore_errors=True)
+    """One PostgreSQL server for the session; skipped only if it cannot start."""
+    yield from pg_session()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

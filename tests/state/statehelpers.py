@@ -5,7 +5,11 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import random
+import shutil
+import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,31 @@ class PG:
     def start(self) -> None:
         # The same socket directory as before (pgserver derives it from the data directory): URLs stay valid.
         self.server.ensure_postgres_running()
+
+
+def pg_session() -> Iterator[PG]:
+    """A PostgreSQL server for a test session or module (about a second to start); the calling
+    fixture is skipped, with the reason, only if pgserver cannot start one here."""
+    import pytest
+
+    try:
+        with warnings.catch_warnings():  # platformdirs: XDG_RUNTIME_DIR unset in CI, /tmp is used instead
+            warnings.simplefilter("ignore")
+            import pgserver
+    except ImportError as exc:  # pragma: no cover - pgserver is in the [test] extra
+        pytest.skip(f"pgserver is not installed ({exc}); pip install -e '.[test]'")
+    # A short path: the server's Unix socket lives in the data directory (sun_path is 108 bytes).
+    root = Path(tempfile.mkdtemp(prefix="hkx-pg-"))
+    try:
+        server = pgserver.get_server(root / "data", cleanup_mode="delete")
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"pgserver cannot start PostgreSQL here: {type(exc).__name__}: {exc}")
+    try:
+        yield PG(server)
+    finally:
+        server.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def state_url(kind: str, tmp_path: Path, pg: PG | None) -> str:
