@@ -34,6 +34,10 @@ __all__ = [
     "QKDKeyUnknownError",
     "RateLimited",
     "RemoteProtocolError",
+    "StateError",
+    "StateReadOnly",
+    "StateSchemaError",
+    "StateUnavailable",
     "SteadyStateRefused",
     "StoreError",
     "TLSError",
@@ -208,6 +212,28 @@ class StoreError(HybridKEXError):
     """A durable store (recycled authentication keys) cannot be read or written."""
 
     exit_code = 10
+
+
+class StateError(StoreError):
+    """The shared state (``hybridkex.state``: anti-replay, tickets, recycled keys) cannot be used.
+
+    Derives from :class:`StoreError`, so code that handles a failing key store handles it too.  The
+    message is one line naming the database (never its password) and what to do.
+    """
+
+
+class StateUnavailable(StateError):
+    """The state database cannot be reached (down, restarting, refused the connection); retry later.
+
+    What depends on it fails closed meanwhile: nothing is accepted that could not be marked used."""
+
+
+class StateReadOnly(StateError):
+    """The state database accepts no writes (a read-only replica, ``default_transaction_read_only``)."""
+
+
+class StateSchemaError(StateError):
+    """The state database's schema is of another version than this hybridkex uses (or not ours)."""
 
 
 class RateLimited(HybridKEXError):

@@ -270,7 +270,8 @@ class ServerState:
                 registry if registry is not None else ReconnectRegistry(config.reconnect))
         else:
             self.registry = None
-        self.steady = SteadyRegistry(config.steady, policy, self.keys) if config.steady.enabled else None
+        self.steady = (SteadyRegistry(config.steady, policy, self.keys, state=config.state)
+                       if config.steady.enabled else None)
 
     def close(self) -> None:
         if self.registry is not None:

@@ -21,10 +21,13 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..exceptions import ConfigurationError
 from ..protocol import InitiatorConfig, ResponderConfig
+
+if TYPE_CHECKING:
+    from ..state import SharedState
 
 __all__ = ["ClientConfig", "ReconnectPolicy", "ServerConfig", "SteadyPolicy", "TLSOptions"]
 
@@ -227,6 +230,9 @@ class ServerConfig:
         max_connections: connections handled at once (handshakes and handlers); more are closed
             at once, with a log line.
         steady: the steady-state policy (on by default; enforced here for every client).
+        state: a :class:`~hybridkex.state.SharedState` (``hybridkex.state.open_state(url)``) shared
+            with the other processes or hosts serving the same clients: steady-state counters and
+            QKD key IDs are spent there too (docs/fleet.md).  None: this process only.
     """
 
     handshake: ResponderConfig
@@ -235,9 +241,14 @@ class ServerConfig:
     timeout: float = DEFAULT_SETUP_TIMEOUT
     max_connections: int = 256
     steady: SteadyPolicy = field(default_factory=SteadyPolicy)
+    state: SharedState | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         _check_setup(self, ResponderConfig)
+        if self.state is not None and not (callable(getattr(self.state, "spend", None))
+                                           and callable(getattr(self.state, "spend_counter", None))):
+            raise ConfigurationError("must be a hybridkex.state.SharedState (hybridkex.state.open_state(url))",
+                                     field="state")
         object.__setattr__(self, "max_connections", _count(self.max_connections, "max_connections", 1, 1_000_000))
 
     @classmethod

@@ -52,6 +52,7 @@ from .store import KEY_ID_LEN, KEY_LEN, AuthKey, AuthKeyStore, WriteBehindStore
 
 if TYPE_CHECKING:
     from ..protocol import CertificateMsg, Session
+    from ..state import SharedState
 
 __all__ = ["BootstrapPolicy", "RecyclePolicy", "RecycledAuthenticator", "RecycledKey"]
 
@@ -173,6 +174,21 @@ class RecycledAuthenticator(Authenticator):
         # Write-behind where the store offers it: the fsync leaves the handshake's critical path; the
         # store never shows a queued key, so the new key is not used before it is durable.
         self._record = store.rotate_later if isinstance(store, WriteBehindStore) else store.rotate
+
+    @classmethod
+    def from_state(cls, policy: RecyclePolicy | BootstrapPolicy | None = None, *, state: SharedState | None = None,
+                   state_url: str | None = None, seal_key: bytes | None = None) -> RecycledAuthenticator:
+        """Recycled authentication over the keys kept in a shared state (docs/fleet.md): ``state``
+        (an open :class:`~hybridkex.state.SharedState`, whose lifetime the caller keeps), or
+        ``state_url`` (opened here with ``seal_key``, kept open for the life of the process)."""
+        if (state is None) == (state_url is None):
+            raise ConfigurationError("give exactly one of state= and state_url=", field="state")
+        if state is None:
+            from ..state import open_state  # noqa: PLC0415 - hybridkex.state imports this package's store
+
+            assert state_url is not None
+            state = open_state(state_url, seal_key=seal_key)
+        return cls(state.auth_keys(), policy)
 
     def __repr__(self) -> str:
         return f"RecycledAuthenticator(store={self._store!r}, policy={self._policy.bootstrap!r})"

@@ -9,6 +9,10 @@ failed handshake spends them too).  After a connection is established, :meth:`co
 key IDs it announced, by ID, in the background, so the next connection finds its key here.
 
 State is in memory: a restart forgets every parent, and a client then runs one full handshake.
+With a shared ``state`` (:mod:`hybridkex.state`: SQLite for the processes of one host, PostgreSQL
+for a fleet) the counter and the fresh QKD key IDs are also spent there, after the checks here: a
+key ID one process accepted is refused by every other, and a state that cannot be reached refuses
+the connection (fail closed; the client then runs a full handshake).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import TYPE_CHECKING, Final
 
 from .. import workers
 from ..combiner import CombinedSecret
-from ..exceptions import HandshakeTimeout, KeySourceError
+from ..exceptions import HandshakeTimeout, KeySourceError, StateError
 from ..protocol import QKDKeysByIdRequired, SessionInfo
 from ..qkd.base import QKDKey
 from ..suites import Suite
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
     from ..io.config import SteadyPolicy
     from ..io.keys import QKDKeyManager
     from ..policy import Policy
+    from ..state import SharedState
 
 __all__ = ["SteadyClaim", "SteadyRegistry", "SteadyStats"]
 
@@ -175,13 +180,16 @@ class SteadyRegistry:
         policy: the server's :class:`~hybridkex.io.SteadyPolicy`.
         qkd: the server's handshake policy (QKD mode and key budget).
         keys: the server's long-lived key manager (None when the policy disables QKD).
+        state: where counters and QKD key IDs are also spent, shared with other server processes
+            or hosts (None: this process only).
     """
 
     def __init__(self, policy: SteadyPolicy, qkd: Policy, keys: QKDKeyManager | None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, state: SharedState | None = None) -> None:
         self.policy = policy
         self._qkd = qkd
         self._keys = keys
+        self._state = state
         self._clock = clock
         self._lock = threading.Lock()
         self._parents: OrderedDict[bytes, _Parent] = OrderedDict()  # insertion order is expiry order
@@ -290,7 +298,34 @@ class SteadyRegistry:
             self.stats.accepted += 1
             claim = SteadyClaim(self, parent, identity, content, body, keys=keys)
             claim.fetch = fetch
-            return claim
+        # Outside the lock: a database round trip must not hold up this process's other claims.
+        why = self._spend_shared(parent, content) if self._state is not None else None
+        if why is not None:
+            with self._lock:
+                self.stats.accepted -= 1
+                self.stats.replayed += why.startswith("replayed")
+            self._refuse(why, parent)
+            return None
+        return claim
+
+    def _spend_shared(self, parent: _Parent, content: derive.SteadyIdentity) -> str | None:
+        """Spend the counter and the fresh key IDs in the shared state too; why not, if not."""
+        state = self._state
+        assert state is not None
+        fresh = bool(content.used) and not content.epoch and parent.peers is not None
+        scope = f"qkd:{parent.peers.client_sae_id}:{parent.peers.server_sae_id}" if parent.peers else "qkd:-"
+        try:  # one transaction, one round trip
+            why = state.spend_claim(f"steady:{content.handle.hex()}", content.index, scope,
+                                    content.used if fresh else (), window=WINDOW)
+            if why == "key used":
+                return f"QKD key {content.used[0]} was used before (by another server sharing the state)"
+            if why is not None:
+                return f"{why}: counter {content.index} (shared state)"
+        except StateError as exc:
+            _log.warning("steady-state connection #%d of %r refused: %s (fail closed)", content.index,
+                         parent.info.peer_identity, exc)
+            return "the shared state is unavailable"
+        return None
 
     def _check_counter(self, parent: _Parent, content: derive.SteadyIdentity, cipher: str) -> str | None:
         if parent.suite.tls_cipher != cipher:

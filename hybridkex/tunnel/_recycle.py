@@ -27,9 +27,11 @@ POLICIES: Final[tuple[str, ...]] = get_args(BootstrapPolicy)
 
 @dataclass(frozen=True, slots=True)
 class RecycleConfig:
-    """``[recycle]``: where this side keeps its recycled keys, and when a bootstrap is still accepted."""
+    """``[recycle]``: where this side keeps its recycled keys, and when a bootstrap is still accepted.
 
-    store: Path
+    ``store`` is None when ``[state]`` holds the keys (docs/fleet.md)."""
+
+    store: Path | None
     policy: str = "bootstrap-once"
 
 
@@ -49,6 +51,13 @@ def recycled_peer(v: _Validator, t: Table, ident: str, sae_id: str | None) -> Pe
 def recycle_table(v: _Validator, top: Table, peers: tuple[PeerConfig, ...],
                   warnings: list[ConfigWarning], warning: type[ConfigWarning]) -> RecycleConfig | None:
     recycled = [i for i, p in enumerate(peers) if p.mode == "recycled"]
+    shared = top.has("state")
+    if shared:  # the keys live in the shared state; [recycle] may still name the policy
+        t = top.table("recycle") if top.has("recycle") else None
+        if t is not None:
+            t.forbid("store", "with [state] (the recycled keys are kept in the shared state)")
+        policy = t.choice("policy", POLICIES, "bootstrap-once") if t is not None else "bootstrap-once"
+        return RecycleConfig(store=None, policy=policy) if recycled else None
     if not top.has("recycle"):
         if recycled:
             raise ConfigurationError('missing; a peer with mode = "recycled" needs [recycle] store = "PATH" '

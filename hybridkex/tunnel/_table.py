@@ -33,9 +33,10 @@ def describe(value: object) -> str:
 #: misspelt required key is named as the typo it is, not as a missing key.
 SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "": ("listen", "target", "identity", "peers", "target_identity", "kme", "policy", "timeouts", "limits",
-         "logging", "metrics", "health", "recycle"),
+         "logging", "metrics", "health", "recycle", "state"),
     "peers": ("identity", "mode", "sae_id", "psk_file", "cert", "key", "ca", "bootstrap"),
     "recycle": ("store", "policy"),
+    "state": ("url", "key_file"),
     "kme": ("embedded", "url", "sae_id", "cert", "key", "ca"),
     "policy": ("qkd", "suites", "key_budget", "steady"),
     "timeouts": ("handshake", "idle", "drain", "connect"),

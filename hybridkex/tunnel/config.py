@@ -26,6 +26,7 @@ from ..exceptions import ConfigurationError, HybridKEXError
 from ..hazmat.kem import get_kem
 from ..suites import SUITES, get_suite
 from ._recycle import RecycleConfig, recycle_table, recycled_peer
+from ._state import StateConfig, state_table
 from ._table import MISSING, Table, describe
 
 __all__ = [
@@ -209,6 +210,8 @@ class TunnelConfig:
     health: HealthConfig = field(default_factory=HealthConfig)
     #: ``[recycle]``: the recycled-key store (required when a peer has ``mode = "recycled"``).
     recycle: RecycleConfig | None = None
+    #: ``[state]``: the state shared with other tunnel servers (docs/fleet.md), or None.
+    state: StateConfig | None = None
     #: The file this configuration was read from, if any.
     source: Path | None = None
     warnings: tuple[ConfigWarning, ...] = ()
@@ -532,10 +535,11 @@ class _Validator:
         logging_cfg = self.logging(top)
         metrics, health = self.metrics(top)
         recycle = recycle_table(self, top, peers, self.warnings, ConfigWarning)
+        state = state_table(self, top)
         return TunnelConfig(
             role=self.role, listen=listen, target=target, identity=identity, peers=peers,
             target_identity=target_identity, kme=kme, policy=policy, timeouts=timeouts, limits=limits,
-            logging=logging_cfg, metrics=metrics, health=health, recycle=recycle, source=self.source,
+            logging=logging_cfg, metrics=metrics, health=health, recycle=recycle, state=state, source=self.source,
             warnings=tuple(self.warnings),
         )
 

@@ -26,6 +26,9 @@ from ..exceptions import ConfigurationError, StoreError
 from ..protocol import PKIAuthenticator, PSKAuthenticator, SigningCredential
 from ..protocol.auth import Authenticator, AuthMode, AuthOffer
 from ..recycle import RecycledAuthenticator, RecyclePolicy, SQLiteAuthKeyStore
+from ..state import PostgresState, SQLiteState
+from ..state.pgkeys import PostgresAuthKeyStore
+from ._state import StateConfig, open_config_state
 from .config import KMEConfig, PeerConfig, TunnelConfig
 
 if TYPE_CHECKING:
@@ -48,11 +51,13 @@ class ChannelMaterial:
     authenticators: tuple[Authenticator, ...]
     peer_sae_ids: dict[str, str]
     kme_client: ETSI014Client | None = None
-    #: The recycled-key store (``[recycle]``), open; closing it writes its queued rotations.
-    store: SQLiteAuthKeyStore | None = None
+    #: The recycled-key store (``[recycle]``, or the ``[state]``'s), open; closing it writes its queued rotations.
+    store: SQLiteAuthKeyStore | PostgresAuthKeyStore | None = None
+    #: The ``[state]`` this loading opened itself (None: none, or the caller's ``open_state``).
+    state: SQLiteState | PostgresState | None = None
 
     def close(self) -> None:
-        for item in (self.kme_client, self.store):
+        for item in (self.kme_client, self.store, self.state):
             if item is not None:
                 with contextlib.suppress(Exception):
                     item.close()
@@ -207,10 +212,13 @@ def _kme_client(config: TunnelConfig) -> ETSI014Client | None:
         raise ConfigurationError(str(exc), field="kme") from None
 
 
+StateOpener = Callable[[StateConfig], "SQLiteState | PostgresState"]
+
+
 def _store(config: TunnelConfig, *, create: bool,
            open_store: Callable[[Path], SQLiteAuthKeyStore] | None) -> SQLiteAuthKeyStore | None:
     """The ``[recycle]`` store, opened (created 0600 if absent), or with ``create=False`` only checked."""
-    if config.recycle is None:
+    if config.recycle is None or config.recycle.store is None:
         return None
     path = config.recycle.store
     if not create and not path.exists():
@@ -221,14 +229,45 @@ def _store(config: TunnelConfig, *, create: bool,
     return (open_store or SQLiteAuthKeyStore)(path)  # refuses anything that is not a hybridkex store, one line
 
 
+def _state(config: TunnelConfig, *, create: bool, open_state: StateOpener | None
+           ) -> tuple[SQLiteState | PostgresState | None, SQLiteState | PostgresState | None]:
+    """The ``[state]``, opened (PostgreSQL: connected, schema checked), and the one this call owns.
+    With ``create=False`` a missing SQLite file is only checked, like the ``[recycle]`` store."""
+    cfg = config.state
+    if cfg is None:
+        return None, None
+    if not create and not cfg.postgresql:
+        path = Path(cfg.url)
+        if not path.exists():
+            parent = next((p for p in path.parents if p.exists()), None)
+            if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                raise StoreError(f"cannot create the state file {path}: {parent} is not a writable directory")
+            return None, None
+    if open_state is not None:
+        return open_state(cfg), None
+    state = open_config_state(cfg)
+    return state, state
+
+
 def load_channel_material(config: TunnelConfig, *, kme: bool = True, create_store: bool = True,
-                          open_store: Callable[[Path], SQLiteAuthKeyStore] | None = None) -> ChannelMaterial:
-    """Read every key, certificate and CA file of ``config``, open the recycled-key store and build the
-    KME client (no I/O on the network).  ``kme=False`` skips the KME client (a caller that supplies
-    its own key source); ``create_store=False`` checks the store's path without creating it;
-    ``open_store`` opens (or reuses) the store instead of a new :class:`SQLiteAuthKeyStore`."""
+                          open_store: Callable[[Path], SQLiteAuthKeyStore] | None = None,
+                          open_state: StateOpener | None = None) -> ChannelMaterial:
+    """Read every key, certificate and CA file of ``config``, open the recycled-key store (or the
+    ``[state]``) and build the KME client (no I/O on the network but the state's database).
+    ``kme=False`` skips the KME client (a caller that supplies its own key source);
+    ``create_store=False`` checks the store's path without creating it; ``open_store`` and
+    ``open_state`` open (or reuse) the store and the state instead of new ones."""
     auths, sae_ids = _authenticators(config.peers)
-    store = _store(config, create=create_store, open_store=open_store)
+    state, owned = _state(config, create=create_store, open_state=open_state)
+    try:
+        store: SQLiteAuthKeyStore | PostgresAuthKeyStore | None = _store(config, create=create_store,
+                                                                        open_store=open_store)
+        if state is not None and config.recycle is not None:
+            store = state.auth_keys()
+    except BaseException:
+        if owned is not None:
+            owned.close()
+        raise
     if store is not None:
         assert config.recycle is not None
         recycled = frozenset(p.identity for p in config.peers if p.mode == "recycled")
@@ -238,10 +277,13 @@ def load_channel_material(config: TunnelConfig, *, kme: bool = True, create_stor
     try:
         client = _kme_client(config) if kme else None
     except BaseException:
-        if store is not None and open_store is None:
+        if store is not None and open_store is None and state is None:
             store.close()
+        if owned is not None:
+            owned.close()
         raise
-    return ChannelMaterial(auths, sae_ids, client, store)
+    # A store that is the state's is closed with it (the state's own connection).
+    return ChannelMaterial(auths, sae_ids, client, None if state is not None else store, owned)
 
 
 def check_channel_config(config: TunnelConfig) -> None:

@@ -26,8 +26,10 @@ from ..io.keys import QKDKeyManager
 from ..policy import KeyBudget, Policy, QKDConfig, QKDMode, Timeouts
 from ..protocol import AbortCode, InitiatorConfig, ResponderConfig, encode_abort
 from ..recycle import SQLiteAuthKeyStore
+from ..state import PostgresState, SQLiteState
 from ..steady import SteadyTicket
 from ..suites import get_suite
+from ._state import StateConfig, open_config_state
 from .config import PeerConfig, TunnelConfig
 from .kmewatch import KMEWatch, PeerSAE, WatchedKeySource
 from .limits import admit_peer
@@ -105,6 +107,8 @@ class HybridChannelFactory:
         # Recycled-key stores by path, kept across reloads: a handshake in flight during a reload still
         # reads and rotates the store its configuration named.  Closed (queue written) by aclose().
         self._stores: dict[Path, SQLiteAuthKeyStore] = {}
+        # The [state]s, by configuration, kept across reloads likewise (docs/fleet.md).
+        self._states: dict[StateConfig, SQLiteState | PostgresState] = {}
         count = metrics.kme_error if metrics is not None else (lambda kind: None)
         self.watch = KMEWatch(count, url="", master=config.role == "server")
         self._apply(config)
@@ -140,7 +144,8 @@ class HybridChannelFactory:
 
     def _apply(self, config: TunnelConfig) -> None:
         # The same loader as --check-config: what passed there cannot fail here for a file problem.
-        material = load_channel_material(config, kme=self._external_source is None, open_store=self._store)
+        material = load_channel_material(config, kme=self._external_source is None, open_store=self._store,
+                                         open_state=self._state)
         auths, sae_ids = material.authenticators, material.peer_sae_ids
         policy = _policy(config)
         source = self._key_source(config, material.kme_client, sorted(set(sae_ids.values())))
@@ -158,7 +163,8 @@ class HybridChannelFactory:
                                         admit=admit_peer)
             old = self._server
             steady = SteadyPolicy(enabled=config.policy.steady)
-            self._server = ServerSide(ServerConfig(responder, tls=tls, timeout=timeout, steady=steady),
+            shared = self._state(config.state) if config.state is not None else None
+            self._server = ServerSide(ServerConfig(responder, tls=tls, timeout=timeout, steady=steady, state=shared),
                                       key_source=source)
             if old is not None:
                 old.close()
@@ -184,6 +190,11 @@ class HybridChannelFactory:
         if path not in self._stores:
             self._stores[path] = SQLiteAuthKeyStore(path)
         return self._stores[path]
+
+    def _state(self, config: StateConfig) -> SQLiteState | PostgresState:
+        if config not in self._states:
+            self._states[config] = open_config_state(config)
+        return self._states[config]
 
     @staticmethod
     def _target_peer(config: TunnelConfig) -> PeerConfig | None:
@@ -265,6 +276,8 @@ class HybridChannelFactory:
         self._owned = []
         _close_all(list(self._stores.values()))
         self._stores.clear()
+        _close_all(list(self._states.values()))
+        self._states.clear()
 
     # -- KME health -------------------------------------------------------------------------------
 

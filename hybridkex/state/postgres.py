@@ -1,0 +1,410 @@
+""":class:`SharedState` in PostgreSQL (psycopg 3), for fleets: every process of every host shares it.
+
+"Use at most once" is PostgreSQL's to enforce, not ours: a spend is ``INSERT ... ON CONFLICT DO
+NOTHING`` on a primary key (a second inserter waits for the first's commit, then inserts nothing),
+a counter window is read ``FOR UPDATE`` (one writer per scope at a time), and a pooled ID is taken
+with ``FOR UPDATE SKIP LOCKED`` (concurrent takers get different rows, none waits).  Every call is
+one transaction under READ COMMITTED, which these statements make sufficient.  The spends on a
+connection's critical path are server-side functions (schema migration 1): one round trip each.
+
+The schema is versioned (table ``hybridkex_schema``); a new database gets every migration, an older
+one is migrated only when asked (``migrate=True``: a fleet upgrades its schema once, deliberately),
+a newer one is refused.  Failures are one line: :class:`~hybridkex.exceptions.StateUnavailable`
+(unreachable, restarting), :class:`~hybridkex.exceptions.StateReadOnly`,
+:class:`~hybridkex.exceptions.StateSchemaError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from ..exceptions import StateError, StateReadOnly, StateSchemaError, StateUnavailable, UnsupportedAlgorithm
+from . import base
+from .base import SCHEMA_VERSION, WINDOW, Sealer, Ticket, aad, check_name, check_window, now
+from .pgkeys import PostgresAuthKeyStore
+
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = ["MIGRATIONS", "PostgresState"]
+
+T = TypeVar("T")
+
+#: Schema migrations, in order: version N is MIGRATIONS[N - 1].  Append only; never edit a released one.
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    # 1: anti-replay and tickets.  The spends are functions: one round trip each, atomic as one statement.
+    ("CREATE TABLE state_spent (scope text NOT NULL, key_id text NOT NULL, spent_at double precision NOT NULL, "
+     "PRIMARY KEY (scope, key_id))",
+     # win: bit o (from the left, 0-based) set when counter top - o was accepted (IPsec's window)
+     "CREATE TABLE state_counters (scope text PRIMARY KEY, top bigint NOT NULL, win varbit NOT NULL)",
+     "CREATE TABLE state_held (scope text NOT NULL, key_id text NOT NULL, held_at double precision NOT NULL, "
+     "expires_at double precision NOT NULL, PRIMARY KEY (scope, key_id))",
+     "CREATE INDEX state_held_order ON state_held (scope, held_at, key_id)",
+     "CREATE TABLE state_tickets (kind text NOT NULL, handle bytea NOT NULL, secret bytea NOT NULL, "
+     "meta bytea NOT NULL, expires_at double precision NOT NULL, PRIMARY KEY (kind, handle))",
+     """CREATE FUNCTION hybridkex_spend_ids(p_scope text, p_ids text[], p_at double precision) RETURNS boolean
+        LANGUAGE plpgsql AS $f$
+        DECLARE n bigint;
+        BEGIN
+          -- A second inserter of an ID waits for the first's commit, then inserts nothing.
+          INSERT INTO state_spent SELECT p_scope, k, p_at FROM unnest(p_ids) AS k ON CONFLICT DO NOTHING;
+          GET DIAGNOSTICS n = ROW_COUNT;
+          IF n < cardinality(p_ids) THEN
+            RAISE EXCEPTION USING ERRCODE = 'HK001';  -- undoes this block's inserts: all or none
+          END IF;
+          DELETE FROM state_held WHERE scope = p_scope AND key_id = ANY(p_ids);
+          RETURN true;
+        EXCEPTION WHEN SQLSTATE 'HK001' THEN
+          RETURN false;
+        END $f$""",
+     """CREATE FUNCTION hybridkex_spend_counter(p_scope text, p_index bigint, p_width integer) RETURNS text
+        LANGUAGE plpgsql AS $f$
+        DECLARE v_top bigint; v_win varbit; v_off bigint;
+        BEGIN
+          INSERT INTO state_counters VALUES (p_scope, 0, repeat('0', p_width)::varbit) ON CONFLICT DO NOTHING;
+          SELECT top, win INTO v_top, v_win FROM state_counters WHERE scope = p_scope FOR UPDATE;
+          IF length(v_win) <> p_width THEN  -- another window width than before: keep what fits
+            v_win := substring(v_win || repeat('0', p_width)::varbit FROM 1 FOR p_width);
+          END IF;
+          IF p_index > v_top THEN
+            IF p_index - v_top >= p_width THEN
+              v_win := repeat('0', p_width)::varbit;
+            ELSE
+              v_win := v_win >> (p_index - v_top)::integer;
+            END IF;
+            UPDATE state_counters SET top = p_index, win = set_bit(v_win, 0, 1) WHERE scope = p_scope;
+            RETURN NULL;
+          END IF;
+          v_off := v_top - p_index;
+          IF v_off >= p_width THEN
+            RETURN 'too old';
+          END IF;
+          IF get_bit(v_win, v_off::integer) = 1 THEN
+            RETURN 'replayed';
+          END IF;
+          UPDATE state_counters SET win = set_bit(v_win, v_off::integer, 1) WHERE scope = p_scope;
+          RETURN NULL;
+        END $f$""",
+     """CREATE FUNCTION hybridkex_spend_claim(p_counter text, p_index bigint, p_width integer, p_scope text,
+                                              p_ids text[], p_at double precision) RETURNS text
+        LANGUAGE plpgsql AS $f$
+        DECLARE why text;
+        BEGIN
+          why := hybridkex_spend_counter(p_counter, p_index, p_width);
+          IF why IS NOT NULL THEN
+            RETURN why;
+          END IF;
+          -- the counter stays spent whatever follows (fail closed)
+          IF cardinality(p_ids) > 0 AND NOT hybridkex_spend_ids(p_scope, p_ids, p_at) THEN
+            RETURN 'key used';
+          END IF;
+          RETURN NULL;
+        END $f$"""),
+    # 2: recycled-authentication keys (hybridkex.state.pgkeys), the key bytes sealed
+    ("CREATE TABLE auth_pairs (local_id text NOT NULL, peer_id text NOT NULL, "
+     "bootstrap_retired boolean NOT NULL DEFAULT false, rotations bigint NOT NULL DEFAULT 0, "
+     "last_rotation_at double precision, PRIMARY KEY (local_id, peer_id))",
+     "CREATE TABLE auth_keys (local_id text NOT NULL, peer_id text NOT NULL, key_id bytea NOT NULL, "
+     "epoch bigint NOT NULL, sealed_key bytea NOT NULL, created_at double precision NOT NULL, "
+     "confirmed boolean NOT NULL DEFAULT false, superseded_at double precision, seq bigserial, "
+     "PRIMARY KEY (local_id, peer_id, key_id))",
+     "CREATE TABLE auth_spent (local_id text NOT NULL, peer_id text NOT NULL, key_id bytea NOT NULL, "
+     "spent_at double precision NOT NULL, PRIMARY KEY (local_id, peer_id, key_id))",
+     "CREATE TABLE auth_audit (id bigserial PRIMARY KEY, local_id text NOT NULL, peer_id text NOT NULL, "
+     "event text NOT NULL, epoch bigint, at double precision NOT NULL)"),
+)
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+#: Seconds after a failed connection attempt during which calls fail at once with the same error: a
+#: database that is down costs one connection attempt per interval, not one per connection (the asyncio
+#: servers call the state from their event loop).
+RETRY_AFTER: Final = 0.5
+
+#: pg_advisory_xact_lock key held while the schema is created or migrated ("HKXS").
+_SCHEMA_LOCK: Final = 0x484B5853
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg  # noqa: PLC0415 - optional: only a PostgreSQL state needs it installed
+    except ImportError:  # pragma: no cover - psycopg is in the [postgresql] and [test] extras
+        raise UnsupportedAlgorithm('the PostgreSQL state backend needs psycopg 3: pip install "hybridkex[postgresql]"'
+                                   ) from None
+    return psycopg
+
+
+class PostgresState:
+    """:class:`~hybridkex.state.SharedState` in a PostgreSQL database (thread-safe; one connection,
+    re-established after the server restarts).
+
+    Args:
+        url: ``postgresql://user@host/db`` (libpq URI or ``key=value`` string).
+        seal_key: the host's 32-byte state key: tickets and recycled keys are stored only sealed under it.
+        migrate: bring an older schema to this version (otherwise StateSchemaError).
+        connect_timeout: seconds to wait for the server (libpq ``connect_timeout``); after a failed
+            attempt, calls fail at once for :data:`RETRY_AFTER` seconds.
+    """
+
+    backend = "postgresql"
+
+    def __init__(self, url: str, *, seal_key: bytes | None = None, migrate: bool = False, max_keys: int = 8,
+                 grace: float = 60.0, connect_timeout: int = 2) -> None:
+        self._pg = _psycopg()
+        self._url = url
+        self.where = base.redact_url(url)
+        self._timeout = connect_timeout
+        self._sealer = Sealer(seal_key) if seal_key is not None else None
+        self._lock = threading.Lock()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._max_keys, self._grace = max_keys, grace
+        self._keys: PostgresAuthKeyStore | None = None
+        self._down: tuple[float, StateError] | None = None  # (until, error) after a failed connection
+        with self._lock:
+            conn = self._connect()
+            try:
+                self._init_schema(conn, migrate)
+            except BaseException:
+                self._drop()
+                raise
+
+    def __repr__(self) -> str:
+        return f"PostgresState({self.where!r})"
+
+    # -- connection and errors ----------------------------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        if self._down is not None and time.monotonic() < self._down[0]:
+            raise type(self._down[1])(str(self._down[1]))
+        try:
+            conn = self._pg.connect(self._url, autocommit=True, connect_timeout=self._timeout,
+                                    application_name="hybridkex")
+        except self._pg.Error as exc:
+            error = self._error(exc, "connect")
+            self._down = (time.monotonic() + RETRY_AFTER, error)
+            raise error from None
+        self._down = None
+        self._conn = conn
+        return conn  # type: ignore[no-any-return]
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(self._pg.Error):  # closing a broken connection
+                conn.close()
+
+    def _error(self, exc: BaseException, what: str) -> StateError:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        text = lines[0] if lines else type(exc).__name__
+        errors = self._pg.errors
+        if isinstance(exc, errors.ReadOnlySqlTransaction):
+            return StateReadOnly(f"the PostgreSQL state database {self.where} is read-only (a standby, or "
+                                 f"default_transaction_read_only); cannot {what}: {text}")
+        if isinstance(exc, self._pg.OperationalError):
+            return StateUnavailable(f"the PostgreSQL state database {self.where} is unreachable (cannot {what}): "
+                                    f"{text}")
+        return StateError(f"the PostgreSQL state database {self.where} refused to {what}: {text}")
+
+    def run(self, what: str, fn: Callable[[psycopg.Connection[Any]], T], *, single: bool = False) -> T:
+        """``fn(conn)`` in one transaction (``single``: ``fn`` runs one statement, its own transaction,
+        saving the BEGIN and COMMIT round trips).  A connection that broke since its last use (the server
+        restarted) is replaced once; a failure on a fresh connection is the caller's error.  Retrying
+        after a commit whose answer was lost is safe: a spend then finds its IDs spent and refuses
+        (fail closed), it never accepts twice."""
+        with self._lock:
+            for attempt in range(2):
+                fresh = self._conn is None
+                conn = self._connect() if fresh else self._conn
+                assert conn is not None
+                try:
+                    if single:
+                        return fn(conn)
+                    with conn.transaction():
+                        return fn(conn)
+                except self._pg.OperationalError as exc:
+                    self._drop()
+                    if fresh or attempt:
+                        raise self._error(exc, what) from None
+                except self._pg.Error as exc:
+                    if conn.broken:
+                        self._drop()
+                    raise self._error(exc, what) from None
+            raise AssertionError("unreachable")  # pragma: no cover
+
+    def _init_schema(self, conn: psycopg.Connection[Any], migrate: bool) -> None:
+        try:
+            ro = conn.execute("SHOW transaction_read_only").fetchone()
+            if ro is not None and ro[0] == "on":
+                raise StateReadOnly(f"the PostgreSQL state database {self.where} is read-only (a standby, or "
+                                    "default_transaction_read_only = on); hybridkex needs to write its state")
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))  # one migrator at a time
+                found = conn.execute("SELECT to_regclass('hybridkex_schema')").fetchone()
+                if found is None or found[0] is None:
+                    stray = conn.execute("SELECT to_regclass('state_spent')").fetchone()
+                    if stray is not None and stray[0] is not None:
+                        raise StateSchemaError(f"the PostgreSQL database {self.where} has hybridkex tables but "
+                                               "no hybridkex_schema table; it was not created by hybridkex")
+                    conn.execute("CREATE TABLE hybridkex_schema (version integer PRIMARY KEY, "
+                                 "applied_at timestamptz NOT NULL DEFAULT now())")
+                    version = 0
+                else:
+                    row = conn.execute("SELECT COALESCE(MAX(version), 0) FROM hybridkex_schema").fetchone()
+                    version = int(row[0]) if row is not None else 0
+                if version > SCHEMA_VERSION:
+                    raise StateSchemaError(f"the PostgreSQL state database {self.where} has schema version {version}, "
+                                           f"newer than this hybridkex's {SCHEMA_VERSION}; upgrade hybridkex")
+                if 0 < version < SCHEMA_VERSION and not migrate:
+                    raise StateSchemaError(f"the PostgreSQL state database {self.where} has schema version {version}; "
+                                           f"this hybridkex needs {SCHEMA_VERSION}: migrate it once, after upgrading "
+                                           "every server (open_state(url, migrate=True))")
+                for v in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in MIGRATIONS[v - 1]:
+                        conn.execute(statement)
+                    conn.execute("INSERT INTO hybridkex_schema (version) VALUES (%s)", (v,))
+        except StateError:
+            raise
+        except self._pg.Error as exc:
+            raise self._error(exc, "check the schema") from None
+
+    def schema_version(self) -> int:
+        row = self.run("read the schema version",
+                       lambda c: c.execute("SELECT MAX(version) FROM hybridkex_schema").fetchone())
+        return int(row[0]) if row is not None else 0
+
+    # -- single use ---------------------------------------------------------------------------------
+
+    def spend(self, scope: str, ids: Sequence[str]) -> bool:
+        check_name("scope", scope)
+        wanted = list(dict.fromkeys(check_name("key_id", k) for k in ids))
+        if not wanted:
+            return True
+        row = self.run("spend key IDs", lambda c: c.execute(
+            "SELECT hybridkex_spend_ids(%s, %s, %s)", (scope, wanted, now())).fetchone(), single=True)
+        return bool(row is not None and row[0])
+
+    def is_spent(self, scope: str, key_id: str) -> bool:
+        return self.run("read spent key IDs", lambda c: c.execute(
+            "SELECT 1 FROM state_spent WHERE scope = %s AND key_id = %s", (scope, key_id)).fetchone() is not None,
+            single=True)
+
+    def spend_counter(self, scope: str, index: int, *, window: int = WINDOW) -> str | None:
+        check_name("scope", scope)
+        check_window(index, window)
+        row = self.run("spend a counter", lambda c: c.execute(
+            "SELECT hybridkex_spend_counter(%s, %s, %s)", (scope, index, window)).fetchone(), single=True)
+        return None if row is None or row[0] is None else str(row[0])
+
+    def spend_claim(self, counter_scope: str, index: int, scope: str, ids: Sequence[str], *,
+                    window: int = WINDOW) -> str | None:
+        check_name("scope", counter_scope)
+        check_name("scope", scope)
+        check_window(index, window)
+        wanted = list(dict.fromkeys(check_name("key_id", k) for k in ids))
+        row = self.run("spend a steady-state claim", lambda c: c.execute(
+            "SELECT hybridkex_spend_claim(%s, %s, %s, %s, %s, %s)",
+            (counter_scope, index, window, scope, wanted, now())).fetchone(), single=True)
+        return None if row is None or row[0] is None else str(row[0])
+
+    def hold(self, scope: str, ids: Sequence[str], *, expires_at: float) -> int:
+        check_name("scope", scope)
+        wanted = list(dict.fromkeys(check_name("key_id", k) for k in ids))
+        t = now()
+
+        def go(c: psycopg.Connection[Any]) -> int:
+            for k in wanted:
+                c.execute("INSERT INTO state_held SELECT %s, %s, %s, %s WHERE NOT EXISTS (SELECT 1 FROM state_spent "
+                          "WHERE scope = %s AND key_id = %s) ON CONFLICT DO NOTHING",
+                          (scope, k, t, expires_at, scope, k))
+            row = c.execute("SELECT COUNT(*) FROM state_held WHERE scope = %s AND expires_at > %s",
+                            (scope, t)).fetchone()
+            return int(row[0]) if row is not None else 0
+        return self.run("hold key IDs", go)
+
+    def take(self, scope: str, key_id: str | None = None) -> str | None:
+        t = now()
+
+        def go(c: psycopg.Connection[Any]) -> str | None:
+            for _ in range(64):  # rows spent directly meanwhile are skipped (deleted), never handed out
+                if key_id is None:
+                    row = c.execute("SELECT key_id FROM state_held WHERE scope = %s AND expires_at > %s "
+                                    "ORDER BY held_at, key_id LIMIT 1 FOR UPDATE SKIP LOCKED", (scope, t)).fetchone()
+                else:
+                    row = c.execute("SELECT key_id FROM state_held WHERE scope = %s AND key_id = %s AND "
+                                    "expires_at > %s FOR UPDATE", (scope, key_id, t)).fetchone()
+                if row is None:
+                    return None
+                taken = str(row[0])
+                c.execute("DELETE FROM state_held WHERE scope = %s AND key_id = %s", (scope, taken))
+                if c.execute("INSERT INTO state_spent VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                             (scope, taken, t)).rowcount:
+                    return taken
+                if key_id is not None:
+                    return None
+            return None
+        return self.run("take a held key ID", go)
+
+    def held(self, scope: str) -> int:
+        row = self.run("count held key IDs", lambda c: c.execute(
+            "SELECT COUNT(*) FROM state_held WHERE scope = %s AND expires_at > %s", (scope, now())).fetchone())
+        return int(row[0]) if row is not None else 0
+
+    # -- tickets ------------------------------------------------------------------------------------
+
+    def sealer(self) -> Sealer:
+        if self._sealer is None:
+            raise StateError(f"{self!r} has no state key; secrets are stored in PostgreSQL only sealed "
+                             "(pass seal_key, or key_file in [state])")
+        return self._sealer
+
+    def put_ticket(self, kind: str, handle: bytes, secret: bytes, *, meta: bytes = b"", expires_at: float) -> None:
+        check_name("kind", kind)
+        blob = self.sealer().seal(aad("ticket", kind, handle, meta), secret)
+        self.run("store a ticket", lambda c: c.execute(
+            "INSERT INTO state_tickets VALUES (%s, %s, %s, %s, %s) ON CONFLICT (kind, handle) DO UPDATE SET "
+            "secret = EXCLUDED.secret, meta = EXCLUDED.meta, expires_at = EXCLUDED.expires_at",
+            (kind, bytes(handle), blob, bytes(meta), expires_at)))
+
+    def get_ticket(self, kind: str, handle: bytes) -> Ticket | None:
+        sealer = self.sealer()
+        row = self.run("read a ticket", lambda c: c.execute(
+            "SELECT secret, meta, expires_at FROM state_tickets WHERE kind = %s AND handle = %s AND expires_at > %s",
+            (kind, bytes(handle), now())).fetchone())
+        if row is None:
+            return None
+        meta = bytes(row[1])
+        return Ticket(kind, bytes(handle), sealer.open(aad("ticket", kind, handle, meta), row[0]), meta,
+                      float(row[2]))
+
+    def drop_ticket(self, kind: str, handle: bytes) -> bool:
+        return bool(self.run("drop a ticket", lambda c: c.execute(
+            "DELETE FROM state_tickets WHERE kind = %s AND handle = %s", (kind, bytes(handle))).rowcount))
+
+    def purge(self, *, spent_before: float | None = None) -> int:
+        t = now()
+
+        def go(c: psycopg.Connection[Any]) -> int:
+            n = c.execute("DELETE FROM state_tickets WHERE expires_at <= %s", (t,)).rowcount
+            n += c.execute("DELETE FROM state_held WHERE expires_at <= %s", (t,)).rowcount
+            if spent_before is not None:
+                n += c.execute("DELETE FROM state_spent WHERE spent_at < %s", (spent_before,)).rowcount
+            return n
+        return self.run("purge expired state", go)
+
+    def auth_keys(self) -> PostgresAuthKeyStore:
+        if self._keys is None:
+            self._keys = PostgresAuthKeyStore(self, self.sealer(), max_keys=self._max_keys, grace=self._grace)
+        return self._keys
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def __enter__(self) -> PostgresState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,62 @@
+"""``[state]`` in the tunnel configuration: the state shared with other tunnel servers (docs/fleet.md).
+
+``url`` is a PostgreSQL URL (a fleet) or an SQLite path (the processes of one host); ``key_file`` the
+host's state key, which seals the recycled keys stored there.  With ``[state]``, the recycled keys of
+``mode = "recycled"`` peers live in it (``[recycle] store`` is then not allowed) and a tunnel server
+spends its steady-state counters and QKD key IDs there too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..exceptions import ConfigurationError
+from ..state import PostgresState, SQLiteState, load_seal_key, open_state, redact_url
+
+if TYPE_CHECKING:
+    from ._table import Table
+    from .config import _Validator
+
+__all__ = ["StateConfig", "open_config_state", "state_table"]
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """``[state]``: where this side's shared state is (the URL's password is never in ``repr``)."""
+
+    url: str
+    key_file: Path | None = None
+
+    def __repr__(self) -> str:
+        return f"StateConfig(url={redact_url(self.url)!r}, key_file={self.key_file!r})"
+
+    @property
+    def postgresql(self) -> bool:
+        return self.url.startswith(("postgresql://", "postgres://"))
+
+
+def state_table(v: _Validator, top: Table) -> StateConfig | None:
+    if not top.has("state"):
+        return None
+    t = top.table("state")
+    url = t.string("url", hint='set url = "postgresql://USER@HOST/DB" (a fleet) or a file path (SQLite, one host)')
+    if not url.startswith(("postgresql://", "postgres://")):
+        if "://" in url:
+            raise ConfigurationError(f"unknown state backend {url.split('://', 1)[0]!r}; use postgresql://... "
+                                     "or a file path (SQLite)", field="state.url")
+        path = Path(url).expanduser()
+        if not path.is_absolute():
+            path = v._base_for("state.url") / path
+        if path.exists() and not path.is_file():
+            raise ConfigurationError(f"not a regular file: {path}", field="state.url")
+        url = str(path)
+    key_file = v.path(t, "key_file", required=False, sensitive="psk")
+    return StateConfig(url=url, key_file=key_file)
+
+
+def open_config_state(config: StateConfig) -> SQLiteState | PostgresState:
+    """The configured state, opened (one line on failure: unreachable, read-only, wrong schema)."""
+    seal_key = load_seal_key(config.key_file) if config.key_file is not None else None
+    return open_state(config.url, seal_key=seal_key)
