@@ -91,12 +91,13 @@ class Procs:
         self._kme: KMEProcessPair | None = None
         self.notes: list[str] = []
 
-    def _spawn(self, name: str, argv: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
+    def _spawn(self, name: str, argv: list[str],
+               env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
         log_path = self.dir / f"{name}.log"
         log = open(log_path, "wb")  # noqa: SIM115 - closed in close(); a file never blocks the child
         self._logs.append(log)
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,  # noqa: S603
-                                env=_env(), cwd=self.dir)
+                                env={**_env(), **(env or {})}, cwd=self.dir)
         self._procs.append(proc)
         return proc, log_path
 
@@ -113,29 +114,32 @@ class Procs:
 
     # -- hybridkex -------------------------------------------------------------------------------
 
-    def _tunnel(self, role: str, text: str) -> tuple[int, int]:
-        cfg = self.dir / f"tunnel-{role}.toml"
+    def _tunnel(self, role: str, text: str, name: str, env: dict[str, str] | None) -> tuple[int, int, str]:
+        cfg = self.dir / f"{name}-{role}.toml"
         cfg.write_text(text)
-        proc, log = self._spawn(f"tunnel-{role}",
-                                [sys.executable, "-m", "hybridkex", "tunnel", role, "--config", str(cfg)])
+        proc, log = self._spawn(f"{name}-{role}",
+                                [sys.executable, "-m", "hybridkex", "tunnel", role, "--config", str(cfg)], env)
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:
             for line in log.read_text(errors="replace").splitlines():
                 with contextlib.suppress(ValueError):
                     rec = json.loads(line)
                     if isinstance(rec, dict) and rec.get("event") == "listening":
-                        return proc.pid, int(str(rec["address"]).rsplit(":", 1)[1])
+                        return proc.pid, int(str(rec["address"]).rsplit(":", 1)[1]), str(rec.get("event_loop"))
             if proc.poll() is not None:
                 break
             time.sleep(0.05)
         raise ConfigurationError(f"the tunnel {role} did not start: {log.read_text(errors='replace').strip()[-400:]}",
                                  field="bench")
 
-    def hybridkex(self, service_port: int) -> Relay:
+    def hybridkex(self, service_port: int, *, name: str = "hybridkex", label: str = "",
+                  env: dict[str, str] | None = None) -> Relay:
         """The tunnel pair (QKD required, simulated KME process, bootstrap PSK), as users run it."""
-        pki = DemoPKI.create(self.dir / "pki")
-        self._kme = KMEProcessPair(pki)
-        psk = self.dir / "tunnel.psk"
+        if self._kme is None:
+            self._kme = KMEProcessPair(DemoPKI.create(self.dir / "pki"))
+        kme = self._kme
+        pki = kme.pki
+        psk = self.dir / f"{name}.psk"
         fd = os.open(psk, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
@@ -149,13 +153,13 @@ class Procs:
                 f'key = "{pki.key(sae)}"', f'ca = "{pki.ca_cert}"', "",
                 "[logging]", 'format = "json"', ""])
 
-        spid, sport = self._tunnel("server", toml(target=f"127.0.0.1:{service_port}", identity="server.bench",
-                                                  peer="client.bench", peer_sae="sae-a", kme_url=self._kme.url_b,
-                                                  sae="sae-b"))
-        cpid, cport = self._tunnel("client", toml(target=f"127.0.0.1:{sport}", identity="client.bench",
-                                                  peer="server.bench", peer_sae="sae-b", kme_url=self._kme.url_a,
-                                                  sae="sae-a"))
-        return Relay("hybridkex", "hybridkex tunnel pair (QKD required)", cport, (cpid, spid))
+        spid, sport, loop = self._tunnel("server", toml(target=f"127.0.0.1:{service_port}", identity="server.bench",
+                                                  peer="client.bench", peer_sae="sae-a", kme_url=kme.url_b,
+                                                  sae="sae-b"), name, env)
+        cpid, cport, _ = self._tunnel("client", toml(target=f"127.0.0.1:{sport}", identity="client.bench",
+                                                  peer="server.bench", peer_sae="sae-b", kme_url=kme.url_a,
+                                                  sae="sae-a"), name, env)
+        return Relay(name, f"{label or 'hybridkex tunnel pair (QKD required)'}, {loop} event loop", cport, (cpid, spid))
 
     # -- stunnel ---------------------------------------------------------------------------------
 

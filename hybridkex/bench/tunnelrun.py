@@ -20,6 +20,7 @@ small machine it caps the direct connection's numbers, which are a reference, no
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import statistics
 import tempfile
 import time
@@ -47,11 +48,13 @@ class TunnelBenchOptions:
     seconds: float = 2.0
     loads: tuple[str, ...] = tuple(load.id for load in LOADS)
     stunnel: bool = True
+    #: With uvloop installed, also measure a tunnel pair on asyncio's own event loop.
+    asyncio: bool = True
     quick_mode: bool = False
 
     @classmethod
     def quick(cls) -> TunnelBenchOptions:
-        return cls(rounds=1, seconds=0.3, quick_mode=True)
+        return cls(rounds=1, seconds=0.3, asyncio=False, quick_mode=True)
 
 
 @dataclass
@@ -135,6 +138,10 @@ def run_tunnel_benchmark(opts: TunnelBenchOptions, *, progress: bool = True, com
             bar.phase("starting the service, the tunnel pair and the simulated KME")
             direct = procs.service()
             relays = [direct, procs.hybridkex(direct.port)]
+            if opts.asyncio and importlib.util.find_spec("uvloop") is not None:
+                # The default pair runs on uvloop: also measure asyncio's own loop, for comparison.
+                relays.append(procs.hybridkex(direct.port, name="hybridkex-asyncio",
+                                              env={"HYBRIDKEX_EVENT_LOOP": "asyncio"}))
             if opts.stunnel:
                 st = procs.stunnel(direct.port)
                 if st is not None:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 from ..exceptions import HybridKEXError, TLSError
 
-__all__ = ["FLUSH_SECONDS", "Codec", "Endpoint", "run_fast"]
+__all__ = ["FLUSH_SECONDS", "Codec", "Endpoint", "TLSCodec", "run_fast", "usable_transport"]
 
 #: Most seconds between two hand-overs of the byte counts to ``on_bytes`` while data flows.
 FLUSH_SECONDS: Final = 1.0
@@ -99,6 +99,14 @@ class Endpoint:
         self.reader = reader
         self.codec = codec
         self.pending = pending
+
+
+def usable_transport(transport: object) -> asyncio.Transport | None:
+    """``transport`` if the fast path can drive it (asyncio's and uvloop's TCP transports can)."""
+    needed = ("set_protocol", "pause_reading", "resume_reading", "is_reading", "write", "write_eof", "abort")
+    if all(callable(getattr(transport, name, None)) for name in needed):
+        return cast(asyncio.Transport, transport)
+    return None
 
 
 def _take_buffered(reader: asyncio.StreamReader) -> tuple[bytes, bool]:

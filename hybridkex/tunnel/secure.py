@@ -29,7 +29,7 @@ from ..recycle import SQLiteAuthKeyStore
 from ..steady import SteadyTicket
 from ..suites import get_suite
 from .config import PeerConfig, TunnelConfig
-from .fastpath import Endpoint, TLSCodec
+from .fastpath import Endpoint, TLSCodec, usable_transport
 from .kmewatch import KMEWatch, PeerSAE, WatchedKeySource
 from .limits import admit_peer
 from .material import check_channel_config, load_channel_material, load_psk_file
@@ -91,10 +91,11 @@ class HybridStream(PlainStream):
     def endpoint(self) -> Endpoint | None:
         """The TCP transport and the TLS connection, for the relay's fast path (``raw``: the TCP
         streams the handshake ran on); None without them."""
-        if self._raw is None or not isinstance(self._raw[1].transport, asyncio.Transport):
+        transport = usable_transport(self._raw[1].transport) if self._raw is not None else None
+        if self._raw is None or transport is None:
             return None
         tls, pending = self._hreader.detach()
-        return Endpoint(self._raw[1].transport, self._raw[0], TLSCodec(tls), pending)
+        return Endpoint(transport, self._raw[0], TLSCodec(tls), pending)
 
 
 class HybridChannelFactory:

@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
-from .fastpath import Codec, Endpoint
+from .fastpath import Codec, Endpoint, usable_transport
 
 __all__ = ["PlainStream", "SecureStream"]
 
@@ -82,10 +82,8 @@ class PlainStream:
 
     def endpoint(self) -> Endpoint | None:
         """This stream's transport for the relay's fast path (which then reads and writes it itself)."""
-        transport = self._writer.transport
-        if not isinstance(transport, asyncio.Transport):
-            return None
-        return Endpoint(transport, self._reader, Codec())
+        transport = usable_transport(self._writer.transport)
+        return None if transport is None else Endpoint(transport, self._reader, Codec())
 
     def close(self) -> None:
         self._writer.close()

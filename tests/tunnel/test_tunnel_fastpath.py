@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
+
+import pytest
+from tunnelhelpers import TEST_ENV, EchoService, Tunnels, echo_exchange, expected_echo
 
 from hybridkex.tunnel.channel import PlainStream
 from hybridkex.tunnel.relay import relay
@@ -132,3 +138,34 @@ def test_a_stream_without_an_endpoint_is_relayed_on_the_stream_path() -> None:
             assert result.outcome == "closed" and sum(counted) == 11
 
     asyncio.run(main())
+
+
+# --- the event loop the tunnel process runs on ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_tunnel_pair_relays_on_either_event_loop(loop: str, echo: EchoService, tunnels: Tunnels) -> None:
+    if loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        pytest.skip("uvloop is not installed (the optional extra hybridkex[uvloop])")
+    env = {"HYBRIDKEX_EVENT_LOOP": loop}
+    server = tunnels.start("server", "server", listen="127.0.0.1:0", target=f"127.0.0.1:{echo.port}",
+                           identity="server", peers=("client-a",), env=env)
+    client = tunnels.start("client", "client", listen="127.0.0.1:0", target=f"127.0.0.1:{server.port}",
+                           identity="client-a", peers=("server",), env=env)
+    for proc in (server, client):
+        assert proc.events("listening")[0]["event_loop"] == loop
+    payload = os.urandom(300_000)
+    assert echo_exchange(client.port, payload) == expected_echo(payload)
+    rec = server.wait_event("connection_closed")
+    assert (rec["outcome"], rec["bytes_in"]) == ("closed", len(payload) + 1)
+
+
+def test_an_unknown_event_loop_is_refused_in_one_line(tunnels: Tunnels) -> None:
+    cfg = tunnels.config("server", listen="127.0.0.1:0", target="127.0.0.1:9", identity="server",
+                         peers=("client-a",))
+    proc = subprocess.run([sys.executable, "-m", "hybridkex", "tunnel", "server", "--config", str(cfg)],
+                          env={**os.environ, **TEST_ENV, "HYBRIDKEX_EVENT_LOOP": "trio"}, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "hybridkex: error: HYBRIDKEX_EVENT_LOOP: must be uvloop or asyncio, got 'trio'"], proc.stderr
