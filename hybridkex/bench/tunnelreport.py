@@ -11,7 +11,8 @@ __all__ = ["format_tunnel_markdown", "format_tunnel_report"]
 
 _METHOD = ("rate: requests/s (pipelined: every request counts), median over rounds; MB/s: request + response "
            "bytes; latency: per request batch, over all rounds; CPU ms/MB: user+system CPU of both relay "
-           "processes per MB moved (both directions), median over rounds; connections are set up and warmed "
+           "processes per MB moved (both directions), median over rounds; cores: CPU seconds of those processes per "
+           "second; connections are set up and warmed "
            "before timing, so handshakes are not included.")
 
 
@@ -42,7 +43,7 @@ def format_tunnel_report(report: dict[str, Any]) -> str:
     quick = " (quick mode: smoke numbers only)" if report["options"].get("quick_mode") else ""
     lines = ["hybridkex tunnel data-path benchmark" + quick, *_header(report), ""]
     head = (f"{'load':10} {'relay':10} {'req/s':>9} {'noise':>6} {'MB/s':>8} {'p50 ms':>7} {'p95':>7} {'p99':>7} "
-            f"{'CPU ms/MB':>9}")
+            f"{'CPU ms/MB':>9} {'cores':>5}")
     lines += [head, "-" * len(head)]
     for load in report["loads"]:
         for relay in report["relays"]:
@@ -54,7 +55,8 @@ def format_tunnel_report(report: dict[str, Any]) -> str:
                 f"{load['id']:10} {relay['id']:10} {_f(r['rate_median'], '9.0f', 9)} "
                 f"{_f(r['rate_noise'] * 100, '5.0f', 5)}% {_f(r['mb_per_s_median'], '8.2f', 8)} "
                 f"{_f(r['latency_ms_p50'], '7.3f', 7)} {_f(r['latency_ms_p95'], '7.3f', 7)} "
-                f"{_f(r['latency_ms_p99'], '7.3f', 7)} {_f(r['cpu_ms_per_mb_median'], '9.2f', 9)}")
+                f"{_f(r['latency_ms_p99'], '7.3f', 7)} {_f(r['cpu_ms_per_mb_median'], '9.2f', 9)} "
+                f"{_f(r.get('cores_median'), '5.2f', 5)}")
     lines += ["", _METHOD, ""]
     vs = report["vs_stunnel"]
     if any(vs.values()):
@@ -74,14 +76,16 @@ def format_tunnel_markdown(report: dict[str, Any]) -> str:
     """The results and the goals as Markdown tables (for docs/benchmarks.md)."""
     out = [line.strip() for line in _header(report)]
     out = ["- " + line for line in out] + ["",
-           "| load | relay | req/s | MB/s | p50 / p95 / p99 ms | CPU ms/MB |", "|---|---|---:|---:|---|---:|"]
+           "| load | relay | req/s | MB/s | p50 / p95 / p99 ms | CPU ms/MB | cores |",
+           "|---|---|---:|---:|---|---:|---:|"]
     for load in report["loads"]:
         for relay in report["relays"]:
             r = report["results"][relay["id"]][load["id"]]
             lat = (f"{_f(r['latency_ms_p50'], '.3f', 0)} / {_f(r['latency_ms_p95'], '.3f', 0)} / "
                    f"{_f(r['latency_ms_p99'], '.3f', 0)}")
             out.append(f"| {load['id']} | {relay['id']} | {_f(r['rate_median'], '.0f', 0)} | "
-                       f"{_f(r['mb_per_s_median'], '.2f', 0)} | {lat} | {_f(r['cpu_ms_per_mb_median'], '.2f', 0)} |")
+                       f"{_f(r['mb_per_s_median'], '.2f', 0)} | {lat} | {_f(r['cpu_ms_per_mb_median'], '.2f', 0)} | "
+                       f"{_f(r.get('cores_median'), '.2f', 0)} |")
     vs = report["vs_stunnel"]
     if any(vs.values()):
         out += ["", "| load | rate vs stunnel | added p50 ms (stunnel's) | CPU/MB vs stunnel |", "|---|---:|---:|---:|"]

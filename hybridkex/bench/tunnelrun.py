@@ -11,7 +11,8 @@ Method:
    part of the data-path numbers.
 3. Per relay and load: requests per second and MB/s (medians over rounds); latency percentiles
    over every request batch of every round; CPU of the relay's processes (both ends, from /proc)
-   per MB moved, median over rounds.  Ratios are against stunnel measured in the same run.
+   per MB moved, and the cores they kept busy (CPU seconds per second), medians over rounds.
+   Ratios are against stunnel measured in the same run.
 
 The load generator runs in this process and shares the machine's cores with the relays: on a
 small machine it caps the direct connection's numbers, which are a reference, not a goal.
@@ -62,6 +63,7 @@ class _Cell:
     rates: list[float] = field(default_factory=list)
     mbps: list[float] = field(default_factory=list)
     cpu_ms_per_mb: list[float] = field(default_factory=list)
+    cores: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     requests: int = 0
     errors: int = 0
@@ -78,12 +80,14 @@ class _Cell:
         self.latencies += r.latencies_ms
         if cpu is not None and r.bytes_total:
             self.cpu_ms_per_mb.append(cpu * 1000 / (r.bytes_total / 1e6))
+            self.cores.append(cpu / r.seconds)
 
     def row(self) -> dict[str, Any]:
         lat = summarize(self.latencies)
         return {"rate_median": _median(self.rates), "rate_rounds": self.rates, "rate_noise": spread(self.rates),
                 "mb_per_s_median": _median(self.mbps), "cpu_ms_per_mb_median": _median(self.cpu_ms_per_mb),
-                "cpu_ms_per_mb_rounds": self.cpu_ms_per_mb, "latency_ms_p50": lat["median"] if lat["n"] else None,
+                "cpu_ms_per_mb_rounds": self.cpu_ms_per_mb, "cores_median": _median(self.cores),
+                "latency_ms_p50": lat["median"] if lat["n"] else None,
                 "latency_ms_p95": lat["p95"] if lat["n"] else None, "latency_ms_p99": lat["p99"] if lat["n"] else None,
                 "latency_samples": lat["n"], "requests": self.requests, "errors": self.errors,
                 "error": self.error_text or None}
