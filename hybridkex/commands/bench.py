@@ -7,10 +7,14 @@ import shlex
 
 from ..exceptions import ConfigurationError
 
-HELP = "benchmark handshakes: hybridkex variants against TLS 1.3 baselines, as ratios from one run"
+HELP = ("benchmark handshakes (default) or the tunnel's data path ('bench tunnel'): hybridkex against "
+        "TLS 1.3 baselines, as ratios from one run")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", nargs="?", choices=("handshakes", "tunnel"), default="handshakes",
+                        help="handshakes (default), or tunnel: the tunnel's data path against a direct connection "
+                             "and stunnel (runs real tunnel processes and the simulated KME)")
     parser.add_argument("--quick", action="store_true", help="a smoke run of every variant (under a minute)")
     parser.add_argument("--variants", metavar="IDS",
                         help="comma-separated variant ids or wildcards (default: all; see --list)")
@@ -30,6 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also measure latency through a proxy adding this round-trip time")
     parser.add_argument("--no-loopback", action="store_true", help="in-memory measurements only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--loads", metavar="IDS", help="tunnel: comma-separated loads (small, pipelined, bulk)")
+    parser.add_argument("--no-stunnel", action="store_true", help="tunnel: skip the stunnel baseline")
 
 
 def _positive(value: float | None, name: str, minimum: float) -> None:
@@ -51,7 +57,54 @@ def _command(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
+def _run_tunnel(args: argparse.Namespace) -> int:
+    from ..bench.report import write_json  # noqa: PLC0415
+    from ..bench.tunnelload import LOADS  # noqa: PLC0415
+    from ..bench.tunnelreport import format_tunnel_markdown, format_tunnel_report  # noqa: PLC0415
+    from ..bench.tunnelrun import TunnelBenchOptions, run_tunnel_benchmark  # noqa: PLC0415
+
+    for name in ("variants", "n", "warmup", "samples", "clients", "plots"):
+        if getattr(args, name) is not None:
+            raise ConfigurationError("applies to the handshake benchmark, not 'bench tunnel'",
+                                     field="--" + name.replace("_", "-"))
+    _positive(args.rounds, "--rounds", 1)
+    _positive(args.seconds, "--seconds", 0.1)
+    opts = TunnelBenchOptions.quick() if args.quick else TunnelBenchOptions()
+    if args.loads:
+        known = {load.id for load in LOADS}
+        wanted = tuple(x.strip() for x in args.loads.split(","))
+        unknown = [x for x in wanted if x not in known]
+        if unknown:
+            raise ConfigurationError(f"unknown load {unknown[0]!r}; choose from {', '.join(sorted(known))}",
+                                     field="--loads")
+        opts.loads = wanted
+    if args.rounds is not None:
+        opts.rounds = args.rounds
+    if args.seconds is not None:
+        opts.seconds = args.seconds
+    opts.stunnel = not args.no_stunnel
+    parts = ["hybridkex", "bench", "tunnel"] + (["--quick"] if args.quick else [])
+    parts += ["--no-stunnel"] if args.no_stunnel else []
+    for name in ("loads", "rounds", "seconds", "json", "markdown"):
+        if getattr(args, name) is not None:
+            parts += ["--" + name, str(getattr(args, name))]
+    report = run_tunnel_benchmark(opts, progress=not args.no_progress, command=shlex.join(parts))
+    print(format_tunnel_report(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"\nJSON: {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(format_tunnel_markdown(report))
+        print(f"Markdown: {args.markdown}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.what == "tunnel":
+        return _run_tunnel(args)
+    if args.loads or args.no_stunnel:
+        raise ConfigurationError("applies to 'bench tunnel' only", field="--loads" if args.loads else "--no-stunnel")
     # Imported here, not at the top: `hybridkex --help` must not load the benchmark's dependencies.
     from ..bench import BenchOptions, run_benchmark  # noqa: PLC0415
     from ..bench.report import format_markdown, format_report, write_json  # noqa: PLC0415

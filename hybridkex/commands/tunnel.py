@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
+from ..exceptions import ConfigurationError
 from ..tunnel import make_runtime
 from ..tunnel.channel import insecure_test_hook_active, resolve_channel_check, resolve_channel_provider
 from ..tunnel.config import FLAGS, Overrides, Role, TunnelConfig, load_config
@@ -77,4 +81,29 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging(config.logging.format, config.logging.level)
     runtime = make_runtime(config, provider, loader=loader if config_path else None, insecure=insecure)
-    return asyncio.run(runtime.run())
+    return _run_loop(runtime.run())
+
+
+#: Environment variable that picks the tunnel's event loop: ``uvloop`` or ``asyncio``.
+EVENT_LOOP_ENV = "HYBRIDKEX_EVENT_LOOP"
+
+
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run the tunnel on uvloop when it is installed (``pip install 'hybridkex[uvloop]'``: a C
+    event loop, about a third less CPU per relayed message), else on asyncio's own loop."""
+    wanted = os.environ.get(EVENT_LOOP_ENV, "")
+    if wanted not in ("", "uvloop", "asyncio"):
+        main.close()
+        raise ConfigurationError(f"must be uvloop or asyncio, got {wanted!r}", field=EVENT_LOOP_ENV)
+    if wanted != "asyncio":
+        try:
+            import uvloop  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415 - optional extra
+        except ImportError:
+            if wanted == "uvloop":
+                main.close()
+                raise ConfigurationError("uvloop is not installed (pip install 'hybridkex[uvloop]')",
+                                         field=EVENT_LOOP_ENV) from None
+        else:
+            result: int = uvloop.run(main)
+            return result
+    return asyncio.run(main)

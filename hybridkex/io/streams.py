@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..steady import SteadyTicket
-from ..tls import AsyncTLSStream
+from ..tls import AsyncTLSStream, MemoryTLS
 from ..tls.pyopenssl import export_keying_material
 from .reconnect import ReconnectTicket
 from .session import HybridSession
@@ -61,6 +61,15 @@ class HybridStreamReader:
             return False
         self._buffer += data
         return True
+
+    def detach(self) -> tuple[MemoryTLS, bytes]:
+        """Hand over the TLS connection and the plaintext buffered here, to a caller that drives the
+        TCP transport itself from now on (the tunnel's relay); this reader reads nothing more."""
+        if self._busy:
+            raise RuntimeError("a coroutine is waiting for incoming data")
+        data = self._take(len(self._buffer))
+        self._eof = True
+        return self._stream.tls, data
 
     def at_eof(self) -> bool:
         """True once the peer's close_notify arrived and the buffer is empty."""

@@ -50,6 +50,7 @@ class MemoryTLS:
             self.connection.set_connect_state()
         self._info: TLSInfo | None = None
         self._eof = False
+        self._fast = _shim.fast_io(self.connection)
 
     @property
     def info(self) -> TLSInfo | None:
@@ -69,6 +70,8 @@ class MemoryTLS:
 
     def data_to_send(self) -> bytes:
         """Every TLS record produced so far and not yet sent (may be ``b""``)."""
+        if self._fast:
+            return _shim.pending_output(self.connection)
         chunks = []
         while True:
             try:
@@ -126,6 +129,38 @@ class MemoryTLS:
             raise TLSError("the peer closed the connection without close_notify (possible truncation)") from None
         except SSL.Error as exc:
             raise _translate_error(self.connection, exc, established=True) from exc
+
+    def receive_and_recv(self, data: bytes) -> tuple[bytes, bool]:
+        """:meth:`receive_data` (``data`` non-empty) then :meth:`recv` until it needs more, in one
+        call: (all the plaintext, whether the peer's close_notify came).  For a relay that moves
+        many small messages: no exception per call on the common path.  Errors as :meth:`recv`."""
+        self._require_handshake()
+        if not self._fast or self._eof:
+            if data:
+                self.receive_data(data)
+            return self._recv_all()
+        chunks, status = _shim.read_records(self.connection, data)
+        if status == _shim.READ_ERROR:
+            more, closed = self._recv_all()  # raises the typed error (or finds there was none)
+            return b"".join([*chunks, more]), closed
+        plain = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return plain, status == _shim.READ_CLOSED
+
+    def _recv_all(self) -> tuple[bytes, bool]:
+        chunks: list[bytes] = []
+        while (chunk := self.recv(_CHUNK)) is not None:
+            if not chunk:
+                return b"".join(chunks), True
+            chunks.append(chunk)
+        return b"".join(chunks), False
+
+    def send_and_flush(self, data: bytes) -> bytes:
+        """:meth:`send` then :meth:`data_to_send`: the records for ``data`` (and anything queued)."""
+        self._require_handshake()
+        done = _shim.write_records(self.connection, data) if self._fast else 0
+        if done < len(data):
+            self.send(data[done:] if done else data)
+        return self.data_to_send()
 
     def close(self) -> None:
         """Queue a close_notify alert (send :meth:`data_to_send` afterwards)."""

@@ -39,14 +39,22 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     ) from exc
 
 __all__ = [
+    "FAST_IO",
+    "READ_CLOSED",
+    "READ_ERROR",
+    "READ_MORE",
     "SUPPORTED_RANGES",
     "check_bindings",
+    "fast_io",
     "install_msg_callback",
     "install_psk_find_session",
     "install_psk_use_session",
+    "pending_output",
+    "read_records",
     "session_reused",
     "set_groups",
     "versions",
+    "write_records",
 ]
 
 _log = logging.getLogger(__name__)
@@ -264,3 +272,72 @@ def set_groups(ctx: SSL.Context, groups: str) -> bool:
 def session_reused(conn: SSL.Connection) -> bool:
     """``SSL_session_reused``: 1 for every PSK handshake (external PSK or ticket)."""
     return bool(_lib.SSL_session_reused(conn._ssl) == 1)
+
+
+# -- memory-BIO record I/O without exceptions (the tunnel's data path) -------------------------------
+#
+# pyOpenSSL signals "no more data" by raising WantReadError, which costs more than the record itself
+# for small messages (issue 15's profile).  These call OpenSSL directly and report the status instead;
+# any real error is left for pyOpenSSL's own methods to raise (the caller retries through them).
+
+_FAST_FUNCTIONS: Final = ("SSL_read", "SSL_write", "SSL_get_error", "BIO_read", "BIO_write",
+                          "SSL_ERROR_WANT_READ", "SSL_ERROR_ZERO_RETURN")
+FAST_IO: Final = all(hasattr(_lib, name) for name in _FAST_FUNCTIONS)
+_alloc = _ffi.new_allocator(should_clear_after_alloc=False)
+_RECORD: Final = 16384  # the most plaintext one TLS record carries: what one SSL_read returns
+
+#: :func:`read_records` status values.
+READ_MORE, READ_CLOSED, READ_ERROR = 0, 1, 2
+
+
+def fast_io(conn: SSL.Connection) -> bool:
+    """Whether ``conn`` is a memory-BIO connection the functions below can drive."""
+    return FAST_IO and all(getattr(conn, a, None) is not None for a in ("_ssl", "_into_ssl", "_from_ssl"))
+
+
+def read_records(conn: SSL.Connection, data: bytes) -> tuple[list[bytes], int]:
+    """Feed ``data`` (may be empty) and decrypt every complete record: (plaintexts, status).
+
+    Status :data:`READ_MORE`: needs more data; :data:`READ_CLOSED`: the peer's close_notify;
+    :data:`READ_ERROR`: something else (call ``conn.recv`` to get the error raised)."""
+    if data and _lib.BIO_write(conn._into_ssl, data, len(data)) != len(data):
+        return [], READ_ERROR
+    ssl = conn._ssl
+    buf = _alloc("char[]", _RECORD)
+    out = []
+    while True:
+        n = _lib.SSL_read(ssl, buf, _RECORD)
+        if n > 0:
+            out.append(_ffi.buffer(buf, n)[:])
+            continue
+        code = _lib.SSL_get_error(ssl, n)
+        if code == _lib.SSL_ERROR_WANT_READ:
+            return out, READ_MORE
+        return out, READ_CLOSED if code == _lib.SSL_ERROR_ZERO_RETURN else READ_ERROR
+
+
+def write_records(conn: SSL.Connection, data: bytes) -> int:
+    """Encrypt ``data`` into the outgoing BIO; how many bytes were taken (fewer only on an error:
+    send the rest with ``conn.sendall`` to get it raised).  pyOpenSSL enables partial writes, so
+    OpenSSL takes a record's worth per call."""
+    ssl = conn._ssl
+    done, total = 0, len(data)
+    with _ffi.from_buffer(data) as view:
+        while done < total:
+            n = _lib.SSL_write(ssl, view + done, total - done)
+            if n <= 0:
+                break
+            done += n
+    return done
+
+
+def pending_output(conn: SSL.Connection) -> bytes:
+    """Every byte waiting in the outgoing BIO (``b""`` when empty)."""
+    bio = conn._from_ssl
+    buf = _alloc("char[]", 65536)
+    chunks = []
+    while (n := _lib.BIO_read(bio, buf, 65536)) > 0:
+        chunks.append(_ffi.buffer(buf, n)[:])
+        if n < 65536:
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -14,9 +14,10 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 from ..exceptions import HybridKEXError
+from .fastpath import run_fast
 from .streams import SecureStream
 
 __all__ = ["CHUNK_SIZE", "RelayResult", "relay"]
@@ -56,8 +57,19 @@ async def relay(listen_side: SecureStream, target_side: SecureStream, *, idle_ti
     """Copy both ways until both directions end, one fails, or the connection is idle too long.
 
     Both streams are closed when this returns (or is cancelled).  ``idle_timeout`` of ``None`` or
-    0 disables the idle check.  ``on_bytes(direction, n)`` is called for every chunk delivered.
+    0 disables the idle check.  ``on_bytes(direction, n)`` gets the bytes delivered: per chunk on
+    the stream path; in batches (at least every second, and at the end) on the fast path, which
+    runs when both streams offer ``endpoint()`` (:mod:`hybridkex.tunnel.fastpath`).
     """
+    fast_a, fast_b = getattr(listen_side, "endpoint", None), getattr(target_side, "endpoint", None)
+    if fast_a is not None and fast_b is not None:
+        ep_a = fast_a()
+        ep_b = fast_b() if ep_a is not None else None
+        if ep_a is not None and ep_b is not None:
+            fast_outcome, n_in, n_out, fast_error = await run_fast(ep_a, ep_b, idle_timeout=idle_timeout,
+                                                                   on_bytes=on_bytes)
+            return RelayResult(cast(Outcome, fast_outcome), n_in, n_out, fast_error)
+        assert ep_a is None, "one side detached for the fast path, the other cannot follow"
     counts = {"in": 0, "out": 0}
     last_activity = time.monotonic()
 

@@ -192,7 +192,8 @@ class TunnelRuntime:
         self.metrics.set_configured_peers(len(cfg.peers))
         log_event(logging.INFO, "listening", f"tunnel {self.role} listening", role=self.role,
                   address=str(self.address), target=str(cfg.target), identity=cfg.identity,
-                  peers=sorted(cfg.peer_identities), suites=list(cfg.policy.suites), qkd=cfg.policy.qkd)
+                  peers=sorted(cfg.peer_identities), suites=list(cfg.policy.suites), qkd=cfg.policy.qkd,
+                  event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
 
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), drain, stop. Returns 0."""

@@ -31,6 +31,7 @@ from ..steady import SteadyTicket
 from ..suites import get_suite
 from ._state import StateConfig, open_config_state
 from .config import PeerConfig, TunnelConfig
+from .fastpath import Endpoint, TLSCodec, usable_transport
 from .kmewatch import KMEWatch, PeerSAE, WatchedKeySource
 from .limits import admit_peer
 from .material import check_channel_config, load_channel_material, load_psk_file
@@ -81,10 +82,22 @@ class HybridStream(PlainStream):
     plain TCP; this adds the session and its loggable facts.
     """
 
-    def __init__(self, reader: HybridStreamReader, writer: HybridStreamWriter) -> None:
+    def __init__(self, reader: HybridStreamReader, writer: HybridStreamWriter,
+                 raw: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None) -> None:
         super().__init__(cast(asyncio.StreamReader, reader), cast(asyncio.StreamWriter, writer),
                          _session_facts(writer.session))
         self.session = writer.session
+        self._hreader = reader
+        self._raw = raw
+
+    def endpoint(self) -> Endpoint | None:
+        """The TCP transport and the TLS connection, for the relay's fast path (``raw``: the TCP
+        streams the handshake ran on); None without them."""
+        transport = usable_transport(self._raw[1].transport) if self._raw is not None else None
+        if self._raw is None or transport is None:
+            return None
+        tls, pending = self._hreader.detach()
+        return Endpoint(transport, self._raw[0], TLSCodec(tls), pending)
 
 
 class HybridChannelFactory:
@@ -213,7 +226,7 @@ class HybridChannelFactory:
         if self._server is None:
             raise ConfigurationError("this channel factory is configured for the client role", field="role")
         hreader, hwriter = await accept_on_streams(reader, writer, self._server)
-        return HybridStream(hreader, hwriter)
+        return HybridStream(hreader, hwriter, (reader, writer))
 
     async def connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> HybridStream:
         """The client side on a new TCP connection: a steady-state connection while this factory's
@@ -245,7 +258,7 @@ class HybridChannelFactory:
             else:
                 self._ticket = new
                 new.refill()
-        return HybridStream(hreader, hwriter)
+        return HybridStream(hreader, hwriter, (reader, writer))
 
     async def refuse(self, writer: asyncio.StreamWriter) -> None:
         """Abort "rate limited" (9) as the first bytes: the client raises RateLimited for it."""

@@ -11,6 +11,8 @@ import contextlib
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
+from .fastpath import Codec, Endpoint, usable_transport
+
 __all__ = ["PlainStream", "SecureStream"]
 
 
@@ -77,6 +79,11 @@ class PlainStream:
         if self._writer.can_write_eof() and not self._writer.is_closing():
             with contextlib.suppress(OSError, RuntimeError):
                 self._writer.write_eof()
+
+    def endpoint(self) -> Endpoint | None:
+        """This stream's transport for the relay's fast path (which then reads and writes it itself)."""
+        transport = usable_transport(self._writer.transport)
+        return None if transport is None else Endpoint(transport, self._reader, Codec())
 
     def close(self) -> None:
         self._writer.close()

@@ -39,6 +39,41 @@ def test_memory_pair_full_duplex(identity: bytes, psk: bytes, size: int) -> None
     assert s.recv() == b""
 
 
+@pytest.mark.parametrize("size", SIZES)
+def test_send_and_flush_and_receive_and_recv_move_every_byte_once(identity: bytes, psk: bytes, size: int) -> None:
+    """The relay's one-call path: larger than a record means several partial SSL_writes (a resent
+    first record would show as a duplicate at 16384), cut anywhere on the way."""
+    r = memory_pair(tls.client_context(identity, psk), tls.server_context({identity: psk}))
+    c, s = r.client_tls, r.server_tls
+    pump(c, s)  # post-handshake records
+    data = os.urandom(size)
+    wire = c.send_and_flush(data) + c.send_and_flush(b"tail")
+    assert c.data_to_send() == b""  # send_and_flush returned everything queued
+    got = bytearray()
+    for i in range(0, len(wire), 7000):  # records split across deliveries
+        plain, closed = s.receive_and_recv(wire[i:i + 7000])
+        got += plain
+        assert not closed
+    assert bytes(got) == data + b"tail"
+    assert s.receive_and_recv(b"") == (b"", False)  # nothing held, nothing needed
+    c.close()
+    assert s.receive_and_recv(c.data_to_send()) == (b"", True)
+
+
+def test_receive_and_recv_raises_the_typed_error_for_garbage_and_truncation(identity: bytes, psk: bytes) -> None:
+    r = memory_pair(tls.client_context(identity, psk), tls.server_context({identity: psk}))
+    pump(r.client_tls, r.server_tls)
+    with pytest.raises(TLSError):
+        r.server_tls.receive_and_recv(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # a forged record
+    r = memory_pair(tls.client_context(identity, psk), tls.server_context({identity: psk}))
+    pump(r.client_tls, r.server_tls)
+    wire = r.client_tls.send_and_flush(b"partial")
+    assert r.server_tls.receive_and_recv(wire[:-3]) == (b"", False)
+    r.server_tls.receive_data(b"")  # EOF without close_notify
+    with pytest.raises(TLSError, match="close_notify"):
+        r.server_tls.receive_and_recv(b"")
+
+
 def test_memory_tls_misuse_and_truncation(identity: bytes, psk: bytes) -> None:
     end = tls.MemoryTLS(tls.client_context(identity, psk), server_side=False)
     with pytest.raises(LocalProtocolError):
