@@ -17,11 +17,11 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Generic, NamedTuple, TypedDict, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypedDict, TypeVar, Unpack
 
 from ..exceptions import ConfigurationError, InvalidKeyMaterial, KeyReuseError
 from . import _site
-from ._retry import RetryPlan, RetryPolicy
+from ._retry import RetryPlan
 from .base import QKDKey
 from .errors import KMEConnectionError, KMEResponseError
 from .etsi014 import (
@@ -34,6 +34,9 @@ from .etsi014 import (
     parse_status,
     sae_path,
 )
+
+if TYPE_CHECKING:
+    from ._retry_policy import RetryPolicy
 
 log = logging.getLogger("hybridkex.qkd.client")
 
@@ -108,6 +111,8 @@ class ClientCore:
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
+        from ._retry_policy import RetryPolicy  # noqa: PLC0415 - urllib3 for clients only, not a KME process
+
         self._retry_policy = RetryPolicy.for_kme(self.retries, self.backoff, self.max_backoff)
         self._trusted = _site.networks(trusted_networks)
         self._ssl: ssl.SSLContext | None = None

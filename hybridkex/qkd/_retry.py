@@ -6,7 +6,7 @@ HTTP date) is honoured up to ``max_backoff``; otherwise the delay doubles from `
 jitter, up to ``max_backoff``.  Everything after a request was sent (a timeout, a lost connection)
 is raised by the front ends and never reaches the plan: the KME may have served it.
 
-The policy is one :class:`RetryPolicy`, a :class:`urllib3.util.Retry` (urllib3 counts the attempts,
+The policy is one :class:`~._retry_policy.RetryPolicy`, a :class:`urllib3.util.Retry` (urllib3 counts the attempts,
 tells connect failures from the rest and parses ``Retry-After``), made once per client; each request
 follows it with a :class:`RetryPlan`.  A front end runs one request as::
 
@@ -19,14 +19,9 @@ follows it with a :class:`RetryPlan`.  A front end runs one request as::
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
-
-import urllib3
-from urllib3.exceptions import InvalidHeader, MaxRetryError, NewConnectionError
-from urllib3.util import Retry
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..exceptions import HybridKEXError
 from .errors import (
@@ -38,6 +33,9 @@ from .errors import (
     KMEUnavailableError,
 )
 from .etsi014 import MSG_KEYS_NOT_FOUND, STATUS_CODES, loads_strict, parse_error_body
+
+if TYPE_CHECKING:
+    from ._retry_policy import RetryPolicy
 
 log = logging.getLogger("hybridkex.qkd.client")
 
@@ -113,40 +111,6 @@ def interpret(where: str, answer: Answer, sae_id: str) -> Any:
     return Unavailable(shown)
 
 
-class RetryPolicy(Retry):
-    """The documented retry policy as a :class:`urllib3.util.Retry`; build it with :meth:`for_kme`.
-
-    Two waits differ from urllib3's defaults, on purpose (they are what the clients document): the
-    first retry waits ``backoff`` (urllib3 waits 0), the jitter scales the wait by 0.5-1.0 within
-    the cap (urllib3 adds it on top), and ``Retry-After`` is capped at ``max_backoff`` (a KME
-    asking for minutes must not stall a handshake that long).
-    """
-
-    @classmethod
-    def for_kme(cls, retries: int, backoff: float, max_backoff: float) -> RetryPolicy:
-        """``retries`` extra attempts in all, after connect failures and 503s only; never after a read."""
-        return cls(
-            total=retries, connect=None, status=None,
-            read=False,  # a failure after the request went out is raised, never retried: keys may be gone
-            other=0, redirect=0, raise_on_redirect=True,
-            allowed_methods=None,  # a 503 or a refused connection means nothing was served, POST included
-            status_forcelist=frozenset({503}), raise_on_status=False, respect_retry_after_header=True,
-            backoff_factor=backoff, backoff_max=max_backoff,
-        )
-
-    def get_backoff_time(self) -> float:
-        made = max(len(self.history) - 1, 0)  # retries before the one about to happen
-        base = min(self.backoff_max, self.backoff_factor * (2.0**made))
-        return float(base * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not a secret
-
-    def get_retry_after(self, response: urllib3.BaseHTTPResponse) -> float | None:
-        try:
-            after = super().get_retry_after(response)
-        except InvalidHeader:  # neither seconds nor an HTTP date: our own backoff
-            return None
-        return None if after is None else min(after, self.backoff_max)
-
-
 class RetryPlan:
     """The attempts of one request: :meth:`next` takes each attempt's result and says what follows."""
 
@@ -169,6 +133,11 @@ class RetryPlan:
             KMEError: the typed error the answer stands for (never retried), or, when no attempt is
                 left, :class:`KMEConnectionError` / :class:`KMEUnavailableError`.
         """
+        # urllib3 is imported where a request failed, and by the clients (._retry_policy), never by a
+        # KME process: its start-up is what a client waits for when the KME restarts.
+        import urllib3  # noqa: PLC0415
+        from urllib3.exceptions import MaxRetryError, NewConnectionError  # noqa: PLC0415
+
         attempts = self.attempt + 1
         response: urllib3.HTTPResponse | None = None
         if isinstance(result, ConnectFailed):

@@ -32,9 +32,10 @@ from hybridkex.qkd import (
     KMEResponseError,
     KMEUnauthorizedError,
     KMEUnavailableError,
-    _retry,
+    _retry_policy,
 )
-from hybridkex.qkd._retry import Answer, ConnectFailed, RetryPlan, RetryPolicy, Wait
+from hybridkex.qkd._retry import Answer, ConnectFailed, RetryPlan, Wait
+from hybridkex.qkd._retry_policy import RetryPolicy
 from hybridkex.qkd.etsi014 import MSG_KEYS_NOT_FOUND
 from hybridkex.qkd.kme import server_ssl_context
 from hybridkex.qkd.pki import DemoPKI
@@ -54,7 +55,7 @@ def plan(retries: int = 3) -> RetryPlan:
 @pytest.fixture
 def no_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
     """The jitter factor at its top (1.0), so that delays are exact."""
-    monkeypatch.setattr(_retry.random, "uniform", lambda low, high: high)
+    monkeypatch.setattr(_retry_policy.random, "uniform", lambda low, high: high)
 
 
 # -- the plan alone --------------------------------------------------------------------------------
