@@ -17,7 +17,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Generic, NamedTuple, TypedDict, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypedDict, TypeVar, Unpack
 
 from ..exceptions import ConfigurationError, InvalidKeyMaterial, KeyReuseError
 from . import _site
@@ -34,6 +34,9 @@ from .etsi014 import (
     parse_status,
     sae_path,
 )
+
+if TYPE_CHECKING:
+    from ._retry_policy import RetryPolicy
 
 log = logging.getLogger("hybridkex.qkd.client")
 
@@ -108,6 +111,9 @@ class ClientCore:
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.max_backoff = float(max_backoff)
+        from ._retry_policy import RetryPolicy  # noqa: PLC0415 - urllib3 for clients only, not a KME process
+
+        self._retry_policy = RetryPolicy.for_kme(self.retries, self.backoff, self.max_backoff)
         self._trusted = _site.networks(trusted_networks)
         self._ssl: ssl.SSLContext | None = None
         if self._target.scheme == "https":
@@ -146,6 +152,11 @@ class ClientCore:
     def sae_id(self) -> str:
         """This SAE's ID (the subject CN of its certificate unless configured)."""
         return self._sae_id
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The retry policy both front ends follow, a :class:`urllib3.util.Retry` (see :mod:`._retry`)."""
+        return self._retry_policy
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(url={self.url!r}, sae_id={self._sae_id!r}, kme_id={self._learned_kme_id!r})"
@@ -260,7 +271,7 @@ class ClientCore:
     # -- answers ----------------------------------------------------------------------------------
 
     def _retry_plan(self, where: str) -> RetryPlan:
-        return RetryPlan(where, self._sae_id, self.retries, self.backoff, self.max_backoff)
+        return RetryPlan(where, self._sae_id, self._retry_policy)
 
     @staticmethod
     def _too_large(where: str, status: int, length: int | None = None) -> KMEResponseError:

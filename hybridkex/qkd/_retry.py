@@ -1,12 +1,14 @@
-"""What a KME answer means and whether to try again: the one retry plan of both clients (no I/O).
+"""What a KME answer means and whether to try again: the one retry policy of both clients (no I/O).
 
 Only failures that cannot have consumed keys are retried: a connection that could not be made
-(:class:`ConnectFailed`: nothing was sent) and a 503 answer, whose ``Retry-After`` is honoured up
-to ``max_backoff``; otherwise the delay doubles from ``backoff``, with jitter, up to
-``max_backoff``.  Everything after a request was sent (a timeout, a lost connection) is raised by
-the front ends and never reaches the plan: the KME may have served it.
+(:class:`ConnectFailed`: nothing was sent) and a 503 answer, whose ``Retry-After`` (seconds or an
+HTTP date) is honoured up to ``max_backoff``; otherwise the delay doubles from ``backoff``, with
+jitter, up to ``max_backoff``.  Everything after a request was sent (a timeout, a lost connection)
+is raised by the front ends and never reaches the plan: the KME may have served it.
 
-A front end runs one request as::
+The policy is one :class:`~._retry_policy.RetryPolicy`, a :class:`urllib3.util.Retry` (urllib3 counts the attempts,
+tells connect failures from the rest and parses ``Retry-After``), made once per client; each request
+follows it with a :class:`RetryPlan`.  A front end runs one request as::
 
     plan = client._retry_plan(where)
     while isinstance(step := plan.next(attempt()), Wait):
@@ -17,10 +19,9 @@ A front end runs one request as::
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..exceptions import HybridKEXError
 from .errors import (
@@ -32,6 +33,9 @@ from .errors import (
     KMEUnavailableError,
 )
 from .etsi014 import MSG_KEYS_NOT_FOUND, STATUS_CODES, loads_strict, parse_error_body
+
+if TYPE_CHECKING:
+    from ._retry_policy import RetryPolicy
 
 log = logging.getLogger("hybridkex.qkd.client")
 
@@ -62,10 +66,9 @@ class Wait:
 
 @dataclass(frozen=True, slots=True)
 class Unavailable:
-    """A 503 answer: try again after ``after`` seconds (``None``: our own backoff)."""
+    """A 503 answer: try again (when, :class:`RetryPolicy` says from its ``Retry-After``)."""
 
     message: str
-    after: float | None
 
 
 def printable(text: str, limit: int = 200) -> str:
@@ -105,25 +108,23 @@ def interpret(where: str, answer: Answer, sae_id: str) -> Any:
             "(certificate CN) and that the peer SAE ID is the right one",
             status=401,
         )
-    after: float | None = None
-    raw_after = answer.headers.get("Retry-After")
-    if raw_after is not None and raw_after.strip().isdigit():
-        after = float(raw_after.strip())
-    return Unavailable(shown, after)
+    return Unavailable(shown)
 
 
 class RetryPlan:
     """The attempts of one request: :meth:`next` takes each attempt's result and says what follows."""
 
-    __slots__ = ("attempt", "backoff", "max_backoff", "retries", "sae_id", "where")
+    __slots__ = ("retry", "sae_id", "where")
 
-    def __init__(self, where: str, sae_id: str, retries: int, backoff: float, max_backoff: float) -> None:
+    def __init__(self, where: str, sae_id: str, policy: RetryPolicy) -> None:
         self.where = where
         self.sae_id = sae_id
-        self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self.attempt = 0
+        self.retry = policy
+
+    @property
+    def attempt(self) -> int:
+        """How many retries were decided so far."""
+        return len(self.retry.history)
 
     def next(self, result: Answer | ConnectFailed) -> Any:
         """A :class:`Wait` before the next attempt, or the answer's JSON.
@@ -132,31 +133,37 @@ class RetryPlan:
             KMEError: the typed error the answer stands for (never retried), or, when no attempt is
                 left, :class:`KMEConnectionError` / :class:`KMEUnavailableError`.
         """
-        retry: Unavailable | None = None
+        # urllib3 is imported where a request failed, and by the clients (._retry_policy), never by a
+        # KME process: its start-up is what a client waits for when the KME restarts.
+        import urllib3  # noqa: PLC0415
+        from urllib3.exceptions import MaxRetryError, NewConnectionError  # noqa: PLC0415
+
+        attempts = self.attempt + 1
+        response: urllib3.HTTPResponse | None = None
         if isinstance(result, ConnectFailed):
-            if self.attempt >= self.retries:
-                raise KMEConnectionError(
-                    f"{self.where}: cannot connect after {self.attempt + 1} attempt(s) ({result}); "
-                    "is the KME running?"
-                )
+            error: Exception | None = NewConnectionError(None, str(result))  # type: ignore[arg-type]
         else:
             outcome = interpret(self.where, result, self.sae_id)
             if not isinstance(outcome, Unavailable):
                 return outcome
-            retry = outcome
-            if self.attempt >= self.retries:
-                raise KMEUnavailableError(
-                    f"{self.where}: KME unavailable (503) after {self.retries + 1} attempt(s): {retry.message}",
-                    status=503,
-                )
-        delay = self.delay(retry)
-        log.info("%s: retrying in %.2f s (attempt %d of %d)", self.where, delay, self.attempt + 2, self.retries + 1)
-        self.attempt += 1
+            error = None
+            # Built only on this path (a 503): the answers that end a request cost nothing here.
+            response = urllib3.HTTPResponse(b"", headers=dict(result.headers), status=result.status,
+                                            preload_content=False)
+        try:
+            self.retry = self.retry.increment(url=self.where, response=response, error=error)
+        except MaxRetryError:
+            if isinstance(result, ConnectFailed):
+                raise KMEConnectionError(
+                    f"{self.where}: cannot connect after {attempts} attempt(s) ({result}); is the KME running?"
+                ) from None
+            raise KMEUnavailableError(
+                f"{self.where}: KME unavailable (503) after {attempts} attempt(s): {outcome.message}",
+                status=503,
+            ) from None
+        delay = self.retry.get_retry_after(response) if response is not None else None
+        if delay is None:
+            delay = self.retry.get_backoff_time()
+        log.info("%s: retrying in %.2f s (attempt %d of %d)", self.where, delay, attempts + 1,
+                 attempts + 1 + (self.retry.total or 0))
         return Wait(delay)
-
-    def delay(self, retry: Unavailable | None) -> float:
-        """Seconds before the next attempt: the KME's ``Retry-After`` (capped), else jittered backoff."""
-        if retry is not None and retry.after is not None:
-            return min(max(retry.after, 0.0), self.max_backoff)
-        base = min(self.max_backoff, self.backoff * (2.0**self.attempt))
-        return float(base * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not a secret

@@ -27,11 +27,20 @@ Theory of operation
   :class:`~hybridkex.exceptions.KeyReuseError`: a QKD key is used at most once.
 * Key material never appears in logs, ``repr`` or exception messages.
 
-One core (:mod:`._request`: requests, checks, identity; :mod:`._retry`: the retry plan) serves both
-front ends, which only move bytes and sleep.  The blocking client (here) uses only the standard
-library (``http.client`` + ``ssl``), keeps a small pool of keep-alive connections and is
-thread-safe.  The asyncio client (:mod:`.aclient`) uses aiohttp and must be used from one event loop.
+One core (:mod:`._request`: requests, checks, identity; :mod:`._retry`: the retry plan, following
+one :class:`urllib3.util.Retry` policy per client) serves both front ends, which only move bytes
+and sleep.  The blocking client (here) sends with ``http.client`` + ``ssl`` and keeps a small pool
+of keep-alive connections; it is thread-safe.  The asyncio client (:mod:`.aclient`) uses aiohttp
+and must be used from one event loop.
 """
+
+# Why the connections are pooled here and not by urllib3's HTTPSConnectionPool: the slave's
+# dec_keys is on the handshake path, and urllib3 costs about 0.2 ms more CPU per request on it
+# (this machine, KME in its own process, benchmarks/bench_kme_client.py: dec_keys 470-500 us
+# per call here, 750-910 us with urllib3's pool; status 400-445 us against 580-605 us; a bare GET
+# 312 us with http.client, 545 us with urllib3, 1050 us with httpx), i.e. about 5% of a full
+# hybridkex handshake's CPU.  urllib3 does the retry policy (._retry_policy), where speed does not
+# matter.
 
 from __future__ import annotations
 

@@ -6,10 +6,31 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from openapicheck import Recorder, violation
 from qkdhelpers import SyncOverAsync
 
 from hybridkex.qkd.kme import SimulatedKMEPair
+from hybridkex.qkd.kme import pair as kme_pair
 from hybridkex.qkd.pki import DemoPKI
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kme_answers() -> Iterator[Recorder]:
+    """Every answer of every in-process KME these tests start, recorded for the OpenAPI check."""
+    recorder = Recorder()
+    create = kme_pair.create_kme_app
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kme_pair, "create_kme_app", lambda *a, **kw: recorder.attach(create(*a, **kw)))
+        yield recorder
+
+
+@pytest.fixture(autouse=True)
+def kme_answers_conform(kme_answers: Recorder) -> Iterator[None]:
+    """After each test: the KME answers since the last check (this test's, and background refills
+    between tests) conform to the OpenAPI document."""
+    yield
+    wrong = [why for ex in kme_answers.take() if (why := violation(ex)) is not None]
+    assert not wrong, "KME answers violate its OpenAPI document:\n" + "\n".join(wrong[:10])
 
 
 @pytest.fixture(scope="session")

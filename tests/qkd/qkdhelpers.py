@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import openapicheck
 from aiohttp import web
 
 from hybridkex.qkd.pki import DemoPKI
@@ -66,8 +67,12 @@ def https_request(
     raw: bytes | None = None,
     headers: dict[str, str] | None = None,
     timeout: float = 10.0,
+    check_openapi: bool = True,
 ) -> Response:
-    """One request over a fresh mutual-TLS connection, as client ``name`` (``None``: no client cert)."""
+    """One request over a fresh mutual-TLS connection, as client ``name`` (``None``: no client cert).
+
+    The answer is checked against the KME's OpenAPI document (:mod:`openapicheck`) unless
+    ``check_openapi`` is false (a server that is not a KME)."""
     parts = urllib.parse.urlsplit(url)
     assert parts.hostname and parts.port
     conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
@@ -79,9 +84,12 @@ def https_request(
     try:
         conn.request(method, path, body=data, headers=hdrs)
         resp = conn.getresponse()
-        return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        answer = Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
     finally:
         conn.close()
+    if check_openapi:
+        openapicheck.check(openapicheck.Exchange(method, path, answer.status, answer.headers, answer.body))
+    return answer
 
 
 class ThreadedServer:

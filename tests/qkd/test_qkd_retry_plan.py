@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import json
+import ssl
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import urllib3
 from aiohttp import web
 from qkdhelpers import ThreadedServer, sae_args
+from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from hybridkex.qkd import (
     AsyncETSI014Client,
@@ -27,9 +32,10 @@ from hybridkex.qkd import (
     KMEResponseError,
     KMEUnauthorizedError,
     KMEUnavailableError,
-    _retry,
+    _retry_policy,
 )
 from hybridkex.qkd._retry import Answer, ConnectFailed, RetryPlan, Wait
+from hybridkex.qkd._retry_policy import RetryPolicy
 from hybridkex.qkd.etsi014 import MSG_KEYS_NOT_FOUND
 from hybridkex.qkd.kme import server_ssl_context
 from hybridkex.qkd.pki import DemoPKI
@@ -43,13 +49,13 @@ def answer(status: int, body: Any = None, retry_after: str | None = None, conten
 
 
 def plan(retries: int = 3) -> RetryPlan:
-    return RetryPlan("KME test POST /x", "sae-a", retries, backoff=0.1, max_backoff=0.5)
+    return RetryPlan("KME test POST /x", "sae-a", RetryPolicy.for_kme(retries, backoff=0.1, max_backoff=0.5))
 
 
 @pytest.fixture
 def no_jitter(monkeypatch: pytest.MonkeyPatch) -> None:
     """The jitter factor at its top (1.0), so that delays are exact."""
-    monkeypatch.setattr(_retry.random, "uniform", lambda low, high: high)
+    monkeypatch.setattr(_retry_policy.random, "uniform", lambda low, high: high)
 
 
 # -- the plan alone --------------------------------------------------------------------------------
@@ -72,7 +78,8 @@ def test_retry_after_is_capped_and_backoff_is_capped(no_jitter: None) -> None:
 def test_jitter_stays_within_half_and_full_backoff() -> None:
     for _ in range(50):
         p = plan()
-        p.attempt = 2
+        p.next(ConnectFailed("x"))
+        p.next(ConnectFailed("x"))
         delay = p.next(ConnectFailed("x"))
         assert isinstance(delay, Wait) and 0.2 <= delay.seconds <= 0.4
 
@@ -88,6 +95,23 @@ def test_no_attempt_left_raises_the_last_failure() -> None:
     with pytest.raises(KMEUnavailableError, match=r"after 2 attempt\(s\): Error on server side\.") as info:
         p.next(answer(503, {"message": "Error on server side."}))
     assert info.value.status == 503
+
+
+def test_retry_after_as_an_http_date_is_honoured_and_a_malformed_one_means_our_backoff(no_jitter: None) -> None:
+    p = plan()
+    in_two_seconds = email.utils.formatdate(time.time() + 2, usegmt=True)
+    assert p.next(answer(503, None, retry_after=in_two_seconds)) == Wait(0.5)  # capped at max_backoff
+    past = email.utils.formatdate(time.time() - 60, usegmt=True)
+    assert p.next(answer(503, None, retry_after=past)) == Wait(0.0)
+    assert p.next(answer(503, None, retry_after="soon")) == Wait(0.4)  # third retry: 0.1 * 2**2
+
+
+def test_the_policy_never_retries_after_the_request_was_sent() -> None:
+    policy = RetryPolicy.for_kme(5, 0.1, 0.5)
+    for error in (ProtocolError("connection lost"), ReadTimeoutError(None, "/x", "timed out")):  # type: ignore[arg-type]
+        with pytest.raises(type(error)):
+            policy.increment("POST", "/x", error=error)
+    assert policy.is_retry("POST", 503) and not policy.is_retry("POST", 500)
 
 
 @pytest.mark.parametrize(("result", "error"), [
@@ -209,3 +233,19 @@ def test_sync_and_async_clients_make_the_same_retry_decisions(
         assert outcome is KMEUnavailableError and requests == 4
     else:
         assert requests == 2 and outcome in (KMEKeyNotFoundError, KMEUnauthorizedError)
+
+
+def test_the_policy_is_a_urllib3_retry_that_urllib3_itself_follows(
+    scripted: tuple[ScriptedKME, ThreadedServer], pki: DemoPKI, no_jitter: None,
+) -> None:
+    """The clients' policy object, handed to a urllib3 pool, makes urllib3 retry the 503s alike."""
+    kme, server = scripted
+    kme.script, kme.requests = [(503, "0"), (503, None)], 0
+    with ETSI014Client(server.url, **sae_args(pki, "sae-a"), retries=3, backoff=0.01, max_backoff=0.05) as c:
+        policy = c.retry_policy
+    assert isinstance(policy, urllib3.Retry)
+    ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    ctx.load_cert_chain(str(pki.cert("sae-a")), str(pki.key("sae-a")))
+    with urllib3.HTTPSConnectionPool("127.0.0.1", server.port, ssl_context=ctx) as pool:
+        resp = pool.urlopen("POST", "/api/v1/keys/sae-b/enc_keys", body=b"{}", retries=policy)
+    assert resp.status == 200 and kme.requests == 3
