@@ -45,6 +45,10 @@ class Suite:
     qkd_key_bits: int = 0
     #: Backend the PQ KEM comes from by default.
     backend: str = "cryptography"
+    #: Length of the post-quantum KEM's shared secret in bytes (ETSI k2): 32 for ML-KEM, HQC and
+    #: Classic McEliece; FrodoKEM's is its security level (16 for -640, 24 for -976). Data here, so
+    #: the combiner checks it without loading the KEM's backend.
+    pq_secret_bytes: int = 32
 
     @property
     def hash_len(self) -> int:
@@ -71,7 +75,7 @@ class Suite:
 
 
 def _suite(name: str, code: int, pq: str, qkd: bool, sha: Literal["sha256", "sha384"], *,
-           ordering: Ordering = "etsi", backend: str = "cryptography") -> Suite:
+           ordering: Ordering = "etsi", backend: str = "cryptography", pq_secret_bytes: int = 32) -> Suite:
     return Suite(
         name=name,
         code=code,
@@ -84,6 +88,7 @@ def _suite(name: str, code: int, pq: str, qkd: bool, sha: Literal["sha256", "sha
         tls_cipher="TLS_AES_128_GCM_SHA256" if sha == "sha256" else "TLS_AES_256_GCM_SHA384",
         qkd_key_bits=256 if qkd else 0,
         backend=backend,
+        pq_secret_bytes=pq_secret_bytes,
     )
 
 
@@ -98,7 +103,8 @@ SUITES: dict[str, Suite] = {
         _suite("mlkem768-x25519-qkd-hkdfsha256-sp80056c", 0x0005, "ML-KEM-768", True, "sha256", ordering="sp800-56c"),
         _suite("mlkem768-x25519-hkdfsha256-sp80056c", 0x0006, "ML-KEM-768", False, "sha256", ordering="sp800-56c"),
         # Suites whose post-quantum KEM only liboqs provides (optional extra [oqs]).
-        _suite("x25519-frodokem640aes-qkd-hkdfsha256", 0x0101, "FrodoKEM-640-AES", True, "sha256", backend="liboqs"),
+        _suite("x25519-frodokem640aes-qkd-hkdfsha256", 0x0101, "FrodoKEM-640-AES", True, "sha256", backend="liboqs",
+               pq_secret_bytes=16),
         _suite("x25519-hqc128-qkd-hkdfsha256", 0x0102, "HQC-128", True, "sha256", backend="liboqs"),
     )
 }

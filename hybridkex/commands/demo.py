@@ -169,7 +169,7 @@ def _report(facts: dict[str, Any], stages: _Stages) -> None:
         print("What was established (first connection):")
         print(f"  suite            {info.suite}")
         for c in info.components:
-            print(f"  component        {c.name:12} {c.secret_bytes * 8}-bit secret")
+            print(f"  component        {c.name:16} {c.secret_bytes * 8}-bit secret")
         print(f"  QKD key IDs      {', '.join(info.qkd_key_ids) or '-'} ({info.qkd_usage}; "
               f"{info.master_sae_id} master, {info.slave_sae_id} slave)")
         print(f"  combiner         ETSI TS 103 744 CatKDF ({suite.kdf}); every public value and the QKD key IDs bound")

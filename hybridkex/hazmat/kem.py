@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -242,6 +243,9 @@ def _load_oqs() -> Any:
             return _oqs_module
         if oqs_library_path() is None:
             raise UnsupportedAlgorithm(f"the liboqs shared library was not found; {_INSTALL_HINT}")
+        # liboqs-python logs INFO lines to stdout from its own handler on import ("faulthandler is
+        # disabled"): they would land in a program's output (JSON from `hybridkex suites --json`).
+        logging.getLogger("oqs.oqs").addFilter(lambda record: record.levelno >= logging.WARNING)
         try:
             import oqs  # noqa: PLC0415 - imported only once the library is known to load
         except ImportError as exc:

@@ -26,6 +26,7 @@ __all__ = [
     "KEM_CODES",
     "MAGIC",
     "MAX_BODY",
+    "MAX_SHARE",
     "VERSION",
     "AbortCode",
     "CertificateChain",
@@ -154,7 +155,8 @@ KEM_BY_CODE: dict[int, str] = {v: k for k, v in KEM_CODES.items()}
 _MAX_TEXT = 255
 _MAX_SUITES = 16
 _MAX_SHARES = 4
-_MAX_SHARE = 16 * 1024
+#: Largest post-quantum encapsulation key or ciphertext a Hello or Response carries (a vec16).
+MAX_SHARE = 16 * 1024
 _MAX_AUTH_MODES = 8
 _MAX_KEY_IDS = 16
 _KEY_ID_LEN = 36
@@ -352,7 +354,7 @@ class HelloMsg:
         shares = []
         for _ in range(n):
             code = r.u16("key share KEM")
-            shares.append(KeyShare(code, r.vec16("key share", min_len=1, max_len=_MAX_SHARE)))
+            shares.append(KeyShare(code, r.vec16("key share", min_len=1, max_len=MAX_SHARE)))
         if len({s.kem_code for s in shares}) != n:
             raise RemoteProtocolError("Hello: two key shares for one KEM")
         n = r.u8("auth mode count")
@@ -445,7 +447,7 @@ class ResponseMsg:
         identity = _identity(r, "identity")
         nonce = r.fixed(NONCE_LEN, "nonce")
         x25519 = r.fixed(X25519_LEN, "x25519 public key")
-        ct = r.vec16("kem ciphertext", min_len=1, max_len=_MAX_SHARE)
+        ct = r.vec16("kem ciphertext", min_len=1, max_len=MAX_SHARE)
         usage = _read_enum(r, QKDUsage, "qkd usage")
         note = _read_enum(r, QKDNote, "qkd note")
         sae_id = r.text16("qkd sae id", max_len=_MAX_TEXT)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast
 
 from ..exceptions import ConfigurationError, HybridKEXError
-from ..hazmat.kem import get_kem
+from ..protocol import suite_kem
 from ..suites import SUITES, get_suite
 from ._recycle import RecycleConfig, recycle_table, recycled_peer
 from ._table import MISSING, Table, describe
@@ -566,7 +566,7 @@ class _Validator:
                     raise ConfigurationError(f'suite {name!r} needs a QKD key but policy.qkd = "disabled"',
                                              field=fname)
                 try:
-                    get_kem(suite.pq_kem, suite.backend)
+                    suite_kem(suite)  # loads the KEM and checks it fits the handshake's wire format
                 except HybridKEXError as exc:
                     raise ConfigurationError(f"suite {name!r} is not available here: {exc}", field=fname) from None
                 names.append(name)
