@@ -13,7 +13,7 @@ from typing import Literal
 
 from .exceptions import ConfigurationError
 
-__all__ = ["DEFAULT_SUITE", "SUITES", "Suite", "get_suite", "suite_by_code"]
+__all__ = ["DEFAULT_SUITE", "RETIRED", "SUITES", "Suite", "get_suite", "suite_by_code", "unknown_suite"]
 
 Ordering = Literal["etsi", "sp800-56c"]
 
@@ -102,11 +102,22 @@ SUITES: dict[str, Suite] = {
         _suite("x25519-mlkem1024-hkdfsha384", 0x0004, "ML-KEM-1024", False, "sha384"),
         _suite("mlkem768-x25519-qkd-hkdfsha256-sp80056c", 0x0005, "ML-KEM-768", True, "sha256", ordering="sp800-56c"),
         _suite("mlkem768-x25519-hkdfsha256-sp80056c", 0x0006, "ML-KEM-768", False, "sha256", ordering="sp800-56c"),
-        # Suites whose post-quantum KEM only liboqs provides (optional extra [oqs]).
+        # Suites whose post-quantum KEM only liboqs provides (optional extra [oqs]). For a user who
+        # distrusts lattices: HQC (code-based) or FrodoKEM-976 (plain LWE, no ring or module structure),
+        # each still with X25519 and QKD. Code 0x0102 was x25519-hqc128-qkd-hkdfsha256: retired.
         _suite("x25519-frodokem640aes-qkd-hkdfsha256", 0x0101, "FrodoKEM-640-AES", True, "sha256", backend="liboqs",
                pq_secret_bytes=16),
-        _suite("x25519-hqc128-qkd-hkdfsha256", 0x0102, "HQC-128", True, "sha256", backend="liboqs"),
+        _suite("x25519-frodokem976aes-qkd-hkdfsha384", 0x0103, "FrodoKEM-976-AES", True, "sha384", backend="liboqs",
+               pq_secret_bytes=24),
+        _suite("x25519-hqc1-qkd-hkdfsha256", 0x0104, "HQC-1", True, "sha256", backend="liboqs"),
+        _suite("x25519-hqc3-qkd-hkdfsha384", 0x0105, "HQC-3", True, "sha384", backend="liboqs"),
     )
+}
+
+#: Suites that were removed, and what to use instead.
+RETIRED: dict[str, str] = {
+    "x25519-hqc128-qkd-hkdfsha256":
+        "liboqs 0.16 has no HQC-128 (HQC is now HQC-1/-3/-5); use x25519-hqc1-qkd-hkdfsha256",
 }
 
 DEFAULT_SUITE: Suite = SUITES["x25519-mlkem768-qkd-hkdfsha256"]
@@ -121,7 +132,14 @@ def get_suite(name: str | Suite) -> Suite:
     try:
         return SUITES[name]
     except KeyError:
-        raise ConfigurationError(f"unknown suite {name!r}; known suites: {', '.join(SUITES)}", field="suite") from None
+        raise ConfigurationError(unknown_suite(name), field="suite") from None
+
+
+def unknown_suite(name: str) -> str:
+    """Why ``name`` is not a suite, in one line (a retired suite says what replaces it)."""
+    if name in RETIRED:
+        return f"suite {name!r} was removed: {RETIRED[name]}"
+    return f"unknown suite {name!r}; known suites: {', '.join(SUITES)}"
 
 
 def suite_by_code(code: int) -> Suite | None:

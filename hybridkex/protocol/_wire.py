@@ -142,13 +142,16 @@ class SignatureAlgorithm(IntEnum):
 
 
 #: Wire codes of post-quantum KEMs in Hello key shares (X25519 is always present, separately).
+#: 0x0102 and 0x0104 were liboqs's pre-0.16 HQC-128/HQC-192, a different HQC version: retired, not reused.
+#: Classic McEliece has no code: its public keys exceed MAX_SHARE.
 KEM_CODES: dict[str, int] = {
     "ML-KEM-768": 0x0001,
     "ML-KEM-1024": 0x0002,
     "FrodoKEM-640-AES": 0x0101,
-    "HQC-128": 0x0102,
     "FrodoKEM-976-AES": 0x0103,
-    "HQC-192": 0x0104,
+    "HQC-1": 0x0105,
+    "HQC-3": 0x0106,
+    "HQC-5": 0x0107,
 }
 KEM_BY_CODE: dict[int, str] = {v: k for k, v in KEM_CODES.items()}
 

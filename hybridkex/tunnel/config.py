@@ -24,7 +24,7 @@ from typing import Any, Final, Literal, TypeVar, cast
 
 from ..exceptions import ConfigurationError, HybridKEXError
 from ..protocol import suite_kem
-from ..suites import SUITES, get_suite
+from ..suites import SUITES, get_suite, unknown_suite
 from ._recycle import RecycleConfig, recycle_table, recycled_peer
 from ._table import MISSING, Table, describe
 
@@ -554,8 +554,7 @@ class _Validator:
                 if not isinstance(name, str):
                     raise ConfigurationError(f"expected a suite name, got {describe(name)}", field=fname)
                 if name not in SUITES:
-                    raise ConfigurationError(f"unknown suite {name!r}; known suites: {', '.join(SUITES)}",
-                                             field=fname)
+                    raise ConfigurationError(unknown_suite(name), field=fname)
                 if name in names:
                     raise ConfigurationError(f"suite {name!r} is listed twice", field=fname)
                 suite = get_suite(name)
