@@ -179,6 +179,9 @@ class Connection:
         # Fail at construction, not mid-handshake: every suite's KEM loads and fits the wire format,
         # and the initiator's key shares (one per distinct KEM) fit one Hello.
         shares = {s.pq_kem: suite_kem(s).public_key_size for s in config.policy.allowed_suites}
+        if isinstance(config, InitiatorConfig) and len(shares) > w.MAX_SHARES:
+            raise ConfigurationError(f"the suites use {len(shares)} post-quantum KEMs ({', '.join(shares)}); a Hello "
+                                     f"carries key shares for at most {w.MAX_SHARES}", field="policy.suites")
         if isinstance(config, InitiatorConfig) and sum(shares.values()) + _HELLO_SLACK > w.MAX_BODY[w.FrameType.HELLO]:
             raise ConfigurationError(
                 f"the key shares of {', '.join(shares)} ({sum(shares.values())} bytes) do not fit one Hello "

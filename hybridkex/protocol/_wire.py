@@ -27,6 +27,7 @@ __all__ = [
     "MAGIC",
     "MAX_BODY",
     "MAX_SHARE",
+    "MAX_SHARES",
     "VERSION",
     "AbortCode",
     "CertificateChain",
@@ -157,7 +158,8 @@ KEM_BY_CODE: dict[int, str] = {v: k for k, v in KEM_CODES.items()}
 
 _MAX_TEXT = 255
 _MAX_SUITES = 16
-_MAX_SHARES = 4
+#: Most key shares (distinct post-quantum KEMs) in one Hello.
+MAX_SHARES = 4
 #: Largest post-quantum encapsulation key or ciphertext a Hello or Response carries (a vec16).
 MAX_SHARE = 16 * 1024
 _MAX_AUTH_MODES = 8
@@ -352,8 +354,8 @@ class HelloMsg:
         nonce = r.fixed(NONCE_LEN, "nonce")
         x25519 = r.fixed(X25519_LEN, "x25519 public key")
         n = r.u8("key share count")
-        if not 1 <= n <= _MAX_SHARES:
-            raise RemoteProtocolError(f"Hello: {n} key shares, allowed 1..{_MAX_SHARES}")
+        if not 1 <= n <= MAX_SHARES:
+            raise RemoteProtocolError(f"Hello: {n} key shares, allowed 1..{MAX_SHARES}")
         shares = []
         for _ in range(n):
             code = r.u16("key share KEM")
