@@ -207,7 +207,7 @@ _oqs_lock = threading.Lock()
 _oqs_module: Any = None
 
 _INSTALL_HINT = (
-    "install the liboqs shared library (build liboqs with -DBUILD_SHARED_LIBS=ON, then set "
+    "install the liboqs shared library (liboqs >= 0.16 built with -DBUILD_SHARED_LIBS=ON, then set "
     "OQS_INSTALL_PATH to its prefix) and `pip install 'hybridkex[oqs]'`"
 )
 
