@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -245,6 +244,9 @@ def _load_oqs() -> Any:
             raise UnsupportedAlgorithm(f"the liboqs shared library was not found; {_INSTALL_HINT}")
         # liboqs-python logs INFO lines to stdout from its own handler on import ("faulthandler is
         # disabled"): they would land in a program's output (JSON from `hybridkex suites --json`).
+        # logging is imported here, not at the top: the sans-IO core must not read the clock on import.
+        import logging  # noqa: PLC0415
+
         logging.getLogger("oqs.oqs").addFilter(lambda record: record.levelno >= logging.WARNING)
         try:
             import oqs  # noqa: PLC0415 - imported only once the library is known to load
