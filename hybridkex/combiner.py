@@ -194,7 +194,7 @@ def combine_raw(
     """The hybridkex-v1 CatKDF output as bytes (for vectors and independent implementations)."""
     s = get_suite(suite)
     x = _require_len(x25519_secret, 32, "X25519 shared secret")
-    pq = _require_len(pq_secret, 32, f"{s.pq_kem} shared secret")
+    pq = _require_len(pq_secret, s.pq_secret_bytes, f"{s.pq_kem} shared secret")
     if x == bytes(32):
         raise InvalidKeyMaterial("X25519 shared secret is all zero (RFC 7748 section 6.1)")
     if s.qkd:
@@ -235,7 +235,7 @@ def combine(
         suite: the suite name or object; fixes algorithms, hash and input order.
         qkd_key: the QKD key (``suite.qkd_key_bits`` long), or ``b""`` for a suite without QKD.
         x25519_secret: the 32-byte X25519 shared secret (all-zero is rejected).
-        pq_secret: the 32-byte ML-KEM shared secret.
+        pq_secret: the post-quantum KEM's shared secret (``suite.pq_secret_bytes``: 32 for ML-KEM).
         ma: the initiator's public message, :func:`encode_party` of its :class:`PartyView`.
         mb: the responder's public message.
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 from .exceptions import ConfigurationError
 
-__all__ = ["DEFAULT_SUITE", "SUITES", "Suite", "get_suite", "suite_by_code"]
+__all__ = ["DEFAULT_SUITE", "RETIRED", "SUITES", "Suite", "get_suite", "suite_by_code", "unknown_suite"]
 
 Ordering = Literal["etsi", "sp800-56c"]
 
@@ -45,6 +45,10 @@ class Suite:
     qkd_key_bits: int = 0
     #: Backend the PQ KEM comes from by default.
     backend: str = "cryptography"
+    #: Length of the post-quantum KEM's shared secret in bytes (ETSI k2): 32 for ML-KEM, HQC and
+    #: Classic McEliece; FrodoKEM's is its security level (16 for -640, 24 for -976). Data here, so
+    #: the combiner checks it without loading the KEM's backend.
+    pq_secret_bytes: int = 32
 
     @property
     def hash_len(self) -> int:
@@ -71,7 +75,7 @@ class Suite:
 
 
 def _suite(name: str, code: int, pq: str, qkd: bool, sha: Literal["sha256", "sha384"], *,
-           ordering: Ordering = "etsi", backend: str = "cryptography") -> Suite:
+           ordering: Ordering = "etsi", backend: str = "cryptography", pq_secret_bytes: int = 32) -> Suite:
     return Suite(
         name=name,
         code=code,
@@ -84,6 +88,7 @@ def _suite(name: str, code: int, pq: str, qkd: bool, sha: Literal["sha256", "sha
         tls_cipher="TLS_AES_128_GCM_SHA256" if sha == "sha256" else "TLS_AES_256_GCM_SHA384",
         qkd_key_bits=256 if qkd else 0,
         backend=backend,
+        pq_secret_bytes=pq_secret_bytes,
     )
 
 
@@ -97,10 +102,22 @@ SUITES: dict[str, Suite] = {
         _suite("x25519-mlkem1024-hkdfsha384", 0x0004, "ML-KEM-1024", False, "sha384"),
         _suite("mlkem768-x25519-qkd-hkdfsha256-sp80056c", 0x0005, "ML-KEM-768", True, "sha256", ordering="sp800-56c"),
         _suite("mlkem768-x25519-hkdfsha256-sp80056c", 0x0006, "ML-KEM-768", False, "sha256", ordering="sp800-56c"),
-        # Suites whose post-quantum KEM only liboqs provides (optional extra [oqs]).
-        _suite("x25519-frodokem640aes-qkd-hkdfsha256", 0x0101, "FrodoKEM-640-AES", True, "sha256", backend="liboqs"),
-        _suite("x25519-hqc128-qkd-hkdfsha256", 0x0102, "HQC-128", True, "sha256", backend="liboqs"),
+        # Suites whose post-quantum KEM only liboqs provides (optional extra [oqs]). For a user who
+        # distrusts lattices: HQC (code-based) or FrodoKEM-976 (plain LWE, no ring or module structure),
+        # each still with X25519 and QKD. Code 0x0102 was x25519-hqc128-qkd-hkdfsha256: retired.
+        _suite("x25519-frodokem640aes-qkd-hkdfsha256", 0x0101, "FrodoKEM-640-AES", True, "sha256", backend="liboqs",
+               pq_secret_bytes=16),
+        _suite("x25519-frodokem976aes-qkd-hkdfsha384", 0x0103, "FrodoKEM-976-AES", True, "sha384", backend="liboqs",
+               pq_secret_bytes=24),
+        _suite("x25519-hqc1-qkd-hkdfsha256", 0x0104, "HQC-1", True, "sha256", backend="liboqs"),
+        _suite("x25519-hqc3-qkd-hkdfsha384", 0x0105, "HQC-3", True, "sha384", backend="liboqs"),
     )
+}
+
+#: Suites that were removed, and what to use instead.
+RETIRED: dict[str, str] = {
+    "x25519-hqc128-qkd-hkdfsha256":
+        "liboqs 0.16 has no HQC-128 (HQC is now HQC-1/-3/-5); use x25519-hqc1-qkd-hkdfsha256",
 }
 
 DEFAULT_SUITE: Suite = SUITES["x25519-mlkem768-qkd-hkdfsha256"]
@@ -115,7 +132,14 @@ def get_suite(name: str | Suite) -> Suite:
     try:
         return SUITES[name]
     except KeyError:
-        raise ConfigurationError(f"unknown suite {name!r}; known suites: {', '.join(SUITES)}", field="suite") from None
+        raise ConfigurationError(unknown_suite(name), field="suite") from None
+
+
+def unknown_suite(name: str) -> str:
+    """Why ``name`` is not a suite, in one line (a retired suite says what replaces it)."""
+    if name in RETIRED:
+        return f"suite {name!r} was removed: {RETIRED[name]}"
+    return f"unknown suite {name!r}; known suites: {', '.join(SUITES)}"
 
 
 def suite_by_code(code: int) -> Suite | None:

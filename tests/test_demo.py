@@ -53,3 +53,43 @@ def test_demo_is_safe_to_interrupt(tmp_path: Path) -> None:
         assert err.strip() == "hybridkex: error: interrupted"
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == [], "interrupted demo left files behind"
+
+
+# The simulated KME pair stands in for QKD hardware, the one thing tests may fake: here its link
+# delivers the slave a different key than the master's, as a faulty QKD link would. Every
+# handshake then fails key confirmation; nothing else is altered.
+_FAULTY_QKD_LINK = """
+import dataclasses, sys
+from hybridkex.cli import main
+from hybridkex.qkd.kme.store import KeyStore
+
+real_dec_keys = KeyStore.dec_keys
+
+def flipped(self, *args, **kwargs):
+    return [dataclasses.replace(k, key=bytes(b ^ 0x01 for b in k.key)) for k in real_dec_keys(self, *args, **kwargs)]
+
+KeyStore.dec_keys = flipped
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_demo_reports_a_failed_handshake_as_failed_not_corrupted(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", _FAULTY_QKD_LINK, "demo", "--connections", "2", "--verbose"],
+                          capture_output=True, text=True, timeout=120, env=_env(tmp_path), check=False)
+    out, err = proc.stdout, proc.stderr
+    assert proc.returncode == 1, (out, err)
+    assert "CORRUPTED" not in out and "bytes echoed" not in out
+    for absent in ("What was established", "must break ALL of", "Authentication was checked", "peer   "):
+        assert absent not in out, absent
+    assert re.search(r"connection 1 +FAILED: handshake failed \(.*KeyMismatchError: key confirmation failed", out), out
+    assert re.search(r"connection 2 +FAILED: handshake failed", out), out
+    # One clear line on stderr (after the tunnels' log lines, which --verbose sends there too).
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hybridkex demo: 2 of 2 connection(s) failed: handshake failed (") and "KeyMismatch" in last
+    # The tunnels log why each handshake failed: the error class and its one-line message.
+    logged = [line for line in err.splitlines() if "handshake failed" in line and "log:" in line]
+    assert len(logged) == 4, logged  # both sides, both connections
+    assert all(re.search(r"handshake failed: (KeyMismatchError|AuthenticationError): .+; connection closed", line)
+               for line in logged), logged
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [], "the demo left files behind"

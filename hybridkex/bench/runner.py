@@ -49,6 +49,8 @@ class BenchOptions:
 
     #: Variant id patterns (shell wildcards); None: all.
     variants: tuple[str, ...] | None = None
+    #: Suite names: the headline hybridkex variant is also measured with each (variants.suite_variant).
+    suites: tuple[str, ...] = ()
     #: Interleaved rounds of the in-memory CPU measurement.
     rounds: int = 7
     #: Most handshakes per variant and round.
@@ -434,7 +436,7 @@ def _steady_goals(val: Callable[[str, str], float | None]) -> list[dict[str, Any
 def run_benchmark(opts: BenchOptions, *, progress: bool = True, log: Callable[[str], None] | None = None,
                   command: str = "") -> dict[str, Any]:
     """Run the benchmark and return the report (a JSON-ready dict)."""
-    variants = select(opts.variants)
+    variants = select(opts.variants, opts.suites)
     loop_n = sum(1 for v in variants if v.loopback) if opts.loopback else 0
     total = (len(variants) * (opts.rounds + 2) + loop_n * (1 + opts.latency_rounds + 1)
              + (loop_n if opts.clients > 0 else 0) + (loop_n if opts.proxy_rtt_ms > 0 else 0))

@@ -4,7 +4,7 @@
 plus any wait for the KME) to the innermost active stage.  Stages:
 
 =============  ===============================================================================
-``kem``        ML-KEM key generation, encapsulation, decapsulation (both ends)
+``kem``        the post-quantum KEM (ML-KEM, or one from liboqs): keygen, encaps, decaps (both ends)
 ``x25519``     X25519 key generation and exchanges (both ends)
 ``combiner``   encoding MA/MB, the CatKDF combine, the key schedule (TLS PSK, identity, MACs)
 ``auth``       authentication: PSK MACs, or certificate chains and signatures
@@ -41,6 +41,10 @@ _TARGETS: tuple[tuple[str, str, str], ...] = (
     ("hybridkex.hazmat.kem", "MLKEM.from_seed", "kem"),
     ("hybridkex.hazmat.kem", "MLKEM.encapsulate", "kem"),
     ("hybridkex.hazmat.kem", "_MLKEMPrivateKey.decapsulate", "kem"),
+    ("hybridkex.hazmat.kem", "OQSKEM.generate", "kem"),
+    ("hybridkex.hazmat.kem", "OQSKEM.from_seed", "kem"),
+    ("hybridkex.hazmat.kem", "OQSKEM.encapsulate", "kem"),
+    ("hybridkex.hazmat.kem", "_OQSPrivateKey.decapsulate", "kem"),
     ("hybridkex.hazmat.kem", "X25519KEM.generate", "x25519"),
     ("hybridkex.hazmat.kem", "X25519KEM.from_private_bytes", "x25519"),
     ("hybridkex.hazmat.kem", "X25519KEM.encapsulate", "x25519"),

@@ -14,7 +14,7 @@ from typing import Literal
 
 from ..exceptions import ConfigurationError
 
-__all__ = ["KME_DELAYS_MS", "VARIANTS", "Variant", "select"]
+__all__ = ["KME_DELAYS_MS", "VARIANTS", "Variant", "select", "suite_variant"]
 
 Kind = Literal["stdlib-cert", "pyopenssl-cert", "tls-psk", "hybridkex"]
 QKDSource = Literal["pool", "direct", "memory", "none"]
@@ -135,14 +135,23 @@ VARIANTS: tuple[Variant, ...] = _build()
 REQUIRED_IDS = ("stdlib-cert", "pyopenssl-cert-x25519mlkem768", "tls-psk", "hybridkex")
 
 
-def select(patterns: Iterable[str] | None) -> tuple[Variant, ...]:
-    """The variants whose id matches any of ``patterns`` (shell wildcards); all when None."""
+def suite_variant(suite: str) -> Variant:
+    """The headline ``hybridkex`` handshake with another suite (``hybridkex bench --suites``)."""
+    qkd: QKDSource = "pool" if "-qkd-" in suite else "none"
+    return _hybrid(f"hybridkex-suite-{suite}", f"hybridkex, suite {suite} ({'pool' if qkd == 'pool' else 'no QKD'})",
+                   "suite", suite=suite, qkd=qkd)
+
+
+def select(patterns: Iterable[str] | None, suites: Iterable[str] = ()) -> tuple[Variant, ...]:
+    """The variants whose id matches any of ``patterns`` (shell wildcards); all when None; then one
+    :func:`suite_variant` per name in ``suites``."""
+    extra = tuple(suite_variant(name) for name in suites)
     if patterns is None:
-        return VARIANTS
+        return VARIANTS + extra
     pats = [p.strip() for p in patterns if p.strip()]
     chosen = tuple(v for v in VARIANTS if any(fnmatch.fnmatchcase(v.id, p) for p in pats))
     unknown = [p for p in pats if not any(fnmatch.fnmatchcase(v.id, p) for v in VARIANTS)]
     if unknown:
         raise ConfigurationError(f"no variant matches {', '.join(unknown)}; known: {', '.join(v.id for v in VARIANTS)}",
                                  field="variants")
-    return chosen
+    return chosen + extra

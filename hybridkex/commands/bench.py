@@ -19,6 +19,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", metavar="IDS",
                         help="comma-separated variant ids or wildcards (default: all; see --list)")
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
+    parser.add_argument("--suites", metavar="NAMES",
+                        help="also measure the headline hybridkex handshake with each of these suites "
+                             "(comma-separated; `hybridkex suites` lists them), as variants hybridkex-suite-NAME")
     parser.add_argument("--json", metavar="FILE", help="also write the full results as JSON")
     parser.add_argument("--plots", metavar="DIR", help="also write PNG plots (needs matplotlib)")
     parser.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown")
@@ -49,8 +52,8 @@ def _command(args: argparse.Namespace) -> str:
     for flag in ("quick", "no_loopback"):
         if getattr(args, flag):
             parts.append("--" + flag.replace("_", "-"))
-    for name in ("variants", "rounds", "n", "warmup", "samples", "clients", "seconds", "proxy_rtt", "json", "plots",
-                 "markdown"):
+    for name in ("variants", "suites", "rounds", "n", "warmup", "samples", "clients", "seconds", "proxy_rtt", "json",
+                 "plots", "markdown"):
         value = getattr(args, name)
         if value is not None and not (name == "proxy_rtt" and not value):
             parts += ["--" + name.replace("_", "-"), str(value)]
@@ -63,7 +66,7 @@ def _run_tunnel(args: argparse.Namespace) -> int:
     from ..bench.tunnelreport import format_tunnel_markdown, format_tunnel_report  # noqa: PLC0415
     from ..bench.tunnelrun import TunnelBenchOptions, run_tunnel_benchmark  # noqa: PLC0415
 
-    for name in ("variants", "n", "warmup", "samples", "clients", "plots"):
+    for name in ("variants", "suites", "n", "warmup", "samples", "clients", "plots"):
         if getattr(args, name) is not None:
             raise ConfigurationError("applies to the handshake benchmark, not 'bench tunnel'",
                                      field="--" + name.replace("_", "-"))
@@ -98,6 +101,22 @@ def _run_tunnel(args: argparse.Namespace) -> int:
             f.write(format_tunnel_markdown(report))
         print(f"Markdown: {args.markdown}")
     return 0
+def _suites(raw: str | None) -> tuple[str, ...]:
+    """The --suites names, each known and runnable here (its KEM loads and fits the wire format)."""
+    from ..protocol import suite_kem  # noqa: PLC0415
+    from ..suites import SUITES, get_suite, unknown_suite  # noqa: PLC0415
+
+    names = tuple(n.strip() for n in (raw or "").split(",") if n.strip())
+    if len(set(names)) != len(names):
+        raise ConfigurationError("a suite is listed twice", field="--suites")
+    for name in names:
+        if name not in SUITES:
+            raise ConfigurationError(unknown_suite(name), field="--suites")
+        try:
+            suite_kem(get_suite(name))
+        except ConfigurationError as exc:  # e.g. a key too large for the wire format
+            raise ConfigurationError(str(exc).removeprefix(f"{exc.field}: "), field="--suites") from None
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,13 +137,15 @@ def run(args: argparse.Namespace) -> int:
                           ("seconds", 0.1), ("proxy_rtt", 0)):
         _positive(getattr(args, name), f"--{name.replace('_', '-')}", minimum)
     patterns = tuple(args.variants.split(",")) if args.variants else None
-    select(patterns)  # unknown ids fail here, before anything starts
+    suites = _suites(args.suites)
+    select(patterns, suites)  # unknown ids fail here, before anything starts
     if args.plots:
         from ..bench.plots import check_plots_available  # noqa: PLC0415
 
         check_plots_available()
     opts = BenchOptions.quick() if args.quick else BenchOptions()
     opts.variants = patterns
+    opts.suites = suites
     for field, value in (("rounds", args.rounds), ("n", args.n), ("warmup", args.warmup), ("samples", args.samples),
                          ("clients", args.clients), ("throughput_seconds", args.seconds)):
         if value is not None:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import secrets
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,6 +26,13 @@ from ..suites import DEFAULT_SUITE, get_suite
 HELP = "run the quantum-safe tunnel end to end on this machine (simulated QKD, no setup) and explain it"
 
 PAYLOAD_BYTES = 64 * 1024
+OK, CORRUPTED = "intact", "CORRUPTED"
+
+
+def _why(exc: BaseException) -> str:
+    """One line, no secrets: the typed error and its message (hybridkex errors carry no key material)."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -89,14 +97,31 @@ async def _run(args: argparse.Namespace, workdir: Path, stages: _Stages) -> dict
 
     suite = get_suite(args.suite)
     captured: list[HybridStream] = []
+    # Handshake outcomes as each side saw them, so a connection whose handshake failed is reported as
+    # failed (with why) rather than as data that did not come back.
+    connected: list[bool] = []
+    failures: list[str] = []
 
     class RecordingFactory(HybridChannelFactory):
-        """The production factory; it only remembers the server side's sessions for the report."""
+        """The production factory; it only remembers sessions and handshake failures for the report."""
 
         async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                          peer_addr: str) -> HybridStream:
-            stream = await super().accept(reader, writer, peer_addr=peer_addr)
+            try:
+                stream = await super().accept(reader, writer, peer_addr=peer_addr)
+            except Exception as exc:
+                failures.append(f"server: {_why(exc)}")
+                raise
             captured.append(stream)
+            return stream
+
+        async def connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> HybridStream:
+            try:
+                stream = await super().connect(reader, writer)
+            except Exception as exc:
+                failures.append(f"client: {_why(exc)}")
+                raise
+            connected.append(True)
             return stream
 
     async def provider(config: Any, metrics: Any) -> HybridChannelFactory:
@@ -131,14 +156,19 @@ async def _run(args: argparse.Namespace, workdir: Path, stages: _Stages) -> dict
             client = make_runtime(client_cfg, provider)
             await client.start()
             runtimes.append(client)
-        results = []
+        results: list[str] = []
         for i in range(args.connections):
             payload = os.urandom(PAYLOAD_BYTES)
             label = ("first connection: hybrid handshake + TLS 1.3" if i == 0 else
                      f"connection {i + 1}: steady state, one TLS 1.3 round trip")
+            seen_connects, seen_failures = len(connected), len(failures)
             with stages(f"{label} + {PAYLOAD_BYTES // 1024} KiB echoed"):
                 echoed = await _exchange(client.address.port, payload)
-            results.append(echoed == payload)
+            if len(connected) == seen_connects:  # the tunnel client never got a secure channel
+                why = failures[seen_failures:] or ["the tunnel closed the connection"]
+                results.append("handshake failed (" + "; ".join(dict.fromkeys(why)) + ")")
+            else:
+                results.append(OK if echoed == payload else CORRUPTED)
         return {"suite": suite, "ok": results, "sessions": [s.session for s in captured],
                 "server": f"127.0.0.1:{server.address.port}", "service": f"127.0.0.1:{echo_port}",
                 "client": f"127.0.0.1:{client.address.port}", "kmes": (kmes.url_a, kmes.url_b)}
@@ -163,13 +193,13 @@ def _report(facts: dict[str, Any], stages: _Stages) -> None:
           f"KME B {facts['kmes'][1]} (sae-b, server side)")
     print()
     sessions = facts["sessions"]
-    if sessions:
+    if sessions and facts["ok"][0] in (OK, CORRUPTED):  # the first connection was established
         s = sessions[0]
         info = s.info
         print("What was established (first connection):")
         print(f"  suite            {info.suite}")
         for c in info.components:
-            print(f"  component        {c.name:12} {c.secret_bytes * 8}-bit secret")
+            print(f"  component        {c.name:16} {c.secret_bytes * 8}-bit secret")
         print(f"  QKD key IDs      {', '.join(info.qkd_key_ids) or '-'} ({info.qkd_usage}; "
               f"{info.master_sae_id} master, {info.slave_sae_id} slave)")
         print(f"  combiner         ETSI TS 103 744 CatKDF ({suite.kdf}); every public value and the QKD key IDs bound")
@@ -186,11 +216,18 @@ def _report(facts: dict[str, Any], stages: _Stages) -> None:
         print(f"  QKD keys used    {len(ids)} across {len(sessions)} connections, {len(set(ids))} distinct: "
               "each key used once")
     ok = facts["ok"]
-    print(f"  data             {len(ok)} x {PAYLOAD_BYTES} bytes echoed {'intact' if all(ok) else 'CORRUPTED'}")
+    if all(r == OK for r in ok):
+        print(f"  data             {len(ok)} x {PAYLOAD_BYTES} bytes echoed intact")
+    else:
+        for i, r in enumerate(ok):
+            what = f"established, {PAYLOAD_BYTES} bytes echoed {r}" if r in (OK, CORRUPTED) else f"FAILED: {r}"
+            print(f"  connection {i + 1:<5} {what}")
     print()
     print("Time per stage:")
     for name, ms in stages.rows:
         print(f"  {ms:9.1f} ms  {name}")
+    if not _succeeded(facts):
+        return  # no security claims for connections that were not established
     print()
     print("To read this traffic later, a record-now-decrypt-later attacker must break ALL of:")
     print("  - X25519 (a large quantum computer does this), AND")
@@ -213,4 +250,17 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="hybridkex-demo-") as tmp:
         facts = asyncio.run(_run(args, Path(tmp), stages))
     _report(facts, stages)
-    return 0 if all(facts["ok"]) and len(facts["sessions"]) == len(facts["ok"]) else 1
+    if _succeeded(facts):
+        return 0
+    ok = facts["ok"]
+    failed = [r for r in ok if r not in (OK, CORRUPTED)]
+    if failed:
+        print(f"hybridkex demo: {len(failed)} of {len(ok)} connection(s) failed: {failed[0]}", file=sys.stderr)
+    else:
+        print(f"hybridkex demo: data came back altered on {ok.count(CORRUPTED)} of {len(ok)} connection(s)",
+              file=sys.stderr)
+    return 1
+
+
+def _succeeded(facts: dict[str, Any]) -> bool:
+    return all(r == OK for r in facts["ok"]) and len(facts["sessions"]) == len(facts["ok"])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..hazmat.kem import get_kem
-from ..suites import DEFAULT_SUITE, SUITES
+from ..exceptions import HybridKEXError, UnsupportedAlgorithm
+from ..protocol import suite_kem
+from ..suites import DEFAULT_SUITE, SUITES, Suite
 
 HELP = "list the cipher suites and whether their algorithms are available here"
 
@@ -15,12 +16,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _available(backend: str, kem: str) -> bool:
+def _unavailable(suite: Suite) -> str | None:
+    """Why the suite cannot run here (one line), or None when it can."""
     try:
-        get_kem(kem, backend)
-    except Exception:
-        return False
-    return True
+        suite_kem(suite)  # loads the KEM and checks it against the wire format
+    except UnsupportedAlgorithm:
+        return "needs liboqs"
+    except HybridKEXError as exc:
+        return str(exc)
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
             "ordering": s.ordering,
             "tls_cipher": s.tls_cipher,
             "default": s is DEFAULT_SUITE,
-            "available": _available(s.backend, s.pq_kem),
+            "available": (why := _unavailable(s)) is None,
+            "unavailable_reason": why,
         })
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -43,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'suite':42} {'code':6} {'QKD':4} {'KDF':12} {'order':10} available")
     for r in rows:
         mark = " (default)" if r["default"] else ""
+        available = "yes" if r["available"] else f"no ({r['unavailable_reason']})"
         print(f"{r['name']:42} {r['code']:6} {'yes' if r['qkd'] else 'no':4} {r['kdf']:12} {r['ordering']:10} "
-              f"{'yes' if r['available'] else 'no (needs liboqs)'}{mark}")
+              f"{available}{mark}")
     return 0

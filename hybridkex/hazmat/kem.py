@@ -206,7 +206,7 @@ _oqs_lock = threading.Lock()
 _oqs_module: Any = None
 
 _INSTALL_HINT = (
-    "install the liboqs shared library (build liboqs with -DBUILD_SHARED_LIBS=ON, then set "
+    "install the liboqs shared library (liboqs >= 0.16 built with -DBUILD_SHARED_LIBS=ON, then set "
     "OQS_INSTALL_PATH to its prefix) and `pip install 'hybridkex[oqs]'`"
 )
 
@@ -242,6 +242,12 @@ def _load_oqs() -> Any:
             return _oqs_module
         if oqs_library_path() is None:
             raise UnsupportedAlgorithm(f"the liboqs shared library was not found; {_INSTALL_HINT}")
+        # liboqs-python logs INFO lines to stdout from its own handler on import ("faulthandler is
+        # disabled"): they would land in a program's output (JSON from `hybridkex suites --json`).
+        # logging is imported here, not at the top: the sans-IO core must not read the clock on import.
+        import logging  # noqa: PLC0415
+
+        logging.getLogger("oqs.oqs").addFilter(lambda record: record.levelno >= logging.WARNING)
         try:
             import oqs  # noqa: PLC0415 - imported only once the library is known to load
         except ImportError as exc:
@@ -269,7 +275,7 @@ class _OQSPrivateKey(KEMPrivateKey):
 
 
 class OQSKEM(KEM):
-    """A KEM from liboqs, by its liboqs name (e.g. ``FrodoKEM-640-AES``, ``HQC-128``)."""
+    """A KEM from liboqs, by its liboqs name (e.g. ``FrodoKEM-640-AES``, ``HQC-1``)."""
 
     backend = "liboqs"
 
@@ -284,10 +290,21 @@ class OQSKEM(KEM):
         self.public_key_size = int(details["length_public_key"])
         self.ciphertext_size = int(details["length_ciphertext"])
         self.shared_secret_size = int(details["length_shared_secret"])
+        #: Length of the seed of deterministic key generation, 0 when liboqs has none for this KEM.
+        self.seed_size = int(details.get("length_keypair_seed", 0))
 
     def generate(self) -> KEMPrivateKey:
         kem_obj = self._oqs.KeyEncapsulation(self.name)
         public = bytes(kem_obj.generate_keypair())
+        return _OQSPrivateKey(self, kem_obj, public)
+
+    def from_seed(self, seed: bytes) -> KEMPrivateKey:
+        """Deterministic key pair (for ML-KEM the FIPS 203 seed ``d || z``, as :meth:`MLKEM.from_seed`)."""
+        if not self.seed_size:
+            raise UnsupportedAlgorithm(f"liboqs has no deterministic key generation for {self.name}")
+        raw = self._check_len(seed, self.seed_size, "seed")
+        kem_obj = self._oqs.KeyEncapsulation(self.name)
+        public = bytes(kem_obj.generate_keypair_seed(raw))
         return _OQSPrivateKey(self, kem_obj, public)
 
     def encapsulate(self, public_key: bytes) -> tuple[bytes, bytes]:
@@ -312,9 +329,14 @@ _REGISTRY: dict[str, _Entry] = {
     "ML-KEM-1024": _Entry("cryptography", "ML-KEM-1024"),
     "FrodoKEM-640-AES": _Entry("liboqs", "FrodoKEM-640-AES"),
     "FrodoKEM-976-AES": _Entry("liboqs", "FrodoKEM-976-AES"),
-    "HQC-128": _Entry("liboqs", "HQC-128"),
-    "HQC-192": _Entry("liboqs", "HQC-192"),
+    # liboqs 0.16 names (the 2025 HQC specification); its "HQC-128"/"HQC-192" are gone.
+    "HQC-1": _Entry("liboqs", "HQC-1"),
+    "HQC-3": _Entry("liboqs", "HQC-3"),
+    "HQC-5": _Entry("liboqs", "HQC-5"),
+    # Known so that a suite naming them is refused with the reason (their public keys, 261 KB and
+    # 524 KB, exceed what a handshake key share carries), not as an unknown name.
     "Classic-McEliece-348864": _Entry("liboqs", "Classic-McEliece-348864"),
+    "Classic-McEliece-460896": _Entry("liboqs", "Classic-McEliece-460896"),
 }
 _cache: dict[tuple[str, str], KEM] = {}
 

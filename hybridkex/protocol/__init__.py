@@ -23,6 +23,7 @@ Everything public is re-exported here; the underscored modules are private.
 
 from __future__ import annotations
 
+from ._base import suite_kem
 from ._config import InitiatorConfig, ResponderConfig
 from ._errors import peer_abort_error
 from ._initiator import Initiator
@@ -92,4 +93,5 @@ __all__ = [
     "State",
     "encode_abort",
     "peer_abort_error",
+    "suite_kem",
 ]

@@ -26,6 +26,7 @@ from typing import Any, Literal, NoReturn
 
 from ..combiner import CombinedSecret, QKDBinding
 from ..exceptions import (
+    ConfigurationError,
     HybridKEXError,
     InvalidKeyMaterial,
     KeySourceError,
@@ -51,6 +52,8 @@ Role = Literal["initiator", "responder"]
 
 #: Most bytes buffered from the peer before the handshake completes (all frame maxima together).
 MAX_BUFFER = 256 * 1024
+#: Room a Hello needs besides its key shares: suites, identities, nonce, X25519, QKD fields, key IDs.
+_HELLO_SLACK = 4 * 1024
 
 _X25519: X25519KEM = X25519KEM()
 
@@ -100,8 +103,30 @@ def _mode_names(modes: Sequence[int]) -> tuple[str, ...]:
     return tuple(AuthMode(m).label if m in known else str(m) for m in modes)
 
 
-def _pq_kem(suite: Suite) -> KEM:
-    return get_kem(suite.pq_kem, suite.backend)
+def suite_kem(suite: Suite) -> KEM:
+    """The post-quantum KEM of ``suite``, checked against the wire format before any handshake.
+
+    Raises UnsupportedAlgorithm when its backend is missing and ConfigurationError when the KEM
+    cannot be used in this handshake: a public key or ciphertext larger than a key share may be
+    (Classic McEliece's 261 KB keys), no wire code, or a shared secret of another size than the
+    suite declares. Configuration code calls this, so such a suite is refused before it is offered.
+    """
+    kem = get_kem(suite.pq_kem, suite.backend)
+    for what, size in (("public key", kem.public_key_size), ("ciphertext", kem.ciphertext_size)):
+        if size > w.MAX_SHARE:
+            raise ConfigurationError(
+                f"suite {suite.name}: the {kem.name} {what} is {size} bytes, larger than the "
+                f"{w.MAX_SHARE} bytes the handshake carries; this suite cannot be used", field="policy.suites")
+    if suite.pq_kem not in w.KEM_CODES:
+        raise ConfigurationError(f"suite {suite.name}: {kem.name} has no KEM code on the wire", field="policy.suites")
+    if kem.shared_secret_size != suite.pq_secret_bytes:
+        raise ConfigurationError(
+            f"suite {suite.name}: {kem.name} gives {kem.shared_secret_size}-byte shared secrets, the suite "
+            f"declares {suite.pq_secret_bytes}", field="policy.suites")
+    return kem
+
+
+_pq_kem = suite_kem
 
 
 def _share_size(kem_code: int) -> int | None:
@@ -151,8 +176,16 @@ class Connection:
         self._authenticator: Authenticator | None = None
         self._peer_certificate: w.CertificateMsg | None = None
         self._failure: BaseException | None = None
-        for s in config.policy.allowed_suites:  # fail at construction, not mid-handshake
-            _pq_kem(s)
+        # Fail at construction, not mid-handshake: every suite's KEM loads and fits the wire format,
+        # and the initiator's key shares (one per distinct KEM) fit one Hello.
+        shares = {s.pq_kem: suite_kem(s).public_key_size for s in config.policy.allowed_suites}
+        if isinstance(config, InitiatorConfig) and len(shares) > w.MAX_SHARES:
+            raise ConfigurationError(f"the suites use {len(shares)} post-quantum KEMs ({', '.join(shares)}); a Hello "
+                                     f"carries key shares for at most {w.MAX_SHARES}", field="policy.suites")
+        if isinstance(config, InitiatorConfig) and sum(shares.values()) + _HELLO_SLACK > w.MAX_BODY[w.FrameType.HELLO]:
+            raise ConfigurationError(
+                f"the key shares of {', '.join(shares)} ({sum(shares.values())} bytes) do not fit one Hello "
+                f"({w.MAX_BODY[w.FrameType.HELLO]} bytes); offer fewer large-key suites", field="policy.suites")
 
     def __repr__(self) -> str:
         suite = f", suite={self._suite.name!r}" if self._suite is not None else ""

@@ -26,6 +26,8 @@ __all__ = [
     "KEM_CODES",
     "MAGIC",
     "MAX_BODY",
+    "MAX_SHARE",
+    "MAX_SHARES",
     "VERSION",
     "AbortCode",
     "CertificateChain",
@@ -141,20 +143,25 @@ class SignatureAlgorithm(IntEnum):
 
 
 #: Wire codes of post-quantum KEMs in Hello key shares (X25519 is always present, separately).
+#: 0x0102 and 0x0104 were liboqs's pre-0.16 HQC-128/HQC-192, a different HQC version: retired, not reused.
+#: Classic McEliece has no code: its public keys exceed MAX_SHARE.
 KEM_CODES: dict[str, int] = {
     "ML-KEM-768": 0x0001,
     "ML-KEM-1024": 0x0002,
     "FrodoKEM-640-AES": 0x0101,
-    "HQC-128": 0x0102,
     "FrodoKEM-976-AES": 0x0103,
-    "HQC-192": 0x0104,
+    "HQC-1": 0x0105,
+    "HQC-3": 0x0106,
+    "HQC-5": 0x0107,
 }
 KEM_BY_CODE: dict[int, str] = {v: k for k, v in KEM_CODES.items()}
 
 _MAX_TEXT = 255
 _MAX_SUITES = 16
-_MAX_SHARES = 4
-_MAX_SHARE = 16 * 1024
+#: Most key shares (distinct post-quantum KEMs) in one Hello.
+MAX_SHARES = 4
+#: Largest post-quantum encapsulation key or ciphertext a Hello or Response carries (a vec16).
+MAX_SHARE = 16 * 1024
 _MAX_AUTH_MODES = 8
 _MAX_KEY_IDS = 16
 _KEY_ID_LEN = 36
@@ -347,12 +354,12 @@ class HelloMsg:
         nonce = r.fixed(NONCE_LEN, "nonce")
         x25519 = r.fixed(X25519_LEN, "x25519 public key")
         n = r.u8("key share count")
-        if not 1 <= n <= _MAX_SHARES:
-            raise RemoteProtocolError(f"Hello: {n} key shares, allowed 1..{_MAX_SHARES}")
+        if not 1 <= n <= MAX_SHARES:
+            raise RemoteProtocolError(f"Hello: {n} key shares, allowed 1..{MAX_SHARES}")
         shares = []
         for _ in range(n):
             code = r.u16("key share KEM")
-            shares.append(KeyShare(code, r.vec16("key share", min_len=1, max_len=_MAX_SHARE)))
+            shares.append(KeyShare(code, r.vec16("key share", min_len=1, max_len=MAX_SHARE)))
         if len({s.kem_code for s in shares}) != n:
             raise RemoteProtocolError("Hello: two key shares for one KEM")
         n = r.u8("auth mode count")
@@ -445,7 +452,7 @@ class ResponseMsg:
         identity = _identity(r, "identity")
         nonce = r.fixed(NONCE_LEN, "nonce")
         x25519 = r.fixed(X25519_LEN, "x25519 public key")
-        ct = r.vec16("kem ciphertext", min_len=1, max_len=_MAX_SHARE)
+        ct = r.vec16("kem ciphertext", min_len=1, max_len=MAX_SHARE)
         usage = _read_enum(r, QKDUsage, "qkd usage")
         note = _read_enum(r, QKDNote, "qkd note")
         sae_id = r.text16("qkd sae id", max_len=_MAX_TEXT)

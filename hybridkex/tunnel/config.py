@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, cast
 
 from ..exceptions import ConfigurationError, HybridKEXError
-from ..hazmat.kem import get_kem
-from ..suites import SUITES, get_suite
+from ..protocol import suite_kem
+from ..suites import SUITES, get_suite, unknown_suite
 from ._recycle import RecycleConfig, recycle_table, recycled_peer
 from ._state import StateConfig, state_table
 from ._table import MISSING, Table, describe
@@ -558,8 +558,7 @@ class _Validator:
                 if not isinstance(name, str):
                     raise ConfigurationError(f"expected a suite name, got {describe(name)}", field=fname)
                 if name not in SUITES:
-                    raise ConfigurationError(f"unknown suite {name!r}; known suites: {', '.join(SUITES)}",
-                                             field=fname)
+                    raise ConfigurationError(unknown_suite(name), field=fname)
                 if name in names:
                     raise ConfigurationError(f"suite {name!r} is listed twice", field=fname)
                 suite = get_suite(name)
@@ -570,7 +569,7 @@ class _Validator:
                     raise ConfigurationError(f'suite {name!r} needs a QKD key but policy.qkd = "disabled"',
                                              field=fname)
                 try:
-                    get_kem(suite.pq_kem, suite.backend)
+                    suite_kem(suite)  # loads the KEM and checks it fits the handshake's wire format
                 except HybridKEXError as exc:
                     raise ConfigurationError(f"suite {name!r} is not available here: {exc}", field=fname) from None
                 names.append(name)

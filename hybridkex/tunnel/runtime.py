@@ -414,8 +414,12 @@ class TunnelRuntime:
         outcome = handshake_outcome(exc)
         self.metrics.count_handshake(outcome)
         level = logging.ERROR if outcome == "internal_error" else logging.WARNING
-        conn.log.log(level, "handshake_failed", "handshake failed; connection closed", outcome=outcome,
-                     reason=_reason(exc), duration_ms=round((time.monotonic() - conn.started) * 1000, 3))
+        reason = _reason(exc)
+        # The message carries the error class and why, so a plain "%(message)s" log (the demo's) shows it.
+        name = next(c.__name__ for c in type(exc).__mro__ if not c.__name__.startswith("_"))
+        why = reason if reason.startswith(name) else f"{name}: {reason}"
+        conn.log.log(level, "handshake_failed", f"handshake failed: {why}; connection closed", outcome=outcome,
+                     reason=reason, duration_ms=round((time.monotonic() - conn.started) * 1000, 3))
 
     def handshake_ok(self, conn: Connection, stream: SecureStream, started: float) -> Mapping[str, object]:
         elapsed = time.monotonic() - started

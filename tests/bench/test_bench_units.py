@@ -142,3 +142,32 @@ def test_recycled_and_pki_variants_in_memory(tmp_path: Path, capsys: pytest.Capt
     for row in rows.values():
         assert row["cpu_ms_median"] > 0 and row["latency_ms_median"] is None and row["round_trips"] == 2
         assert row["breakdown_ms"]["auth"] > 0
+
+
+def test_suites_option_adds_one_variant_per_suite(capsys: pytest.CaptureFixture[str]) -> None:
+    chosen = select(["stdlib-cert"], ["x25519-mlkem1024-hkdfsha384", "x25519-hqc1-qkd-hkdfsha256"])
+    assert [v.id for v in chosen] == ["stdlib-cert", "hybridkex-suite-x25519-mlkem1024-hkdfsha384",
+                                      "hybridkex-suite-x25519-hqc1-qkd-hkdfsha256"]
+    assert (chosen[1].suite, chosen[1].qkd) == ("x25519-mlkem1024-hkdfsha384", "none")
+    assert (chosen[2].suite, chosen[2].qkd) == ("x25519-hqc1-qkd-hkdfsha256", "pool")
+    # Refused before anything starts, in one line: an unknown suite, a retired one.
+    for name, why in (("nope", "unknown suite 'nope'"), ("x25519-hqc128-qkd-hkdfsha256", "was removed")):
+        assert main(["bench", "--suites", name, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("hybridkex: error: --suites: ") and why in err[0], err
+
+
+def test_a_suite_measured_in_memory_really_runs_that_suite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With liboqs, a liboqs suite; without it, the ML-KEM-1024 one (the option works either way)."""
+    import json
+
+    suite = "x25519-frodokem640aes-qkd-hkdfsha256" if kem.oqs_library_path() else "x25519-mlkem1024-qkd-hkdfsha384"
+    out = tmp_path / "suite.json"
+    code = main(["bench", "--quick", "--no-loopback", "--no-progress", "--variants", "hybridkex", "--suites", suite,
+                 "--rounds", "1", "--n", "2", "--warmup", "1", "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    rows = {r["id"]: r for r in json.loads(out.read_text(encoding="utf-8"))["variants"]}
+    row = rows[f"hybridkex-suite-{suite}"]
+    assert row["established"]["suite"] == suite and row["cpu_ms_median"] > 0
+    assert row["breakdown_ms"]["kem"] > 0  # the KEM's time is attributed, whichever backend it is from
+    assert row["bytes_on_wire"] > rows["hybridkex"]["bytes_on_wire"]  # larger keys than ML-KEM-768's

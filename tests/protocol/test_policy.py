@@ -113,12 +113,13 @@ def test_unavailable_suite_fails_at_construction(monkeypatch):
 
     monkeypatch.setattr(kem, "oqs_library_path", lambda: None)
     monkeypatch.setattr(kem, "_cache", {})
-    ini, res = configs(suites=("x25519-hqc128-qkd-hkdfsha256",))
+    monkeypatch.setattr(kem, "_oqs_module", None)  # as if liboqs had never been loaded in this process
+    ini, res = configs(suites=("x25519-hqc1-qkd-hkdfsha256",))
     with pytest.raises(UnsupportedAlgorithm, match="liboqs"):
         Initiator(ini)
     with pytest.raises(UnsupportedAlgorithm, match="liboqs"):
         Responder(res)
-    assert get_suite("x25519-hqc128-qkd-hkdfsha256").backend == "liboqs"
+    assert get_suite("x25519-hqc1-qkd-hkdfsha256").backend == "liboqs"
 
 
 @pytest.mark.parametrize("suite", ["x25519-mlkem1024-qkd-hkdfsha384", "mlkem768-x25519-qkd-hkdfsha256-sp80056c"])

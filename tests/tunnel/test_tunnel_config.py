@@ -144,6 +144,9 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
      'policy.qkd = "disabled"'),
     ("suite-unknown", GOOD + 'suites = ["x25519-mlkem768-hkdfsha256", "x25519-rsa"]\n',
      f"policy.suites[1]: unknown suite 'x25519-rsa'; known suites: {', '.join(SUITES)}"),
+    ("suite-retired", GOOD + 'suites = ["x25519-hqc128-qkd-hkdfsha256"]\n',
+     "policy.suites[0]: suite 'x25519-hqc128-qkd-hkdfsha256' was removed: liboqs 0.16 has no HQC-128 (HQC is now "
+     "HQC-1/-3/-5); use x25519-hqc1-qkd-hkdfsha256"),
     ("suite-needs-qkd", GOOD + 'suites = ["x25519-mlkem768-qkd-hkdfsha256"]\n',
      "policy.suites[0]: suite 'x25519-mlkem768-qkd-hkdfsha256' needs a QKD key but policy.qkd = \"disabled\""),
     ("suite-lacks-qkd", GOOD.replace('qkd = "disabled"', 'qkd = "required"\nsuites = ["x25519-mlkem768-hkdfsha256"]'),
