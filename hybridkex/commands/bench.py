@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from collections.abc import Callable
+from typing import Any
 
 from ..exceptions import ConfigurationError
 
@@ -61,7 +63,6 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def _run_tunnel(args: argparse.Namespace) -> int:
-    from ..bench.report import write_json  # noqa: PLC0415
     from ..bench.tunnelload import LOADS  # noqa: PLC0415
     from ..bench.tunnelreport import format_tunnel_markdown, format_tunnel_report  # noqa: PLC0415
     from ..bench.tunnelrun import TunnelBenchOptions, run_tunnel_benchmark  # noqa: PLC0415
@@ -93,14 +94,21 @@ def _run_tunnel(args: argparse.Namespace) -> int:
             parts += ["--" + name, str(getattr(args, name))]
     report = run_tunnel_benchmark(opts, progress=not args.no_progress, command=shlex.join(parts))
     print(format_tunnel_report(report))
+    _write_outputs(args, report, format_tunnel_markdown)
+    return 0
+
+
+def _write_outputs(args: argparse.Namespace, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> None:
+    """--json and --markdown, the same for both benchmarks."""
+    from ..bench.report import write_json  # noqa: PLC0415
+
     if args.json:
         write_json(report, args.json)
         print(f"\nJSON: {args.json}")
     if args.markdown:
         with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write(format_tunnel_markdown(report))
+            f.write(markdown(report))
         print(f"Markdown: {args.markdown}")
-    return 0
 def _suites(raw: str | None) -> tuple[str, ...]:
     """The --suites names, each known and runnable here (its KEM loads and fits the wire format)."""
     from ..protocol import suite_kem  # noqa: PLC0415
@@ -126,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigurationError("applies to 'bench tunnel' only", field="--loads" if args.loads else "--no-stunnel")
     # Imported here, not at the top: `hybridkex --help` must not load the benchmark's dependencies.
     from ..bench import BenchOptions, run_benchmark  # noqa: PLC0415
-    from ..bench.report import format_markdown, format_report, write_json  # noqa: PLC0415
+    from ..bench.report import format_markdown, format_report  # noqa: PLC0415
     from ..bench.variants import VARIANTS, select  # noqa: PLC0415
 
     if args.list:
@@ -154,13 +162,7 @@ def run(args: argparse.Namespace) -> int:
     opts.loopback = not args.no_loopback
     report = run_benchmark(opts, progress=not args.no_progress, command=_command(args))
     print(format_report(report))
-    if args.json:
-        write_json(report, args.json)
-        print(f"\nJSON: {args.json}")
-    if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write(format_markdown(report))
-        print(f"Markdown: {args.markdown}")
+    _write_outputs(args, report, format_markdown)
     if args.plots:
         from ..bench.plots import write_plots  # noqa: PLC0415
 

@@ -249,7 +249,8 @@ class _Relay:
                     self.on_bytes(side.direction, n)
 
 
-def _classify(exc: BaseException) -> tuple[str, str]:
+def classify_error(exc: BaseException) -> tuple[str, str]:
+    """(outcome, reason) of a relay's failure; both relays report through this one table."""
     if isinstance(exc, ConnectionError):
         return "reset", type(exc).__name__
     if isinstance(exc, HybridKEXError):
@@ -307,7 +308,7 @@ async def run_fast(listen: Endpoint, target: Endpoint, *, idle_timeout: float | 
             if isinstance(relay.error, _Idle):
                 outcome = "idle_timeout"
             else:
-                outcome, error = _classify(relay.error)
+                outcome, error = classify_error(relay.error)
     finally:
         if timer is not None:
             timer.cancel()

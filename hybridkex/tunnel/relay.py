@@ -16,8 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal, cast
 
-from ..exceptions import HybridKEXError
-from .fastpath import run_fast
+from .fastpath import classify_error, run_fast
 from .streams import SecureStream
 
 __all__ = ["CHUNK_SIZE", "RelayResult", "relay"]
@@ -43,13 +42,8 @@ class RelayResult:
 
 
 def _classify(exc: BaseException) -> tuple[Outcome, str]:
-    if isinstance(exc, ConnectionError):
-        return "reset", type(exc).__name__
-    if isinstance(exc, HybridKEXError):
-        return "stream_error", f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, OSError):
-        return "io_error", f"{type(exc).__name__}: {exc.strerror or exc}"
-    return "internal_error", f"{type(exc).__name__}: {exc}"
+    outcome, reason = classify_error(exc)
+    return cast(Outcome, outcome), reason
 
 
 async def relay(listen_side: SecureStream, target_side: SecureStream, *, idle_timeout: float | None,
