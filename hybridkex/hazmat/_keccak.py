@@ -2,6 +2,8 @@
 
 Only the KMAC KDF variants of ETSI TS 103 744 use it; they are not on any default path, so clarity
 wins over speed.  Checked against hashlib's SHA3/SHAKE and the ETSI KMAC test vectors.
+Hand-written because no maintained library fits: hashlib has SHA-3 but no KMAC, cryptography has no
+KMAC, and pycryptodome's KMAC refuses keys shorter than 32 bytes, which the CatKDF inputs can be.
 """
 
 from __future__ import annotations

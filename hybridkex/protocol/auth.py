@@ -33,7 +33,8 @@ certificate, identity mismatch) is in ``.detail`` for local logs only.
 Certificates: ``cryptography`` (>= 49) builds and verifies X.509 certificates signed with ML-DSA,
 so ML-DSA-65 keys live in ordinary ML-DSA-signed certificates.  Its WebPKI verifier
 (``cryptography.x509.verification``) refuses Ed25519 keys, so chains are checked here, by a small
-path validation written for this protocol (see :func:`verify_chain`).  In hybrid mode each
+path validation written for this protocol (see :func:`verify_chain`); for ML-DSA chains, which that
+verifier does accept, the tests check that both reach the same verdicts.  In hybrid mode each
 algorithm has its *own* chain, and a chain's every signature and its leaf key must use that one
 algorithm: an Ed25519-signed certificate that carried an ML-DSA key would fall with Ed25519.
 """

@@ -6,6 +6,12 @@ and strictly validate every KME answer with the ``parse_*`` functions, which rai
 requests with the ``parse_*_request`` functions, which raise :class:`RequestRejected` carrying the
 HTTP status and the message the spec mandates.  Clause and table numbers are the spec's.
 
+The validators are hand-written rather than generated from the OpenAPI document: they enforce rules
+a JSON schema cannot say (a key's decoded length equals the size asked for, key IDs unique within a
+response and equal to those requested, canonical base64, strict JSON without duplicate members)
+and raise the typed errors above with messages a user can act on.  The document itself is checked
+against the KME's real answers in the tests (tests/qkd/openapicheck.py), so the two cannot drift.
+
 Spec: https://www.etsi.org/deliver/etsi_gs/QKD/001_099/014/01.01.01_60/gs_qkd014v010101p.pdf
 """
 
