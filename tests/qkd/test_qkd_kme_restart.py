@@ -31,6 +31,10 @@ from hybridkex.qkd.pki import DemoPKI
 RESTARTS = 2
 PER_PHASE = 15  # successful connections before the first restart, and after each one
 GUARD = 120.0  # seconds: a hang guard, never a timing assertion
+# The client's KME requests must outlast the restart window (the KME is down until its successor
+# listens: 1-3 s on a busy machine), which the default budget (5 retries, about 1.5-3 s) does not
+# always cover; a deployment sizes this to its KME's restart time the same way.
+RIDE_OUT = {"retries": 12, "max_backoff": 1.0}
 
 
 def echo(conn: HybridSocket, address: Any) -> None:
@@ -89,7 +93,7 @@ def server_side(pki: DemoPKI, kme_ports: tuple[str, ...], tmp_path: Path) -> Ite
     """The KME process, and a server (sae-b, ETSI master, with a key pool) echoing over hybridkex."""
     kme = KMEProcess(pki, *kme_ports, log_path=tmp_path / "kme.log")
     psk = os.urandom(32)
-    server_kme = ETSI014Client(kme.url_b, **sae_args(pki, "sae-b"))
+    server_kme = ETSI014Client(kme.url_b, **RIDE_OUT, **sae_args(pki, "sae-b"))
     pool = KeyPool(server_kme, ["sae-a"], low_watermark=8, high_watermark=32)
     responder = ResponderConfig("server.example", [PSKAuthenticator({"client.example": psk})], Policy(),
                                 QKDConfig(sae_id="sae-b", kme_id="kme-b"))
@@ -147,7 +151,7 @@ def check(stream: Stream, client: HybridClient, pool: KeyPool) -> None:
 def test_blocking_client_rides_out_kme_restarts(pki: DemoPKI, server_side: dict[str, Any],
                                                 kme_ports: tuple[str, ...], tmp_path: Path) -> None:
     state = server_side
-    with ETSI014Client(state["kme"].url_a, **sae_args(pki, "sae-a")) as client_kme:
+    with ETSI014Client(state["kme"].url_a, **RIDE_OUT, **sae_args(pki, "sae-a")) as client_kme:
         client = client_for(state, pki, client_kme)
 
         stream = Stream(lambda payload: blocking_exchange(client, state["address"], payload))
@@ -158,7 +162,7 @@ def test_blocking_client_rides_out_kme_restarts(pki: DemoPKI, server_side: dict[
 def test_asyncio_client_rides_out_kme_restarts(pki: DemoPKI, server_side: dict[str, Any],
                                                kme_ports: tuple[str, ...], tmp_path: Path) -> None:
     state = server_side
-    with ETSI014Client(state["kme"].url_a, **sae_args(pki, "sae-a")) as client_kme:
+    with ETSI014Client(state["kme"].url_a, **RIDE_OUT, **sae_args(pki, "sae-a")) as client_kme:
         client = client_for(state, pki, client_kme)
         loop = asyncio.new_event_loop()
         runner = threading.Thread(target=loop.run_forever, daemon=True)
@@ -193,7 +197,7 @@ def test_the_steady_state_rides_out_kme_restarts(pki: DemoPKI, server_side: dict
     once more if the server's pooled keys went stale too).  No application connection fails and
     no QKD key is used twice."""
     state = server_side
-    with ETSI014Client(state["kme"].url_a, **sae_args(pki, "sae-a")) as client_kme:
+    with ETSI014Client(state["kme"].url_a, **RIDE_OUT, **sae_args(pki, "sae-a")) as client_kme:
         client = client_for(state, pki, client_kme, steady=True)
 
         stream = Stream(lambda payload: blocking_exchange(client, state["address"], payload))
