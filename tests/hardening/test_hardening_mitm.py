@@ -39,6 +39,8 @@ from iohelpers import make_setup
 import hybridkex
 from hybridkex.exceptions import HybridKEXError
 
+pytestmark = pytest.mark.exclusive  # timing-sensitive under load: runs alone (tests/conftest.py)
+
 PAYLOAD_LEN = 3000
 #: Deadlines of the attacked connections (a dropped message ends in a timeout, not a hang).
 SETUP_TIMEOUT = 2.5

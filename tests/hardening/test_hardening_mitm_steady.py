@@ -41,6 +41,8 @@ import hybridkex
 from hybridkex.exceptions import HybridKEXError
 from hybridkex.steady import SteadyTicket
 
+pytestmark = pytest.mark.exclusive  # timing-sensitive under load: runs alone (tests/conftest.py)
+
 
 def _setup() -> Any:
     return make_setup(server_timeout=SETUP_TIMEOUT, client_timeout=SETUP_TIMEOUT, kme_timeout=2.0)

@@ -21,12 +21,14 @@ from typing import Any
 import pytest
 from qkdhelpers import KMEProcess, free_port, sae_args
 
-from hybridkex import Policy, QKDConfig
+from hybridkex import Policy, QKDConfig, Timeouts
 from hybridkex.api import ClientConfig, HybridClient, HybridServer, HybridSocket, ServerConfig
 from hybridkex.io.config import SteadyPolicy
 from hybridkex.protocol import InitiatorConfig, PSKAuthenticator, ResponderConfig
 from hybridkex.qkd import ETSI014Client, KeyPool
 from hybridkex.qkd.pki import DemoPKI
+
+pytestmark = pytest.mark.exclusive  # timing-sensitive under load: runs alone (tests/conftest.py)
 
 RESTARTS = 2
 PER_PHASE = 15  # successful connections before the first restart, and after each one
@@ -35,6 +37,9 @@ GUARD = 120.0  # seconds: a hang guard, never a timing assertion
 # listens: 1-3 s on a busy machine), which the default budget (5 retries, about 1.5-3 s) does not
 # always cover; a deployment sizes this to its KME's restart time the same way.
 RIDE_OUT = {"retries": 12, "max_backoff": 1.0}
+# ... and so must the handshake's deadlines around those requests.
+POLICY = Policy(timeouts=Timeouts(handshake=40.0, kme=20.0))
+SETUP_TIMEOUT = 45.0
 
 
 def echo(conn: HybridSocket, address: Any) -> None:
@@ -95,9 +100,10 @@ def server_side(pki: DemoPKI, kme_ports: tuple[str, ...], tmp_path: Path) -> Ite
     psk = os.urandom(32)
     server_kme = ETSI014Client(kme.url_b, **RIDE_OUT, **sae_args(pki, "sae-b"))
     pool = KeyPool(server_kme, ["sae-a"], low_watermark=8, high_watermark=32)
-    responder = ResponderConfig("server.example", [PSKAuthenticator({"client.example": psk})], Policy(),
+    responder = ResponderConfig("server.example", [PSKAuthenticator({"client.example": psk})], POLICY,
                                 QKDConfig(sae_id="sae-b", kme_id="kme-b"))
-    server = HybridServer(("127.0.0.1", 0), ServerConfig(responder), echo, key_source=pool).start(poll_interval=0.05)
+    server = HybridServer(("127.0.0.1", 0), ServerConfig(responder, timeout=SETUP_TIMEOUT), echo,
+                          key_source=pool).start(poll_interval=0.05)
     state = {"kme": kme, "pool": pool, "psk": psk, "address": server.server_address[:2]}
     try:
         assert pool.wait_ready(GUARD)
@@ -117,9 +123,10 @@ def restart(state: dict[str, Any], pki: DemoPKI, ports: tuple[str, ...], tmp_pat
 def client_for(state: dict[str, Any], pki: DemoPKI, client_kme: Any, *, steady: bool = False) -> HybridClient:
     """A client that runs a full handshake every time (the server's pooled keys go stale), or with
     ``steady`` the default steady state (the client's announced keys go stale)."""
-    initiator = InitiatorConfig("client.example", [PSKAuthenticator({"server.example": state["psk"]})], Policy(),
+    initiator = InitiatorConfig("client.example", [PSKAuthenticator({"server.example": state["psk"]})], POLICY,
                                 QKDConfig(sae_id="sae-a", kme_id="kme-a"), peer_identity="server.example")
-    return HybridClient(ClientConfig(initiator, steady=SteadyPolicy(enabled=steady)), key_source=client_kme)
+    config = ClientConfig(initiator, steady=SteadyPolicy(enabled=steady), timeout=SETUP_TIMEOUT)
+    return HybridClient(config, key_source=client_kme)
 
 
 def blocking_exchange(client: HybridClient, address: Any, payload: bytes) -> tuple[bytes, tuple[str, ...]]:

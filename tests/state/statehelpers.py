@@ -139,17 +139,23 @@ def race(target: Any, arglist: list[tuple[Any, ...]], *, during: Any = None, tim
 
 # -- workers (module level: spawned processes import them) ------------------------------------------------
 
-def spend_worker(url: str, scope: str, ids: list[str], seed: int, start: Any) -> list[str]:
-    """Try to spend every ID once, in a random order; the IDs this process got."""
+def spend_worker(url: str, scope: str, ids: list[str], seed: int, mid: Any,  # noqa: PLR0917 - race() passes them
+                 start: Any) -> list[str]:
+    """Try to spend every ID once, in a random order; the IDs this process got.
+
+    After its first attempt each worker waits at ``mid`` for the others: on a busy machine one
+    process could otherwise spend every ID before the rest are scheduled, and nothing would race."""
     rng = random.Random(seed)
     order = list(ids)
     rng.shuffle(order)
     got = []
     with open_state(url, seal_key=SEAL_KEY) as state:
         start.wait(30)
-        for k in order:
+        for i, k in enumerate(order):
             if state.spend(scope, [k]):
                 got.append(k)
+            if i == 0:
+                mid.wait(60)
     return got
 
 

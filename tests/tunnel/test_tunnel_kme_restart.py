@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 from tunnelhelpers import PY, WAIT, EchoService, TunnelProcess, echo_exchange, expected_echo, write_psk
 
+pytestmark = pytest.mark.exclusive  # timing-sensitive under load: runs alone (tests/conftest.py)
+
 SECURE_ENV = {"HYBRIDKEX_TUNNEL_INSECURE_PLAIN_CHANNEL": "", "HYBRIDKEX_TESTING": ""}
 RESTARTS = 2
 PER_PHASE = 15

@@ -98,6 +98,7 @@ def connect_once(pair: Pair) -> tuple[dict[str, Any], dict[str, Any]]:
     return sessions(pair.client)[n_client], sessions(pair.server)[n_server]
 
 
+@pytest.mark.exclusive  # timing-sensitive under load: runs alone (tests/conftest.py)
 def test_bootstrap_once_then_recycled_keys_across_restarts(pair: Pair) -> None:
     used: list[str] = []
     first_c, first_s = connect_once(pair)

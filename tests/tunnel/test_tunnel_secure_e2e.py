@@ -269,6 +269,7 @@ def test_http_client_through_the_tunnel_to_a_real_http_server(tunnels: SecureTun
 # --- load: 500 sequential and 100 concurrent connections ----------------------------------------------
 
 
+@pytest.mark.exclusive  # timing-sensitive under load: runs alone (tests/conftest.py)
 def test_1000_connections_one_full_handshake_then_the_steady_state_each_with_its_own_qkd_key(
         tunnels: SecureTunnels, psks: dict[str, Path], echo: EchoService) -> None:
     """900 sequential and 100 concurrent connections through the tunnel pair (real processes, the
