@@ -35,6 +35,7 @@ from ..exceptions import (
     QBERAbort,
 )
 from .auth import ChannelAuthenticator
+from .mitm import TamperProxy
 from .protocol import AliceEnd, BobEnd
 from .session import AuthStream, LinkSettings, LinkStats, QuantumChannel
 
@@ -105,6 +106,7 @@ class _Side:
 
     def outcome(self, n: int, end: AliceEnd | BobEnd, error: HybridKEXError | None = None) -> None:
         s = self.stats
+        s.pulses += self.settings.pulses_per_block
         err = error or end.error
         if end.result is not None and err is None:
             s.blocks_ok += 1
@@ -161,11 +163,18 @@ class LinkPair:
         self._tasks: set[asyncio.Task[None]] = set()
         self.address: tuple[str, int] = ("", 0)
         self.stopped = asyncio.Event()
+        self._proxy: TamperProxy | None = None
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._alice_connection, self.host, 0)
         host, port = self._server.sockets[0].getsockname()[:2]
         self.address = (host, port)
+        if self.settings.mitm is not None:
+            self._proxy = TamperProxy(self.address, self.settings.mitm, host=self.host)
+            await self._proxy.start()
+            self.connect_to = self._proxy.address
+            log.warning("link: a man in the middle (%s on %.1f %% of classical frames) sits at tcp %s:%d",
+                        self.settings.mitm.action, 100 * self.settings.mitm.fraction, *self._proxy.address)
         self._spawn(self._bob_loop())
         log.info("QKD link (decoy BB84, %.1f km, %d pulses/block) between the KMEs over tcp %s:%d",
                  self.settings.link.distance_km, self.settings.pulses_per_block, host, port)
@@ -176,6 +185,8 @@ class LinkPair:
         task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
+        if self._proxy is not None:
+            await self._proxy.stop()
         if self._server is not None:
             self._server.close()
         for task in list(self._tasks):
@@ -217,7 +228,6 @@ class LinkPair:
                         break
                     n = block
                     side.stats.blocks_started += 1
-                    side.stats.pulses += s.pulses_per_block
                     photons, rng = await asyncio.to_thread(self.channel.half, "alice", n)
                     end = AliceEnd(photons.alice, photons.sent, s.link, s.postprocess,
                                    ChannelAuthenticator(pool, initiator=False), rng=rng, auth_reserve_bits=0,
@@ -286,7 +296,6 @@ class LinkPair:
                     side.fail(err)
                     return
                 side.stats.blocks_started += 1
-                side.stats.pulses += s.pulses_per_block
                 photons, _ = await asyncio.to_thread(self.channel.half, "bob", n)
                 end = BobEnd(photons.bob, s.link, s.postprocess, ChannelAuthenticator(pool, initiator=True),
                              auth_reserve_bits=0, header=struct.pack(">Q", n))

@@ -26,6 +26,7 @@ from ..exceptions import BootstrapExhausted, ConfigurationError
 from . import events, model
 from . import postprocess as pp
 from .auth import KEY_BYTES, KeyPool
+from .mitm import TamperSpec
 from .protocol import TAGS_PER_BLOCK
 
 __all__ = ["BLOCK_AUTH_BYTES", "AuthStream", "LinkSettings", "LinkStats", "QuantumChannel"]
@@ -53,6 +54,8 @@ class LinkSettings:
     #: The authentication stream is kept this far (bits) ahead of the last confirmed block.
     auth_target_bits: int = 4096
     speedup: float = 0.0
+    #: A man in the middle on the classical channel (demonstrations): see :mod:`.mitm`.
+    mitm: TamperSpec | None = None
 
     def __post_init__(self) -> None:
         if self.pulses_per_block < 1000:
@@ -183,7 +186,7 @@ class LinkStats:
     pending_discarded: int = 0
     key_bits_delivered: int = 0
     final_bits: int = 0
-    pulses: int = 0
+    pulses: int = 0           # of the blocks finished (ok or not)
     leaked_ec_bits: int = 0
     last_qber: float | None = None
     last_error: str = ""
@@ -205,8 +208,10 @@ class LinkStats:
             "pending_keys_discarded": self.pending_discarded,
             "alarms": self.alarms,
             "last_alarm": self.last_error,
-            # Real-rate equivalent: key delivered per second of fibre time at the real pulse rate.
-            "secret_key_rate_bps": self.key_bits_delivered / fibre_s if fibre_s else 0.0,
+            # Real-rate equivalents, per second of fibre time at the real pulse rate: the secret key the
+            # finished blocks distilled, and what reached the KMEs after authentication took its share.
+            "secret_key_rate_bps": self.final_bits / fibre_s if fibre_s else 0.0,
+            "net_key_rate_bps": self.key_bits_delivered / fibre_s if fibre_s else 0.0,
             "delivered_rate_bps_wall": self.key_bits_delivered / wall,
             "key_bits_delivered": self.key_bits_delivered,
             "error_correction_leaked_bits": self.leaked_ec_bits,

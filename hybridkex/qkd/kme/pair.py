@@ -18,19 +18,21 @@ import threading
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from ...exceptions import ConfigurationError, HybridKEXError
-from ...qkdlink.session import LinkSettings
 from ..client import AsyncETSI014Client, ETSI014Client, certificate_common_name
 from ..client import is_loopback_host as is_loopback  # the kme command's check of --host
 from ..pki import DemoPKI
 from .app import create_kme_app, server_ssl_context
-from .linksupply import LinkKeySupply
 from .listener import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, KMESite
 from .store import KeyStore, KeySupply, KMELimits, QKDLinkModel
+
+if TYPE_CHECKING:  # the link simulation (numpy) loads only when a pair runs one
+    from ...qkdlink.session import LinkSettings
+    from .linksupply import LinkKeySupply
 
 __all__ = ["DEFAULT_CAPACITY_BITS", "DEFAULT_RATE_BPS", "KMEPairServer", "KMEPairSettings", "SimulatedKMEPair",
            "is_loopback"]
@@ -95,6 +97,8 @@ class KMEPairServer:
         self.link: LinkKeySupply | None = None
         link: KeySupply
         if s.link is not None:
+            from .linksupply import LinkKeySupply  # noqa: PLC0415
+
             self.link = link = LinkKeySupply(s.link, s.capacity_bits, self.kme_id_a, self.kme_id_b,
                                              connect_to=s.link_connect_to)
         else:
@@ -265,6 +269,11 @@ class SimulatedKMEPair:
     def pki(self) -> DemoPKI:
         """The PKI the KMEs use (certificates for SAEs and peers too)."""
         return self._server.pki
+
+    @property
+    def link(self) -> LinkKeySupply | None:
+        """The simulated BB84 link feeding the KMEs (``None`` with the fixed-rate model)."""
+        return self._server.link
 
     @property
     def store(self) -> KeyStore:
