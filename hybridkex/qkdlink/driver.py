@@ -259,6 +259,9 @@ class LinkPair:
         except asyncio.CancelledError:
             # stop(): end quietly (asyncio's stream callback logs a cancelled handler as an error).
             pass
+        except Exception as exc:  # a bug: stop this connection loudly, never deliver from it
+            log.exception("link alice: driver failed")
+            side.stats.last_error = f"link driver failed: {exc}"
         finally:
             _close(writer)
             if t is not None:
@@ -311,6 +314,9 @@ class LinkPair:
                     # Anything but an announced abort: the peer may still be waiting, start afresh.
                     _close(writer)
                     reader = writer = None
+        except Exception as exc:  # a bug: the link stops (fail closed) and says why
+            log.exception("link bob: driver failed")
+            side.stats.fatal = f"link driver failed: {exc}"
         finally:
             _close(writer)
 

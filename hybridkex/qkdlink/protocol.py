@@ -215,11 +215,15 @@ class _End:
         if self.done:
             raise RemoteProtocolError("block already finished")
         try:
-            kind, r = self._open(frame)
-            if kind == ABORT:
-                self._peer_abort(r)
-                return None
-            return self._handle(kind, r)
+            try:
+                kind, r = self._open(frame)
+                if kind == ABORT:
+                    self._peer_abort(r)
+                    return None
+                return self._handle(kind, r)
+            except (ValueError, IndexError, struct.error) as exc:
+                # Sizes numpy or struct refuse (a length field altered in flight): malformed, typed.
+                raise RemoteProtocolError(f"malformed classical message ({exc})") from None
         except (LinkAuthenticationError, BootstrapExhausted) as err:
             self._fail(err)
             return None
