@@ -134,9 +134,13 @@ class _Side:
             log.info("link %s: block %d gave no key: %s", self.name, n, s.last_error)
 
     def fail(self, err: BootstrapExhausted | ConfigurationError) -> None:
-        self.stats.fatal = str(err)
+        why = str(err)
+        if self.stats.alarms:
+            why += (f" (after {self.stats.alarms} alarm(s): blocks aborted on QBER or failed authentication used "
+                    "the key up; the link is under attack or degraded)")
+        self.stats.fatal = why
         self.stats.alarms += 1
-        log.error("ALARM link %s stopped: %s", self.name, err)
+        log.error("ALARM link %s stopped: %s", self.name, why)
 
 
 class LinkPair:

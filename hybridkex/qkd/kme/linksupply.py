@@ -96,6 +96,9 @@ class LinkKeySupply:
         ext |= {"link": "bb84-decoy", "distance_km": s.link.distance_km, "pulses_per_block": s.pulses_per_block,
                 "pulse_rate_hz": s.link.pulse_rate_hz, "eavesdrop_fraction": s.eavesdrop_fraction,
                 "qber_threshold": s.postprocess.qber_threshold, "speedup": s.speedup}
+        stopped = self.pair.bob.stats.fatal or self.pair.alice.stats.fatal  # Bob drives: his stop is the link's
+        if stopped:
+            ext["link_stopped"] = stopped
         return ext
 
     async def start(self) -> None:
