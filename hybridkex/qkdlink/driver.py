@@ -227,8 +227,14 @@ class LinkPair:
                 if end is None or end.done:
                     try:
                         pool = side.auth.pool_for(block)
-                    except (BootstrapExhausted, ConfigurationError) as err:
+                    except BootstrapExhausted as err:
                         side.fail(err)
+                        break
+                    except ConfigurationError as err:
+                        # An old block number (its key already used): a replay, never a second use of a pad.
+                        side.stats.alarms += 1
+                        side.stats.last_error = str(err)
+                        log.error("ALARM link alice: frame for block %d refused: %s", block, err)
                         break
                     n = block
                     side.stats.blocks_started += 1

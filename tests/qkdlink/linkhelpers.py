@@ -25,8 +25,8 @@ def fast_settings(**kw: Any) -> LinkSettings:
     return LinkSettings(**(base | kw))
 
 
-#: (direction "b2a"/"a2b", block, frame) -> frame to forward, or None to drop it.
-Hook = Callable[[str, int, bytes], bytes | None]
+#: (direction "b2a"/"a2b", block, frame) -> frame to forward, (new block number, frame), or None to drop it.
+Hook = Callable[[str, int, bytes], bytes | tuple[int, bytes] | None]
 
 
 class FrameProxy:
@@ -51,6 +51,8 @@ class FrameProxy:
                 head = await r.readexactly(HEAD.size)
                 length, block = HEAD.unpack(head)
                 out = self.hook(direction, block, await r.readexactly(length))
+                if isinstance(out, tuple):
+                    block, out = out
                 if out is not None:
                     w.write(HEAD.pack(len(out), block) + out)
                     await w.drain()

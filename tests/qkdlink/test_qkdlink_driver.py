@@ -127,3 +127,24 @@ def test_bootstrap_exhausted_before_the_first_block_completes_stops_the_link() -
     assert a == [] and b == []
     assert "before the first block completed" in pair.bob.stats.fatal
     assert "provide a longer bootstrap secret" in pair.bob.stats.fatal
+
+
+
+def test_a_replayed_block_number_is_refused_and_never_reuses_a_pad(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "hybridkex.qkdlink")
+    rewritten: list[int] = []
+
+    def replay(direction: str, block: int, frame: bytes) -> bytes | tuple[int, bytes]:
+        if direction == "b2a" and block == 3 and not rewritten:
+            rewritten.append(block)
+            return 1, frame  # Bob's block 3 relabelled as block 1, whose key Alice has used already
+        return frame
+
+    pair, a, b = run_pair(fast_settings(), lambda p: p.alice.stats.blocks_ok >= 3 and p.alice.stats.alarms >= 1
+                          and p.bob.stats.key_bits_delivered > 0, hook=replay)
+    assert rewritten == [3]
+    assert any("frame for block 1 refused" in r.getMessage() and "already used" in r.getMessage()
+               for r in caplog.records)
+    assert pair.bob.stats.fatal == "" and pair.alice.stats.fatal == ""  # an alarm, not the end of the link
+    n = min(len(a), len(b))
+    assert n >= 1 and a[:n] == b[:n]
