@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 from linkhelpers import FrameProxy, fast_settings, kind, wait_for
@@ -148,3 +149,13 @@ def test_a_replayed_block_number_is_refused_and_never_reuses_a_pad(caplog: pytes
     assert pair.bob.stats.fatal == "" and pair.alice.stats.fatal == ""  # an alarm, not the end of the link
     n = min(len(a), len(b))
     assert n >= 1 and a[:n] == b[:n]
+
+
+def test_blocks_are_paced_at_the_scaled_pulse_rate() -> None:
+    # 5*10^6 pulses at 2 MHz are 2.5 s of fibre; at speedup 2.5 a block may start every second, no
+    # sooner (unpaced, this machine runs such a block in 0.2-0.5 s).
+    started = time.monotonic()
+    pair, _, _ = run_pair(fast_settings(speedup=2.5), lambda p: p.bob.stats.blocks_started >= 3)
+    elapsed = time.monotonic() - started
+    assert elapsed >= 2 * 1.0 - 0.05  # blocks 2 and 3 each waited for their slot
+    assert pair.bob.stats.blocks_started == 3
