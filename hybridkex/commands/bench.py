@@ -14,9 +14,10 @@ HELP = ("benchmark handshakes (default) or the tunnel's data path ('bench tunnel
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", nargs="?", choices=("handshakes", "tunnel"), default="handshakes",
-                        help="handshakes (default), or tunnel: the tunnel's data path against a direct connection "
-                             "and stunnel (runs real tunnel processes and the simulated KME)")
+    parser.add_argument("what", nargs="?", choices=("handshakes", "tunnel", "link"), default="handshakes",
+                        help="handshakes (default); tunnel: the tunnel's data path against a direct connection "
+                             "and stunnel (runs real tunnel processes and the simulated KME); link: handshakes per "
+                             "second a simulated BB84 link carries vs its length, fresh and epoch key budgets")
     parser.add_argument("--quick", action="store_true", help="a smoke run of every variant (under a minute)")
     parser.add_argument("--variants", metavar="IDS",
                         help="comma-separated variant ids or wildcards (default: all; see --list)")
@@ -41,6 +42,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--loads", metavar="IDS", help="tunnel: comma-separated loads (small, pipelined, bulk)")
     parser.add_argument("--no-stunnel", action="store_true", help="tunnel: skip the stunnel baseline")
+    parser.add_argument("--distances", metavar="KM,KM", help="link: fibre lengths (default 5,25,50,75,100)")
+    parser.add_argument("--pulses", type=float, metavar="N",
+                        help="link: pulses per block (default: 1e6 detections' worth)")
 
 
 def _positive(value: float | None, name: str, minimum: float) -> None:
@@ -127,9 +131,57 @@ def _suites(raw: str | None) -> tuple[str, ...]:
     return names
 
 
+def _run_link(args: argparse.Namespace) -> int:
+    from ..bench.linkcap import (  # noqa: PLC0415
+        LinkBenchOptions,
+        format_link_markdown,
+        format_link_report,
+        run_link_benchmark,
+        write_link_plot,
+    )
+
+    for name in ("variants", "suites", "n", "warmup", "samples", "clients", "loads", "seconds"):
+        if getattr(args, name) is not None:
+            raise ConfigurationError("does not apply to 'bench link'", field="--" + name.replace("_", "-"))
+    opts = LinkBenchOptions.quick() if args.quick else LinkBenchOptions()
+    if args.distances:
+        try:
+            opts.distances_km = tuple(float(x) for x in args.distances.split(","))
+        except ValueError:
+            raise ConfigurationError(f"{args.distances!r}: expected comma-separated kilometres, e.g. 10,50,100",
+                                     field="--distances") from None
+        if any(not 0 <= d <= 300 for d in opts.distances_km):
+            raise ConfigurationError("each distance must be 0..300 km", field="--distances")
+    if args.pulses is not None:
+        if not 1e5 <= args.pulses <= 1e9:
+            raise ConfigurationError("must be between 1e5 and 1e9", field="--pulses")
+        opts.pulses = int(args.pulses)
+    if args.rounds is not None:
+        _positive(args.rounds, "--rounds", 1)
+        opts.blocks = args.rounds
+    if args.plots:
+        from ..bench.plots import check_plots_available  # noqa: PLC0415
+
+        check_plots_available()
+    parts = ["hybridkex", "bench", "link"] + (["--quick"] if args.quick else [])
+    for name in ("distances", "pulses", "rounds"):
+        if getattr(args, name) is not None:
+            parts += ["--" + name, str(getattr(args, name))]
+    report = run_link_benchmark(opts, command=shlex.join(parts))
+    print(format_link_report(report))
+    _write_outputs(args, report, format_link_markdown)
+    if args.plots:
+        print(f"Plot: {write_link_plot(report, args.plots)}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.what == "tunnel":
         return _run_tunnel(args)
+    if args.what == "link":
+        return _run_link(args)
+    if args.distances or args.pulses is not None:
+        raise ConfigurationError("applies to 'bench link' only", field="--distances" if args.distances else "--pulses")
     if args.loads or args.no_stunnel:
         raise ConfigurationError("applies to 'bench tunnel' only", field="--loads" if args.loads else "--no-stunnel")
     # Imported here, not at the top: `hybridkex --help` must not load the benchmark's dependencies.

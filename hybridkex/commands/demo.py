@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..suites import DEFAULT_SUITE, get_suite
+from .linkopts import add_link_options, link_settings
 
 HELP = "run the quantum-safe tunnel end to end on this machine (simulated QKD, no setup) and explain it"
 
@@ -40,6 +41,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, default=2, metavar="N",
                         help="connections to open through the tunnel (default: %(default)s; 1..20)")
     parser.add_argument("--verbose", action="store_true", help="show the tunnels' log lines")
+    add_link_options(parser, default_speedup=0.0)
 
 
 class _Stages:
@@ -92,6 +94,7 @@ async def _exchange(port: int, payload: bytes) -> bytes:
 
 async def _run(args: argparse.Namespace, workdir: Path, stages: _Stages) -> dict[str, Any]:
     from ..qkd import DemoPKI, SimulatedKMEPair  # noqa: PLC0415 - heavy imports only when the demo runs
+    from ..qkd.kme import KMEPairSettings  # noqa: PLC0415
     from ..tunnel import load_config, make_runtime  # noqa: PLC0415
     from ..tunnel.secure import HybridChannelFactory, HybridStream  # noqa: PLC0415
 
@@ -129,8 +132,10 @@ async def _run(args: argparse.Namespace, workdir: Path, stages: _Stages) -> dict
 
     with stages("temporary PKI (CA; KME, SAE certificates)"):
         pki = await asyncio.to_thread(DemoPKI.create, workdir / "pki")
-    with stages("simulated KME pair (2 HTTPS endpoints, mutual TLS)"):
-        kmes = await asyncio.to_thread(SimulatedKMEPair.start, pki)
+    link = link_settings(args)
+    what = "" if link is None else f", fed by a {link.link.distance_km:g} km decoy BB84 link"
+    with stages(f"simulated KME pair (2 HTTPS endpoints, mutual TLS{what})"):
+        kmes = await asyncio.to_thread(SimulatedKMEPair.start, pki, settings=KMEPairSettings(link=link))
     runtimes: list[Any] = []
     echo = None
     try:
@@ -169,7 +174,8 @@ async def _run(args: argparse.Namespace, workdir: Path, stages: _Stages) -> dict
                 results.append("handshake failed (" + "; ".join(dict.fromkeys(why)) + ")")
             else:
                 results.append(OK if echoed == payload else CORRUPTED)
-        return {"suite": suite, "ok": results, "sessions": [s.session for s in captured],
+        link_status = None if kmes.link is None else kmes.link.status_extension(kmes.kme_id_b)
+        return {"link": link_status, "suite": suite, "ok": results, "sessions": [s.session for s in captured],
                 "server": f"127.0.0.1:{server.address.port}", "service": f"127.0.0.1:{echo_port}",
                 "client": f"127.0.0.1:{client.address.port}", "kmes": (kmes.url_a, kmes.url_b)}
     finally:
@@ -191,6 +197,14 @@ def _report(facts: dict[str, Any], stages: _Stages) -> None:
           f"-> echo service {facts['service']}")
     print(f"  QKD keys from the simulated ETSI GS QKD 014 KME pair: KME A {facts['kmes'][0]} (sae-a, client side), "
           f"KME B {facts['kmes'][1]} (sae-b, server side)")
+    if facts.get("link"):
+        ln = facts["link"]
+        qber = "-" if ln["qber"] is None else f"{ln['qber']:.2%}"
+        print(f"  QKD link         decoy BB84 over {ln['distance_km']:g} km: {ln['blocks_ok']} block(s) ok, "
+              f"{ln['blocks_aborted']} aborted, QBER {qber}, {ln['secret_key_rate_bps']:.0f} bit/s at the real "
+              f"pulse rate; authentication used {ln['auth_consumed_bits']} bits (bootstrap "
+              f"{ln['auth_bootstrap_bits']}, then {ln['auth_reserved_bits']} reserved from blocks); "
+              f"{ln['alarms']} alarm(s)")
     print()
     sessions = facts["sessions"]
     if sessions and facts["ok"][0] in (OK, CORRUPTED):  # the first connection was established
@@ -245,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.connections <= 20:
         raise ConfigurationError("must be between 1 and 20", field="--connections")
     get_suite(args.suite)  # validate before starting anything
+    link_settings(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="  log: %(message)s")
     stages = _Stages()
     with tempfile.TemporaryDirectory(prefix="hybridkex-demo-") as tmp:

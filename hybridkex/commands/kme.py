@@ -6,6 +6,9 @@ Once both KMEs accept connections it prints, and flushes, one line per KME on st
     KME-B https://127.0.0.1:PORT
 
 Then it serves until SIGINT or SIGTERM.  Logs (SAE IDs and key IDs, never keys) go to stderr.
+With ``--link bb84`` the keys come from a simulated decoy-state BB84 link between the two KMEs
+(its classical channel over a TCP socket on loopback); Status then carries the link's figures in
+``status_extension`` and alarms (QBER aborts, MAC failures) are logged with the prefix ``ALARM``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ..qkd.kme.listener import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
 from ..qkd.kme.pair import DEFAULT_CAPACITY_BITS, DEFAULT_RATE_BPS, KMEPairServer, KMEPairSettings, is_loopback
 from ..qkd.kme.store import KMELimits
 from ..qkd.pki import DemoPKI
+from .linkopts import add_link_options, link_settings
 
 HELP = "serve the simulated ETSI GS QKD 014 KME pair (two HTTPS endpoints sharing a simulated QKD link)"
 
@@ -85,6 +89,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="SAE served by KME A (repeatable; default: sae-a)")
     parser.add_argument("--sae-b", action="append", metavar="SAE_ID",
                         help="SAE served by KME B (repeatable; default: sae-b)")
+    add_link_options(parser, default_speedup=1.0)
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="log level on stderr (default: %(default)s)")
 
@@ -110,11 +115,12 @@ def run(args: argparse.Namespace) -> int:
                        min_key_size=min(64, args.key_size), max_key_size=max(8192, args.key_size))
     if args.capacity < args.key_size:
         raise ConfigurationError("must hold at least one key (>= --key-size)", field="--capacity")
+    link = link_settings(args)
     settings = KMEPairSettings(
         host=args.host, port_a=args.port_a, port_b=args.port_b, rate_bps=args.rate, capacity_bits=args.capacity,
         initial_bits=args.initial, limits=limits, db_path=Path(args.db) if args.db else None,
         delay=args.delay_ms / 1000.0, saes_a=tuple(args.sae_a or ("sae-a",)), saes_b=tuple(args.sae_b or ("sae-b",)),
-        idle_timeout=args.idle_timeout, max_connections=args.max_connections,
+        idle_timeout=args.idle_timeout, max_connections=args.max_connections, link=link,
     )
     pki = DemoPKI.load(args.pki, required=("kme-a", "kme-b"))
     if not is_loopback(args.host):

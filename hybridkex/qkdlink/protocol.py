@@ -2,11 +2,13 @@
 
 Bob starts (:meth:`BobEnd.start`); after that each end turns the frame it received into the frame
 to send (:meth:`receive`), strictly alternating, until both are :attr:`done`.  A driver carries the
-frames over any transport (``run_in_memory`` here; a socket between the KMEs later).  The messages:
+frames over any transport (``run_in_memory`` here; a TCP socket between the KMEs in :mod:`.driver`).  The messages:
 
-1. B->A ``CLICKS``: which pulses clicked, Bob's bases.                                  [tag]
-2. A->B ``SIFT``: Alice's bases and intensities, the pulses sent per intensity, the QBER sample
-   (seed) with Alice's sample bits, her sifted decoy bits, the Cascade permutation seed.   [tag]
+1. B->A ``CLICKS``: Bob's header (the driver's, e.g. the block number), which pulses clicked,
+   Bob's bases.                                                                           [tag]
+2. A->B ``SIFT``: Alice's header (the driver's, e.g. the last block she completed), Alice's
+   bases and intensities, the pulses sent per intensity, the QBER sample (seed) with Alice's
+   sample bits, her sifted decoy bits, the Cascade permutation seed.                      [tag]
 3. B->A ``ESTIMATE``: the error counts; both ends then run the same estimate and the same abort
    decision; unless aborting, Bob's first Cascade queries.                                 [tag]
 4. A->B ``ANSWERS`` / B->A ``QUERIES``, Cascade's round trips.                     [no tag: see below]
@@ -133,6 +135,8 @@ class _End:
         self.result: BlockResult | None = None
         self.frames = 0
         self._last_verified = True
+        #: The peer's authenticated header (from CLICKS or SIFT) once that frame has verified.
+        self.peer_header: bytes | None = None
         self._start_consumed = auth.pool.consumed_bits
         self._estimate: pp.Estimate | None = None
         # Phase tags: at most 6 per block (CLICKS, SIFT, ESTIMATE, CASCADE_DONE, VERIFY, CONFIRM or an
@@ -211,11 +215,15 @@ class _End:
         if self.done:
             raise RemoteProtocolError("block already finished")
         try:
-            kind, r = self._open(frame)
-            if kind == ABORT:
-                self._peer_abort(r)
-                return None
-            return self._handle(kind, r)
+            try:
+                kind, r = self._open(frame)
+                if kind == ABORT:
+                    self._peer_abort(r)
+                    return None
+                return self._handle(kind, r)
+            except (ValueError, IndexError, struct.error) as exc:
+                # Sizes numpy or struct refuse (a length field altered in flight): malformed, typed.
+                raise RemoteProtocolError(f"malformed classical message ({exc})") from None
         except (LinkAuthenticationError, BootstrapExhausted) as err:
             self._fail(err)
             return None
@@ -240,15 +248,17 @@ class AliceEnd(_End):
 
     def __init__(self, record: AliceRecord, sent: tuple[int, int, int], link: model.LinkParameters,
                  config: pp.PostProcessConfig, auth: ChannelAuthenticator, *, rng: np.random.Generator,
-                 tag_every_frame: bool = False, auth_reserve_bits: int = 4096) -> None:
+                 tag_every_frame: bool = False, auth_reserve_bits: int = 4096, header: bytes = b"") -> None:
         super().__init__(link, config, auth, tag_every_frame=tag_every_frame, auth_reserve_bits=auth_reserve_bits)
         self._rec, self._sent, self._rng = record, sent, rng
+        self._header = header
         self._key: NDArray[np.uint8] | None = None
         self._cascade: CascadeAlice | None = None
         self._pending: tuple[NDArray[np.uint8], NDArray[np.uint8], int, int] | None = None
 
     def _handle(self, kind: int, r: _Reader) -> bytes | None:
         if kind == CLICKS and self._key is None and self._estimate is None:
+            self.peer_header = r.blob()
             index = np.frombuffer(r.blob(), dtype=">i8").astype(np.int64)
             bob_basis = r.bits()
             r.end()
@@ -287,8 +297,9 @@ class AliceEnd(_End):
         self._key = bits[keep]
         self._sample_size, self._decoy_sifted = len(pos), int(np.count_nonzero(dec))
         self._cascade_seed = int(self._rng.integers(0, 2**63))
-        body = (_bits(rec.basis) + _blob(rec.intensity.tobytes()) + struct.pack(">QQQ", *self._sent)
-                + struct.pack(">QQ", sample_seed, self._cascade_seed) + _bits(bits[pos]) + _bits(rec.bit[dec]))
+        body = (_blob(self._header) + _bits(rec.basis) + _blob(rec.intensity.tobytes())
+                + struct.pack(">QQQ", *self._sent) + struct.pack(">QQ", sample_seed, self._cascade_seed)
+                + _bits(bits[pos]) + _bits(rec.bit[dec]))
         return self._send(SIFT, body)
 
     def _estimate_and_answer(self, sample_errors: int, decoy_errors: int, queries: list[Query]) -> bytes | None:
@@ -322,14 +333,17 @@ class BobEnd(_End):
     """Bob: announces his clicks, estimates, drives Cascade, checks the verification hash."""
 
     def __init__(self, record: BobRecord, link: model.LinkParameters, config: pp.PostProcessConfig,
-                 auth: ChannelAuthenticator, *, tag_every_frame: bool = False, auth_reserve_bits: int = 4096) -> None:
+                 auth: ChannelAuthenticator, *, tag_every_frame: bool = False, auth_reserve_bits: int = 4096,
+                 header: bytes = b"") -> None:
         super().__init__(link, config, auth, tag_every_frame=tag_every_frame, auth_reserve_bits=auth_reserve_bits)
         self._rec = record
+        self._header = header
         self._cascade: CascadeBob | None = None
         self._verified = False
 
     def start(self) -> bytes:
-        return self._send(CLICKS, _blob(self._rec.index.astype(">i8").tobytes()) + _bits(self._rec.basis))
+        clicks = _blob(self._rec.index.astype(">i8").tobytes()) + _bits(self._rec.basis)
+        return self._send(CLICKS, _blob(self._header) + clicks)
 
     def _handle(self, kind: int, r: _Reader) -> bytes | None:
         if kind == SIFT and self._estimate is None and self._cascade is None:
@@ -346,12 +360,14 @@ class BobEnd(_End):
         raise RemoteProtocolError(f"unexpected classical message {kind}")
 
     def _sifted(self, r: _Reader) -> bytes:
+        header = r.blob()
         a_basis = r.bits()
         intensity = np.frombuffer(r.blob(), np.uint8)
         sent = (r.u64(), r.u64(), r.u64())
         sample_seed, cascade_seed = r.u64(), r.u64()
         a_sample, a_decoy = r.bits(), r.bits()
         r.end()
+        self.peer_header = header  # the frame is authenticated (tagged) and well formed
         rec = self._rec
         if len(a_basis) != len(rec.basis) or len(intensity) != len(rec.basis):
             raise RemoteProtocolError("sifting lists do not match the clicks")

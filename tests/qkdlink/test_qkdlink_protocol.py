@@ -151,3 +151,26 @@ def test_no_secret_key_is_an_abort_not_an_empty_key() -> None:
     protocol.run_in_memory(alice, bob)
     assert isinstance(bob.error, LinkAbort) and bob.error.reason == "no secret key"
     assert isinstance(alice.error, LinkAbort) and alice.result is None
+
+
+def test_a_cascade_frame_whose_length_field_was_altered_is_tampering_not_a_crash() -> None:
+    # The length of the query list in an untagged QUERIES frame, changed by one byte: numpy would
+    # refuse the buffer (ValueError); the end must call it tampering, like any other malformed frame.
+    link = replace(GYS.at(1.0), p_signal=0.6, p_decoy=0.3)
+    config = pp.PostProcessConfig.calibrated(link, eps_pe=1e-4, eps_pa=1e-4)
+    big = bytes(range(256)) * 4
+    kinds: list[int] = []
+    alice, bob = ends(link, 2 * 10**6, 5, config, psk=big)
+    protocol.run_in_memory(alice, bob, tamper=lambda n, f: kinds.append(f[9]) or f)
+    target = kinds.index(protocol.QUERIES)
+
+    def shorten(n: int, frame: bytes) -> bytes:
+        if n != target:
+            return frame
+        length = int.from_bytes(frame[10:14], "big")
+        # 4 bytes shorter: still whole 32-bit words, but no longer whole (pass, lo, hi) triples
+        return frame[:10] + (length - 4).to_bytes(4, "big") + frame[14:]
+
+    alice, bob = ends(link, 2 * 10**6, 5, config, psk=big)
+    protocol.run_in_memory(alice, bob, tamper=shorten)
+    caught(alice, bob, target)

@@ -18,7 +18,7 @@ import threading
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -28,7 +28,11 @@ from ..client import is_loopback_host as is_loopback  # the kme command's check 
 from ..pki import DemoPKI
 from .app import create_kme_app, server_ssl_context
 from .listener import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, KMESite
-from .store import KeyStore, KMELimits, QKDLinkModel
+from .store import KeyStore, KeySupply, KMELimits, QKDLinkModel
+
+if TYPE_CHECKING:  # the link simulation (numpy) loads only when a pair runs one
+    from ...qkdlink.session import LinkSettings
+    from .linksupply import LinkKeySupply
 
 __all__ = ["DEFAULT_CAPACITY_BITS", "DEFAULT_RATE_BPS", "KMEPairServer", "KMEPairSettings", "SimulatedKMEPair",
            "is_loopback"]
@@ -60,6 +64,10 @@ class KMEPairSettings:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     #: Connections each KME keeps open at once (TLS handshakes included); more are closed at once.
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: A simulated BB84 link between the KMEs instead of the fixed-rate model (``rate_bps`` is then unused).
+    link: LinkSettings | None = None
+    #: Where KME B's link end connects (default: KME A's link port); tests put a tampering proxy here.
+    link_connect_to: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
         if not self.idle_timeout > 0:
@@ -86,7 +94,15 @@ class KMEPairServer:
         if self.kme_id_a == self.kme_id_b:
             raise ConfigurationError("the two KME certificates have the same CN", field="pki")
         homes = {sae: self.kme_id_a for sae in s.saes_a} | {sae: self.kme_id_b for sae in s.saes_b}
-        link = QKDLinkModel(s.rate_bps, s.capacity_bits, initial_bits=s.initial_bits)
+        self.link: LinkKeySupply | None = None
+        link: KeySupply
+        if s.link is not None:
+            from .linksupply import LinkKeySupply  # noqa: PLC0415
+
+            self.link = link = LinkKeySupply(s.link, s.capacity_bits, self.kme_id_a, self.kme_id_b,
+                                             connect_to=s.link_connect_to)
+        else:
+            link = QKDLinkModel(s.rate_bps, s.capacity_bits, initial_bits=s.initial_bits)
         self._ssl_a = server_ssl_context(self.pki.cert(s.kme_a), self.pki.key(s.kme_a), self.pki.ca_cert)
         self._ssl_b = server_ssl_context(self.pki.cert(s.kme_b), self.pki.key(s.kme_b), self.pki.ca_cert)
         self.store = KeyStore(homes, link, limits=s.limits, db_path=s.db_path)
@@ -123,9 +139,13 @@ class KMEPairServer:
             shown = f"[{host}]" if ":" in str(host) else host
             urls.append(f"https://{shown}:{bound}")
         self.url_a, self.url_b = urls
+        if self.link is not None:
+            await self.link.start()  # KME A's end listens on loopback, KME B's connects to it
 
     async def stop(self) -> None:
         """Stop both KMEs and close the store (its database keeps the undelivered keys)."""
+        if self.link is not None:
+            await self.link.stop()
         runners, self._runners = self._runners, []
         for runner in runners:
             await runner.cleanup()
@@ -249,6 +269,11 @@ class SimulatedKMEPair:
     def pki(self) -> DemoPKI:
         """The PKI the KMEs use (certificates for SAEs and peers too)."""
         return self._server.pki
+
+    @property
+    def link(self) -> LinkKeySupply | None:
+        """The simulated BB84 link feeding the KMEs (``None`` with the fixed-rate model)."""
+        return self._server.link
 
     @property
     def store(self) -> KeyStore:

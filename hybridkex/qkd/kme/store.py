@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ...exceptions import ConfigurationError
 from ..base import QKDKey
@@ -42,7 +42,7 @@ from ..etsi014 import (
     RequestRejected,
 )
 
-__all__ = ["KMELimits", "KeyStore", "QKDLinkModel", "StoreStats"]
+__all__ = ["KMELimits", "KeyStore", "KeySupply", "QKDLinkModel", "StoreStats"]
 
 log = logging.getLogger("hybridkex.qkd.kme")
 
@@ -86,6 +86,15 @@ class QKDLinkModel:
         self._bits -= bits
         return True
 
+    def draw(self, bits: int, randbytes: Callable[[int], bytes]) -> bytes | None:
+        """``bits`` of key material (from ``randbytes``: this model has no real link), or ``None`` if not ready."""
+        return randbytes(bits // 8) if self.take(bits) else None
+
+    def status_extension(self, kme_id: str) -> dict[str, Any] | None:
+        """Nothing to add to Status: the rate is configured, not measured."""
+        del kme_id
+        return None
+
     def seconds_until(self, bits: int) -> float | None:
         """How long until ``bits`` are ready (``None`` if never: more than the capacity, or rate 0)."""
         missing = bits - self.available_bits()
@@ -94,6 +103,18 @@ class QKDLinkModel:
         if bits > self.capacity_bits or self.rate_bps == 0:
             return None
         return missing / self.rate_bps
+
+
+class KeySupply(Protocol):
+    """Where the store's key material comes from: :class:`QKDLinkModel`, or a simulated BB84 link
+    (:class:`~.linksupply.LinkKeySupply`)."""
+
+    capacity_bits: int
+
+    def available_bits(self) -> int: ...
+    def seconds_until(self, bits: int) -> float | None: ...
+    def draw(self, bits: int, randbytes: Callable[[int], bytes]) -> bytes | None: ...
+    def status_extension(self, kme_id: str) -> dict[str, Any] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +189,7 @@ class KeyStore:
     def __init__(
         self,
         homes: Mapping[str, str],
-        link: QKDLinkModel,
+        link: KeySupply,
         *,
         limits: KMELimits | None = None,
         db_path: str | Path | None = None,
@@ -298,7 +319,7 @@ class KeyStore:
                 "max_key_size": lim.max_key_size,
                 "min_key_size": lim.min_key_size,
                 "max_SAE_ID_count": lim.max_sae_id_count,
-            }
+            } | ({"status_extension": ext} if (ext := self._link.status_extension(kme_id)) else {})
 
     def enc_keys(self, kme_id: str, caller: str | None, slave_sae_id: str, request: KeyRequest) -> list[QKDKey]:
         """Get key: new keys for ``caller`` (master), retrievable once by each named slave."""
@@ -332,13 +353,15 @@ class KeyStore:
                 raise self._reject(MSG_SERVER_ERROR, status=503,
                                    details=[{"reason": "too many keys awaiting their slave SAE"}])
             bits = number * size
-            if not self._link.take(bits):
+            material = self._link.draw(bits, self._randbytes)
+            if material is None:
                 wait = self._link.seconds_until(bits)
                 reason = ("not enough key material on the QKD link yet" if wait is not None
                           else "request exceeds what the QKD link can ever store")
                 raise self._reject(MSG_SERVER_ERROR, status=503, retry_after=wait,
                                    details=[{"reason": reason}, {"available_bits": self._link.available_bits()}])
-            keys = [QKDKey(str(uuid.uuid4()), self._randbytes(size // 8)) for _ in range(number)]
+            step = size // 8
+            keys = [QKDKey(str(uuid.uuid4()), material[i * step:(i + 1) * step]) for i in range(number)]
             now = time.time()
             frozen = frozenset(slaves)
             rows = [(k.key_id, master, json.dumps(sorted(frozen)), "[]", k.key, now) for k in keys]
