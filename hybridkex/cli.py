@@ -81,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # e.g. for the tunnel's worker processes
     run = getattr(args, "_run", None)
     if run is None:
         parser.print_help()

@@ -124,8 +124,10 @@ class TunnelRuntime:
 
     def __init__(self, config: TunnelConfig, provider: ChannelFactoryProvider, *,
                  loader: ConfigLoader | None = None, insecure: bool = False,
-                 metrics: TunnelMetrics | None = None) -> None:
+                 metrics: TunnelMetrics | None = None, reuse_port: bool = False) -> None:
         self.config = config
+        #: Bind the listener with SO_REUSEPORT (a worker process: its siblings bind the same port).
+        self.reuse_port = reuse_port
         self._provider = provider
         self._loader = loader
         self._insecure = insecure
@@ -174,7 +176,8 @@ class TunnelRuntime:
         try:
             try:
                 self._server = await asyncio.start_server(
-                    self._on_connection, cfg.listen.host, cfg.listen.port, backlog=_BACKLOG)
+                    self._on_connection, cfg.listen.host, cfg.listen.port, backlog=_BACKLOG,
+                    reuse_port=self.reuse_port or None)
             except OSError as exc:
                 raise ConfigurationError(f"cannot listen on {cfg.listen}: {_os_error(exc)}", field="listen") from None
             if cfg.metrics.enabled or cfg.health.enabled:
@@ -195,10 +198,15 @@ class TunnelRuntime:
                   peers=sorted(cfg.peer_identities), suites=list(cfg.policy.suites), qkd=cfg.policy.qkd,
                   event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
 
-    async def run(self) -> int:
-        """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), drain, stop. Returns 0."""
+    async def run(self, ready: Callable[[], None] | None = None) -> int:
+        """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), drain, stop. Returns 0.
+
+        ``ready`` is called once the listener is bound and the signal handlers are installed.
+        """
         await self.start()
         self._install_signals()
+        if ready is not None:
+            ready()
         try:
             await self._stop.wait()
         finally:
