@@ -41,6 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--loads", metavar="IDS", help="tunnel: comma-separated loads (small, pipelined, bulk)")
     parser.add_argument("--no-stunnel", action="store_true", help="tunnel: skip the stunnel baseline")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="tunnel: also a server with N worker processes, side by side (adds the 'connect' load)")
 
 
 def _positive(value: float | None, name: str, minimum: float) -> None:
@@ -82,6 +84,11 @@ def _run_tunnel(args: argparse.Namespace) -> int:
             raise ConfigurationError(f"unknown load {unknown[0]!r}; choose from {', '.join(sorted(known))}",
                                      field="--loads")
         opts.loads = wanted
+    if args.workers is not None:
+        _positive(args.workers, "--workers", 1)
+        opts.workers = args.workers
+        if not args.loads and args.workers > 1:
+            opts.loads = tuple(load.id for load in LOADS)  # handshakes/s too: the goal is on both
     if args.rounds is not None:
         opts.rounds = args.rounds
     if args.seconds is not None:
@@ -89,7 +96,7 @@ def _run_tunnel(args: argparse.Namespace) -> int:
     opts.stunnel = not args.no_stunnel
     parts = ["hybridkex", "bench", "tunnel"] + (["--quick"] if args.quick else [])
     parts += ["--no-stunnel"] if args.no_stunnel else []
-    for name in ("loads", "rounds", "seconds", "json", "markdown"):
+    for name in ("loads", "workers", "rounds", "seconds", "json", "markdown"):
         if getattr(args, name) is not None:
             parts += ["--" + name, str(getattr(args, name))]
     report = run_tunnel_benchmark(opts, progress=not args.no_progress, command=shlex.join(parts))
@@ -130,8 +137,9 @@ def _suites(raw: str | None) -> tuple[str, ...]:
 def run(args: argparse.Namespace) -> int:
     if args.what == "tunnel":
         return _run_tunnel(args)
-    if args.loads or args.no_stunnel:
-        raise ConfigurationError("applies to 'bench tunnel' only", field="--loads" if args.loads else "--no-stunnel")
+    if args.loads or args.no_stunnel or args.workers is not None:
+        raise ConfigurationError("applies to 'bench tunnel' only",
+                                 field="--loads" if args.loads else "--no-stunnel" if args.no_stunnel else "--workers")
     # Imported here, not at the top: `hybridkex --help` must not load the benchmark's dependencies.
     from ..bench import BenchOptions, run_benchmark  # noqa: PLC0415
     from ..bench.report import format_markdown, format_report  # noqa: PLC0415
