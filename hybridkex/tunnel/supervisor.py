@@ -375,8 +375,13 @@ class Supervisor:
             shutil.rmtree(self._dir, ignore_errors=True)
 
     async def _serve(self) -> int:
-        results = await asyncio.gather(*(self._spawn(w) for w in self._workers))
-        failed = [(w, code) for w, code in zip(self._workers, results, strict=True) if code is not None]
+        # The first worker alone, then the others: what stops one worker from starting (the KME is down,
+        # say) stops them all, and its error line should be printed once, not N times.
+        first = await self._spawn(self._workers[0])
+        rest = [] if first is not None or self._stopping else await asyncio.gather(
+            *(self._spawn(w) for w in self._workers[1:]))
+        results = [first, *rest]
+        failed = [(w, code) for w, code in zip(self._workers, results, strict=False) if code is not None]
         if failed and not self._stopping:
             w, code = failed[0]
             self._stopping = True

@@ -10,6 +10,7 @@ left behind."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,9 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kmehelpers import SECURE_ENV, free_port
 from tunnelhelpers import PY, TEST_ENV, WAIT, EchoService, TunnelProcess, expected_echo, metric, scrape, wait_until
 
 pytestmark = pytest.mark.timeout(90)
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "tunnel.md"
 
 HANDSHAKE = b"HKX-INSECURE-PLAIN/1 client-a\n"
 
@@ -163,6 +167,11 @@ def test_workers_share_the_port_metrics_sum_and_a_killed_worker_is_replaced(serv
     assert {handled[local] for t, local in oks if t > killed_at} == survivors  # the new worker serves too
     assert server.events("worker_exited")[0]["exit"] == -signal.SIGKILL
     samples = scrape(server.metrics_port)
+    documented = re.findall(r"^\| `(hybridkex_tunnel_\w+)` \|", DOCS.read_text().split("**With `--workers N`**")[1],
+                            re.MULTILINE)
+    assert set(documented) == {"hybridkex_tunnel_workers", "hybridkex_tunnel_worker_restarts_total",
+                               "hybridkex_tunnel_supervisor_reloads_total"}
+    assert all(any(name == n or n.startswith(name.removesuffix("_total")) for n, _ in samples) for name in documented)
     assert metric(samples, "hybridkex_tunnel_worker_restarts_total") == 1
     assert metric(samples, "hybridkex_tunnel_workers") == 2
     assert metric(samples, "hybridkex_tunnel_active_connections") == 0  # livesum: the dead worker's are gone
@@ -242,3 +251,20 @@ def test_a_port_in_use_is_one_line_before_any_worker_starts(tmp_path: Path) -> N
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert f"listen: cannot listen on 127.0.0.1:{port}: address already in use" in lines[0]
+
+
+def test_a_worker_that_cannot_start_stops_the_supervisor_with_one_line(tmp_path: Path, pki: Path) -> None:
+    # The KME is down: the supervisor's configuration check passes (it contacts no KME), the first
+    # worker fails to start; the others are never started, so the error is printed once.
+    peer = '[[peers]]\nidentity = "client-a"\n'
+    kme = (f'[kme]\nurl = "https://127.0.0.1:{free_port()}"\nsae_id = "sae-b"\ncert = "{pki / "sae-b.crt"}"\n'
+           f'key = "{pki / "sae-b.key"}"\nca = "{pki / "ca.crt"}"\n\n')
+    text = _toml(tmp_path).replace('qkd = "disabled"\n', "").replace(peer, peer + 'sae_id = "sae-a"\n')
+    text = text.replace("[metrics]", kme + "[metrics]")
+    cfg = tmp_path / "kme-down.toml"
+    cfg.write_text(text.replace('format = "json"', 'format = "text"\nlevel = "warning"'))
+    done = subprocess.run([PY, "-m", "hybridkex", "tunnel", "server", "--config", str(cfg)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **SECURE_ENV}, check=False)
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("hybridkex: error:")]
+    assert done.returncode == 7 and len(errors) == 1 and "is the KME running?" in errors[0], done.stderr
+    assert done.stderr.count("worker=2") == 0  # the second worker never started
