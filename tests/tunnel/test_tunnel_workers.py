@@ -167,7 +167,7 @@ def test_workers_share_the_port_metrics_sum_and_a_killed_worker_is_replaced(serv
     assert {handled[local] for t, local in oks if t > killed_at} == survivors  # the new worker serves too
     assert server.events("worker_exited")[0]["exit"] == -signal.SIGKILL
     samples = scrape(server.metrics_port)
-    documented = re.findall(r"^\| `(hybridkex_tunnel_\w+)` \|", DOCS.read_text().split("**With `--workers N`**")[1],
+    documented = re.findall(r"^\| `(hybridkex_tunnel_\w+)` \|", DOCS.read_text().split("**With `--workers N`**")[-1],
                             re.MULTILINE)
     assert set(documented) == {"hybridkex_tunnel_workers", "hybridkex_tunnel_worker_restarts_total",
                                "hybridkex_tunnel_supervisor_reloads_total"}
