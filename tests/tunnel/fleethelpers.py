@@ -138,6 +138,17 @@ class Supervised(TunnelProcess):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait(WAIT)
+        # Gone when its port refuses connections: the orphaned workers are not ours to wait for, and a
+        # threaded process's sockets outlive its main thread's exit.
+        wait_until(lambda: _refused(self.port), "the killed server's port closed")
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+    except ConnectionRefusedError:
+        return True
+    return False
 
 
 def _recycled(text: str) -> str:
