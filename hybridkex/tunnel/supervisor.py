@@ -84,9 +84,13 @@ class WorkerSetup:
         raw = os.environ.get(WORKER_ENV)
         if not raw:
             return None
-        host, _, port = os.environ[_LISTEN_ENV].rpartition(":")
-        return cls(int(raw), Address(host.strip("[]"), int(port)), int(os.environ[_READY_ENV]),
-                   int(os.environ[_PARENT_ENV]))
+        try:
+            host, _, port = os.environ[_LISTEN_ENV].rpartition(":")
+            return cls(int(raw), Address(host.strip("[]"), int(port)), int(os.environ[_READY_ENV]),
+                       int(os.environ[_PARENT_ENV]))
+        except (KeyError, ValueError):
+            raise ConfigurationError("is set only by the tunnel supervisor for its worker processes; unset it",
+                                     field=WORKER_ENV) from None
 
     def adapt(self, config: TunnelConfig) -> TunnelConfig:
         """The worker's view: the supervisor's port, no metrics endpoint (the supervisor serves it)."""
@@ -174,13 +178,15 @@ class _Exposition:
 
 
 class _Worker:
-    __slots__ = ("crashes", "index", "proc", "started")
+    __slots__ = ("crashes", "index", "proc", "ready", "started")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.proc: asyncio.subprocess.Process | None = None
         self.started = 0.0
         self.crashes = 0
+        #: Listening, so its signal handlers are installed (a SIGHUP before that would kill it).
+        self.ready = False
 
 
 class Supervisor:
@@ -204,6 +210,7 @@ class Supervisor:
     async def _spawn(self, w: _Worker) -> int | None:
         """Start worker ``w``; None once it listens, else its exit status (it died while starting)."""
         assert self._dir is not None
+        w.ready = False
         read_end, write_end = os.pipe()
         env = {**os.environ, WORKER_ENV: str(w.index), _LISTEN_ENV: str(self._listen), _READY_ENV: str(write_end),
                _PARENT_ENV: str(os.getpid()), _MULTIPROC_ENV: str(self._dir / "metrics")}
@@ -219,6 +226,7 @@ class Supervisor:
         finally:
             os.close(read_end)
         if ready:
+            w.ready = True
             self._count_live()
             log_event(logging.INFO, "worker_started", f"tunnel worker {w.index} serving", worker=w.index,
                       pid=w.proc.pid)
@@ -234,9 +242,9 @@ class Supervisor:
         mark_process_dead(w.proc.pid, str(self._dir / "metrics"))  # type: ignore[no-untyped-call]
         self._count_live()
 
-    def _signal_all(self, sig: int) -> None:
+    def _signal_all(self, sig: int, *, ready_only: bool = False) -> None:
         for w in self._workers:
-            if w.proc is not None and w.proc.returncode is None:
+            if w.proc is not None and w.proc.returncode is None and (w.ready or not ready_only):
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.send_signal(sig)
 
@@ -316,9 +324,9 @@ class Supervisor:
                               health=self.config.health, workers=self.config.workers)
         configure_logging(new.logging.format, new.logging.level)
         self._exposition.reloads.labels("ok").inc()
-        self._signal_all(signal.SIGHUP)
+        self._signal_all(signal.SIGHUP, ready_only=True)  # one still starting reads the file itself
         log_event(logging.INFO, "config_reload_forwarded", "configuration valid; every worker reloads it",
-                  workers=[w.proc.pid for w in self._workers if w.proc and w.proc.returncode is None])
+                  workers=[w.proc.pid for w in self._workers if w.proc and w.proc.returncode is None and w.ready])
 
     def _install_signals(self, tasks: set[asyncio.Task[None]]) -> None:
         loop = asyncio.get_running_loop()
