@@ -23,6 +23,8 @@ import pytest
 from kmehelpers import SECURE_ENV, free_port
 from tunnelhelpers import PY, TEST_ENV, WAIT, EchoService, TunnelProcess, expected_echo, metric, scrape, wait_until
 
+from hybridkex import cli
+
 pytestmark = pytest.mark.timeout(90)
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "tunnel.md"
@@ -268,3 +270,15 @@ def test_a_worker_that_cannot_start_stops_the_supervisor_with_one_line(tmp_path:
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("hybridkex: error:")]
     assert done.returncode == 7 and len(errors) == 1 and "is the KME running?" in errors[0], done.stderr
     assert done.stderr.count("worker=2") == 0  # the second worker never started
+
+
+def test_no_so_reuseport_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delattr(socket, "SO_REUSEPORT")
+    for k, v in TEST_ENV.items():
+        monkeypatch.setenv(k, v)
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(_toml(tmp_path))
+    assert cli.main(["tunnel", "server", "--config", str(cfg)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == ["hybridkex: error: workers: needs SO_REUSEPORT, which this platform lacks; run with workers = 1"]
