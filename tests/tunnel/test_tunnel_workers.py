@@ -9,6 +9,7 @@ left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ from kmehelpers import SECURE_ENV, free_port
 from tunnelhelpers import PY, TEST_ENV, WAIT, EchoService, TunnelProcess, expected_echo, metric, scrape, wait_until
 
 from hybridkex import cli
+from hybridkex.tunnel import supervisor
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -282,3 +284,58 @@ def test_no_so_reuseport_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert cli.main(["tunnel", "server", "--config", str(cfg)]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert err == ["hybridkex: error: workers: needs SO_REUSEPORT, which this platform lacks; run with workers = 1"]
+
+
+def _children_with_worker_index() -> dict[int, str]:
+    """This process's children that are tunnel workers: PID -> worker index (from their environment)."""
+    out: dict[int, str] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != os.getpid():
+                continue
+            env = dict(e.split("=", 1) for e in (proc / "environ").read_text().split("\0") if "=" in e)
+        except (OSError, ValueError, IndexError):
+            continue
+        if "HYBRIDKEX_TUNNEL_WORKER" in env:
+            out[int(proc.name)] = env["HYBRIDKEX_TUNNEL_WORKER"]
+    return out
+
+
+def test_a_worker_that_keeps_dying_makes_the_supervisor_give_up_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(supervisor, "_MAX_CRASHES", 3)  # the real 6 deaths, 0.1 s doubling, take ~4 s more
+    monkeypatch.setattr(supervisor, "_BACKOFF_FIRST", 0.01)
+    for k, v in TEST_ENV.items():
+        monkeypatch.setenv(k, v)
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(_toml(tmp_path).replace('format = "json"', 'format = "text"'))
+    stop = threading.Event()
+    killed: list[int] = []
+
+    def killer() -> None:  # worker 2 exists only once worker 1 listened: from then on, kill worker 1
+        while not stop.is_set() and not any(i == "2" for i in _children_with_worker_index().values()):
+            time.sleep(0.05)
+        while not stop.is_set():
+            for pid, index in _children_with_worker_index().items():
+                if index == "1" and pid not in killed:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        code = cli.main(["tunnel", "server", "--config", str(cfg)])
+    finally:
+        stop.set()
+        thread.join(WAIT)
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("hybridkex: error:")]
+    assert code == 1 and len(killed) == 3, err
+    assert errors == ["hybridkex: error: tunnel worker 1 died 3 times in a row, each within 10 s of starting "
+                      "(last: killed by SIGKILL); giving up, see the log above"]
+    assert err.count("worker_exited") == 2  # two restarts were logged before it gave up
+    assert not _children_with_worker_index()  # worker 2 was stopped too
