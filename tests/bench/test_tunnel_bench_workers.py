@@ -16,11 +16,12 @@ from hybridkex.cli import main
 
 @pytest.mark.timeout(240)
 def test_workers_relay_and_connect_load_are_measured_side_by_side(tmp_path: Path) -> None:
-    out = tmp_path / "w.json"
+    out, md = tmp_path / "w.json", tmp_path / "w.md"
     std = io.StringIO()
     with contextlib.redirect_stdout(std), contextlib.redirect_stderr(std):
         code = main(["bench", "tunnel", "--quick", "--seconds", "0.2", "--no-progress", "--no-stunnel",
-                     "--workers", "2", "--loads", "connect", "--json", str(out)])
+                     "--workers", "2", "--loads", "connect", "--json", str(out),
+                     "--markdown", str(md)])
     assert code == 0, std.getvalue()
     report = json.loads(out.read_text())
     assert "--workers 2" in report["command"] and report["options"]["workers"] == 2
@@ -38,6 +39,7 @@ def test_workers_relay_and_connect_load_are_measured_side_by_side(tmp_path: Path
     assert all(e["rate_vs_one_worker"] > 0 and e["goal_rate"] == (e["rate_vs_one_worker"] >= 1.6)
                for e in ratios.values())
     assert "Server --workers 2 against one process" in std.getvalue()
+    assert "| connect | workers2 |" in md.read_text() and "x, N = 2 (" in md.read_text()
 
 
 def test_workers_is_a_tunnel_benchmark_option(capsys: pytest.CaptureFixture[str]) -> None:
