@@ -57,10 +57,19 @@ class Supervised(TunnelProcess):
         return self
 
 
-@pytest.fixture
-def server(tmp_path: Path, echo: EchoService) -> Iterator[Supervised]:
-    cfg = tmp_path / "server.toml"
-    cfg.write_text(_toml(tmp_path, echo_port=echo.port))
+@pytest.fixture(scope="module")
+def module_echo() -> Iterator[EchoService]:
+    service = EchoService()
+    yield service
+    service.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, module_echo: EchoService) -> Iterator[Supervised]:
+    """One supervisor for the three tests below, in their order: load and SIGKILL, SIGHUP, SIGTERM last."""
+    tmp = tmp_path_factory.mktemp("workers")
+    cfg = tmp / "server.toml"
+    cfg.write_text(_toml(tmp, echo_port=module_echo.port))
     proc = Supervised("server", cfg)
     try:
         yield proc.started()
@@ -127,8 +136,7 @@ def _alive(pid: int) -> bool:
 
 
 
-def test_workers_share_the_port_metrics_sum_and_a_killed_worker_is_replaced(server: Supervised,
-                                                                           tmp_path: Path) -> None:
+def test_workers_share_the_port_metrics_sum_and_a_killed_worker_is_replaced(server: Supervised) -> None:
     assert len(set(server.worker_pids)) == 2 and server.metrics_port is not None
     results = [exchange(server.port, os.urandom(1000)) for _ in range(40)]
     assert all(ok for _, ok in results)
@@ -181,12 +189,12 @@ def test_workers_share_the_port_metrics_sum_and_a_killed_worker_is_replaced(serv
     assert metric(samples, "hybridkex_tunnel_active_connections") == 0  # livesum: the dead worker's are gone
     ok_total = 40 + sum(1 for *_, ok in results_under_load if ok)
     assert metric(samples, "hybridkex_tunnel_handshakes_total", outcome="ok") >= ok_total  # the dead one's kept
+    server.worker_pids = [restarted["pid"], server.worker_pids[1]]  # for the tests below
 
 
-def test_sighup_reaches_every_worker_and_a_bad_file_none(server: Supervised, tmp_path: Path,
-                                                         echo: EchoService) -> None:
+def test_sighup_reaches_every_worker_and_a_bad_file_none(server: Supervised, module_echo: EchoService) -> None:
     good = server.config.read_text()
-    server.config.write_text(_toml(tmp_path, peers=("client-a", "client-b"), echo_port=echo.port))
+    server.config.write_text(_toml(server.config.parent, peers=("client-a", "client-b"), echo_port=module_echo.port))
     server.send_signal(signal.SIGHUP)
     for pid in server.worker_pids:
         server.wait_event("config_reloaded", pid=pid, added=["client-b"])
@@ -201,6 +209,7 @@ def test_sighup_reaches_every_worker_and_a_bad_file_none(server: Supervised, tmp
     samples = scrape(server.metrics_port or 0)
     assert metric(samples, "hybridkex_tunnel_supervisor_reloads_total", outcome="error") == 1
     assert metric(samples, "hybridkex_tunnel_config_reloads_total", outcome="ok") == 2
+    server.config.write_text(good)
 
 
 def test_sigterm_drains_every_worker_and_leaves_nothing(server: Supervised) -> None:
@@ -228,11 +237,12 @@ def test_sigterm_drains_every_worker_and_leaves_nothing(server: Supervised) -> N
     assert not after - before  # the private metrics directory is gone
 
 
-def _run(tmp_path: Path, text: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _run(tmp_path: Path, text: str, *args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    """In this process: these errors come before any worker is started."""
     cfg = tmp_path / "bad.toml"
     cfg.write_text(text)
-    return subprocess.run([PY, "-m", "hybridkex", "tunnel", "server", "--config", str(cfg), *args],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, **TEST_ENV}, check=False)
+    code = cli.main(["tunnel", "server", "--config", str(cfg), *args])
+    return code, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
 
 
 @pytest.mark.parametrize(("change", "args", "message"), [
@@ -241,20 +251,22 @@ def _run(tmp_path: Path, text: str, *args: str) -> subprocess.CompletedProcess[s
     (("", ""), ("--workers", "two"), "expected an integer, got 'two'"),
 ])
 def test_configuration_errors_are_one_line(tmp_path: Path, change: tuple[str, str], args: tuple[str, ...],
-                                           message: str) -> None:
-    done = _run(tmp_path, _toml(tmp_path).replace(*change), *args)
-    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
-    assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+                                           message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, lines = _run(tmp_path, _toml(tmp_path).replace(*change), *args, capsys=capsys)
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
 
 
-def test_a_port_in_use_is_one_line_before_any_worker_starts(tmp_path: Path) -> None:
+def test_a_port_in_use_is_one_line_before_any_worker_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    for k, v in TEST_ENV.items():
+        monkeypatch.setenv(k, v)
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
         text = _toml(tmp_path).replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{port}"')
-        done = _run(tmp_path, text)
-    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
-    assert done.returncode == 2 and len(lines) == 1, done.stderr
+        code, lines = _run(tmp_path, text, capsys=capsys)
+    assert code == 2 and len(lines) == 1, lines
     assert f"listen: cannot listen on 127.0.0.1:{port}: address already in use" in lines[0]
+    assert not _children_with_worker_index()
 
 
 def test_a_worker_that_cannot_start_stops_the_supervisor_with_one_line(tmp_path: Path, pki: Path) -> None:
