@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             return worker.adapt(loader())
 
         runtime = make_runtime(worker.adapt(config), provider, loader=worker_loader if config_path else None,
-                               insecure=insecure, reuse_port=True)
+                               insecure=insecure, reuse_port=True, metrics_endpoint=False)
         return _run_loop(runtime.run(ready=worker.ready))
     if config.workers > 1:
         argv = [sys.executable, "-m", "hybridkex", *getattr(args, "argv", ())]

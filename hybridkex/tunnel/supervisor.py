@@ -38,7 +38,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from ..exceptions import ConfigurationError, HybridKEXError
-from .config import Address, HealthConfig, MetricsConfig, TunnelConfig
+from .config import Address, TunnelConfig
 from .logs import configure_logging, log_event
 from .metrics import MetricsServer, start_metrics_server, without_created
 
@@ -93,9 +93,9 @@ class WorkerSetup:
                                      field=WORKER_ENV) from None
 
     def adapt(self, config: TunnelConfig) -> TunnelConfig:
-        """The worker's view: the supervisor's port, no metrics endpoint (the supervisor serves it)."""
-        return replace(config, listen=self.listen, metrics=MetricsConfig(enabled=False, listen=config.metrics.listen),
-                       health=HealthConfig(enabled=False), workers=1)
+        """The worker's view: the supervisor's port (run it with ``metrics_endpoint=False``: the supervisor
+        serves ``/metrics``, while ``[metrics]``/``[health]`` still switch on the KME probe and the like)."""
+        return replace(config, listen=self.listen, workers=1)
 
     def bind_to_parent(self) -> None:
         """Drain and exit when the supervisor dies (Linux ``PR_SET_PDEATHSIG``): no orphaned workers."""

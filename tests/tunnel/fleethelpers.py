@@ -25,7 +25,7 @@ from typing import Any
 
 from kmehelpers import SECURE_ENV, KMEProcess, make_psk, secure_toml
 from statehelpers import SEAL_KEY
-from tunnelhelpers import WAIT, EchoService, TunnelProcess, echo_exchange, expected_echo, wait_until
+from tunnelhelpers import WAIT, EchoService, TunnelProcess, echo_exchange, expected_echo, metric, scrape, wait_until
 
 from hybridkex.state import open_state
 
@@ -179,7 +179,8 @@ def run_fleet(tmp_path: Path, kme: KMEProcess, pki: Path, echo: EchoService, *, 
             text = secure_toml(listen="127.0.0.1:0", target=f"127.0.0.1:{echo.port}", identity=SERVER, peer=CLIENT,
                                peer_sae="sae-a", psk=psk, kme_url=kme.url_b, sae="sae-b", pki=pki)
             text = "workers = 2\n" + _recycled(text) + (
-                f'\n[state]\nurl = "{url}"\nkey_file = "{key_file}"\n\n[limits]\nhandshake_rate = 0\n')
+                f'\n[state]\nurl = "{url}"\nkey_file = "{key_file}"\n\n[limits]\nhandshake_rate = 0\n'
+                '\n[metrics]\nenabled = true\nlisten = "127.0.0.1:0"\n')
             fleet.append(start(Supervised, "server", f"server-{n}", text))
         balancer = Balancer([s.port for s in fleet]) if servers > 1 else None
         front = balancer.port if balancer else fleet[0].port
@@ -204,6 +205,7 @@ def run_fleet(tmp_path: Path, kme: KMEProcess, pki: Path, echo: EchoService, *, 
             fleet[1].kill_all()  # a whole server
             kills.append((sent, time.monotonic()))
         results = load.join()
+        samples = scrape(fleet[0].metrics_port or 0)  # the supervisor's sum over its workers, dead ones too
     finally:
         for p in procs:
             p.stop()
@@ -218,6 +220,12 @@ def run_fleet(tmp_path: Path, kme: KMEProcess, pki: Path, echo: EchoService, *, 
         assert any(s < gone and e >= sent for sent, gone in kills), (s, e, kills)
     assert len(failed) <= THREADS * len(kills), failed
 
+    logged = len(fleet[0].events("handshake_ok"))
+    counted = metric(samples, "hybridkex_tunnel_handshakes_total", outcome="ok")
+    assert logged - THREADS <= counted <= logged + THREADS, (counted, logged)  # a killed worker's last ones
+    assert metric(samples, "hybridkex_qkd_pool_keys", peer="sae-a") >= 0  # the workers' collectors ran
+    assert ("hybridkex_qkd_pool_keys", (("peer", "sae-a"),)) in samples
+    assert metric(samples, "hybridkex_tunnel_workers") == 2
     server_ok = [r for p in fleet for r in p.events("handshake_ok")]
     ids = [i for r in server_ok for i in r["session"]["qkd_key_ids"]]
     assert len(ids) == len(set(ids)), "a QKD key ID was used twice"
