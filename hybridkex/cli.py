@@ -88,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(args_list[0] if args_list and args_list[0] in COMMANDS else None)
     args = parser.parse_args(args_list)
+    args.argv = args_list  # e.g. for the tunnel's worker processes
     run = getattr(args, "_run", None)
     if run is None:
         parser.print_help()

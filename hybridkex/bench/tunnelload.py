@@ -37,6 +37,8 @@ class Load:
     pipeline: int
     request: int  # payload bytes per request (the header comes on top)
     response: int  # bytes per response
+    #: A new TCP connection (through a tunnel: a new handshake) for every request: the rate is connections/s.
+    reconnect: bool = False
 
 
 #: The benchmark's loads; the first three mirror the redis-benchmark runs of issue 15.
@@ -44,6 +46,8 @@ LOADS: Final = (
     Load("small", "small request/response (32 B each way), 10 connections", 10, 1, 24, 32),
     Load("pipelined", "pipelined: 16 small requests in flight per connection, 10 connections", 10, 16, 24, 32),
     Load("bulk", "bulk: 64 KiB responses, 10 connections", 10, 1, 24, 65536),
+    Load("connect", "a new connection (TCP + tunnel handshake) per small request, 10 clients", 10, 1, 24, 32,
+         reconnect=True),
 )
 
 
@@ -185,9 +189,42 @@ class _Client(asyncio.Protocol):
         self._fail(f"connection lost ({type(exc).__name__ if exc else 'EOF'})")
 
 
+async def _connect_load(port: int, load: Load, seconds: float, timeout: float) -> LoadResult:
+    """``load.connections`` clients, each: connect, one request, read its response, close; again."""
+    result = LoadResult()
+    request = _HEADER.pack(load.request, load.response) + b"r" * load.request
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    async def client() -> None:
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(request)
+                await reader.readexactly(load.response)
+            finally:
+                writer.close()
+            result.requests += 1
+            result.bytes_total += len(request) + load.response
+            result.latencies_ms.append((time.perf_counter() - t0) * 1000)
+
+    try:
+        async with asyncio.timeout(seconds + timeout):
+            await asyncio.gather(*(client() for _ in range(load.connections)))
+        result.seconds = time.perf_counter() - start
+    except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+        result.errors += 1
+        result.error_text = f"{type(exc).__name__}: {exc}"
+    return result
+
+
 async def run_load(port: int, load: Load, seconds: float, *, timeout: float = 30.0) -> LoadResult:
     """Connect ``load.connections`` clients to ``port``, warm each up with one request (so a tunnel's
-    handshakes are done before timing starts), then run the load for ``seconds``."""
+    handshakes are done before timing starts), then run the load for ``seconds``.  A ``reconnect``
+    load times connections instead: each request on a new one."""
+    if load.reconnect:
+        return await _connect_load(port, load, seconds, timeout)
     loop = asyncio.get_running_loop()
     result = LoadResult()
     clients: list[_Client] = []

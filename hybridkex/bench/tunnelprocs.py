@@ -114,18 +114,27 @@ class Procs:
 
     # -- hybridkex -------------------------------------------------------------------------------
 
-    def _tunnel(self, role: str, text: str, name: str, env: dict[str, str] | None) -> tuple[int, int, str]:
+    def _tunnel(self, role: str, text: str, name: str, env: dict[str, str] | None,
+                workers: int = 1) -> tuple[list[int], int, str]:
+        """Start one tunnel process; (its PIDs: the process, or the supervisor and its workers; port; event loop)."""
         cfg = self.dir / f"{name}-{role}.toml"
         cfg.write_text(text)
         proc, log = self._spawn(f"{name}-{role}",
                                 [sys.executable, "-m", "hybridkex", "tunnel", role, "--config", str(cfg)], env)
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:
+            loop = ""
             for line in log.read_text(errors="replace").splitlines():
                 with contextlib.suppress(ValueError):
                     rec = json.loads(line)
-                    if isinstance(rec, dict) and rec.get("event") == "listening":
-                        return proc.pid, int(str(rec["address"]).rsplit(":", 1)[1]), str(rec.get("event_loop"))
+                    if not isinstance(rec, dict):
+                        continue
+                    if rec.get("event") == "listening":
+                        loop = str(rec.get("event_loop"))
+                        if workers == 1:
+                            return [proc.pid], int(str(rec["address"]).rsplit(":", 1)[1]), loop
+                    if rec.get("event") == "workers_ready":
+                        return ([proc.pid, *rec["workers"]], int(str(rec["address"]).rsplit(":", 1)[1]), loop)
             if proc.poll() is not None:
                 break
             time.sleep(0.05)
@@ -133,8 +142,9 @@ class Procs:
                                  field="bench")
 
     def hybridkex(self, service_port: int, *, name: str = "hybridkex", label: str = "",
-                  env: dict[str, str] | None = None) -> Relay:
-        """The tunnel pair (QKD required, simulated KME process, bootstrap PSK), as users run it."""
+                  env: dict[str, str] | None = None, workers: int = 1) -> Relay:
+        """The tunnel pair (QKD required, simulated KME process, bootstrap PSK), as users run it; with
+        ``workers`` > 1 the server runs that many worker processes sharing an SQLite ``[state]``."""
         if self._kme is None:
             self._kme = KMEProcessPair(DemoPKI.create(self.dir / "pki"))
         kme = self._kme
@@ -153,13 +163,16 @@ class Procs:
                 f'key = "{pki.key(sae)}"', f'ca = "{pki.ca_cert}"', "",
                 "[logging]", 'format = "json"', ""])
 
-        spid, sport, loop = self._tunnel("server", toml(target=f"127.0.0.1:{service_port}", identity="server.bench",
-                                                  peer="client.bench", peer_sae="sae-a", kme_url=kme.url_b,
-                                                  sae="sae-b"), name, env)
-        cpid, cport, _ = self._tunnel("client", toml(target=f"127.0.0.1:{sport}", identity="client.bench",
-                                                  peer="server.bench", peer_sae="sae-b", kme_url=kme.url_a,
-                                                  sae="sae-a"), name, env)
-        return Relay(name, f"{label or 'hybridkex tunnel pair (QKD required)'}, {loop} event loop", cport, (cpid, spid))
+        server = toml(target=f"127.0.0.1:{service_port}", identity="server.bench", peer="client.bench",
+                      peer_sae="sae-a", kme_url=kme.url_b, sae="sae-b")
+        if workers > 1:  # the workers share their steady-state anti-replay in one SQLite file
+            server = f"workers = {workers}\n" + server + f'\n[state]\nurl = "{self.dir / (name + "-state.sqlite3")}"\n'
+        spids, sport, loop = self._tunnel("server", server, name, env, workers)
+        cpids, cport, _ = self._tunnel("client", toml(target=f"127.0.0.1:{sport}", identity="client.bench",
+                                                   peer="server.bench", peer_sae="sae-b", kme_url=kme.url_a,
+                                                   sae="sae-a"), name, env)
+        return Relay(name, f"{label or 'hybridkex tunnel pair (QKD required)'}, {loop} event loop", cport,
+                     (*cpids, *spids))
 
     # -- stunnel ---------------------------------------------------------------------------------
 

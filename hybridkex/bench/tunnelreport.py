@@ -67,6 +67,10 @@ def format_tunnel_report(report: dict[str, Any]) -> str:
                 f"added p50 {_f(e.get('added_p50_ms'), '6.3f', 6)} ms vs stunnel's "
                 f"{_f(e.get('stunnel_added_p50_ms'), '6.3f', 6)} ({_verdict(e, 'goal_latency')}); "
                 f"CPU/MB {_f(e.get('cpu_per_mb_vs_stunnel'), '5.2f', 5)}x (<= 1.5: {_verdict(e, 'goal_cpu')})")
+    for load_id, e in report.get("vs_one_worker", {}).items():
+        if load_id == next(iter(report["vs_one_worker"])):
+            lines.append(f"Server --workers {e['workers']} against one process (issue 16; >= 1.6x):")
+        lines.append(f"  {load_id:10} rate {e['rate_vs_one_worker']:5.2f}x ({_verdict(e, 'goal_rate')})")
     if report["notes"]:
         lines += ["", "Notes:"] + [f"  {n}" for n in report["notes"]]
     return "\n".join(lines)
@@ -94,6 +98,11 @@ def format_tunnel_markdown(report: dict[str, Any]) -> str:
                        f"{_f(e.get('added_p50_ms'), '.3f', 0)} ({_f(e.get('stunnel_added_p50_ms'), '.3f', 0)}; "
                        f"{_verdict(e, 'goal_latency')}) | {_f(e.get('cpu_per_mb_vs_stunnel'), '.2f', 0)}x "
                        f"({_verdict(e, 'goal_cpu')}) |")
+    workers = report.get("vs_one_worker", {})
+    if workers:
+        out += ["", "| load | server --workers N vs one process (>= 1.6x) |", "|---|---:|"]
+        out += [f"| {load_id} | {e['rate_vs_one_worker']:.2f}x, N = {e['workers']} ({_verdict(e, 'goal_rate')}) |"
+                for load_id, e in workers.items()]
     if report["notes"]:
         out += [""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(out) + "\n"

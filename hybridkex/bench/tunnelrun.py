@@ -47,11 +47,13 @@ class TunnelBenchOptions:
 
     rounds: int = 5
     seconds: float = 2.0
-    loads: tuple[str, ...] = tuple(load.id for load in LOADS)
+    loads: tuple[str, ...] = tuple(load.id for load in LOADS if not load.reconnect)
     stunnel: bool = True
     #: With uvloop installed, also measure a tunnel pair on asyncio's own event loop.
     asyncio: bool = True
     quick_mode: bool = False
+    #: > 1: also a tunnel pair whose server runs this many worker processes (``--workers``), side by side.
+    workers: int = 1
 
     @classmethod
     def quick(cls) -> TunnelBenchOptions:
@@ -129,6 +131,18 @@ def _ratios(rows: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, A
     return out
 
 
+def _worker_ratios(rows: dict[str, dict[str, dict[str, Any]]], workers: int) -> dict[str, dict[str, Any]]:
+    """The server with ``workers`` worker processes against one process, per load (issue 16: >= 1.6x)."""
+    many, one = rows.get(f"workers{workers}", {}), rows.get("hybridkex", {})
+    out: dict[str, dict[str, Any]] = {}
+    for load_id, mr in many.items():
+        base = one.get(load_id, {}).get("rate_median")
+        if mr["rate_median"] and base:
+            ratio = mr["rate_median"] / base
+            out[load_id] = {"workers": workers, "rate_vs_one_worker": ratio, "goal_rate": ratio >= 1.6}
+    return out
+
+
 def run_tunnel_benchmark(opts: TunnelBenchOptions, *, progress: bool = True, command: str = "hybridkex bench tunnel",
                          log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the data-path benchmark; returns the report (see :mod:`hybridkex.bench.tunnelreport`)."""
@@ -142,6 +156,10 @@ def run_tunnel_benchmark(opts: TunnelBenchOptions, *, progress: bool = True, com
             bar.phase("starting the service, the tunnel pair and the simulated KME")
             direct = procs.service()
             relays = [direct, procs.hybridkex(direct.port)]
+            if opts.workers > 1:
+                relays.append(procs.hybridkex(direct.port, name=f"workers{opts.workers}",
+                                              label=f"hybridkex tunnel pair, server --workers {opts.workers}",
+                                              workers=opts.workers))
             if opts.asyncio and importlib.util.find_spec("uvloop") is not None:
                 # The default pair runs on uvloop: also measure asyncio's own loop, for comparison.
                 relays.append(procs.hybridkex(direct.port, name="hybridkex-asyncio",
@@ -182,6 +200,7 @@ def run_tunnel_benchmark(opts: TunnelBenchOptions, *, progress: bool = True, com
         "relays": [{"id": r.id, "label": r.label, "processes": len(r.pids)} for r in relays],
         "results": rows,
         "vs_stunnel": _ratios(rows),
+        "vs_one_worker": _worker_ratios(rows, opts.workers),
         "notes": notes,
         "duration_s": round(time.monotonic() - t0, 1),
     }

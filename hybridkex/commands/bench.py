@@ -45,6 +45,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distances", metavar="KM,KM", help="link: fibre lengths (default 5,25,50,75,100)")
     parser.add_argument("--pulses", type=float, metavar="N",
                         help="link: pulses per block (default: 1e6 detections' worth)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="tunnel: also a server with N worker processes, side by side (adds the 'connect' load)")
 
 
 def _positive(value: float | None, name: str, minimum: float) -> None:
@@ -86,6 +88,11 @@ def _run_tunnel(args: argparse.Namespace) -> int:
             raise ConfigurationError(f"unknown load {unknown[0]!r}; choose from {', '.join(sorted(known))}",
                                      field="--loads")
         opts.loads = wanted
+    if args.workers is not None:
+        _positive(args.workers, "--workers", 1)
+        opts.workers = args.workers
+        if not args.loads and args.workers > 1:
+            opts.loads = tuple(load.id for load in LOADS)  # handshakes/s too: the goal is on both
     if args.rounds is not None:
         opts.rounds = args.rounds
     if args.seconds is not None:
@@ -93,7 +100,7 @@ def _run_tunnel(args: argparse.Namespace) -> int:
     opts.stunnel = not args.no_stunnel
     parts = ["hybridkex", "bench", "tunnel"] + (["--quick"] if args.quick else [])
     parts += ["--no-stunnel"] if args.no_stunnel else []
-    for name in ("loads", "rounds", "seconds", "json", "markdown"):
+    for name in ("loads", "workers", "rounds", "seconds", "json", "markdown"):
         if getattr(args, name) is not None:
             parts += ["--" + name, str(getattr(args, name))]
     report = run_tunnel_benchmark(opts, progress=not args.no_progress, command=shlex.join(parts))
@@ -179,11 +186,14 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "tunnel":
         return _run_tunnel(args)
     if args.what == "link":
+        if args.workers is not None:
+            raise ConfigurationError("applies to 'bench tunnel' only", field="--workers")
         return _run_link(args)
     if args.distances or args.pulses is not None:
         raise ConfigurationError("applies to 'bench link' only", field="--distances" if args.distances else "--pulses")
-    if args.loads or args.no_stunnel:
-        raise ConfigurationError("applies to 'bench tunnel' only", field="--loads" if args.loads else "--no-stunnel")
+    if args.loads or args.no_stunnel or args.workers is not None:
+        raise ConfigurationError("applies to 'bench tunnel' only",
+                                 field="--loads" if args.loads else "--no-stunnel" if args.no_stunnel else "--workers")
     # Imported here, not at the top: `hybridkex --help` must not load the benchmark's dependencies.
     from ..bench import BenchOptions, run_benchmark  # noqa: PLC0415
     from ..bench.report import format_markdown, format_report  # noqa: PLC0415

@@ -18,7 +18,8 @@ from ..exceptions import ConfigurationError
 from ..tunnel import make_runtime
 from ..tunnel.channel import insecure_test_hook_active, resolve_channel_check, resolve_channel_provider
 from ..tunnel.config import FLAGS, Overrides, Role, TunnelConfig, load_config
-from ..tunnel.logs import configure_logging
+from ..tunnel.logs import configure_logging, set_process_fields
+from ..tunnel.supervisor import Supervisor, WorkerSetup
 from .exitcodes import exit_status_epilog
 
 HELP = "run a quantum-safe tunnel in front of any TCP service (server or client side)"
@@ -40,8 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--check-config", action="store_true",
                          help="validate the configuration, print a summary and exit")
         for f in FLAGS:
-            if f.flag == "--target-identity" and role == "server":
-                continue  # the server accepts every configured peer
+            if (f.flag == "--target-identity" and role == "server") or (f.flag == "--workers" and role == "client"):
+                continue  # the server accepts every configured peer; only the server has workers
             if f.kind == "bool":
                 sub.add_argument(f.flag, action="store_true", default=None, help=f.help)
             elif f.kind in ("list", "peer"):
@@ -80,6 +81,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     configure_logging(config.logging.format, config.logging.level)
+    worker = WorkerSetup.from_env()
+    if worker is not None:  # started by a supervisor (below): serve on its port, metrics to its directory
+        worker.bind_to_parent()
+        set_process_fields(worker=worker.index, pid=os.getpid())
+
+        def worker_loader() -> TunnelConfig:
+            return worker.adapt(loader())
+
+        runtime = make_runtime(worker.adapt(config), provider, loader=worker_loader if config_path else None,
+                               insecure=insecure, reuse_port=True, metrics_endpoint=False)
+        return _run_loop(runtime.run(ready=worker.ready))
+    if config.workers > 1:
+        argv = [sys.executable, "-m", "hybridkex", *getattr(args, "argv", ())]
+        return asyncio.run(Supervisor(config, loader if config_path else None, argv).run())
     runtime = make_runtime(config, provider, loader=loader if config_path else None, insecure=insecure)
     return _run_loop(runtime.run())
 

@@ -36,7 +36,8 @@ __all__ = [
 
 
 def make_runtime(config: TunnelConfig, provider: ChannelFactoryProvider, *, loader: ConfigLoader | None = None,
-                 insecure: bool = False) -> TunnelRuntime:
+                 insecure: bool = False, reuse_port: bool = False, metrics_endpoint: bool = True) -> TunnelRuntime:
     """The runtime for ``config.role``; ``await runtime.run()`` serves until SIGTERM."""
     cls = TunnelServer if config.role == "server" else TunnelClient
-    return cls(config, provider, loader=loader, insecure=insecure)
+    return cls(config, provider, loader=loader, insecure=insecure, reuse_port=reuse_port,
+               metrics_endpoint=metrics_endpoint)

@@ -212,6 +212,8 @@ class TunnelConfig:
     recycle: RecycleConfig | None = None
     #: ``[state]``: the state shared with other tunnel servers (docs/fleet.md), or None.
     state: StateConfig | None = None
+    #: Server only: worker processes sharing the listening port (``--workers``; 1 = this process serves).
+    workers: int = 1
     #: The file this configuration was read from, if any.
     source: Path | None = None
     warnings: tuple[ConfigWarning, ...] = ()
@@ -247,6 +249,7 @@ FLAGS: Final[tuple[Flag, ...]] = (
     Flag("--listen", "listen", "str", "ADDR", "address to accept connections on, HOST:PORT"),
     Flag("--target", "target", "str", "ADDR", "address to forward connections to, HOST:PORT"),
     Flag("--identity", "identity", "str", "NAME", "this side's identity"),
+    Flag("--workers", "workers", "int", "N", "server: N worker processes on one listening port (SO_REUSEPORT)"),
     Flag("--peer", "peers", "peer", "NAME=PSK_FILE",
          "a peer authenticated by a pre-shared key file (repeatable; replaces the file's [[peers]])"),
     Flag("--target-identity", "target_identity", "str", "NAME",
@@ -536,10 +539,12 @@ class _Validator:
         metrics, health = self.metrics(top)
         recycle = recycle_table(self, top, peers, self.warnings, ConfigWarning)
         state = state_table(self, top)
+        workers = self.workers(top, policy, state)
         return TunnelConfig(
             role=self.role, listen=listen, target=target, identity=identity, peers=peers,
             target_identity=target_identity, kme=kme, policy=policy, timeouts=timeouts, limits=limits,
-            logging=logging_cfg, metrics=metrics, health=health, recycle=recycle, state=state, source=self.source,
+            logging=logging_cfg, metrics=metrics, health=health, recycle=recycle, state=state, workers=workers,
+            source=self.source,
             warnings=tuple(self.warnings),
         )
 
@@ -635,6 +640,19 @@ class _Validator:
         key = self.path(t, "key", required=True, sensitive="key")
         ca = self.path(t, "ca", required=True)
         return KMEConfig(url=url, sae_id=sae_id, cert=cert, key=key, ca=ca)
+
+    def workers(self, top: Table, policy: PolicyConfig, state: StateConfig | None) -> int:
+        if self.role == "client":
+            top.forbid("workers", "on the client side (only the tunnel server runs worker processes)")
+            return 1
+        n = top.integer("workers", 1, minimum=1, maximum=256)
+        if n > 1 and policy.steady and state is None:
+            # Fail closed: each worker would keep its own record of spent steady-state counters and key IDs.
+            raise ConfigurationError(
+                f"{n} workers need a [state] table to share steady-state anti-replay; add [state] with "
+                'url = "/var/lib/hybridkex/state.sqlite3" (one host) or a postgresql:// URL, '
+                "or set policy.steady = false", field="workers")
+        return n
 
     def timeouts(self, top: Table) -> TimeoutsConfig:
         t = top.table("timeouts")

@@ -24,7 +24,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final, TextIO
 
-__all__ = ["LOGGER_NAME", "ConnectionLog", "configure_logging", "get_logger", "new_connection_id", "safe_fields"]
+__all__ = ["LOGGER_NAME", "ConnectionLog", "configure_logging", "get_logger", "new_connection_id", "safe_fields",
+           "set_process_fields"]
 
 LOGGER_NAME: Final = "hybridkex.tunnel"
 REDACTED: Final = "<redacted>"
@@ -71,10 +72,21 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
+#: Fields every record of this process carries (a worker process's ``worker`` index and ``pid``).
+_PROCESS_FIELDS: dict[str, object] = {}
+
+
+def set_process_fields(**fields: object) -> None:
+    """Add ``fields`` to every later record of this process (worker processes name themselves this way)."""
+    _PROCESS_FIELDS.update(safe_fields(fields))
+
+
 class _Base(logging.Formatter):
     def fields(self, record: logging.LogRecord) -> dict[str, object]:
         raw = getattr(record, "hkx", None)
         out = safe_fields(raw) if isinstance(raw, Mapping) else {}
+        for k, v in _PROCESS_FIELDS.items():
+            out.setdefault(k, v)
         if record.name != LOGGER_NAME:
             out.setdefault("logger", record.name)
         if record.exc_info:  # a traceback stays inside the one line (JSON string or quoted text)

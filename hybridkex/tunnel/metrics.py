@@ -21,7 +21,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -45,8 +45,10 @@ __all__ = [
     "Health",
     "HealthState",
     "MetricsServer",
+    "MetricsSource",
     "TunnelMetrics",
     "start_metrics_server",
+    "without_created",
 ]
 
 #: Handshake outcomes, the ``outcome`` label of ``hybridkex_tunnel_handshakes_total``.
@@ -120,6 +122,11 @@ class _WithoutCreated(Collector):
             copy = Metric(family.name, family.documentation, family.type, family.unit)
             copy.samples = [s for s in family.samples if s.name != created]
             yield copy
+
+
+def without_created(source: Collector) -> Collector:
+    """``source``'s metrics without the ``<name>_created`` samples (as every tunnel endpoint serves them)."""
+    return _WithoutCreated(source)
 
 
 class TunnelMetrics:
@@ -321,13 +328,21 @@ _HTTP_LOG: Final = logging.getLogger(__name__ + ".http")
 _HTTP_LOG.addFilter(_QuietBadRequests())
 
 
+class MetricsSource(Protocol):
+    """What the endpoint serves: a :class:`TunnelMetrics`, or the worker supervisor's merged view."""
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]: ...
+
+    def health_report(self) -> tuple[bool, str]: ...
+
+
 class MetricsServer:
     """Serves ``/metrics`` and/or ``/healthz`` over plain HTTP/1.1 with ``aiohttp.web`` (meant for loopback).
 
     ``GET`` and ``HEAD`` only; other methods on these paths are answered 405, other paths 404.
     """
 
-    def __init__(self, metrics: TunnelMetrics, listen: Address, *, serve_metrics: bool, serve_health: bool) -> None:
+    def __init__(self, metrics: MetricsSource, listen: Address, *, serve_metrics: bool, serve_health: bool) -> None:
         self.metrics = metrics
         self.listen = listen
         self.serve_metrics = serve_metrics
@@ -372,7 +387,7 @@ class MetricsServer:
                             headers={"Content-Type": _TEXT, "Cache-Control": "no-store"})
 
 
-async def start_metrics_server(metrics: TunnelMetrics, listen: Address, *, serve_metrics: bool,
+async def start_metrics_server(metrics: MetricsSource, listen: Address, *, serve_metrics: bool,
                                serve_health: bool) -> MetricsServer:
     """Start the endpoint and log where it listens."""
     server = MetricsServer(metrics, listen, serve_metrics=serve_metrics, serve_health=serve_health)

@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import replace
 from typing import Final
 
@@ -51,6 +51,8 @@ _CANCEL_GRACE: Final = 5.0
 _REFUSE_LINGER: Final = 1.0
 #: ... but only this many at a time; beyond, refused connections are closed at once.
 _MAX_LINGERING: Final = 256
+#: How often a worker process refreshes the metrics its collectors set (seconds).
+_REFRESH: Final = 1.0
 
 
 def handshake_outcome(exc: BaseException) -> str:
@@ -124,8 +126,13 @@ class TunnelRuntime:
 
     def __init__(self, config: TunnelConfig, provider: ChannelFactoryProvider, *,
                  loader: ConfigLoader | None = None, insecure: bool = False,
-                 metrics: TunnelMetrics | None = None) -> None:
+                 metrics: TunnelMetrics | None = None, reuse_port: bool = False,
+                 metrics_endpoint: bool = True) -> None:
         self.config = config
+        #: A worker process: bind the listener with SO_REUSEPORT (its siblings bind the same port), and
+        #: leave ``/metrics`` and ``/healthz`` to the supervisor (``metrics_endpoint=False``).
+        self.reuse_port = reuse_port
+        self.metrics_endpoint = metrics_endpoint
         self._provider = provider
         self._loader = loader
         self._insecure = insecure
@@ -174,10 +181,13 @@ class TunnelRuntime:
         try:
             try:
                 self._server = await asyncio.start_server(
-                    self._on_connection, cfg.listen.host, cfg.listen.port, backlog=_BACKLOG)
+                    self._on_connection, cfg.listen.host, cfg.listen.port, backlog=_BACKLOG,
+                    reuse_port=self.reuse_port or None)
             except OSError as exc:
                 raise ConfigurationError(f"cannot listen on {cfg.listen}: {_os_error(exc)}", field="listen") from None
-            if cfg.metrics.enabled or cfg.health.enabled:
+            if (cfg.metrics.enabled or cfg.health.enabled) and not self.metrics_endpoint:
+                self._spawn_background(self._refresh_metrics())
+            elif cfg.metrics.enabled or cfg.health.enabled:
                 try:
                     self._metrics_server = await start_metrics_server(
                         self.metrics, cfg.metrics.listen, serve_metrics=cfg.metrics.enabled,
@@ -195,10 +205,15 @@ class TunnelRuntime:
                   peers=sorted(cfg.peer_identities), suites=list(cfg.policy.suites), qkd=cfg.policy.qkd,
                   event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
 
-    async def run(self) -> int:
-        """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), drain, stop. Returns 0."""
+    async def run(self, ready: Callable[[], None] | None = None) -> int:
+        """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), drain, stop. Returns 0.
+
+        ``ready`` is called once the listener is bound and the signal handlers are installed.
+        """
         await self.start()
         self._install_signals()
+        if ready is not None:
+            ready()
         try:
             await self._stop.wait()
         finally:
@@ -217,9 +232,19 @@ class TunnelRuntime:
         self._stop.set()
 
     def request_reload(self) -> None:
-        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(self.reload())
+        self._spawn_background(self.reload())
+
+    def _spawn_background(self, coro: Coroutine[object, object, object]) -> None:
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _refresh_metrics(self) -> None:
+        """A worker's collectors (pool levels, ...) run before each scrape of its own endpoint; with the
+        supervisor scraping the shared files instead, run them every second."""
+        while True:
+            self.metrics.collect()
+            await asyncio.sleep(_REFRESH)
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ import contextlib
 import inspect
 import time
 from collections.abc import Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -41,6 +42,12 @@ if TYPE_CHECKING:
     from ..io.session import HybridSession
     from ..qkd import ETSI014Client
 from .streams import PlainStream
+
+#: Set in a connection's task once the server refused its steady-state attempt: the retry the runtime
+#: makes in the same task is then a full handshake, even if a concurrent connection's full handshake
+#: has meanwhile installed a new ticket (with worker processes or replicas, that ticket's parent may
+#: again be at another process than the one the retry reaches).
+_STEADY_REFUSED: ContextVar[bool] = ContextVar("hybridkex_tunnel_steady_refused", default=False)
 
 __all__ = ["HybridChannelFactory", "HybridStream", "build_channel_factory", "check_channel_config", "load_psk_file"]
 
@@ -239,12 +246,14 @@ class HybridChannelFactory:
         """
         if self._client is None:
             raise ConfigurationError("this channel factory is configured for the server role", field="role")
-        ticket = self._ticket if self._ticket is not None and self._ticket.usable else None
+        usable = self._ticket is not None and self._ticket.usable and not _STEADY_REFUSED.get()
+        ticket = self._ticket if usable else None
         try:
             hreader, hwriter = await connect_on_streams(reader, writer, self._client, key_source=self._keys,
                                                         ticket=ticket)
         except SteadyStateRefused:
             assert ticket is not None
+            _STEADY_REFUSED.set(True)
             if self._ticket is ticket:
                 self._ticket = None
             ticket.erase()

@@ -36,7 +36,7 @@ PEER_A = '[[peers]]\nidentity = "client-a"\nmode = "psk"\npsk_file = "a.psk"\n'
 TOP = 'listen = "127.0.0.1:8443"\ntarget = "127.0.0.1:8080"\nidentity = "server"\n'
 NO_QKD = '[policy]\nqkd = "disabled"\n'
 TOP_KEYS = ("health, identity, kme, limits, listen, logging, metrics, peers, policy, recycle, state, target, "
-            "target_identity, timeouts")
+            "target_identity, timeouts, workers")
 RECYCLED = GOOD.replace('mode = "psk"', 'mode = "recycled"\nbootstrap = "psk"')
 STORE = '[recycle]\nstore = "keys.sqlite3"\n'
 

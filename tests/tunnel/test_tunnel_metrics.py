@@ -38,6 +38,7 @@ pytestmark = pytest.mark.timeout(120)
 def documented_metrics() -> dict[str, tuple[str, str, list[str]]]:
     """docs/tunnel.md's metrics table: name -> (type, label name or "", documented label values)."""
     section = DOCS.read_text().split("## Metrics and health", 1)[1].split("\n## ", 1)[0]
+    section = section.split("**With `--workers N`**", 1)[0]  # the supervisor's own table follows
     rows: dict[str, tuple[str, str, list[str]]] = {}
     for line in section.splitlines():
         m = re.match(r"\| `(hybridkex_\w+)` \| (\w+) \|([^|]*)\|", line)
