@@ -9,12 +9,6 @@ from .report import _f
 
 __all__ = ["format_tunnel_markdown", "format_tunnel_report"]
 
-_METHOD = ("rate: requests/s (pipelined: every request counts), median over rounds; MB/s: request + response "
-           "bytes; latency: per request batch, over all rounds; CPU ms/MB: user+system CPU of both relay "
-           "processes per MB moved (both directions), median over rounds; cores: CPU seconds of those processes per "
-           "second; connections are set up and warmed "
-           "before timing, so handshakes are not included.")
-
 
 def _verdict(entry: dict[str, Any], key: str) -> str:
     if key not in entry:
@@ -57,7 +51,7 @@ def format_tunnel_report(report: dict[str, Any]) -> str:
                 f"{_f(r['latency_ms_p50'], '7.3f', 7)} {_f(r['latency_ms_p95'], '7.3f', 7)} "
                 f"{_f(r['latency_ms_p99'], '7.3f', 7)} {_f(r['cpu_ms_per_mb_median'], '9.2f', 9)} "
                 f"{_f(r.get('cores_median'), '5.2f', 5)}")
-    lines += ["", _METHOD, ""]
+    lines += ["", "Method:"] + [f"  {k}: {v}" for k, v in report.get("method", {}).items()] + [""]
     vs = report["vs_stunnel"]
     if any(vs.values()):
         lines.append("Goals against stunnel (issue 15; ratios from this run):")
@@ -94,6 +88,8 @@ def format_tunnel_markdown(report: dict[str, Any]) -> str:
                        f"{_f(e.get('added_p50_ms'), '.3f', 0)} ({_f(e.get('stunnel_added_p50_ms'), '.3f', 0)}; "
                        f"{_verdict(e, 'goal_latency')}) | {_f(e.get('cpu_per_mb_vs_stunnel'), '.2f', 0)}x "
                        f"({_verdict(e, 'goal_cpu')}) |")
+    if report.get("method"):
+        out += ["", "Method:", ""] + [f"- {k}: {v}" for k, v in report["method"].items()]
     if report["notes"]:
         out += [""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(out) + "\n"
