@@ -360,7 +360,7 @@ def pending_output(conn: SSL.Connection) -> bytes:
         return b""
     buf = _alloc("char[]", n)
     got = _lib.BIO_read(bio, buf, n)
-    return _ffi.unpack(buf, got) if got > 0 else b""  # type: ignore[no-any-return]
+    return _ffi.unpack(buf, got) if got > 0 else b""
 
 
 def encrypt(conn: SSL.Connection, data: bytes) -> tuple[int, bytes]:
