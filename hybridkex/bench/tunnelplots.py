@@ -71,7 +71,8 @@ def _rate(plt: Any, report: dict[str, Any], subtitle: str) -> Any:
         ratio = report.get("vs_stunnel", {}).get(load["id"], {}).get("rate_vs_stunnel")
         if ratio is not None and "hybridkex" in relays:
             i = relays.index("hybridkex")
-            ax.annotate(f"{ratio:.2f}x stunnel", (i, heights[i]), textcoords="offset points", xytext=(0, 8),
+            ax.annotate(f"{ratio:.2f}x stunnel", (i, heights[i] + high[i]),  # above its error bar
+                        textcoords="offset points", xytext=(0, 8),
                         ha="center", fontsize=8)
     axes[0].set_ylabel("requests per second (median over rounds; bars: min-max)")
     fig.suptitle(f"Tunnel data path: request rate per load\n{subtitle}", fontsize=9)

@@ -36,17 +36,17 @@ def format_tunnel_report(report: dict[str, Any]) -> str:
     """The whole report as text: set-up, one table per load, the goals against stunnel."""
     quick = " (quick mode: smoke numbers only)" if report["options"].get("quick_mode") else ""
     lines = ["hybridkex tunnel data-path benchmark" + quick, *_header(report), ""]
-    head = (f"{'load':10} {'relay':10} {'req/s':>9} {'noise':>6} {'MB/s':>8} {'p50 ms':>7} {'p95':>7} {'p99':>7} "
+    head = (f"{'load':10} {'relay':17} {'req/s':>9} {'noise':>6} {'MB/s':>8} {'p50 ms':>7} {'p95':>7} {'p99':>7} "
             f"{'CPU ms/MB':>9} {'cores':>5}")
     lines += [head, "-" * len(head)]
     for load in report["loads"]:
         for relay in report["relays"]:
             r = report["results"][relay["id"]][load["id"]]
             if r["errors"] and not r["rate_median"]:
-                lines.append(f"{load['id']:10} {relay['id']:10} failed: {r['error']}")
+                lines.append(f"{load['id']:10} {relay['id']:17} failed: {r['error']}")
                 continue
             lines.append(
-                f"{load['id']:10} {relay['id']:10} {_f(r['rate_median'], '9.0f', 9)} "
+                f"{load['id']:10} {relay['id']:17} {_f(r['rate_median'], '9.0f', 9)} "
                 f"{_f(r['rate_noise'] * 100, '5.0f', 5)}% {_f(r['mb_per_s_median'], '8.2f', 8)} "
                 f"{_f(r['latency_ms_p50'], '7.3f', 7)} {_f(r['latency_ms_p95'], '7.3f', 7)} "
                 f"{_f(r['latency_ms_p99'], '7.3f', 7)} {_f(r['cpu_ms_per_mb_median'], '9.2f', 9)} "
