@@ -288,6 +288,7 @@ _RECORD: Final = 16384  # the most plaintext one TLS record carries: what one SS
 # BIO_get_mem_data's out-parameter; only its return value (the byte count) is used, so threads
 # sharing it race on a pointer nobody reads.
 _MEM_PTR: Final = _ffi.new("char **") if FAST_IO else None
+_MAX_READ: Final = 1 << 30
 
 #: :func:`read_records` status values.
 READ_MORE, READ_CLOSED, READ_ERROR = 0, 1, 2
@@ -358,6 +359,15 @@ def pending_output(conn: SSL.Connection) -> bytes:
     n = _lib.BIO_get_mem_data(bio, _MEM_PTR)
     if n <= 0:
         return b""
+    if n > _MAX_READ:  # BIO_read takes an int: gigabytes queued by a caller go in pieces
+        chunks = []
+        while (n := _lib.BIO_get_mem_data(bio, _MEM_PTR)) > 0:
+            chunks.append(_read_exactly(bio, min(n, _MAX_READ)))
+        return b"".join(chunks)
+    return _read_exactly(bio, n)
+
+
+def _read_exactly(bio: Any, n: int) -> bytes:
     buf = _alloc("char[]", n)
     got = _lib.BIO_read(bio, buf, n)
     return _ffi.unpack(buf, got) if got > 0 else b""

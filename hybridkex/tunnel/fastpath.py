@@ -79,10 +79,6 @@ class TLSCodec(Codec):
                 return
         raise TLSError("the peer closed the connection without close_notify (possible truncation)")  # pragma: no cover
 
-    def encode(self, data: bytes) -> bytes:
-        out: bytes = self._tls.send_and_flush(data)
-        return out
-
     def encode_eof(self) -> bytes:
         self._tls.close()
         out: bytes = self._tls.data_to_send()
