@@ -9,12 +9,6 @@ from .report import _f
 
 __all__ = ["format_tunnel_markdown", "format_tunnel_report"]
 
-_METHOD = ("rate: requests/s (pipelined: every request counts), median over rounds; MB/s: request + response "
-           "bytes; latency: per request batch, over all rounds; CPU ms/MB: user+system CPU of both relay "
-           "processes per MB moved (both directions), median over rounds; cores: CPU seconds of those processes per "
-           "second; connections are set up and warmed "
-           "before timing, so handshakes are not included.")
-
 
 def _verdict(entry: dict[str, Any], key: str) -> str:
     if key not in entry:
@@ -42,22 +36,22 @@ def format_tunnel_report(report: dict[str, Any]) -> str:
     """The whole report as text: set-up, one table per load, the goals against stunnel."""
     quick = " (quick mode: smoke numbers only)" if report["options"].get("quick_mode") else ""
     lines = ["hybridkex tunnel data-path benchmark" + quick, *_header(report), ""]
-    head = (f"{'load':10} {'relay':10} {'req/s':>9} {'noise':>6} {'MB/s':>8} {'p50 ms':>7} {'p95':>7} {'p99':>7} "
+    head = (f"{'load':10} {'relay':17} {'req/s':>9} {'noise':>6} {'MB/s':>8} {'p50 ms':>7} {'p95':>7} {'p99':>7} "
             f"{'CPU ms/MB':>9} {'cores':>5}")
     lines += [head, "-" * len(head)]
     for load in report["loads"]:
         for relay in report["relays"]:
             r = report["results"][relay["id"]][load["id"]]
             if r["errors"] and not r["rate_median"]:
-                lines.append(f"{load['id']:10} {relay['id']:10} failed: {r['error']}")
+                lines.append(f"{load['id']:10} {relay['id']:17} failed: {r['error']}")
                 continue
             lines.append(
-                f"{load['id']:10} {relay['id']:10} {_f(r['rate_median'], '9.0f', 9)} "
+                f"{load['id']:10} {relay['id']:17} {_f(r['rate_median'], '9.0f', 9)} "
                 f"{_f(r['rate_noise'] * 100, '5.0f', 5)}% {_f(r['mb_per_s_median'], '8.2f', 8)} "
                 f"{_f(r['latency_ms_p50'], '7.3f', 7)} {_f(r['latency_ms_p95'], '7.3f', 7)} "
                 f"{_f(r['latency_ms_p99'], '7.3f', 7)} {_f(r['cpu_ms_per_mb_median'], '9.2f', 9)} "
                 f"{_f(r.get('cores_median'), '5.2f', 5)}")
-    lines += ["", _METHOD, ""]
+    lines += ["", "Method:"] + [f"  {k}: {v}" for k, v in report.get("method", {}).items()] + [""]
     vs = report["vs_stunnel"]
     if any(vs.values()):
         lines.append("Goals against stunnel (issue 15; ratios from this run):")
@@ -103,6 +97,8 @@ def format_tunnel_markdown(report: dict[str, Any]) -> str:
         out += ["", "| load | server --workers N vs one process (>= 1.6x) |", "|---|---:|"]
         out += [f"| {load_id} | {e['rate_vs_one_worker']:.2f}x, N = {e['workers']} ({_verdict(e, 'goal_rate')}) |"
                 for load_id, e in workers.items()]
+    if report.get("method"):
+        out += ["", "Method:", ""] + [f"- {k}: {v}" for k, v in report["method"].items()]
     if report["notes"]:
         out += [""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(out) + "\n"

@@ -143,6 +143,26 @@ def _worker_ratios(rows: dict[str, dict[str, dict[str, Any]]], workers: int) -> 
     return out
 
 
+def _method(opts: TunnelBenchOptions, loads: list[Load]) -> dict[str, str]:
+    """How each number is measured (printed under the table and kept in the JSON, as the handshake
+    benchmark's ``method``)."""
+    return {
+        "processes": "the service, each relay's two processes and the simulated KME are separate processes on "
+                     "127.0.0.1; the load generator runs in the benchmark process and shares the cores",
+        "warm-up": "each run opens its connections and answers one request on each before timing starts: "
+                   "handshakes are not in these numbers (the handshake benchmark measures them)",
+        "rate": "requests per second (a pipelined batch counts each request), median over rounds; MB/s: "
+                "request + response bytes",
+        "latency": "per request batch (send to last response byte), percentiles over all rounds (inclusive "
+                   "quantiles, hybridkex.bench.stats)",
+        "cpu": "user + system CPU of both relay processes (all threads, /proc) per MB moved, median over "
+               "rounds; cores: those CPU seconds per second of the run",
+        "rounds": f"{opts.rounds} rounds of {opts.seconds:g} s per relay and load ({', '.join(x.id for x in loads)}); "
+                  "relays measured in turn, the order rotating each round; ratios against stunnel from the "
+                  "same run",
+    }
+
+
 def run_tunnel_benchmark(opts: TunnelBenchOptions, *, progress: bool = True, command: str = "hybridkex bench tunnel",
                          log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the data-path benchmark; returns the report (see :mod:`hybridkex.bench.tunnelreport`)."""
@@ -197,6 +217,7 @@ def run_tunnel_benchmark(opts: TunnelBenchOptions, *, progress: bool = True, com
         "versions": {**_versions(), "stunnel": stunnel_version or None, "stunnel_tls": protocol},
         "options": asdict(opts),
         "loads": [asdict(load) for load in loads],
+        "method": _method(opts, loads),
         "relays": [{"id": r.id, "label": r.label, "processes": len(r.pids)} for r in relays],
         "results": rows,
         "vs_stunnel": _ratios(rows),

@@ -73,7 +73,7 @@ def _run_tunnel(args: argparse.Namespace) -> int:
     from ..bench.tunnelreport import format_tunnel_markdown, format_tunnel_report  # noqa: PLC0415
     from ..bench.tunnelrun import TunnelBenchOptions, run_tunnel_benchmark  # noqa: PLC0415
 
-    for name in ("variants", "suites", "n", "warmup", "samples", "clients", "plots"):
+    for name in ("variants", "suites", "n", "warmup", "samples", "clients"):
         if getattr(args, name) is not None:
             raise ConfigurationError("applies to the handshake benchmark, not 'bench tunnel'",
                                      field="--" + name.replace("_", "-"))
@@ -98,14 +98,23 @@ def _run_tunnel(args: argparse.Namespace) -> int:
     if args.seconds is not None:
         opts.seconds = args.seconds
     opts.stunnel = not args.no_stunnel
+    if args.plots:
+        from ..bench.plots import check_plots_available  # noqa: PLC0415
+
+        check_plots_available()  # before minutes of measuring, not after
     parts = ["hybridkex", "bench", "tunnel"] + (["--quick"] if args.quick else [])
     parts += ["--no-stunnel"] if args.no_stunnel else []
-    for name in ("loads", "workers", "rounds", "seconds", "json", "markdown"):
+    for name in ("loads", "workers", "rounds", "seconds", "json", "plots", "markdown"):
         if getattr(args, name) is not None:
             parts += ["--" + name, str(getattr(args, name))]
     report = run_tunnel_benchmark(opts, progress=not args.no_progress, command=shlex.join(parts))
     print(format_tunnel_report(report))
     _write_outputs(args, report, format_tunnel_markdown)
+    if args.plots:
+        from ..bench.tunnelplots import write_tunnel_plots  # noqa: PLC0415
+
+        for path in write_tunnel_plots(report, args.plots):
+            print(f"plot: {path}")
     return 0
 
 

@@ -280,11 +280,15 @@ def session_reused(conn: SSL.Connection) -> bool:
 # for small messages (issue 15's profile).  These call OpenSSL directly and report the status instead;
 # any real error is left for pyOpenSSL's own methods to raise (the caller retries through them).
 
-_FAST_FUNCTIONS: Final = ("SSL_read", "SSL_write", "SSL_get_error", "BIO_read", "BIO_write",
+_FAST_FUNCTIONS: Final = ("SSL_read", "SSL_write", "SSL_get_error", "BIO_read", "BIO_write", "BIO_get_mem_data",
                           "SSL_ERROR_WANT_READ", "SSL_ERROR_ZERO_RETURN")
 FAST_IO: Final = all(hasattr(_lib, name) for name in _FAST_FUNCTIONS)
 _alloc = _ffi.new_allocator(should_clear_after_alloc=False)
 _RECORD: Final = 16384  # the most plaintext one TLS record carries: what one SSL_read returns
+# BIO_get_mem_data's out-parameter; only its return value (the byte count) is used, so threads
+# sharing it race on a pointer nobody reads.
+_MEM_PTR: Final = _ffi.new("char **") if FAST_IO else None
+_MAX_READ: Final = 1 << 30
 
 #: :func:`read_records` status values.
 READ_MORE, READ_CLOSED, READ_ERROR = 0, 1, 2
@@ -295,6 +299,18 @@ def fast_io(conn: SSL.Connection) -> bool:
     return FAST_IO and all(getattr(conn, a, None) is not None for a in ("_ssl", "_into_ssl", "_from_ssl"))
 
 
+_local = threading.local()
+
+
+def _read_buffer() -> Any:
+    """This thread's record buffer: SSL_read decrypts into it and the plaintext is copied out at
+    once, so one per thread serves every connection (not one allocation per call)."""
+    buf = getattr(_local, "record", None)
+    if buf is None:
+        buf = _local.record = _alloc("char[]", _RECORD)
+    return buf
+
+
 def read_records(conn: SSL.Connection, data: bytes) -> tuple[list[bytes], int]:
     """Feed ``data`` (may be empty) and decrypt every complete record: (plaintexts, status).
 
@@ -303,12 +319,12 @@ def read_records(conn: SSL.Connection, data: bytes) -> tuple[list[bytes], int]:
     if data and _lib.BIO_write(conn._into_ssl, data, len(data)) != len(data):
         return [], READ_ERROR
     ssl = conn._ssl
-    buf = _alloc("char[]", _RECORD)
+    buf = _read_buffer()
     out = []
     while True:
         n = _lib.SSL_read(ssl, buf, _RECORD)
         if n > 0:
-            out.append(_ffi.buffer(buf, n)[:])
+            out.append(_ffi.unpack(buf, n))
             continue
         code = _lib.SSL_get_error(ssl, n)
         if code == _lib.SSL_ERROR_WANT_READ:
@@ -331,13 +347,32 @@ def write_records(conn: SSL.Connection, data: bytes) -> int:
     return done
 
 
+def pending_size(conn: SSL.Connection) -> int:
+    """How many bytes wait in the outgoing BIO: one C call, no buffer (the relay asks after every
+    record it decrypts, and almost always the answer is 0)."""
+    return int(_lib.BIO_get_mem_data(conn._from_ssl, _MEM_PTR))
+
+
 def pending_output(conn: SSL.Connection) -> bytes:
-    """Every byte waiting in the outgoing BIO (``b""`` when empty)."""
+    """Every byte waiting in the outgoing BIO (``b""`` when empty), in one read of exactly that size."""
     bio = conn._from_ssl
-    buf = _alloc("char[]", 65536)
-    chunks = []
-    while (n := _lib.BIO_read(bio, buf, 65536)) > 0:
-        chunks.append(_ffi.buffer(buf, n)[:])
-        if n < 65536:
-            break
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    n = _lib.BIO_get_mem_data(bio, _MEM_PTR)
+    if n <= 0:
+        return b""
+    if n > _MAX_READ:  # BIO_read takes an int: gigabytes queued by a caller go in pieces
+        chunks = []
+        while (n := _lib.BIO_get_mem_data(bio, _MEM_PTR)) > 0:
+            chunks.append(_read_exactly(bio, min(n, _MAX_READ)))
+        return b"".join(chunks)
+    return _read_exactly(bio, n)
+
+
+def _read_exactly(bio: Any, n: int) -> bytes:
+    buf = _alloc("char[]", n)
+    got = _lib.BIO_read(bio, buf, n)
+    return _ffi.unpack(buf, got) if got > 0 else b""
+
+
+def encrypt(conn: SSL.Connection, data: bytes) -> tuple[int, bytes]:
+    """:func:`write_records` then :func:`pending_output` in one call: (bytes taken, records)."""
+    return write_records(conn, data), pending_output(conn)

@@ -26,9 +26,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, dict[str, A
     json_path, md = out / "t.json", out / "t.md"
     std, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(std), contextlib.redirect_stderr(err):
-        code = main(["bench", "tunnel", "--quick", "--seconds", "0.2", "--no-progress", "--json", str(json_path),
-                     "--markdown", str(md)])
+        code = main(["bench", "tunnel", "--quick", "--seconds", "0.2", "--json", str(json_path),
+                     "--markdown", str(md), "--plots", str(out / "plots")])
     report = json.loads(json_path.read_text()) if json_path.exists() else {}
+    report["_stdout"], report["_stderr"], report["_plots"] = std.getvalue(), err.getvalue(), str(out / "plots")
     return code, std.getvalue() + err.getvalue(), report, md.read_text() if md.exists() else ""
 
 
@@ -62,6 +63,32 @@ def test_every_relay_moved_every_load_and_reports_its_numbers(run: tuple[int, st
     for table_line in ("| load | relay | req/s |", "| bulk | hybridkex |"):
         assert table_line in markdown
     assert "Goals against stunnel" in output or stunnel_binary() is None
+
+
+def test_progress_goes_to_stderr_and_the_method_is_stated(run: tuple[int, str, dict[str, Any], str]) -> None:
+    code, _, report, markdown = run
+    assert code == 0
+    # Not a terminal: one line per phase, ending with the total; nothing of it on stdout.
+    err = report["_stderr"].splitlines()
+    assert err[0].startswith("[bench   0%] starting the service"), err[:2]
+    assert "[bench " in err[1] and "round 1/1" in err[1]
+    assert err[-1].startswith("[bench 100%] done in ")
+    assert "[bench" not in report["_stdout"]
+    assert set(report["method"]) >= {"warm-up", "rate", "latency", "cpu", "rounds"}
+    assert "1 rounds of 0.2 s" in report["method"]["rounds"]
+    assert "Method:" in report["_stdout"] and "- warm-up: " in markdown
+
+
+def test_plots_are_png_files_of_rate_and_latency(run: tuple[int, str, dict[str, Any], str]) -> None:
+    code, _, report, _ = run
+    assert code == 0
+    plots = Path(report["_plots"])
+    assert sorted(p.name for p in plots.iterdir()) == ["tunnel-latency.png", "tunnel-rate.png"]
+    for p in plots.iterdir():
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, p
+        assert f"plot: {p}" in report["_stdout"]
+    assert "--plots" in report["command"]
 
 
 def test_handshake_only_options_are_refused_for_the_tunnel_benchmark(capsys: pytest.CaptureFixture[str]) -> None:

@@ -60,6 +60,40 @@ def test_send_and_flush_and_receive_and_recv_move_every_byte_once(identity: byte
     assert s.receive_and_recv(c.data_to_send()) == (b"", True)
 
 
+def test_has_data_to_send_agrees_with_data_to_send(identity: bytes, psk: bytes) -> None:
+    """The relay asks has_data_to_send after every record it decrypts instead of reading the BIO:
+    it must say yes exactly when records wait (a sent message, a close_notify), no once taken."""
+    r = memory_pair(tls.client_context(identity, psk), tls.server_context({identity: psk}))
+    c, s = r.client_tls, r.server_tls
+    pump(c, s)
+    assert not c.has_data_to_send() and c.data_to_send() == b""
+    c.send(b"x" * 40000)  # three records wait
+    assert c.has_data_to_send()
+    wire = c.data_to_send()
+    assert len(wire) > 40000 and not c.has_data_to_send()
+    assert s.receive_and_recv(wire) == (b"x" * 40000, False)
+    s.close()
+    assert s.has_data_to_send()
+    assert c.receive_and_recv(s.data_to_send()) == (b"", True)
+    assert not s.has_data_to_send()
+
+
+def test_output_larger_than_one_read_comes_out_whole(identity: bytes, psk: bytes,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the most one BIO_read may take (1 GiB; lowered here) the output is read in pieces."""
+    from hybridkex.tls import _shim
+
+    monkeypatch.setattr(_shim, "_MAX_READ", 1000)
+    r = memory_pair(tls.client_context(identity, psk), tls.server_context({identity: psk}))
+    c, s = r.client_tls, r.server_tls
+    pump(c, s)
+    data = os.urandom(50000)
+    c.send(data)
+    wire = c.data_to_send()
+    assert len(wire) > 50000 and not c.has_data_to_send()
+    assert s.receive_and_recv(wire) == (data, False)
+
+
 def test_receive_and_recv_raises_the_typed_error_for_garbage_and_truncation(identity: bytes, psk: bytes) -> None:
     r = memory_pair(tls.client_context(identity, psk), tls.server_context({identity: psk}))
     pump(r.client_tls, r.server_tls)
