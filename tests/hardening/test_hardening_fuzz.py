@@ -30,7 +30,7 @@ BUDGET = {
     "tls_sniff": 600,
 }
 #: Seconds of coverage-guided fuzzing per target in the default run (two targets at a time).
-ATHERIS_SECONDS = int(os.environ.get("HYBRIDKEX_FUZZ_SECONDS", "4"))
+ATHERIS_SECONDS = int(os.environ.get("HYBRIDKEX_FUZZ_SECONDS", "2"))
 
 
 def test_every_target_has_a_budget_and_seeds() -> None:
