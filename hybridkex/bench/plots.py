@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +52,19 @@ def _mpl_at_least(major: int, minor: int) -> bool:
         return True
 
 
-def write_plots(report: dict[str, Any], directory: str | Path) -> list[Path]:
-    """Write the PNG files into ``directory`` (created if needed); returns their paths."""
+Drawing = Callable[[Any, Any, str], Any]
+
+
+def save_figures(directory: str | Path, data: Any, subtitle: str,
+                 drawings: Iterable[tuple[str, Drawing]]) -> list[Path]:
+    """Draw each ``(file name, draw)`` as ``draw(plt, data, subtitle)`` (``None``: nothing to draw)
+    and save it in ``directory`` (created if needed); returns the paths written."""
     plt = _pyplot()
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    rows = report["variants"]
-    subtitle = (f"{report['machine']['cpu']}, {report['machine']['cores']} cores; Python "
-                f"{report['versions']['python']}; {report['started']}")
     paths = []
-    for name, draw in (("latency.png", _latency), ("breakdown.png", _breakdown), ("kme-latency.png", _kme)):
-        fig = draw(plt, rows, subtitle)
+    for name, draw in drawings:
+        fig = draw(plt, data, subtitle)
         if fig is None:
             continue
         path = out / name
@@ -69,6 +72,14 @@ def write_plots(report: dict[str, Any], directory: str | Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def write_plots(report: dict[str, Any], directory: str | Path) -> list[Path]:
+    """Write the PNG files into ``directory`` (created if needed); returns their paths."""
+    subtitle = (f"{report['machine']['cpu']}, {report['machine']['cores']} cores; Python "
+                f"{report['versions']['python']}; {report['started']}")
+    return save_figures(directory, report["variants"], subtitle,
+                        (("latency.png", _latency), ("breakdown.png", _breakdown), ("kme-latency.png", _kme)))
 
 
 def _latency(plt: Any, rows: list[dict[str, Any]], subtitle: str) -> Any:

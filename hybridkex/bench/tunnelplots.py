@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .plots import _pyplot
+from .plots import save_figures
 
 __all__ = ["write_tunnel_plots"]
 
@@ -24,22 +24,10 @@ _PCT_ALPHA = {"latency_ms_p50": 1.0, "latency_ms_p95": 0.6, "latency_ms_p99": 0.
 
 def write_tunnel_plots(report: dict[str, Any], directory: str | Path) -> list[Path]:
     """Write the PNG files into ``directory`` (created if needed); returns their paths."""
-    plt = _pyplot()
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     m, v = report["machine"], report["versions"]
     subtitle = (f"{m['cpu']}, {m['cores']} cores; Python {v['python']}; load average "
                 f"{m.get('loadavg_start')} -> {m.get('loadavg_end')}")
-    paths = []
-    for name, draw in (("tunnel-rate.png", _rate), ("tunnel-latency.png", _latency)):
-        fig = draw(plt, report, subtitle)
-        if fig is None:
-            continue
-        path = out / name
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    return save_figures(directory, report, subtitle, (("tunnel-rate.png", _rate), ("tunnel-latency.png", _latency)))
 
 
 def _panels(plt: Any, report: dict[str, Any]) -> tuple[Any, list[Any]]:

@@ -25,7 +25,17 @@ from typing import Any
 
 from kmehelpers import SECURE_ENV, KMEProcess, make_psk, secure_toml
 from statehelpers import SEAL_KEY
-from tunnelhelpers import WAIT, EchoService, TunnelProcess, echo_exchange, expected_echo, metric, scrape, wait_until
+from tunnelhelpers import (
+    WAIT,
+    EchoService,
+    ThreadedService,
+    TunnelProcess,
+    echo_exchange,
+    expected_echo,
+    metric,
+    scrape,
+    wait_until,
+)
 
 from hybridkex.state import open_state
 
@@ -33,26 +43,15 @@ SERVER, CLIENT = "server.example", "client-a"
 THREADS = 4
 
 
-class Balancer:
+class Balancer(ThreadedService):
     """Round-robin TCP balancer: each connection to the next backend that accepts it (a refused one is
     skipped, as a load balancer's health check would), bytes piped both ways with half-close."""
 
     def __init__(self, backends: list[int]) -> None:
         self.backends = backends
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=256)
-        self.port: int = self.sock.getsockname()[1]
         self._next = itertools.count()
         self.per_backend: dict[int, int] = dict.fromkeys(backends, 0)
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__(backlog=256)
 
     def _serve(self, conn: socket.socket) -> None:
         start = next(self._next)
@@ -72,11 +71,6 @@ class Balancer:
             upstream.close()
             break
         conn.close()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
 
 
 def _pipe(src: socket.socket, dst: socket.socket) -> None:

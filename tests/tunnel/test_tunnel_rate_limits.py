@@ -16,29 +16,18 @@ from pathlib import Path
 
 import pytest
 from kmehelpers import KMEProcess, make_psk, secure_toml, start_secure
-from tunnelhelpers import WAIT, TunnelProcess, refused_or_closed_without_data, wait_until
+from tunnelhelpers import WAIT, ThreadedService, TunnelProcess, refused_or_closed_without_data, wait_until
 
 pytestmark = pytest.mark.timeout(400)
 
 
-class PingService:
+class PingService(ThreadedService):
     """A tiny request/response TCP service (like redis): one line in, one line out, per connection."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=512)
-        self.port: int = self.sock.getsockname()[1]
         self.served = 0
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
@@ -52,12 +41,6 @@ class PingService:
                     self.served += 1
                 while conn.recv(256):  # until the client closes, as redis does
                     pass
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self._thread.join(timeout=5)
 
 
 def ping(port: int, i: int) -> bool:

@@ -46,6 +46,34 @@ def expected_echo(payload: bytes) -> bytes:
 # --- the protected TCP service ---------------------------------------------------------------------
 
 
+class ThreadedService:
+    """A TCP listener on 127.0.0.1 serving each connection in a thread of its own: subclasses give
+    :meth:`_serve` and set their own attributes before calling ``super().__init__()``."""
+
+    def __init__(self, backlog: int = 512) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=backlog)
+        self.port: int = self.sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._thread.join(timeout=5)
+
+
 class EchoService:
     """A real TCP service on 127.0.0.1. The first byte a client sends picks the behaviour:
 
