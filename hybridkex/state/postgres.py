@@ -19,12 +19,12 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ..exceptions import StateError, StateReadOnly, StateSchemaError, StateUnavailable, UnsupportedAlgorithm
 from . import base
-from .base import SCHEMA_VERSION, WINDOW, Sealer, Ticket, aad, check_name, check_window, now
+from .base import SCHEMA_VERSION, Sealer, StateBase
 from .pgkeys import PostgresAuthKeyStore
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ def _psycopg() -> Any:
     return psycopg
 
 
-class PostgresState:
+class PostgresState(StateBase):
     """:class:`~hybridkex.state.SharedState` in a PostgreSQL database (thread-safe; one connection,
     re-established after the server restarts).
 
@@ -275,47 +275,33 @@ class PostgresState:
                        lambda c: c.execute("SELECT MAX(version) FROM hybridkex_schema").fetchone())
         return int(row[0]) if row is not None else 0
 
-    # -- single use ---------------------------------------------------------------------------------
+    # -- rows (checked and sealed by StateBase) -----------------------------------------------------
 
-    def spend(self, scope: str, ids: Sequence[str]) -> bool:
-        check_name("scope", scope)
-        wanted = list(dict.fromkeys(check_name("key_id", k) for k in ids))
-        if not wanted:
-            return True
+    def _spend_ids(self, scope: str, ids: list[str], t: float) -> bool:
         row = self.run("spend key IDs", lambda c: c.execute(
-            "SELECT hybridkex_spend_ids(%s, %s, %s)", (scope, wanted, now())).fetchone(), single=True)
+            "SELECT hybridkex_spend_ids(%s, %s, %s)", (scope, ids, t)).fetchone(), single=True)
         return bool(row is not None and row[0])
 
-    def is_spent(self, scope: str, key_id: str) -> bool:
+    def _is_spent(self, scope: str, key_id: str) -> bool:
         return self.run("read spent key IDs", lambda c: c.execute(
             "SELECT 1 FROM state_spent WHERE scope = %s AND key_id = %s", (scope, key_id)).fetchone() is not None,
             single=True)
 
-    def spend_counter(self, scope: str, index: int, *, window: int = WINDOW) -> str | None:
-        check_name("scope", scope)
-        check_window(index, window)
+    def _spend_counter(self, scope: str, index: int, window: int) -> str | None:
         row = self.run("spend a counter", lambda c: c.execute(
             "SELECT hybridkex_spend_counter(%s, %s, %s)", (scope, index, window)).fetchone(), single=True)
         return None if row is None or row[0] is None else str(row[0])
 
-    def spend_claim(self, counter_scope: str, index: int, scope: str, ids: Sequence[str], *,
-                    window: int = WINDOW) -> str | None:
-        check_name("scope", counter_scope)
-        check_name("scope", scope)
-        check_window(index, window)
-        wanted = list(dict.fromkeys(check_name("key_id", k) for k in ids))
+    def _spend_claim(self, counter_scope: str, index: int, window: int, scope: str, ids: list[str], *,
+                     t: float) -> str | None:
         row = self.run("spend a steady-state claim", lambda c: c.execute(
             "SELECT hybridkex_spend_claim(%s, %s, %s, %s, %s, %s)",
-            (counter_scope, index, window, scope, wanted, now())).fetchone(), single=True)
+            (counter_scope, index, window, scope, ids, t)).fetchone(), single=True)
         return None if row is None or row[0] is None else str(row[0])
 
-    def hold(self, scope: str, ids: Sequence[str], *, expires_at: float) -> int:
-        check_name("scope", scope)
-        wanted = list(dict.fromkeys(check_name("key_id", k) for k in ids))
-        t = now()
-
+    def _hold(self, scope: str, ids: list[str], t: float, expires_at: float) -> int:
         def go(c: psycopg.Connection[Any]) -> int:
-            for k in wanted:
+            for k in ids:
                 c.execute("INSERT INTO state_held SELECT %s, %s, %s, %s WHERE NOT EXISTS (SELECT 1 FROM state_spent "
                           "WHERE scope = %s AND key_id = %s) ON CONFLICT DO NOTHING",
                           (scope, k, t, expires_at, scope, k))
@@ -324,9 +310,7 @@ class PostgresState:
             return int(row[0]) if row is not None else 0
         return self.run("hold key IDs", go)
 
-    def take(self, scope: str, key_id: str | None = None) -> str | None:
-        t = now()
-
+    def _take(self, scope: str, key_id: str | None, t: float) -> str | None:
         def go(c: psycopg.Connection[Any]) -> str | None:
             for _ in range(64):  # rows spent directly meanwhile are skipped (deleted), never handed out
                 if key_id is None:
@@ -347,45 +331,32 @@ class PostgresState:
             return None
         return self.run("take a held key ID", go)
 
-    def held(self, scope: str) -> int:
+    def _held(self, scope: str, t: float) -> int:
         row = self.run("count held key IDs", lambda c: c.execute(
-            "SELECT COUNT(*) FROM state_held WHERE scope = %s AND expires_at > %s", (scope, now())).fetchone())
+            "SELECT COUNT(*) FROM state_held WHERE scope = %s AND expires_at > %s", (scope, t)).fetchone(),
+            single=True)
         return int(row[0]) if row is not None else 0
 
-    # -- tickets ------------------------------------------------------------------------------------
-
-    def sealer(self) -> Sealer:
-        if self._sealer is None:
-            raise StateError(f"{self!r} has no state key; secrets are stored in PostgreSQL only sealed "
-                             "(pass seal_key, or key_file in [state])")
-        return self._sealer
-
-    def put_ticket(self, kind: str, handle: bytes, secret: bytes, *, meta: bytes = b"", expires_at: float) -> None:
-        check_name("kind", kind)
-        blob = self.sealer().seal(aad("ticket", kind, handle, meta), secret)
+    def _put_ticket(self, kind: str, handle: bytes, blob: bytes, meta: bytes, expires_at: float) -> None:
         self.run("store a ticket", lambda c: c.execute(
             "INSERT INTO state_tickets VALUES (%s, %s, %s, %s, %s) ON CONFLICT (kind, handle) DO UPDATE SET "
             "secret = EXCLUDED.secret, meta = EXCLUDED.meta, expires_at = EXCLUDED.expires_at",
-            (kind, bytes(handle), blob, bytes(meta), expires_at)))
+            (kind, handle, blob, meta, expires_at)), single=True)
 
-    def get_ticket(self, kind: str, handle: bytes) -> Ticket | None:
-        sealer = self.sealer()
-        row = self.run("read a ticket", lambda c: c.execute(
-            "SELECT secret, meta, expires_at FROM state_tickets WHERE kind = %s AND handle = %s AND expires_at > %s",
-            (kind, bytes(handle), now())).fetchone())
-        if row is None:
-            return None
-        meta = bytes(row[1])
-        return Ticket(kind, bytes(handle), sealer.open(aad("ticket", kind, handle, meta), row[0]), meta,
-                      float(row[2]))
+    def _get_ticket(self, kind: str, handle: bytes, t: float, *, take: bool) -> tuple[bytes, bytes, float] | None:
+        # take: one DELETE ... RETURNING, so of concurrent takers exactly one gets the row
+        sql = ("DELETE FROM state_tickets WHERE kind = %s AND handle = %s AND expires_at > %s "
+               "RETURNING secret, meta, expires_at" if take else
+               "SELECT secret, meta, expires_at FROM state_tickets WHERE kind = %s AND handle = %s AND expires_at > %s")
+        row = self.run("take a ticket" if take else "read a ticket",
+                       lambda c: c.execute(sql, (kind, handle, t)).fetchone(), single=True)
+        return None if row is None else (bytes(row[0]), bytes(row[1]), float(row[2]))
 
-    def drop_ticket(self, kind: str, handle: bytes) -> bool:
+    def _drop_ticket(self, kind: str, handle: bytes) -> bool:
         return bool(self.run("drop a ticket", lambda c: c.execute(
-            "DELETE FROM state_tickets WHERE kind = %s AND handle = %s", (kind, bytes(handle))).rowcount))
+            "DELETE FROM state_tickets WHERE kind = %s AND handle = %s", (kind, handle)).rowcount, single=True))
 
-    def purge(self, *, spent_before: float | None = None) -> int:
-        t = now()
-
+    def _purge(self, t: float, spent_before: float | None) -> int:
         def go(c: psycopg.Connection[Any]) -> int:
             n = c.execute("DELETE FROM state_tickets WHERE expires_at <= %s", (t,)).rowcount
             n += c.execute("DELETE FROM state_held WHERE expires_at <= %s", (t,)).rowcount
