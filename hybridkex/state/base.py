@@ -68,6 +68,11 @@ class SharedState(Protocol):
     #: ``"sqlite"`` or ``"postgresql"``.
     backend: str
 
+    @property
+    def can_seal(self) -> bool:
+        """Whether a state key is configured (tickets are stored only sealed under it)."""
+        ...
+
     def spend(self, scope: str, ids: Sequence[str]) -> bool:
         """Mark every ID of ``ids`` used in ``scope``, all or none: True when none was used before
         (now all are), False when one was (nothing changes)."""
@@ -207,6 +212,11 @@ class StateBase:
 
     def held(self, scope: str) -> int:
         return self._held(check_name("scope", scope), now())
+
+    @property
+    def can_seal(self) -> bool:
+        """Whether this state has a state key (it stores tickets only sealed)."""
+        return self._sealer is not None
 
     def sealer(self) -> Sealer:
         """The state key's sealer (tickets and recycled keys are stored only sealed)."""

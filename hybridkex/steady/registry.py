@@ -8,11 +8,13 @@ spent — before TLS runs, so a replayed ClientHello finds them spent and is ref
 failed handshake spends them too).  After a connection is established, :meth:`confirm` fetches the
 key IDs it announced, by ID, in the background, so the next connection finds its key here.
 
-State is in memory: a restart forgets every parent, and a client then runs one full handshake.
-With a shared ``state`` (:mod:`hybridkex.state`: SQLite for the processes of one host, PostgreSQL
-for a fleet) the counter and the fresh QKD key IDs are also spent there, after the checks here: a
-key ID one process accepted is refused by every other, and a state that cannot be reached refuses
-the connection (fail closed; the client then runs a full handshake).
+Without a shared state, parents are in memory: a restart forgets every parent, and a client then
+runs one full handshake.  With a shared ``state`` (:mod:`hybridkex.state`: SQLite for the processes
+of one host, PostgreSQL for a fleet) the counter and the fresh QKD key IDs are also spent there,
+after the checks here: a key ID one process accepted is refused by every other, and a state that
+cannot be reached refuses the connection (fail closed; the client then runs a full handshake).
+With a state key, the parents are stored there too (sealed, :mod:`hybridkex.steady.shared`), so a
+connection that reaches another process or host than its full handshake's is accepted there.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..exceptions import HandshakeTimeout, KeySourceError, StateError
 from ..protocol import QKDKeysByIdRequired, SessionInfo
 from ..qkd.base import QKDKey
 from ..suites import Suite
-from . import derive
+from . import derive, shared
 from .peers import SteadyPeers, steady_peers
 from .ticket import SteadyFacts
 
@@ -114,6 +116,8 @@ class SteadyStats:
     prefetched: int = 0
     on_demand: int = 0
     prefetch_failures: int = 0
+    #: Parents read from the shared state (registered by another process or host).
+    loaded: int = 0
 
 
 class SteadyClaim:
@@ -190,6 +194,8 @@ class SteadyRegistry:
         self._qkd = qkd
         self._keys = keys
         self._state = state
+        # Parents are shared only sealed: a state without a key spends counters but keeps no parent.
+        self._share = state is not None and state.can_seal
         self._clock = clock
         self._lock = threading.Lock()
         self._parents: OrderedDict[bytes, _Parent] = OrderedDict()  # insertion order is expiry order
@@ -218,14 +224,61 @@ class SteadyRegistry:
                 self._parents.popitem(last=False)[1].erase()
             self._parents[handle] = parent
             self.stats.registered += 1
+        if self._share:
+            self._put_parent(handle, parent)
         return handle
 
+    def _put_parent(self, handle: bytes, parent: _Parent) -> None:
+        """Store the parent in the shared state, so another process or host accepts its connections."""
+        assert self._state is not None
+        try:
+            self._state.put_ticket(shared.KIND, handle, shared.encode_parent(bytes(parent.key), parent.suite,
+                                                                             parent.info),
+                                   expires_at=time.time() + self.policy.lifetime)
+        except StateError as exc:  # this process still serves it; others refuse it (full handshake)
+            _log.warning("the steady-state parent of %r is not shared with other servers: %s",
+                         parent.info.peer_identity, exc)
+
+    def _load_parent(self, handle: bytes) -> None:
+        """A parent another process registered, from the shared state, into this process's memory.
+
+        Outside the lock (a database round trip).  An unknown handle costs that one read; what the
+        parent's connections spend is spent in the shared state, so a parent known in two processes
+        is no weaker than one."""
+        assert self._state is not None
+        try:
+            ticket = self._state.get_ticket(shared.KIND, handle)
+            if ticket is None:
+                return
+            key, suite, info = shared.decode_parent(ticket.secret)
+        except StateError as exc:
+            _log.warning("cannot read a steady-state parent from the shared state: %s (refused: fail closed)", exc)
+            return
+        local = self._keys.source.sae_id if self._keys is not None else None
+        peers = steady_peers(info, local) if suite.qkd else None
+        # Wall-clock expiry (shared by hosts) onto this process's clock.
+        parent = _Parent(key, suite, info, peers, self._clock() + (ticket.expires_at - time.time()))
+        with self._lock:
+            if handle in self._parents:  # another thread loaded it meanwhile
+                parent.erase()
+                return
+            while len(self._parents) >= self.policy.max_sessions:
+                self._parents.popitem(last=False)[1].erase()
+            self._parents[handle] = parent
+            self.stats.loaded += 1
+
     def discard(self, handle: bytes) -> None:
-        """Forget a parent (its own TLS handshake failed)."""
+        """Forget a parent (its own TLS handshake failed), here and in the shared state."""
         with self._lock:
             parent = self._parents.pop(handle, None)
         if parent is not None:
             parent.erase()
+        if self._share:
+            assert self._state is not None
+            try:
+                self._state.drop_ticket(shared.KIND, handle)
+            except StateError as exc:  # it expires there; its connections are refused by its tag's absence here
+                _log.warning("cannot drop a steady-state parent from the shared state: %s", exc)
 
     def clear(self) -> None:
         """Forget every parent (server shutdown)."""
@@ -260,6 +313,12 @@ class SteadyRegistry:
             self._refuse("a malformed steady-state identity")
             return None
         content, body, tag = parsed
+        if self._share:
+            with self._lock:
+                self._purge_locked()
+                known = content.handle in self._parents
+            if not known:
+                self._load_parent(content.handle)
         with self._lock:
             self._purge_locked()
             parent = self._parents.get(content.handle)
