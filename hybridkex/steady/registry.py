@@ -118,6 +118,8 @@ class SteadyStats:
     prefetch_failures: int = 0
     #: Parents read from the shared state (registered by another process or host).
     loaded: int = 0
+    #: Announced QKD keys taken from the shared state (pre-fetched by another process or host).
+    shared_keys: int = 0
 
 
 class SteadyClaim:
@@ -352,6 +354,9 @@ class SteadyRegistry:
                 if all(h is not None for h in held):
                     keys = [h[0] for h in held if h is not None]
                     self.stats.prefetched += 1
+                    if self._share and parent.peers is not None:
+                        peers, used = parent.peers, content.used
+                        workers.submit(lambda: self._unshare_keys(peers, used), lambda _v, _e: None)
                 else:  # announced and being fetched: the claim waits for that fetch, never fetches again
                     fetch = parent.fetching.get(content.used[0])
             self.stats.accepted += 1
@@ -430,8 +435,47 @@ class SteadyRegistry:
                 return [key]
             # The fetch failed (the KME lost the key, or was down): the KME delivers a key once, so
             # a fetch that failed for this ID cannot succeed on demand either unless the KME was down.
+        if self._share and fetch is None:
+            shared_key = self._take_shared(claim, key_id)
+            if shared_key is not None:
+                return [shared_key]
         self.stats.on_demand += 1
         return manager.fetch(claim.request)
+
+    def _take_shared(self, claim: SteadyClaim, key_id: str) -> QKDKey | None:
+        """The announced key another process pre-fetched, taken from the shared state (exactly one
+        taker: a conditional delete), or None: then fetched from the KME on demand."""
+        assert self._state is not None and claim.peers is not None
+        try:
+            ticket = self._state.take_ticket(shared.key_kind(claim.peers.client_sae_id), key_id.encode())
+        except StateError as exc:
+            _log.warning("cannot take QKD key %s from the shared state: %s; fetching it from the KME", key_id, exc)
+            return None
+        if ticket is None:
+            return None
+        self.stats.shared_keys += 1
+        return QKDKey(key_id, ticket.secret)
+
+    def _share_keys(self, peers: SteadyPeers, keys: list[QKDKey]) -> None:
+        """Store pre-fetched announced keys sealed in the shared state: the KME delivers a key once,
+        and the connection that uses it may reach another process (a worker thread, off the path)."""
+        assert self._state is not None
+        expires = time.time() + self.policy.key_lifetime
+        try:
+            for key in keys:
+                self._state.put_ticket(shared.key_kind(peers.client_sae_id), key.key_id.lower().encode(), key.key,
+                                       expires_at=expires)
+        except StateError as exc:  # other processes then fetch on demand and fail: a full handshake
+            _log.warning("pre-fetched QKD keys are not shared with other servers: %s", exc)
+
+    def _unshare_keys(self, peers: SteadyPeers, key_ids: tuple[str, ...]) -> None:
+        """This process used its own pre-fetched key: its shared copy goes (a worker thread)."""
+        assert self._state is not None
+        try:
+            for k in key_ids:
+                self._state.drop_ticket(shared.key_kind(peers.client_sae_id), k.lower().encode())
+        except StateError as exc:  # it expires there (steady.key_lifetime) and its ID is spent: never used
+            _log.warning("cannot drop a used QKD key from the shared state: %s", exc)
 
     def _prefetch(self, claim: SteadyClaim) -> None:
         manager = self._keys
@@ -473,6 +517,8 @@ class SteadyRegistry:
             if error is not None:
                 _log.warning("pre-fetching announced QKD keys of %r failed: %s", claim.info.peer_identity, error)
             fetch.done.set()
+            if self._share and error is None and fetch.keys and claim.peers is not None:
+                self._share_keys(claim.peers, list(fetch.keys.values()))
 
         workers.submit(lambda: manager.fetch(request), done)
 

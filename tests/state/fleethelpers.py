@@ -90,7 +90,7 @@ def serve(kind: str, spec: Spec, out: Any, stop: Any) -> None:
         assert reg is not None
         s = reg.stats
         out.put({"accepted": s.accepted, "refused": s.refused, "replayed": s.replayed, "loaded": s.loaded,
-                 "prefetched": s.prefetched, "on_demand": s.on_demand})
+                 "prefetched": s.prefetched, "on_demand": s.on_demand, "shared_keys": s.shared_keys})
     finally:
         keys.close()
         state.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,3 +73,31 @@ def test_steady_connection_on_another_process_than_the_full_handshake(
     assert sb["loaded"] == 1 and sa["loaded"] == 0  # B read the parent from the state, once
     assert (sa["accepted"], sb["accepted"]) == (1, 4)  # the replays accepted by neither
     assert sa["replayed"] + sb["replayed"] + sa["refused"] + sb["refused"] >= 2
+
+
+def test_announced_keys_prefetched_by_one_process_are_taken_by_another(kme: SimulatedKMEPair, pg: PG) -> None:
+    """With pre-fetching on, each steady connection announces the next one's key; whichever server
+    accepts it fetches that key from the KME (which delivers it once) and shares it sealed: the next
+    connection, on the other server, takes it from PostgreSQL.  Every connection stays steady."""
+    url, psk = pg.new_url(), os.urandom(32)
+    pki_dir = str(kme.pki.directory)
+    fleet = Fleet(["asyncio", "blocking"], Spec(url, pki_dir, kme.url_for("sae-b"), psk, announce=1))
+    used: list[str] = []
+    try:
+        a, b = (("127.0.0.1", p) for p in fleet.ports)
+        client_cfg, _ = configs(pki_dir, psk, SteadyPolicy(announce=1))
+        with key_source(pki_dir, kme.url_for(CLIENT_SAE), CLIENT_SAE) as keys, RecordingProxy(a) as balancer:
+            client = HybridClient(client_cfg, key_source=keys)
+            for i in range(9):
+                balancer.target = (a, b)[i % 2]
+                with client.connect(balancer.address) as sock:
+                    assert echo_once(sock, b"n%d" % i) == b"n%d" % i
+                    if i:
+                        assert sock.session.steady is not None, i
+                        used += sock.session.steady.qkd_key_ids
+                time.sleep(0.2)  # the accepting server's background fetch of the announced key
+            assert (client.full_handshakes, client.steady_connections) == (1, 8)
+    finally:
+        stats = fleet.stats()
+    assert len(set(used)) == len(used) == 8  # every connection its own key, none used twice
+    assert sum(s["shared_keys"] for s in stats) >= 6  # taken from the state, not fetched again
