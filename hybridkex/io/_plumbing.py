@@ -270,7 +270,8 @@ class ServerState:
                 registry if registry is not None else ReconnectRegistry(config.reconnect))
         else:
             self.registry = None
-        self.steady = (SteadyRegistry(config.steady, policy, self.keys, state=config.state)
+        # An asyncio server (loop) calls the shared state from worker threads, never from its loop.
+        self.steady = (SteadyRegistry(config.steady, policy, self.keys, state=config.state, off_loop=loop is not None)
                        if config.steady.enabled else None)
 
     def close(self) -> None:

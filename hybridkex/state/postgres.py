@@ -22,7 +22,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from ..exceptions import StateError, StateReadOnly, StateSchemaError, StateUnavailable, UnsupportedAlgorithm
+from ..exceptions import (
+    ConfigurationError,
+    StateError,
+    StateReadOnly,
+    StateSchemaError,
+    StateUnavailable,
+    UnsupportedAlgorithm,
+)
 from . import base
 from .base import SCHEMA_VERSION, Sealer, StateBase
 from .pgkeys import PostgresAuthKeyStore
@@ -128,6 +135,21 @@ RETRY_AFTER: Final = 0.5
 _SCHEMA_LOCK: Final = 0x484B5853
 
 
+def _pool_class() -> Any:
+    try:
+        from psycopg_pool import ConnectionPool  # noqa: PLC0415 - optional, as psycopg
+    except ImportError:  # pragma: no cover - psycopg-pool is in the [postgresql] and [test] extras
+        raise UnsupportedAlgorithm('the PostgreSQL state backend needs psycopg-pool: pip install '
+                                   '"hybridkex[postgresql]"') from None
+    return ConnectionPool
+
+
+def _pool_timeout() -> type[Exception]:
+    from psycopg_pool import PoolTimeout  # noqa: PLC0415 - imported with the pool
+
+    return PoolTimeout
+
+
 def _psycopg() -> Any:
     try:
         import psycopg  # noqa: PLC0415 - optional: only a PostgreSQL state needs it installed
@@ -138,38 +160,41 @@ def _psycopg() -> Any:
 
 
 class PostgresState(StateBase):
-    """:class:`~hybridkex.state.SharedState` in a PostgreSQL database (thread-safe; one connection,
-    re-established after the server restarts).
+    """:class:`~hybridkex.state.SharedState` in a PostgreSQL database (thread-safe: a psycopg_pool
+    pool of connections, each re-established after the server restarts).
 
     Args:
         url: ``postgresql://user@host/db`` (libpq URI or ``key=value`` string).
         seal_key: the host's 32-byte state key: tickets and recycled keys are stored only sealed under it.
         migrate: bring an older schema to this version (otherwise StateSchemaError).
-        connect_timeout: seconds to wait for the server (libpq ``connect_timeout``); after a failed
-            attempt, calls fail at once for :data:`RETRY_AFTER` seconds.
+        connect_timeout: seconds to wait for the server (libpq ``connect_timeout``, and for a pooled
+            connection); after a failed attempt, calls fail at once for :data:`RETRY_AFTER` seconds.
+        pool_size: connections at most (one per thread in a database call at once; one is kept open).
     """
 
     backend = "postgresql"
 
     def __init__(self, url: str, *, seal_key: bytes | None = None, migrate: bool = False, max_keys: int = 8,
-                 grace: float = 60.0, connect_timeout: int = 2) -> None:
+                 grace: float = 60.0, connect_timeout: int = 2, pool_size: int = 4) -> None:
         self._pg = _psycopg()
         self._url = url
         self.where = base.redact_url(url)
         self._timeout = connect_timeout
         self._sealer = Sealer(seal_key) if seal_key is not None else None
-        self._lock = threading.Lock()
-        self._conn: psycopg.Connection[Any] | None = None
         self._max_keys, self._grace = max_keys, grace
         self._keys: PostgresAuthKeyStore | None = None
         self._down: tuple[float, StateError] | None = None  # (until, error) after a failed connection
-        with self._lock:
-            conn = self._connect()
-            try:
-                self._init_schema(conn, migrate)
-            except BaseException:
-                self._drop()
-                raise
+        if not 1 <= pool_size <= 256:
+            raise ConfigurationError("must be 1..256", field="pool_size")
+        self._size = pool_size
+        conn = self._connect()  # the schema check on a connection of its own: its errors are one line
+        try:
+            self._init_schema(conn, migrate)
+        finally:
+            with contextlib.suppress(self._pg.Error):
+                conn.close()
+        self._renew = threading.Lock()
+        self._pool = self._new_pool()
 
     def __repr__(self) -> str:
         return f"PostgresState({self.where!r})"
@@ -177,8 +202,7 @@ class PostgresState(StateBase):
     # -- connection and errors ----------------------------------------------------------------------
 
     def _connect(self) -> psycopg.Connection[Any]:
-        if self._down is not None and time.monotonic() < self._down[0]:
-            raise type(self._down[1])(str(self._down[1]))
+        """A connection of its own (the schema check; the reason a pool cannot connect)."""
         try:
             conn = self._pg.connect(self._url, autocommit=True, connect_timeout=self._timeout,
                                     application_name="hybridkex")
@@ -187,14 +211,7 @@ class PostgresState(StateBase):
             self._down = (time.monotonic() + RETRY_AFTER, error)
             raise error from None
         self._down = None
-        self._conn = conn
         return conn  # type: ignore[no-any-return]
-
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(self._pg.Error):  # closing a broken connection
-                conn.close()
 
     def _error(self, exc: BaseException, what: str) -> StateError:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -209,30 +226,59 @@ class PostgresState(StateBase):
         return StateError(f"the PostgreSQL state database {self.where} refused to {what}: {text}")
 
     def run(self, what: str, fn: Callable[[psycopg.Connection[Any]], T], *, single: bool = False) -> T:
-        """``fn(conn)`` in one transaction (``single``: ``fn`` runs one statement, its own transaction,
-        saving the BEGIN and COMMIT round trips).  A connection that broke since its last use (the server
-        restarted) is replaced once; a failure on a fresh connection is the caller's error.  Retrying
-        after a commit whose answer was lost is safe: a spend then finds its IDs spent and refuses
-        (fail closed), it never accepts twice."""
-        with self._lock:
-            for attempt in range(2):
-                fresh = self._conn is None
-                conn = self._connect() if fresh else self._conn
-                assert conn is not None
-                try:
+        """``fn(conn)`` on a pooled connection, in one transaction (``single``: ``fn`` runs one
+        statement, its own transaction, saving the BEGIN and COMMIT round trips).  A pooled
+        connection that broke since its last use (the server restarted) is discarded by the pool and
+        the call runs on the next; a failure on every one is the caller's error.  Retrying after a
+        commit whose answer was lost is safe: a spend then finds its IDs spent and refuses (fail
+        closed), it never accepts twice."""
+        down = self._down
+        if down is not None and time.monotonic() < down[0]:
+            raise type(down[1])(str(down[1]))
+        timeout_error = _pool_timeout()
+        for attempt in range(self._size + 1):
+            try:
+                with self._pool.connection(timeout=self._timeout) as conn:
                     if single:
                         return fn(conn)
                     with conn.transaction():
                         return fn(conn)
-                except self._pg.OperationalError as exc:
-                    self._drop()
-                    if fresh or attempt:
-                        raise self._error(exc, what) from None
-                except self._pg.Error as exc:
-                    if conn.broken:
-                        self._drop()
+            except timeout_error:
+                return self._direct(what, fn, single=single)
+            except self._pg.OperationalError as exc:
+                if attempt == self._size:
                     raise self._error(exc, what) from None
-            raise AssertionError("unreachable")  # pragma: no cover
+            except self._pg.Error as exc:
+                raise self._error(exc, what) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _direct(self, what: str, fn: Callable[[psycopg.Connection[Any]], T], *, single: bool) -> T:
+        """The pool gave no connection in time: one direct attempt, which says why in one line if the
+        server is down.  If it is up again, the pool is still backing off its reconnects: this call
+        runs on the direct connection and a fresh pool (no back-off) serves the next ones."""
+        conn = self._connect()
+        with self._renew:
+            old, self._pool = self._pool, self._new_pool()
+        threading.Thread(target=old.close, name="hybridkex-state-pool-close", daemon=True).start()
+        try:
+            if single:
+                return fn(conn)
+            with conn.transaction():
+                return fn(conn)
+        except self._pg.Error as exc:
+            raise self._error(exc, what) from None
+        finally:
+            with contextlib.suppress(self._pg.Error):
+                conn.close()
+
+    def _new_pool(self) -> Any:
+        pool = _pool_class()(
+            self._url, min_size=1, max_size=self._size, open=False, timeout=self._timeout, name="hybridkex-state",
+            # Every call is one statement or one explicit transaction: autocommit saves BEGIN/COMMIT
+            # round trips.  psycopg prepares a statement after its 5th use on a connection.
+            kwargs={"autocommit": True, "connect_timeout": self._timeout, "application_name": "hybridkex"})
+        pool.open(wait=False)
+        return pool
 
     def _init_schema(self, conn: psycopg.Connection[Any], migrate: bool) -> None:
         try:
@@ -371,8 +417,7 @@ class PostgresState(StateBase):
         return self._keys
 
     def close(self) -> None:
-        with self._lock:
-            self._drop()
+        self._pool.close()
 
     def __enter__(self) -> PostgresState:
         return self

@@ -19,6 +19,7 @@ connection that reaches another process or host than its full handshake's is acc
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -191,13 +192,17 @@ class SteadyRegistry:
     """
 
     def __init__(self, policy: SteadyPolicy, qkd: Policy, keys: QKDKeyManager | None, *,
-                 clock: Callable[[], float] = time.monotonic, state: SharedState | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, state: SharedState | None = None,
+                 off_loop: bool = False) -> None:
         self.policy = policy
         self._qkd = qkd
         self._keys = keys
         self._state = state
         # Parents are shared only sealed: a state without a key spends counters but keeps no parent.
         self._share = state is not None and state.can_seal
+        #: The server is asyncio: its driver runs claims on a worker thread (a StateCall), and the
+        #: parents' writes (register, discard) go to a worker thread too.
+        self.off_loop = off_loop and state is not None
         self._clock = clock
         self._lock = threading.Lock()
         self._parents: OrderedDict[bytes, _Parent] = OrderedDict()  # insertion order is expiry order
@@ -227,19 +232,23 @@ class SteadyRegistry:
             self._parents[handle] = parent
             self.stats.registered += 1
         if self._share:
-            self._put_parent(handle, parent)
+            blob = shared.encode_parent(bytes(parent.key), parent.suite, parent.info)
+            put = functools.partial(self._put_parent, handle, blob, parent.info.peer_identity,
+                                    time.time() + self.policy.lifetime)
+            self._in_background(put) if self.off_loop else put()
         return handle
 
-    def _put_parent(self, handle: bytes, parent: _Parent) -> None:
+    @staticmethod
+    def _in_background(fn: Callable[[], object]) -> None:
+        workers.submit(fn, lambda _value, _error: None)  # fn logs its own failures
+
+    def _put_parent(self, handle: bytes, blob: bytes, peer: str, expires_at: float) -> None:
         """Store the parent in the shared state, so another process or host accepts its connections."""
         assert self._state is not None
         try:
-            self._state.put_ticket(shared.KIND, handle, shared.encode_parent(bytes(parent.key), parent.suite,
-                                                                             parent.info),
-                                   expires_at=time.time() + self.policy.lifetime)
+            self._state.put_ticket(shared.KIND, handle, blob, expires_at=expires_at)
         except StateError as exc:  # this process still serves it; others refuse it (full handshake)
-            _log.warning("the steady-state parent of %r is not shared with other servers: %s",
-                         parent.info.peer_identity, exc)
+            _log.warning("the steady-state parent of %r is not shared with other servers: %s", peer, exc)
 
     def _load_parent(self, handle: bytes) -> None:
         """A parent another process registered, from the shared state, into this process's memory.
@@ -276,11 +285,15 @@ class SteadyRegistry:
         if parent is not None:
             parent.erase()
         if self._share:
-            assert self._state is not None
-            try:
-                self._state.drop_ticket(shared.KIND, handle)
-            except StateError as exc:  # it expires there; its connections are refused by its tag's absence here
-                _log.warning("cannot drop a steady-state parent from the shared state: %s", exc)
+            drop = functools.partial(self._drop_parent, handle)
+            self._in_background(drop) if self.off_loop else drop()
+
+    def _drop_parent(self, handle: bytes) -> None:
+        assert self._state is not None
+        try:
+            self._state.drop_ticket(shared.KIND, handle)
+        except StateError as exc:  # it expires there (steady.lifetime)
+            _log.warning("cannot drop a steady-state parent from the shared state: %s", exc)
 
     def clear(self) -> None:
         """Forget every parent (server shutdown)."""
@@ -355,8 +368,7 @@ class SteadyRegistry:
                     keys = [h[0] for h in held if h is not None]
                     self.stats.prefetched += 1
                     if self._share and parent.peers is not None:
-                        peers, used = parent.peers, content.used
-                        workers.submit(lambda: self._unshare_keys(peers, used), lambda _v, _e: None)
+                        self._in_background(functools.partial(self._unshare_keys, parent.peers, content.used))
                 else:  # announced and being fetched: the claim waits for that fetch, never fetches again
                     fetch = parent.fetching.get(content.used[0])
             self.stats.accepted += 1

@@ -87,9 +87,11 @@ def test_postgresql_restart_mid_run(pg: PG) -> None:
     def restart() -> None:
         time.sleep(0.7)
         pg.stop()
-        time.sleep(1.0)  # down for a while: every worker meets it
+        # Down for longer than a pooled call waits for a connection (connect_timeout, 2 s): every
+        # worker meets the error (a shorter outage is ridden out by waiting).
+        time.sleep(2.5)
         pg.start()
-        time.sleep(1.5)  # and back: every worker recovers
+        time.sleep(2.5)  # and back: every worker recovers (the pool's reconnect back-off is bypassed)
         stop.set()
 
     out = statehelpers.race(statehelpers.restart_worker, [(url, "qkd:kme", stop)] * 3, during=restart)
