@@ -214,11 +214,11 @@ class _Setup:
         """The driver gave up while a call was outstanding (undo what the call's plan reserved)."""
 
     def _advance(self) -> SetupEvent:
-        if self._pending is not None:
-            raise LocalProtocolError(f"{self._pending[0].what} has not been answered yet (call_done/call_failed)")
-        if self._answered is not None:
+        if self._answered is not None:  # first: an answer's continuation may itself be the next call
             event, self._answered = self._answered, None
             return event
+        if self._pending is not None:
+            raise LocalProtocolError(f"{self._pending[0].what} has not been answered yet (call_done/call_failed)")
         stage = self._stage
         if stage is None:
             return self._begin()
