@@ -306,7 +306,7 @@ class PostgresState(StateBase):
                 if 0 < version < SCHEMA_VERSION and not migrate:
                     raise StateSchemaError(f"the PostgreSQL state database {self.where} has schema version {version}; "
                                            f"this hybridkex needs {SCHEMA_VERSION}: migrate it once, after upgrading "
-                                           "every server (open_state(url, migrate=True))")
+                                           "every server (hybridkex state migrate --url URL)")
                 for v in range(version + 1, SCHEMA_VERSION + 1):
                     for statement in MIGRATIONS[v - 1]:
                         conn.execute(statement)

@@ -95,6 +95,10 @@ class SQLiteState(StateBase):
                 db.execute("ROLLBACK")
             raise
 
+    def schema_version(self) -> int:
+        return int(self._read("read the schema version",
+                              lambda db: db.execute("SELECT version FROM state_schema").fetchone()[0]))
+
     def _error(self, exc: sqlite3.Error, what: str) -> StateError:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "readonly" in text or "read-only" in text:
