@@ -34,7 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from hybridkex import Policy, QKDConfig
-from hybridkex.api import ClientConfig, HybridClient, HybridServer, HybridSocket, ServerConfig, start_server
+from hybridkex.api import (
+    ClientConfig,
+    HybridClient,
+    HybridServer,
+    HybridSocket,
+    ServerConfig,
+    SteadyPolicy,
+    start_server,
+)
 from hybridkex.bench.stats import quantile
 from hybridkex.protocol import InitiatorConfig, PSKAuthenticator, ResponderConfig
 from hybridkex.qkd import MemoryKeyLink
@@ -43,13 +51,14 @@ from hybridkex.state import SharedState, open_state
 SEAL_KEY = os.urandom(32)
 
 
-def configs(link: MemoryKeyLink) -> tuple[ClientConfig, ServerConfig]:
+def configs(link: MemoryKeyLink, announce: int | None = None) -> tuple[ClientConfig, ServerConfig]:
     psk = os.urandom(32)
     ini = InitiatorConfig("bench-client", [PSKAuthenticator({"bench-server": psk})], Policy(),
                           QKDConfig("sae-c", "kme-c"), peer_identity="bench-server")
     res = ResponderConfig("bench-server", [PSKAuthenticator({"bench-client": psk})], Policy(),
                           QKDConfig("sae-s", "kme-s"))
-    return ClientConfig(ini), ServerConfig(res)
+    steady = SteadyPolicy() if announce is None else SteadyPolicy(announce=announce)
+    return ClientConfig(ini, steady=steady), ServerConfig(res, steady=steady)
 
 
 def echo_one(conn: HybridSocket, address: Any) -> None:
@@ -123,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--quick", action="store_true", help="a smoke run (n=10, one round)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--announce", type=int, help="steady.announce (default: the policy's; 0: no pre-fetch, "
+                        "each key fetched on demand, so no announced key is shared through the state)")
     args = parser.parse_args(argv)
     n, rounds = (10, 1) if args.quick else (args.n, args.rounds)
 
@@ -144,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         async_pg = open_state(async_url, seal_key=SEAL_KEY)
         link = MemoryKeyLink(("kme-c", "kme-s"), max_keys=10_000_000)
-        client_cfg, server_cfg = configs(link)
+        client_cfg, server_cfg = configs(link, args.announce)
         servers, clients = {}, {}
         for name, state in states.items():
             cfg = dataclasses.replace(server_cfg, state=state)
@@ -208,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                        "per_round": [round(r - 1, 3) for r in ratios], "target": 0.10, "met": pq / sq - 1 <= 0.10,
                        "sqlite_over_none": round(sq / none - 1, 3)}
     results["max_event_loop_stall_ms"] = stall
-    results["conditions"] = {"n": n, "rounds": rounds, "cpus": os.cpu_count(), "load": os.getloadavg(),
-                             "python": sys.version.split()[0]}
+    results["conditions"] = {"n": n, "rounds": rounds, "announce": args.announce, "cpus": os.cpu_count(),
+                             "load": os.getloadavg(), "python": sys.version.split()[0]}
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

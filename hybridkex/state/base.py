@@ -116,6 +116,11 @@ class SharedState(Protocol):
         """:meth:`get_ticket` and :meth:`drop_ticket` in one statement: exactly one caller gets it."""
         ...
 
+    def swap_tickets(self, kind: str, put: Sequence[tuple[bytes, bytes]], drop: Sequence[bytes] = (), *,
+                     expires_at: float) -> None:
+        """Store tickets ``put`` and forget tickets ``drop`` of one kind, in one transaction."""
+        ...
+
     def drop_ticket(self, kind: str, handle: bytes) -> bool:
         """Forget a ticket; whether there was one."""
         ...
@@ -175,6 +180,10 @@ class StateBase:
         raise NotImplementedError
 
     def _drop_ticket(self, kind: str, handle: bytes) -> bool:
+        raise NotImplementedError
+
+    def _swap_tickets(self, kind: str, put: list[tuple[bytes, bytes]], drop: list[bytes], expires_at: float) -> None:
+        """Insert (or replace) ``put`` (handle, sealed secret) and delete ``drop``, in one transaction."""
         raise NotImplementedError
 
     def _purge(self, t: float, spent_before: float | None) -> int:
@@ -249,6 +258,15 @@ class StateBase:
 
     def drop_ticket(self, kind: str, handle: bytes) -> bool:
         return self._drop_ticket(check_name("kind", kind), bytes(handle))
+
+    def swap_tickets(self, kind: str, put: Sequence[tuple[bytes, bytes]], drop: Sequence[bytes] = (), *,
+                     expires_at: float) -> None:
+        """Store the tickets ``put`` ((handle, secret), no meta) and forget ``drop``: one transaction,
+        one commit (a server's announced keys in, the ones it used out)."""
+        check_name("kind", kind)
+        sealer = self.sealer()
+        sealed = [(bytes(h), sealer.seal(aad("ticket", kind, h, b""), secret)) for h, secret in put]
+        self._swap_tickets(kind, sealed, [bytes(h) for h in drop], float(expires_at))
 
     def purge(self, *, spent_before: float | None = None) -> int:
         return int(self._purge(now(), spent_before))

@@ -402,6 +402,16 @@ class PostgresState(StateBase):
         return bool(self.run("drop a ticket", lambda c: c.execute(
             "DELETE FROM state_tickets WHERE kind = %s AND handle = %s", (kind, handle)).rowcount, single=True))
 
+    def _swap_tickets(self, kind: str, put: list[tuple[bytes, bytes]], drop: list[bytes], expires_at: float) -> None:
+        def go(c: psycopg.Connection[Any]) -> None:
+            if drop:
+                c.execute("DELETE FROM state_tickets WHERE kind = %s AND handle = ANY(%s)", (kind, drop))
+            for h, blob in put:
+                c.execute("INSERT INTO state_tickets VALUES (%s, %s, %s, %s, %s) ON CONFLICT (kind, handle) DO UPDATE "
+                          "SET secret = EXCLUDED.secret, meta = EXCLUDED.meta, expires_at = EXCLUDED.expires_at",
+                          (kind, h, blob, b"", expires_at))
+        self.run("store tickets", go, single=not put or (len(put) == 1 and not drop))
+
     def _purge(self, t: float, spent_before: float | None) -> int:
         def go(c: psycopg.Connection[Any]) -> int:
             n = c.execute("DELETE FROM state_tickets WHERE expires_at <= %s", (t,)).rowcount

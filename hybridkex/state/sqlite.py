@@ -229,6 +229,12 @@ class SQLiteState(StateBase):
         with self._write("drop a ticket") as db:
             return bool(db.execute("DELETE FROM state_tickets WHERE kind=? AND handle=?", (kind, handle)).rowcount)
 
+    def _swap_tickets(self, kind: str, put: list[tuple[bytes, bytes]], drop: list[bytes], expires_at: float) -> None:
+        with self._write("store tickets") as db:
+            db.executemany("DELETE FROM state_tickets WHERE kind=? AND handle=?", [(kind, h) for h in drop])
+            db.executemany("INSERT OR REPLACE INTO state_tickets VALUES (?,?,?,?,?)",
+                           [(kind, h, blob, b"", expires_at) for h, blob in put])
+
     def _purge(self, t: float, spent_before: float | None) -> int:
         with self._write("purge expired state") as db:
             n = db.execute("DELETE FROM state_tickets WHERE expires_at <= ?", (t,)).rowcount

@@ -206,6 +206,7 @@ class SteadyRegistry:
         self._clock = clock
         self._lock = threading.Lock()
         self._parents: OrderedDict[bytes, _Parent] = OrderedDict()  # insertion order is expiry order
+        self._used_shared: dict[str, list[str]] = {}  # kind -> key IDs used here whose shared copy goes next
         self.stats = SteadyStats()
 
     def __repr__(self) -> str:
@@ -368,7 +369,7 @@ class SteadyRegistry:
                     keys = [h[0] for h in held if h is not None]
                     self.stats.prefetched += 1
                     if self._share and parent.peers is not None:
-                        self._in_background(functools.partial(self._unshare_keys, parent.peers, content.used))
+                        self._unshare_later(parent.peers, content.used)
                 else:  # announced and being fetched: the claim waits for that fetch, never fetches again
                     fetch = parent.fetching.get(content.used[0])
             self.stats.accepted += 1
@@ -470,24 +471,35 @@ class SteadyRegistry:
 
     def _share_keys(self, peers: SteadyPeers, keys: list[QKDKey]) -> None:
         """Store pre-fetched announced keys sealed in the shared state: the KME delivers a key once,
-        and the connection that uses it may reach another process (a worker thread, off the path)."""
+        and the connection that uses it may reach another process (a worker thread, off the path).
+        The shared copies of keys this process used itself go in the same transaction (one commit)."""
         assert self._state is not None
+        kind = shared.key_kind(peers.client_sae_id)
+        with self._lock:
+            drop = self._used_shared.pop(kind, [])
         expires = time.time() + self.policy.key_lifetime
         try:
-            for key in keys:
-                self._state.put_ticket(shared.key_kind(peers.client_sae_id), key.key_id.lower().encode(), key.key,
-                                       expires_at=expires)
+            self._state.swap_tickets(kind, [(k.key_id.lower().encode(), k.key) for k in keys],
+                                     [k.lower().encode() for k in drop], expires_at=expires)
         except StateError as exc:  # other processes then fetch on demand and fail: a full handshake
             _log.warning("pre-fetched QKD keys are not shared with other servers: %s", exc)
 
-    def _unshare_keys(self, peers: SteadyPeers, key_ids: tuple[str, ...]) -> None:
-        """This process used its own pre-fetched key: its shared copy goes (a worker thread)."""
+    def _unshare_later(self, peers: SteadyPeers, key_ids: tuple[str, ...]) -> None:
+        """This process used its own pre-fetched key: its shared copy goes with the next share (whose
+        transaction it joins), or, if too many wait, now on a worker thread.  Called with the lock."""
+        kind = shared.key_kind(peers.client_sae_id)
+        waiting = self._used_shared.setdefault(kind, [])
+        waiting.extend(key_ids)
+        if len(waiting) >= MAX_HELD:
+            self._used_shared[kind] = []
+            self._in_background(functools.partial(self._swap, kind, waiting))
+
+    def _swap(self, kind: str, drop: list[str]) -> None:
         assert self._state is not None
         try:
-            for k in key_ids:
-                self._state.drop_ticket(shared.key_kind(peers.client_sae_id), k.lower().encode())
-        except StateError as exc:  # it expires there (steady.key_lifetime) and its ID is spent: never used
-            _log.warning("cannot drop a used QKD key from the shared state: %s", exc)
+            self._state.swap_tickets(kind, [], [k.lower().encode() for k in drop], expires_at=0.0)
+        except StateError as exc:  # they expire there (steady.key_lifetime), their IDs spent: never used
+            _log.warning("cannot drop used QKD keys from the shared state: %s", exc)
 
     def _prefetch(self, claim: SteadyClaim) -> None:
         manager = self._keys
