@@ -255,10 +255,12 @@ class ReconnectLookup:
 class ServerState:
     """What a server keeps across connections: config, key manager, steady-state and reconnect registries.
 
-    ``loop``: the event loop an asyncio key source's coroutines run on (asyncio servers only)."""
+    ``loop``: the event loop an asyncio key source's coroutines run on (asyncio servers only);
+    ``loop_driven``: the connections are driven by an event loop (default: when ``loop`` is given), so
+    the shared state is called from worker threads."""
 
     def __init__(self, config: ServerConfig, key_source: KeySourceArg, registry: ReconnectRegistry | None = None,
-                 *, loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 *, loop: asyncio.AbstractEventLoop | None = None, loop_driven: bool | None = None) -> None:
         policy = config.handshake.policy
         if policy.uses_qkd and key_source is None:
             raise ConfigurationError(f"the policy's QKD mode is {policy.qkd.value!r} but no key source was given",
@@ -271,7 +273,8 @@ class ServerState:
         else:
             self.registry = None
         # An asyncio server (loop) calls the shared state from worker threads, never from its loop.
-        self.steady = (SteadyRegistry(config.steady, policy, self.keys, state=config.state, off_loop=loop is not None)
+        off_loop = loop is not None if loop_driven is None else loop_driven
+        self.steady = (SteadyRegistry(config.steady, policy, self.keys, state=config.state, off_loop=off_loop)
                        if config.steady.enabled else None)
 
     def close(self) -> None:
