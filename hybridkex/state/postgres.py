@@ -427,7 +427,7 @@ class PostgresState(StateBase):
         return self._keys
 
     def close(self) -> None:
-        self._pool.close()
+        self._pool.close(timeout=1.0)  # its workers may be backing off a down server: do not wait 5 s
 
     def __enter__(self) -> PostgresState:
         return self
