@@ -269,7 +269,7 @@ class ServerState:
         self.keys = key_manager(key_source, policy, long_lived=True, loop=loop)
         if config.reconnect.enabled:
             self.registry: ReconnectRegistry | None = (
-                registry if registry is not None else ReconnectRegistry(config.reconnect))
+                registry if registry is not None else ReconnectRegistry(config.reconnect, state=config.state))
         else:
             self.registry = None
         # An asyncio server (loop) calls the shared state from worker threads, never from its loop.

@@ -20,7 +20,7 @@ from ..exceptions import HybridKEXError, StateError
 from ..protocol import Component, SessionInfo
 from ..suites import Suite, get_suite
 
-__all__ = ["KIND", "decode_parent", "encode_parent", "key_kind"]
+__all__ = ["KIND", "decode_facts", "decode_parent", "encode_parent", "key_kind"]
 
 #: Ticket kind of a steady-state parent.
 KIND: Final = "steady"
@@ -40,16 +40,25 @@ def encode_parent(key: bytes, suite: Suite, info: SessionInfo) -> bytes:
 
 def decode_parent(blob: bytes) -> tuple[bytes, Suite, SessionInfo]:
     """The parent a ticket names: (authentication key, suite, facts).  StateError if malformed."""
+    n = int.from_bytes(blob[:2], "big")
+    key = blob[2:2 + n]
+    if len(key) != n:
+        raise StateError("a steady-state parent in the shared state is malformed (truncated)")
+    suite, info = decode_facts(blob[2 + n:])
+    return bytes(key), suite, info
+
+
+def decode_facts(text: bytes) -> tuple[Suite, SessionInfo]:
+    """A parent's suite and facts, as :func:`encode_parent` (and reconnect parents) store them."""
     try:
-        n = int.from_bytes(blob[:2], "big")
-        key, facts = blob[2:2 + n], json.loads(blob[2 + n:])
-        if len(key) != n or not isinstance(facts, dict):
-            raise ValueError("truncated")
+        facts = json.loads(text)
+        if not isinstance(facts, dict):
+            raise ValueError("not an object")
         d: dict[str, Any] = dict(facts["info"])
         d["components"] = tuple(Component(**c) for c in d["components"])
         for name in _TUPLES:
             d[name] = tuple(d.get(name, ()))
-        return bytes(key), get_suite(str(facts["suite"])), SessionInfo(**d)
+        return get_suite(str(facts["suite"])), SessionInfo(**d)
     except (ValueError, TypeError, KeyError) as exc:
         raise StateError(f"a steady-state parent in the shared state is malformed ({exc})") from None
     except HybridKEXError as exc:  # an unknown or retired suite name

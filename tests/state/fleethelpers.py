@@ -12,7 +12,15 @@ from typing import Any
 from statehelpers import SEAL_KEY
 
 from hybridkex import Policy, QKDConfig, Timeouts
-from hybridkex.api import ClientConfig, HybridServer, HybridSocket, ServerConfig, SteadyPolicy, start_server
+from hybridkex.api import (
+    ClientConfig,
+    HybridServer,
+    HybridSocket,
+    ReconnectPolicy,
+    ServerConfig,
+    SteadyPolicy,
+    start_server,
+)
 from hybridkex.protocol import InitiatorConfig, PSKAuthenticator, ResponderConfig
 from hybridkex.qkd.client import ETSI014Client, certificate_common_name
 from hybridkex.qkd.pki import DemoPKI
@@ -34,12 +42,18 @@ def key_source(pki_dir: str, url: str, sae: str) -> ETSI014Client:
                          kme_id=kme_a if sae == CLIENT_SAE else kme_b)
 
 
-def configs(pki_dir: str, psk: bytes, steady: SteadyPolicy) -> tuple[ClientConfig, ServerConfig]:
+def configs(pki_dir: str, psk: bytes, steady: SteadyPolicy, *, reconnect: bool = False) -> tuple[ClientConfig,
+                                                                                                  ServerConfig]:
+    """Matching configurations; ``reconnect``: the steady state off and reconnect tickets on instead."""
     kme_a, kme_b = kme_ids(pki_dir)
     policy = Policy(qkd="required", timeouts=Timeouts(handshake=10.0, kme=5.0))
     ini = InitiatorConfig(CLIENT_ID, (PSKAuthenticator({SERVER_ID: psk}),), policy, QKDConfig(CLIENT_SAE, kme_a),
                           peer_identity=SERVER_ID)
     res = ResponderConfig(SERVER_ID, (PSKAuthenticator({CLIENT_ID: psk}),), policy, QKDConfig(SERVER_SAE, kme_b))
+    if reconnect:
+        steady, rc = SteadyPolicy(enabled=False), ReconnectPolicy(enabled=True)
+        return (ClientConfig(ini, steady=steady, reconnect=rc, timeout=10.0),
+                ServerConfig(res, steady=steady, reconnect=rc, timeout=10.0))
     return ClientConfig(ini, steady=steady, timeout=10.0), ServerConfig(res, steady=steady, timeout=10.0)
 
 
@@ -64,13 +78,14 @@ class Spec:
     kme_url: str
     psk: bytes = dataclasses.field(repr=False)
     announce: int = 0
+    reconnect: bool = False
 
 
 def serve(kind: str, spec: Spec, out: Any, stop: Any) -> None:
     """One server process: ``kind`` "blocking" (HybridServer) or "asyncio"; its port, then its steady
     registry's stats, go to ``out``."""
     state = open_state(spec.state_url, seal_key=SEAL_KEY)
-    _, server_cfg = configs(spec.pki_dir, spec.psk, SteadyPolicy(announce=spec.announce))
+    _, server_cfg = configs(spec.pki_dir, spec.psk, SteadyPolicy(announce=spec.announce), reconnect=spec.reconnect)
     cfg = dataclasses.replace(server_cfg, state=state)
     keys = key_source(spec.pki_dir, spec.kme_url, SERVER_SAE)
     try:
@@ -78,19 +93,19 @@ def serve(kind: str, spec: Spec, out: Any, stop: Any) -> None:
             with HybridServer(("127.0.0.1", 0), cfg, _echo, key_source=keys).start(poll_interval=0.05) as srv:
                 out.put(srv.server_address[1])
                 stop.wait(120)
-                reg = srv.steady_registry
+                reg: Any = (srv.steady_registry if srv.steady_registry is not None else srv.reconnect_registry)
         else:
             async def main() -> Any:
                 srv = await start_server(_aecho, "127.0.0.1", 0, cfg, key_source=keys)
                 out.put(srv.sockets[0].getsockname()[1])
                 await asyncio.get_running_loop().run_in_executor(None, stop.wait, 120)
                 srv.close()
-                return srv.steady_registry
+                return (srv.steady_registry if srv.steady_registry is not None else srv.reconnect_registry)
             reg = asyncio.run(main())
         assert reg is not None
         s = reg.stats
-        out.put({"accepted": s.accepted, "refused": s.refused, "replayed": s.replayed, "loaded": s.loaded,
-                 "prefetched": s.prefetched, "on_demand": s.on_demand, "shared_keys": s.shared_keys})
+        out.put({k: getattr(s, k, 0) for k in ("accepted", "refused", "replayed", "loaded", "prefetched", "on_demand",
+                                                "shared_keys", "unknown")})
     finally:
         keys.close()
         state.close()

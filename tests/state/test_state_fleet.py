@@ -101,3 +101,30 @@ def test_announced_keys_prefetched_by_one_process_are_taken_by_another(kme: Simu
         stats = fleet.stats()
     assert len(set(used)) == len(used) == 8  # every connection its own key, none used twice
     assert sum(s["shared_keys"] for s in stats) >= 6  # taken from the state, not fetched again
+
+
+def test_reconnect_on_another_process_than_the_full_handshake(kme: SimulatedKMEPair, pg: PG) -> None:
+    """Reconnect tickets (the steady state off): the parent's per-reconnect tags and PSKs are shared
+    sealed, every counter is spent in PostgreSQL: a reconnect on B is accepted, its replay refused."""
+    url, psk = pg.new_url(), os.urandom(32)
+    pki_dir = str(kme.pki.directory)
+    fleet = Fleet(["blocking", "asyncio"], Spec(url, pki_dir, kme.url_for("sae-b"), psk, reconnect=True))
+    try:
+        a, b = (("127.0.0.1", p) for p in fleet.ports)
+        client_cfg, _ = configs(pki_dir, psk, SteadyPolicy(), reconnect=True)
+        with key_source(pki_dir, kme.url_for(CLIENT_SAE), CLIENT_SAE) as keys, RecordingProxy(a) as balancer:
+            client = HybridClient(client_cfg, key_source=keys)
+            with client.connect(balancer.address) as sock:  # the full handshake, on A
+                assert echo_once(sock, b"full") == b"full" and not sock.session.reconnect
+            for i, target in enumerate((b, b, a)):
+                balancer.target = target
+                with client.connect(balancer.address) as sock:
+                    assert sock.session.reconnect, i
+                    assert echo_once(sock, b"r%d" % i) == b"r%d" % i
+            replay = balancer.client_flights[2]  # B's second reconnect
+            assert replay[0] == 0x16
+            assert _refused(b, replay) and _refused(a, replay)
+            assert (client.full_handshakes, client.reconnects) == (1, 3)
+    finally:
+        stats = fleet.stats()
+    assert (stats[0]["accepted"], stats[1]["accepted"]) == (1, 2)  # the replays accepted by neither
