@@ -31,6 +31,7 @@ COMMANDS: tuple[str, ...] = (
     "pki",
     "kme",
     "recycle",
+    "state",
     "genpsk",
     "bench",
 )

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .reconnect import ReconnectTicket
 
 __all__ = ["NEED_DATA", "BlockingCall", "Established", "Failed", "HandshakeDone", "QKDRequest", "RunHooks",
-           "SetupEvent"]
+           "SetupEvent", "StateCall"]
 
 
 class BlockingCall:
@@ -44,6 +44,16 @@ class QKDRequest(BlockingCall):
     def __init__(self, fn: Callable[[], Any], timeout: float, request: QKDKeysRequired | QKDKeysByIdRequired) -> None:
         super().__init__(fn, timeout, "the QKD key source")
         self.request = request
+
+
+class StateCall(BlockingCall):
+    """Read or spend in the shared state (:mod:`hybridkex.state`): a database round trip, which an
+    asyncio server makes on a worker thread rather than on its event loop."""
+
+    __slots__ = ()
+
+    def __init__(self, fn: Callable[[], Any], timeout: float) -> None:
+        super().__init__(fn, timeout, "the shared state")
 
 
 class RunHooks(BlockingCall):
@@ -87,4 +97,4 @@ class Failed:
     await_peer_close: bool = False
 
 
-SetupEvent = Sentinel | QKDRequest | RunHooks | HandshakeDone | Established | Failed
+SetupEvent = Sentinel | QKDRequest | StateCall | RunHooks | HandshakeDone | Established | Failed

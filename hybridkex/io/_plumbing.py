@@ -255,10 +255,12 @@ class ReconnectLookup:
 class ServerState:
     """What a server keeps across connections: config, key manager, steady-state and reconnect registries.
 
-    ``loop``: the event loop an asyncio key source's coroutines run on (asyncio servers only)."""
+    ``loop``: the event loop an asyncio key source's coroutines run on (asyncio servers only);
+    ``loop_driven``: the connections are driven by an event loop (default: when ``loop`` is given), so
+    the shared state is called from worker threads."""
 
     def __init__(self, config: ServerConfig, key_source: KeySourceArg, registry: ReconnectRegistry | None = None,
-                 *, loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 *, loop: asyncio.AbstractEventLoop | None = None, loop_driven: bool | None = None) -> None:
         policy = config.handshake.policy
         if policy.uses_qkd and key_source is None:
             raise ConfigurationError(f"the policy's QKD mode is {policy.qkd.value!r} but no key source was given",
@@ -267,10 +269,12 @@ class ServerState:
         self.keys = key_manager(key_source, policy, long_lived=True, loop=loop)
         if config.reconnect.enabled:
             self.registry: ReconnectRegistry | None = (
-                registry if registry is not None else ReconnectRegistry(config.reconnect))
+                registry if registry is not None else ReconnectRegistry(config.reconnect, state=config.state))
         else:
             self.registry = None
-        self.steady = (SteadyRegistry(config.steady, policy, self.keys, state=config.state)
+        # An asyncio server (loop) calls the shared state from worker threads, never from its loop.
+        off_loop = loop is not None if loop_driven is None else loop_driven
+        self.steady = (SteadyRegistry(config.steady, policy, self.keys, state=config.state, off_loop=off_loop)
                        if config.steady.enabled else None)
 
     def close(self) -> None:

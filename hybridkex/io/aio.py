@@ -162,7 +162,9 @@ class ServerSide:
     def __init__(self, config: ServerConfig | ResponderConfig, *, key_source: KeySourceArg = None,
                  reconnect_registry: ReconnectRegistry | None = None) -> None:
         loop = asyncio.get_running_loop() if is_async_source(key_source) else None  # may be built in a thread
-        self._state = ServerState(ServerConfig.coerce(config), key_source, reconnect_registry, loop=loop)
+        # Always driven by an event loop (accept_on_streams): the shared state is called off it.
+        self._state = ServerState(ServerConfig.coerce(config), key_source, reconnect_registry, loop=loop,
+                                  loop_driven=True)
 
     @property
     def config(self) -> ServerConfig:

@@ -22,21 +22,26 @@ with X25519MLKEM768 only, so it also gets a fresh post-quantum and classical sec
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final, NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn
 
 from ..combiner import CombinedSecret
-from ..exceptions import AlreadyFinalized, RemoteProtocolError, TLSError
+from ..exceptions import AlreadyFinalized, RemoteProtocolError, StateError, TLSError
 from ..hazmat import labels
 from ..hazmat.encoding import Reader, b64url, b64url_decode, u32
 from ..protocol import SessionInfo
+from ..suites import Suite
 from ..tls import CIPHER_ID
 from .config import ReconnectPolicy
+
+if TYPE_CHECKING:
+    from ..state import SharedState
 
 __all__ = [
     "IDENTITY_LEN",
@@ -244,9 +249,13 @@ class ReconnectRegistry:
     ``policy.max_uses`` reconnects, with one bit of state per counter.  Thread-safe.
     """
 
-    def __init__(self, policy: ReconnectPolicy, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, policy: ReconnectPolicy, *, clock: Callable[[], float] = time.monotonic,
+                 state: SharedState | None = None) -> None:
         self.policy = policy
         self._clock = clock
+        # With a shared state that has a key, parents are stored there too (only their per-reconnect
+        # tags and PSKs, sealed: never the parent secret), and every counter is spent there.
+        self._state = state if state is not None and state.can_seal else None
         self._lock = threading.Lock()
         # Insertion order is expiry order (one lifetime for all), so expired parents are at the front.
         self._parents: OrderedDict[bytes, _Parent] = OrderedDict()
@@ -275,6 +284,12 @@ class ReconnectRegistry:
             self._parents[handle] = _Parent(secret, info, self._clock() + self.policy.lifetime,
                                             self.policy.max_uses)
             self.stats.registered += 1
+            shared = _encode_shared(secret, info, self.policy.max_uses) if self._state is not None else None
+        if self._state is not None and shared is not None:
+            try:
+                self._state.put_ticket(SHARED_KIND, handle, shared, expires_at=time.time() + self.policy.lifetime)
+            except StateError as exc:  # this process still accepts its reconnects; others refuse them
+                _log.warning("the reconnect parent of %r is not shared with other servers: %s", info.peer_identity, exc)
         return handle
 
     def discard(self, handle: bytes) -> None:
@@ -314,6 +329,53 @@ class ReconnectRegistry:
                 self.stats.unknown += 1
             return None
         handle, index, tag = parsed
+        match = self._lookup_local(handle, index, tag, cipher)
+        if match is None and self._state is not None and handle not in self._parents:
+            return self._lookup_shared(handle, index, tag, cipher)
+        if match is not None and self._state is not None and not self._spend_shared(handle, index, match.info):
+            with self._lock:
+                self.stats.accepted -= 1  # accepted here, refused by the shared state: not accepted
+            return None
+        return match
+
+    def _spend_shared(self, handle: bytes, index: int, info: SessionInfo) -> bool:
+        """Counter ``index`` of the parent spent in the shared state too (fail closed)."""
+        assert self._state is not None
+        try:
+            if self._state.spend(f"reconnect:{handle.hex()}", [str(index)]):
+                return True
+            with self._lock:
+                self.stats.replayed += 1
+            _log.warning("reconnect refused: identity #%d of %r was already used at another server (replay)", index,
+                         info.peer_identity)
+        except StateError as exc:
+            _log.warning("reconnect of %r refused: %s (fail closed)", info.peer_identity, exc)
+        return False
+
+    def _lookup_shared(self, handle: bytes, index: int, tag: bytes, cipher: str) -> ReconnectMatch | None:
+        """A parent another process registered: its tags and PSKs from the shared state."""
+        assert self._state is not None
+        try:
+            ticket = self._state.get_ticket(SHARED_KIND, handle)
+            found = _decode_shared(ticket.secret) if ticket is not None else None
+        except StateError as exc:
+            _log.warning("cannot read a reconnect parent from the shared state: %s (refused: fail closed)", exc)
+            return None
+        if found is None:
+            return None
+        suite, info, keys = found
+        if not 1 <= index <= len(keys) or suite.tls_cipher != cipher:
+            return None
+        expected, psk = keys[index - 1]
+        if not hmac.compare_digest(tag, expected):
+            return None
+        if not self._spend_shared(handle, index, info):
+            return None
+        with self._lock:
+            self.stats.accepted += 1
+        return ReconnectMatch(index, psk, info)
+
+    def _lookup_local(self, handle: bytes, index: int, tag: bytes, cipher: str) -> ReconnectMatch | None:
         with self._lock:
             parent = self._parents.get(handle)
             if parent is not None and parent.expires <= self._clock():
@@ -346,6 +408,33 @@ class ReconnectRegistry:
                 parent.secret.erase()
             self.stats.accepted += 1
             return ReconnectMatch(index, psk, parent.info)
+
+
+#: Ticket kind of a reconnect parent in a shared state.
+SHARED_KIND: Final = "reconnect"
+
+
+def _encode_shared(secret: CombinedSecret, info: SessionInfo, max_uses: int) -> bytes:
+    """What another server needs to accept this parent's reconnects: each reconnect's tag and PSK
+    (the parent secret itself is never stored), the suite and the parent's facts."""
+    facts = json.dumps({"suite": secret.suite.name, "info": info.as_dict()}, separators=(",", ":")).encode()
+    keys = b"".join(secret.derive(labels.RECONNECT_IDENTITY, TAG_LEN, u32(i)) + reconnect_psk(secret, i)
+                    for i in range(1, max_uses + 1))
+    return u32(len(facts)) + facts + keys
+
+
+def _decode_shared(blob: bytes) -> tuple[Suite, SessionInfo, list[tuple[bytes, bytes]]] | None:
+    from ..steady.shared import decode_facts  # noqa: PLC0415 - one decoder of a parent's facts
+
+    try:
+        n = int.from_bytes(blob[:4], "big")
+        suite, info = decode_facts(blob[4:4 + n])
+    except StateError as exc:
+        _log.warning("a reconnect parent in the shared state is malformed: %s", exc)
+        return None
+    width = TAG_LEN + suite.hash_len
+    rest = blob[4 + n:]
+    return suite, info, [(rest[o:o + TAG_LEN], rest[o + TAG_LEN:o + width]) for o in range(0, len(rest), width)]
 
 
 def tls_record_length(header: bytes) -> int:

@@ -44,7 +44,7 @@ from ..exceptions import (
 )
 from ..hazmat.labels import STEADY_IDENTITY_PREFIX
 from ..protocol import MAGIC, AbortCode, Initiator, InitiatorConfig, Responder, encode_abort
-from ..steady import SteadyTicket, first_psk_identity
+from ..steady import SteadyClaim, SteadyTicket, first_psk_identity
 from ..tls import MemoryTLS
 from ..tls.pyopenssl import bind_psk, bind_psk_lookup
 from ._events import (
@@ -56,6 +56,7 @@ from ._events import (
     QKDRequest,
     RunHooks,
     SetupEvent,
+    StateCall,
 )
 from ._hybrid import READ_SIZE, HybridStage
 from ._plumbing import (
@@ -83,7 +84,7 @@ from .reconnect import (
 if TYPE_CHECKING:
     from ..protocol import Session
     from ..qkd.base import QKDKey
-    from ..steady import SteadyAttempt, SteadyClaim
+    from ..steady import SteadyAttempt
     from .keys import QKDKeyManager
     from .reconnect import ReconnectKey, ReconnectTicket
 
@@ -178,7 +179,7 @@ class _Setup:
         except Exception as exc:  # a continuation must end in an event, never raise to the driver
             return Failed(exc)
 
-    def _await(self, call: QKDRequest, done: Callable[[object], SetupEvent],
+    def _await(self, call: QKDRequest | StateCall, done: Callable[[object], SetupEvent],
                failed: Callable[[Exception], SetupEvent]) -> SetupEvent:
         """Hand ``call`` to the driver; ``done``/``failed`` produce the event after its answer."""
         self._pending = (call, done, failed)
@@ -213,11 +214,11 @@ class _Setup:
         """The driver gave up while a call was outstanding (undo what the call's plan reserved)."""
 
     def _advance(self) -> SetupEvent:
-        if self._pending is not None:
-            raise LocalProtocolError(f"{self._pending[0].what} has not been answered yet (call_done/call_failed)")
-        if self._answered is not None:
+        if self._answered is not None:  # first: an answer's continuation may itself be the next call
             event, self._answered = self._answered, None
             return event
+        if self._pending is not None:
+            raise LocalProtocolError(f"{self._pending[0].what} has not been answered yet (call_done/call_failed)")
         stage = self._stage
         if stage is None:
             return self._begin()
@@ -461,14 +462,26 @@ class ServerSetup(_Setup):
         except RemoteProtocolError as exc:
             return Failed(exc)
         if steady is not None and identity is not None and identity.startswith(STEADY_IDENTITY_PREFIX):
+            registry, hello, admit = steady, identity, self._state.config.handshake.admit
+            if registry.off_loop:  # the claim's database round trips: on a worker thread, not the event loop
+                return self._await(StateCall(lambda: registry.claim(hello, cipher, admit=admit),
+                                             max(0.0, self._waiting.end - time.monotonic())),
+                                   lambda claim: self._claimed(claim, cipher), self._claim_failed)
             try:
-                claim = steady.claim(identity, cipher, admit=self._state.config.handshake.admit)
-            except RateLimited as exc:  # refused as a full handshake would be: Abort "rate limited"
-                self._abort = encode_abort(AbortCode.RATE_LIMITED)
-                return Failed(exc)
-            if claim is not None:
-                return self._begin_steady(claim, cipher)
+                return self._claimed(registry.claim(hello, cipher, admit=admit), cipher)
+            except RateLimited as exc:
+                return self._claim_failed(exc)
         return self._reconnect_tls(cipher)
+
+    def _claimed(self, claim: object, cipher: str) -> SetupEvent:
+        if isinstance(claim, SteadyClaim):
+            return self._begin_steady(claim, cipher)
+        return self._reconnect_tls(cipher)
+
+    def _claim_failed(self, exc: Exception) -> SetupEvent:
+        if isinstance(exc, RateLimited):  # refused as a full handshake would be: Abort "rate limited"
+            self._abort = encode_abort(AbortCode.RATE_LIMITED)
+        return Failed(exc)
 
     def _reconnect_tls(self, cipher: str) -> SetupEvent:
         """TLS with the reconnect registry's lookup: a reconnect, or (any other identity) a refusal

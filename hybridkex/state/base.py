@@ -24,8 +24,8 @@ from ..exceptions import ConfigurationError, StateError
 if TYPE_CHECKING:
     from ..recycle.store import AuthKeyStore
 
-__all__ = ["SCHEMA_VERSION", "WINDOW", "Sealer", "SharedState", "Ticket", "advance_window", "load_seal_key",
-           "redact_url"]
+__all__ = ["SCHEMA_VERSION", "WINDOW", "Sealer", "SharedState", "StateBase", "Ticket", "advance_window",
+           "load_seal_key", "redact_url"]
 
 #: The schema version this hybridkex writes and reads (both backends).
 SCHEMA_VERSION: Final = 2
@@ -68,6 +68,11 @@ class SharedState(Protocol):
     #: ``"sqlite"`` or ``"postgresql"``.
     backend: str
 
+    @property
+    def can_seal(self) -> bool:
+        """Whether a state key is configured (tickets are stored only sealed under it)."""
+        ...
+
     def spend(self, scope: str, ids: Sequence[str]) -> bool:
         """Mark every ID of ``ids`` used in ``scope``, all or none: True when none was used before
         (now all are), False when one was (nothing changes)."""
@@ -107,6 +112,15 @@ class SharedState(Protocol):
         """The unexpired ticket, its secret unsealed, or None."""
         ...
 
+    def take_ticket(self, kind: str, handle: bytes) -> Ticket | None:
+        """:meth:`get_ticket` and :meth:`drop_ticket` in one statement: exactly one caller gets it."""
+        ...
+
+    def swap_tickets(self, kind: str, put: Sequence[tuple[bytes, bytes]], drop: Sequence[bytes] = (), *,
+                     expires_at: float) -> None:
+        """Store tickets ``put`` and forget tickets ``drop`` of one kind, in one transaction."""
+        ...
+
     def drop_ticket(self, kind: str, handle: bytes) -> bool:
         """Forget a ticket; whether there was one."""
         ...
@@ -120,6 +134,147 @@ class SharedState(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class StateBase:
+    """What both backends share: argument checks, sealing, the shape of each operation.
+
+    A backend implements the ``_``-prefixed row operations (its SQL and its transactions) on
+    arguments already checked and secrets already sealed; everything a caller sees (validation,
+    de-duplication, sealing bound to the row, unsealing) is here, once.
+    """
+
+    backend: str
+    _sealer: Sealer | None
+
+    # -- row operations of a backend ---------------------------------------------------------------
+
+    def _spend_ids(self, scope: str, ids: list[str], t: float) -> bool:
+        raise NotImplementedError
+
+    def _is_spent(self, scope: str, key_id: str) -> bool:
+        raise NotImplementedError
+
+    def _spend_counter(self, scope: str, index: int, window: int) -> str | None:
+        raise NotImplementedError
+
+    def _spend_claim(self, counter_scope: str, index: int, window: int, scope: str, ids: list[str], *,
+                     t: float) -> str | None:
+        raise NotImplementedError
+
+    def _hold(self, scope: str, ids: list[str], t: float, expires_at: float) -> int:
+        raise NotImplementedError
+
+    def _take(self, scope: str, key_id: str | None, t: float) -> str | None:
+        raise NotImplementedError
+
+    def _held(self, scope: str, t: float) -> int:
+        raise NotImplementedError
+
+    def _put_ticket(self, kind: str, handle: bytes, blob: bytes, meta: bytes, expires_at: float) -> None:
+        raise NotImplementedError
+
+    def _get_ticket(self, kind: str, handle: bytes, t: float, *, take: bool) -> tuple[bytes, bytes, float] | None:
+        """(sealed secret, meta, expires_at) of the unexpired ticket; ``take``: deleted in the same
+        statement (at most one caller ever gets it)."""
+        raise NotImplementedError
+
+    def _drop_ticket(self, kind: str, handle: bytes) -> bool:
+        raise NotImplementedError
+
+    def _swap_tickets(self, kind: str, put: list[tuple[bytes, bytes]], drop: list[bytes], expires_at: float) -> None:
+        """Insert (or replace) ``put`` (handle, sealed secret) and delete ``drop``, in one transaction."""
+        raise NotImplementedError
+
+    def _purge(self, t: float, spent_before: float | None) -> int:
+        raise NotImplementedError
+
+    # -- the interface ---------------------------------------------------------------------------
+
+    def spend(self, scope: str, ids: Sequence[str]) -> bool:
+        check_name("scope", scope)
+        wanted = key_ids(ids)
+        return True if not wanted else self._spend_ids(scope, wanted, now())
+
+    def is_spent(self, scope: str, key_id: str) -> bool:
+        return self._is_spent(check_name("scope", scope), check_name("key_id", key_id))
+
+    def spend_counter(self, scope: str, index: int, *, window: int = WINDOW) -> str | None:
+        check_name("scope", scope)
+        check_window(index, window)
+        return self._spend_counter(scope, index, window)
+
+    def spend_claim(self, counter_scope: str, index: int, scope: str, ids: Sequence[str], *,
+                    window: int = WINDOW) -> str | None:
+        check_name("scope", counter_scope)
+        check_name("scope", scope)
+        check_window(index, window)
+        return self._spend_claim(counter_scope, index, window, scope, key_ids(ids), t=now())
+
+    def hold(self, scope: str, ids: Sequence[str], *, expires_at: float) -> int:
+        check_name("scope", scope)
+        return self._hold(scope, key_ids(ids), now(), float(expires_at))
+
+    def take(self, scope: str, key_id: str | None = None) -> str | None:
+        check_name("scope", scope)
+        return self._take(scope, None if key_id is None else check_name("key_id", key_id), now())
+
+    def held(self, scope: str) -> int:
+        return self._held(check_name("scope", scope), now())
+
+    @property
+    def can_seal(self) -> bool:
+        """Whether this state has a state key (it stores tickets only sealed)."""
+        return self._sealer is not None
+
+    def sealer(self) -> Sealer:
+        """The state key's sealer (tickets and recycled keys are stored only sealed)."""
+        if self._sealer is None:
+            raise StateError(f"{self!r} has no state key; tickets hold secrets and are stored only sealed "
+                             "(pass seal_key, or key_file in [state])")
+        return self._sealer
+
+    def put_ticket(self, kind: str, handle: bytes, secret: bytes, *, meta: bytes = b"", expires_at: float) -> None:
+        check_name("kind", kind)
+        blob = self.sealer().seal(aad("ticket", kind, handle, meta), secret)
+        self._put_ticket(kind, bytes(handle), blob, bytes(meta), float(expires_at))
+
+    def get_ticket(self, kind: str, handle: bytes) -> Ticket | None:
+        return self._ticket(kind, handle, take=False)
+
+    def take_ticket(self, kind: str, handle: bytes) -> Ticket | None:
+        """The unexpired ticket, deleted as it is read: of callers racing for it, exactly one gets it."""
+        return self._ticket(kind, handle, take=True)
+
+    def _ticket(self, kind: str, handle: bytes, *, take: bool) -> Ticket | None:
+        sealer = self.sealer()
+        row = self._get_ticket(check_name("kind", kind), bytes(handle), now(), take=take)
+        if row is None:
+            return None
+        blob, meta, expires_at = row
+        meta = bytes(meta)
+        return Ticket(kind, bytes(handle), sealer.open(aad("ticket", kind, handle, meta), blob), meta,
+                      float(expires_at))
+
+    def drop_ticket(self, kind: str, handle: bytes) -> bool:
+        return self._drop_ticket(check_name("kind", kind), bytes(handle))
+
+    def swap_tickets(self, kind: str, put: Sequence[tuple[bytes, bytes]], drop: Sequence[bytes] = (), *,
+                     expires_at: float) -> None:
+        """Store the tickets ``put`` ((handle, secret), no meta) and forget ``drop``: one transaction,
+        one commit (a server's announced keys in, the ones it used out)."""
+        check_name("kind", kind)
+        sealer = self.sealer()
+        sealed = [(bytes(h), sealer.seal(aad("ticket", kind, h, b""), secret)) for h, secret in put]
+        self._swap_tickets(kind, sealed, [bytes(h) for h in drop], float(expires_at))
+
+    def purge(self, *, spent_before: float | None = None) -> int:
+        return int(self._purge(now(), spent_before))
+
+
+def key_ids(ids: Sequence[str]) -> list[str]:
+    """The IDs checked, duplicates dropped, in order."""
+    return list(dict.fromkeys(check_name("key_id", k) for k in ids))
 
 
 def advance_window(top: int, window: int, index: int, width: int) -> tuple[int, int, str | None]:

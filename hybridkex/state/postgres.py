@@ -19,12 +19,19 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from ..exceptions import StateError, StateReadOnly, StateSchemaError, StateUnavailable, UnsupportedAlgorithm
+from ..exceptions import (
+    ConfigurationError,
+    StateError,
+    StateReadOnly,
+    StateSchemaError,
+    StateUnavailable,
+    UnsupportedAlgorithm,
+)
 from . import base
-from .base import SCHEMA_VERSION, WINDOW, Sealer, Ticket, aad, check_name, check_window, now
+from .base import SCHEMA_VERSION, Sealer, StateBase
 from .pgkeys import PostgresAuthKeyStore
 
 if TYPE_CHECKING:
@@ -128,6 +135,21 @@ RETRY_AFTER: Final = 0.5
 _SCHEMA_LOCK: Final = 0x484B5853
 
 
+def _pool_class() -> Any:
+    try:
+        from psycopg_pool import ConnectionPool  # noqa: PLC0415 - optional, as psycopg
+    except ImportError:  # pragma: no cover - psycopg-pool is in the [postgresql] and [test] extras
+        raise UnsupportedAlgorithm('the PostgreSQL state backend needs psycopg-pool: pip install '
+                                   '"hybridkex[postgresql]"') from None
+    return ConnectionPool
+
+
+def _pool_timeout() -> type[Exception]:
+    from psycopg_pool import PoolTimeout  # noqa: PLC0415 - imported with the pool
+
+    return PoolTimeout
+
+
 def _psycopg() -> Any:
     try:
         import psycopg  # noqa: PLC0415 - optional: only a PostgreSQL state needs it installed
@@ -137,39 +159,42 @@ def _psycopg() -> Any:
     return psycopg
 
 
-class PostgresState:
-    """:class:`~hybridkex.state.SharedState` in a PostgreSQL database (thread-safe; one connection,
-    re-established after the server restarts).
+class PostgresState(StateBase):
+    """:class:`~hybridkex.state.SharedState` in a PostgreSQL database (thread-safe: a psycopg_pool
+    pool of connections, each re-established after the server restarts).
 
     Args:
         url: ``postgresql://user@host/db`` (libpq URI or ``key=value`` string).
         seal_key: the host's 32-byte state key: tickets and recycled keys are stored only sealed under it.
         migrate: bring an older schema to this version (otherwise StateSchemaError).
-        connect_timeout: seconds to wait for the server (libpq ``connect_timeout``); after a failed
-            attempt, calls fail at once for :data:`RETRY_AFTER` seconds.
+        connect_timeout: seconds to wait for the server (libpq ``connect_timeout``, and for a pooled
+            connection); after a failed attempt, calls fail at once for :data:`RETRY_AFTER` seconds.
+        pool_size: connections at most (one per thread in a database call at once; one is kept open).
     """
 
     backend = "postgresql"
 
     def __init__(self, url: str, *, seal_key: bytes | None = None, migrate: bool = False, max_keys: int = 8,
-                 grace: float = 60.0, connect_timeout: int = 2) -> None:
+                 grace: float = 60.0, connect_timeout: int = 2, pool_size: int = 4) -> None:
         self._pg = _psycopg()
         self._url = url
         self.where = base.redact_url(url)
         self._timeout = connect_timeout
         self._sealer = Sealer(seal_key) if seal_key is not None else None
-        self._lock = threading.Lock()
-        self._conn: psycopg.Connection[Any] | None = None
         self._max_keys, self._grace = max_keys, grace
         self._keys: PostgresAuthKeyStore | None = None
         self._down: tuple[float, StateError] | None = None  # (until, error) after a failed connection
-        with self._lock:
-            conn = self._connect()
-            try:
-                self._init_schema(conn, migrate)
-            except BaseException:
-                self._drop()
-                raise
+        if not 1 <= pool_size <= 256:
+            raise ConfigurationError("must be 1..256", field="pool_size")
+        self._size = pool_size
+        conn = self._connect()  # the schema check on a connection of its own: its errors are one line
+        try:
+            self._init_schema(conn, migrate)
+        finally:
+            with contextlib.suppress(self._pg.Error):
+                conn.close()
+        self._renew = threading.Lock()
+        self._pool = self._new_pool()
 
     def __repr__(self) -> str:
         return f"PostgresState({self.where!r})"
@@ -177,8 +202,7 @@ class PostgresState:
     # -- connection and errors ----------------------------------------------------------------------
 
     def _connect(self) -> psycopg.Connection[Any]:
-        if self._down is not None and time.monotonic() < self._down[0]:
-            raise type(self._down[1])(str(self._down[1]))
+        """A connection of its own (the schema check; the reason a pool cannot connect)."""
         try:
             conn = self._pg.connect(self._url, autocommit=True, connect_timeout=self._timeout,
                                     application_name="hybridkex")
@@ -187,14 +211,7 @@ class PostgresState:
             self._down = (time.monotonic() + RETRY_AFTER, error)
             raise error from None
         self._down = None
-        self._conn = conn
         return conn  # type: ignore[no-any-return]
-
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(self._pg.Error):  # closing a broken connection
-                conn.close()
 
     def _error(self, exc: BaseException, what: str) -> StateError:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -209,30 +226,59 @@ class PostgresState:
         return StateError(f"the PostgreSQL state database {self.where} refused to {what}: {text}")
 
     def run(self, what: str, fn: Callable[[psycopg.Connection[Any]], T], *, single: bool = False) -> T:
-        """``fn(conn)`` in one transaction (``single``: ``fn`` runs one statement, its own transaction,
-        saving the BEGIN and COMMIT round trips).  A connection that broke since its last use (the server
-        restarted) is replaced once; a failure on a fresh connection is the caller's error.  Retrying
-        after a commit whose answer was lost is safe: a spend then finds its IDs spent and refuses
-        (fail closed), it never accepts twice."""
-        with self._lock:
-            for attempt in range(2):
-                fresh = self._conn is None
-                conn = self._connect() if fresh else self._conn
-                assert conn is not None
-                try:
+        """``fn(conn)`` on a pooled connection, in one transaction (``single``: ``fn`` runs one
+        statement, its own transaction, saving the BEGIN and COMMIT round trips).  A pooled
+        connection that broke since its last use (the server restarted) is discarded by the pool and
+        the call runs on the next; a failure on every one is the caller's error.  Retrying after a
+        commit whose answer was lost is safe: a spend then finds its IDs spent and refuses (fail
+        closed), it never accepts twice."""
+        down = self._down
+        if down is not None and time.monotonic() < down[0]:
+            raise type(down[1])(str(down[1]))
+        timeout_error = _pool_timeout()
+        for attempt in range(self._size + 1):
+            try:
+                with self._pool.connection(timeout=self._timeout) as conn:
                     if single:
                         return fn(conn)
                     with conn.transaction():
                         return fn(conn)
-                except self._pg.OperationalError as exc:
-                    self._drop()
-                    if fresh or attempt:
-                        raise self._error(exc, what) from None
-                except self._pg.Error as exc:
-                    if conn.broken:
-                        self._drop()
+            except timeout_error:
+                return self._direct(what, fn, single=single)
+            except self._pg.OperationalError as exc:
+                if attempt == self._size:
                     raise self._error(exc, what) from None
-            raise AssertionError("unreachable")  # pragma: no cover
+            except self._pg.Error as exc:
+                raise self._error(exc, what) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _direct(self, what: str, fn: Callable[[psycopg.Connection[Any]], T], *, single: bool) -> T:
+        """The pool gave no connection in time: one direct attempt, which says why in one line if the
+        server is down.  If it is up again, the pool is still backing off its reconnects: this call
+        runs on the direct connection and a fresh pool (no back-off) serves the next ones."""
+        conn = self._connect()
+        with self._renew:
+            old, self._pool = self._pool, self._new_pool()
+        threading.Thread(target=old.close, name="hybridkex-state-pool-close", daemon=True).start()
+        try:
+            if single:
+                return fn(conn)
+            with conn.transaction():
+                return fn(conn)
+        except self._pg.Error as exc:
+            raise self._error(exc, what) from None
+        finally:
+            with contextlib.suppress(self._pg.Error):
+                conn.close()
+
+    def _new_pool(self) -> Any:
+        pool = _pool_class()(
+            self._url, min_size=1, max_size=self._size, open=False, timeout=self._timeout, name="hybridkex-state",
+            # Every call is one statement or one explicit transaction: autocommit saves BEGIN/COMMIT
+            # round trips.  psycopg prepares a statement after its 5th use on a connection.
+            kwargs={"autocommit": True, "connect_timeout": self._timeout, "application_name": "hybridkex"})
+        pool.open(wait=False)
+        return pool
 
     def _init_schema(self, conn: psycopg.Connection[Any], migrate: bool) -> None:
         try:
@@ -260,7 +306,7 @@ class PostgresState:
                 if 0 < version < SCHEMA_VERSION and not migrate:
                     raise StateSchemaError(f"the PostgreSQL state database {self.where} has schema version {version}; "
                                            f"this hybridkex needs {SCHEMA_VERSION}: migrate it once, after upgrading "
-                                           "every server (open_state(url, migrate=True))")
+                                           "every server (hybridkex state migrate --url URL)")
                 for v in range(version + 1, SCHEMA_VERSION + 1):
                     for statement in MIGRATIONS[v - 1]:
                         conn.execute(statement)
@@ -275,47 +321,33 @@ class PostgresState:
                        lambda c: c.execute("SELECT MAX(version) FROM hybridkex_schema").fetchone())
         return int(row[0]) if row is not None else 0
 
-    # -- single use ---------------------------------------------------------------------------------
+    # -- rows (checked and sealed by StateBase) -----------------------------------------------------
 
-    def spend(self, scope: str, ids: Sequence[str]) -> bool:
-        check_name("scope", scope)
-        wanted = list(dict.fromkeys(check_name("key_id", k) for k in ids))
-        if not wanted:
-            return True
+    def _spend_ids(self, scope: str, ids: list[str], t: float) -> bool:
         row = self.run("spend key IDs", lambda c: c.execute(
-            "SELECT hybridkex_spend_ids(%s, %s, %s)", (scope, wanted, now())).fetchone(), single=True)
+            "SELECT hybridkex_spend_ids(%s, %s, %s)", (scope, ids, t)).fetchone(), single=True)
         return bool(row is not None and row[0])
 
-    def is_spent(self, scope: str, key_id: str) -> bool:
+    def _is_spent(self, scope: str, key_id: str) -> bool:
         return self.run("read spent key IDs", lambda c: c.execute(
             "SELECT 1 FROM state_spent WHERE scope = %s AND key_id = %s", (scope, key_id)).fetchone() is not None,
             single=True)
 
-    def spend_counter(self, scope: str, index: int, *, window: int = WINDOW) -> str | None:
-        check_name("scope", scope)
-        check_window(index, window)
+    def _spend_counter(self, scope: str, index: int, window: int) -> str | None:
         row = self.run("spend a counter", lambda c: c.execute(
             "SELECT hybridkex_spend_counter(%s, %s, %s)", (scope, index, window)).fetchone(), single=True)
         return None if row is None or row[0] is None else str(row[0])
 
-    def spend_claim(self, counter_scope: str, index: int, scope: str, ids: Sequence[str], *,
-                    window: int = WINDOW) -> str | None:
-        check_name("scope", counter_scope)
-        check_name("scope", scope)
-        check_window(index, window)
-        wanted = list(dict.fromkeys(check_name("key_id", k) for k in ids))
+    def _spend_claim(self, counter_scope: str, index: int, window: int, scope: str, ids: list[str], *,
+                     t: float) -> str | None:
         row = self.run("spend a steady-state claim", lambda c: c.execute(
             "SELECT hybridkex_spend_claim(%s, %s, %s, %s, %s, %s)",
-            (counter_scope, index, window, scope, wanted, now())).fetchone(), single=True)
+            (counter_scope, index, window, scope, ids, t)).fetchone(), single=True)
         return None if row is None or row[0] is None else str(row[0])
 
-    def hold(self, scope: str, ids: Sequence[str], *, expires_at: float) -> int:
-        check_name("scope", scope)
-        wanted = list(dict.fromkeys(check_name("key_id", k) for k in ids))
-        t = now()
-
+    def _hold(self, scope: str, ids: list[str], t: float, expires_at: float) -> int:
         def go(c: psycopg.Connection[Any]) -> int:
-            for k in wanted:
+            for k in ids:
                 c.execute("INSERT INTO state_held SELECT %s, %s, %s, %s WHERE NOT EXISTS (SELECT 1 FROM state_spent "
                           "WHERE scope = %s AND key_id = %s) ON CONFLICT DO NOTHING",
                           (scope, k, t, expires_at, scope, k))
@@ -324,9 +356,7 @@ class PostgresState:
             return int(row[0]) if row is not None else 0
         return self.run("hold key IDs", go)
 
-    def take(self, scope: str, key_id: str | None = None) -> str | None:
-        t = now()
-
+    def _take(self, scope: str, key_id: str | None, t: float) -> str | None:
         def go(c: psycopg.Connection[Any]) -> str | None:
             for _ in range(64):  # rows spent directly meanwhile are skipped (deleted), never handed out
                 if key_id is None:
@@ -347,45 +377,42 @@ class PostgresState:
             return None
         return self.run("take a held key ID", go)
 
-    def held(self, scope: str) -> int:
+    def _held(self, scope: str, t: float) -> int:
         row = self.run("count held key IDs", lambda c: c.execute(
-            "SELECT COUNT(*) FROM state_held WHERE scope = %s AND expires_at > %s", (scope, now())).fetchone())
+            "SELECT COUNT(*) FROM state_held WHERE scope = %s AND expires_at > %s", (scope, t)).fetchone(),
+            single=True)
         return int(row[0]) if row is not None else 0
 
-    # -- tickets ------------------------------------------------------------------------------------
-
-    def sealer(self) -> Sealer:
-        if self._sealer is None:
-            raise StateError(f"{self!r} has no state key; secrets are stored in PostgreSQL only sealed "
-                             "(pass seal_key, or key_file in [state])")
-        return self._sealer
-
-    def put_ticket(self, kind: str, handle: bytes, secret: bytes, *, meta: bytes = b"", expires_at: float) -> None:
-        check_name("kind", kind)
-        blob = self.sealer().seal(aad("ticket", kind, handle, meta), secret)
+    def _put_ticket(self, kind: str, handle: bytes, blob: bytes, meta: bytes, expires_at: float) -> None:
         self.run("store a ticket", lambda c: c.execute(
             "INSERT INTO state_tickets VALUES (%s, %s, %s, %s, %s) ON CONFLICT (kind, handle) DO UPDATE SET "
             "secret = EXCLUDED.secret, meta = EXCLUDED.meta, expires_at = EXCLUDED.expires_at",
-            (kind, bytes(handle), blob, bytes(meta), expires_at)))
+            (kind, handle, blob, meta, expires_at)), single=True)
 
-    def get_ticket(self, kind: str, handle: bytes) -> Ticket | None:
-        sealer = self.sealer()
-        row = self.run("read a ticket", lambda c: c.execute(
-            "SELECT secret, meta, expires_at FROM state_tickets WHERE kind = %s AND handle = %s AND expires_at > %s",
-            (kind, bytes(handle), now())).fetchone())
-        if row is None:
-            return None
-        meta = bytes(row[1])
-        return Ticket(kind, bytes(handle), sealer.open(aad("ticket", kind, handle, meta), row[0]), meta,
-                      float(row[2]))
+    def _get_ticket(self, kind: str, handle: bytes, t: float, *, take: bool) -> tuple[bytes, bytes, float] | None:
+        # take: one DELETE ... RETURNING, so of concurrent takers exactly one gets the row
+        sql = ("DELETE FROM state_tickets WHERE kind = %s AND handle = %s AND expires_at > %s "
+               "RETURNING secret, meta, expires_at" if take else
+               "SELECT secret, meta, expires_at FROM state_tickets WHERE kind = %s AND handle = %s AND expires_at > %s")
+        row = self.run("take a ticket" if take else "read a ticket",
+                       lambda c: c.execute(sql, (kind, handle, t)).fetchone(), single=True)
+        return None if row is None else (bytes(row[0]), bytes(row[1]), float(row[2]))
 
-    def drop_ticket(self, kind: str, handle: bytes) -> bool:
+    def _drop_ticket(self, kind: str, handle: bytes) -> bool:
         return bool(self.run("drop a ticket", lambda c: c.execute(
-            "DELETE FROM state_tickets WHERE kind = %s AND handle = %s", (kind, bytes(handle))).rowcount))
+            "DELETE FROM state_tickets WHERE kind = %s AND handle = %s", (kind, handle)).rowcount, single=True))
 
-    def purge(self, *, spent_before: float | None = None) -> int:
-        t = now()
+    def _swap_tickets(self, kind: str, put: list[tuple[bytes, bytes]], drop: list[bytes], expires_at: float) -> None:
+        def go(c: psycopg.Connection[Any]) -> None:
+            if drop:
+                c.execute("DELETE FROM state_tickets WHERE kind = %s AND handle = ANY(%s)", (kind, drop))
+            for h, blob in put:
+                c.execute("INSERT INTO state_tickets VALUES (%s, %s, %s, %s, %s) ON CONFLICT (kind, handle) DO UPDATE "
+                          "SET secret = EXCLUDED.secret, meta = EXCLUDED.meta, expires_at = EXCLUDED.expires_at",
+                          (kind, h, blob, b"", expires_at))
+        self.run("store tickets", go, single=not put or (len(put) == 1 and not drop))
 
+    def _purge(self, t: float, spent_before: float | None) -> int:
         def go(c: psycopg.Connection[Any]) -> int:
             n = c.execute("DELETE FROM state_tickets WHERE expires_at <= %s", (t,)).rowcount
             n += c.execute("DELETE FROM state_held WHERE expires_at <= %s", (t,)).rowcount
@@ -400,8 +427,7 @@ class PostgresState:
         return self._keys
 
     def close(self) -> None:
-        with self._lock:
-            self._drop()
+        self._pool.close(timeout=1.0)  # its workers may be backing off a down server: do not wait 5 s
 
     def __enter__(self) -> PostgresState:
         return self

@@ -12,13 +12,13 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from ..exceptions import StateError, StateReadOnly, StateSchemaError, StoreError
 from ..recycle.store import SQLiteAuthKeyStore
-from .base import SCHEMA_VERSION, WINDOW, Sealer, Ticket, aad, advance_window, check_name, check_window, now
+from .base import SCHEMA_VERSION, Sealer, StateBase, advance_window
 
 __all__ = ["SQLiteState"]
 
@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS state_tickets (
 """
 
 
-class SQLiteState:
+class SQLiteState(StateBase):
     """:class:`~hybridkex.state.SharedState` in one SQLite file (created 0600).
 
     Args:
@@ -95,6 +95,10 @@ class SQLiteState:
                 db.execute("ROLLBACK")
             raise
 
+    def schema_version(self) -> int:
+        return int(self._read("read the schema version",
+                              lambda db: db.execute("SELECT version FROM state_schema").fetchone()[0]))
+
     def _error(self, exc: sqlite3.Error, what: str) -> StateError:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "readonly" in text or "read-only" in text:
@@ -126,29 +130,30 @@ class SQLiteState:
             except sqlite3.Error as exc:
                 raise self._error(exc, what) from exc
 
-    # -- single use -------------------------------------------------------------------------------
+    # -- rows (checked and sealed by StateBase) ---------------------------------------------------
 
-    def spend(self, scope: str, ids: Sequence[str]) -> bool:
-        check_name("scope", scope)
-        wanted = list(dict.fromkeys(check_name("key_id", k) for k in ids))
-        t = now()
+    @staticmethod
+    def _spend_in(db: sqlite3.Connection, scope: str, ids: list[str], t: float) -> bool:
+        for k in ids:
+            if db.execute("INSERT OR IGNORE INTO state_spent VALUES (?,?,?)", (scope, k, t)).rowcount == 0:
+                return False  # the caller rolls back the IDs inserted before it: all or none
+            db.execute("DELETE FROM state_held WHERE scope=? AND key_id=?", (scope, k))
+        return True
+
+    def _spend_ids(self, scope: str, ids: list[str], t: float) -> bool:
         try:
             with self._write("spend key IDs") as db:
-                for k in wanted:
-                    if db.execute("INSERT OR IGNORE INTO state_spent VALUES (?,?,?)", (scope, k, t)).rowcount == 0:
-                        raise _Refused  # rolls back the IDs inserted before it: all or none
-                    db.execute("DELETE FROM state_held WHERE scope=? AND key_id=?", (scope, k))
+                if not self._spend_in(db, scope, ids, t):
+                    raise _Refused
         except _Refused:
             return False
         return True
 
-    def is_spent(self, scope: str, key_id: str) -> bool:
+    def _is_spent(self, scope: str, key_id: str) -> bool:
         return self._read("read spent key IDs", lambda db: db.execute(
             "SELECT 1 FROM state_spent WHERE scope=? AND key_id=?", (scope, key_id)).fetchone() is not None)
 
-    def spend_counter(self, scope: str, index: int, *, window: int = WINDOW) -> str | None:
-        check_name("scope", scope)
-        check_window(index, window)
+    def _spend_counter(self, scope: str, index: int, window: int) -> str | None:
         with self._write("spend a counter") as db:
             return self._counter_in(db, scope, index, window)
 
@@ -162,41 +167,29 @@ class SQLiteState:
                        (scope, top, win.to_bytes((window + 7) // 8, "big")))
         return why
 
-    def spend_claim(self, counter_scope: str, index: int, scope: str, ids: Sequence[str], *,
-                    window: int = WINDOW) -> str | None:
-        check_name("scope", counter_scope)
-        check_name("scope", scope)
-        check_window(index, window)
-        wanted = list(dict.fromkeys(check_name("key_id", k) for k in ids))
-        t = now()
+    def _spend_claim(self, counter_scope: str, index: int, window: int, scope: str, ids: list[str], *,
+                     t: float) -> str | None:
         with self._write("spend a steady-state claim") as db:
             why = self._counter_in(db, counter_scope, index, window)
             if why is not None:
                 return why
             db.execute("SAVEPOINT ids")  # the counter stays spent whatever follows (fail closed)
-            for k in wanted:
-                if db.execute("INSERT OR IGNORE INTO state_spent VALUES (?,?,?)", (scope, k, t)).rowcount == 0:
-                    db.execute("ROLLBACK TO ids")
-                    db.execute("RELEASE ids")
-                    return "key used"
-                db.execute("DELETE FROM state_held WHERE scope=? AND key_id=?", (scope, k))
+            ok = self._spend_in(db, scope, ids, t)
+            if not ok:
+                db.execute("ROLLBACK TO ids")
             db.execute("RELEASE ids")
-        return None
+        return None if ok else "key used"
 
-    def hold(self, scope: str, ids: Sequence[str], *, expires_at: float) -> int:
-        check_name("scope", scope)
-        wanted = list(dict.fromkeys(check_name("key_id", k) for k in ids))
-        t = now()
+    def _hold(self, scope: str, ids: list[str], t: float, expires_at: float) -> int:
         with self._write("hold key IDs") as db:
-            for k in wanted:
+            for k in ids:
                 db.execute("INSERT OR IGNORE INTO state_held SELECT ?,?,?,? WHERE NOT EXISTS "
                            "(SELECT 1 FROM state_spent WHERE scope=? AND key_id=?)",
                            (scope, k, t, expires_at, scope, k))
             return int(db.execute("SELECT COUNT(*) FROM state_held WHERE scope=? AND expires_at > ?",
                                   (scope, t)).fetchone()[0])
 
-    def take(self, scope: str, key_id: str | None = None) -> str | None:
-        t = now()
+    def _take(self, scope: str, key_id: str | None, t: float) -> str | None:
         with self._write("take a held key ID") as db:
             if key_id is None:
                 row = db.execute("SELECT key_id FROM state_held WHERE scope=? AND expires_at > ? "
@@ -212,42 +205,37 @@ class SQLiteState:
                 return None  # spent directly meanwhile: never handed out
             return taken
 
-    def held(self, scope: str) -> int:
+    def _held(self, scope: str, t: float) -> int:
         return self._read("count held key IDs", lambda db: int(db.execute(
-            "SELECT COUNT(*) FROM state_held WHERE scope=? AND expires_at > ?", (scope, now())).fetchone()[0]))
+            "SELECT COUNT(*) FROM state_held WHERE scope=? AND expires_at > ?", (scope, t)).fetchone()[0]))
 
-    # -- tickets ----------------------------------------------------------------------------------
-
-    def _need_sealer(self) -> Sealer:
-        if self._sealer is None:
-            raise StateError(f"{self!r} has no state key; tickets hold secrets and are stored only sealed "
-                             "(pass seal_key, or key_file in [state])")
-        return self._sealer
-
-    def put_ticket(self, kind: str, handle: bytes, secret: bytes, *, meta: bytes = b"", expires_at: float) -> None:
-        check_name("kind", kind)
-        blob = self._need_sealer().seal(aad("ticket", kind, handle, meta), secret)
+    def _put_ticket(self, kind: str, handle: bytes, blob: bytes, meta: bytes, expires_at: float) -> None:
         with self._write("store a ticket") as db:
             db.execute("INSERT OR REPLACE INTO state_tickets VALUES (?,?,?,?,?)",
-                       (kind, bytes(handle), blob, bytes(meta), expires_at))
+                       (kind, handle, blob, meta, expires_at))
 
-    def get_ticket(self, kind: str, handle: bytes) -> Ticket | None:
-        sealer = self._need_sealer()
-        row: Any = self._read("read a ticket", lambda db: db.execute(
-            "SELECT secret, meta, expires_at FROM state_tickets WHERE kind=? AND handle=? AND expires_at > ?",
-            (kind, bytes(handle), now())).fetchone())
-        if row is None:
-            return None
-        meta = bytes(row[1])
-        return Ticket(kind, bytes(handle), sealer.open(aad("ticket", kind, handle, meta), row[0]), meta, row[2])
+    def _get_ticket(self, kind: str, handle: bytes, t: float, *, take: bool) -> tuple[bytes, bytes, float] | None:
+        if take:
+            with self._write("take a ticket") as db:
+                row = db.execute("DELETE FROM state_tickets WHERE kind=? AND handle=? AND expires_at > ? "
+                                 "RETURNING secret, meta, expires_at", (kind, handle, t)).fetchone()
+        else:
+            row = self._read("read a ticket", lambda db: db.execute(
+                "SELECT secret, meta, expires_at FROM state_tickets WHERE kind=? AND handle=? AND expires_at > ?",
+                (kind, handle, t)).fetchone())
+        return None if row is None else (bytes(row[0]), bytes(row[1]), float(row[2]))
 
-    def drop_ticket(self, kind: str, handle: bytes) -> bool:
+    def _drop_ticket(self, kind: str, handle: bytes) -> bool:
         with self._write("drop a ticket") as db:
-            return bool(db.execute("DELETE FROM state_tickets WHERE kind=? AND handle=?",
-                                   (kind, bytes(handle))).rowcount)
+            return bool(db.execute("DELETE FROM state_tickets WHERE kind=? AND handle=?", (kind, handle)).rowcount)
 
-    def purge(self, *, spent_before: float | None = None) -> int:
-        t = now()
+    def _swap_tickets(self, kind: str, put: list[tuple[bytes, bytes]], drop: list[bytes], expires_at: float) -> None:
+        with self._write("store tickets") as db:
+            db.executemany("DELETE FROM state_tickets WHERE kind=? AND handle=?", [(kind, h) for h in drop])
+            db.executemany("INSERT OR REPLACE INTO state_tickets VALUES (?,?,?,?,?)",
+                           [(kind, h, blob, b"", expires_at) for h, blob in put])
+
+    def _purge(self, t: float, spent_before: float | None) -> int:
         with self._write("purge expired state") as db:
             n = db.execute("DELETE FROM state_tickets WHERE expires_at <= ?", (t,)).rowcount
             n += db.execute("DELETE FROM state_held WHERE expires_at <= ?", (t,)).rowcount

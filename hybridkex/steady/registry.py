@@ -8,15 +8,18 @@ spent — before TLS runs, so a replayed ClientHello finds them spent and is ref
 failed handshake spends them too).  After a connection is established, :meth:`confirm` fetches the
 key IDs it announced, by ID, in the background, so the next connection finds its key here.
 
-State is in memory: a restart forgets every parent, and a client then runs one full handshake.
-With a shared ``state`` (:mod:`hybridkex.state`: SQLite for the processes of one host, PostgreSQL
-for a fleet) the counter and the fresh QKD key IDs are also spent there, after the checks here: a
-key ID one process accepted is refused by every other, and a state that cannot be reached refuses
-the connection (fail closed; the client then runs a full handshake).
+Without a shared state, parents are in memory: a restart forgets every parent, and a client then
+runs one full handshake.  With a shared ``state`` (:mod:`hybridkex.state`: SQLite for the processes
+of one host, PostgreSQL for a fleet) the counter and the fresh QKD key IDs are also spent there,
+after the checks here: a key ID one process accepted is refused by every other, and a state that
+cannot be reached refuses the connection (fail closed; the client then runs a full handshake).
+With a state key, the parents are stored there too (sealed, :mod:`hybridkex.steady.shared`), so a
+connection that reaches another process or host than its full handshake's is accepted there.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -31,7 +34,7 @@ from ..exceptions import HandshakeTimeout, KeySourceError, StateError
 from ..protocol import QKDKeysByIdRequired, SessionInfo
 from ..qkd.base import QKDKey
 from ..suites import Suite
-from . import derive
+from . import derive, shared
 from .peers import SteadyPeers, steady_peers
 from .ticket import SteadyFacts
 
@@ -114,6 +117,10 @@ class SteadyStats:
     prefetched: int = 0
     on_demand: int = 0
     prefetch_failures: int = 0
+    #: Parents read from the shared state (registered by another process or host).
+    loaded: int = 0
+    #: Announced QKD keys taken from the shared state (pre-fetched by another process or host).
+    shared_keys: int = 0
 
 
 class SteadyClaim:
@@ -185,14 +192,21 @@ class SteadyRegistry:
     """
 
     def __init__(self, policy: SteadyPolicy, qkd: Policy, keys: QKDKeyManager | None, *,
-                 clock: Callable[[], float] = time.monotonic, state: SharedState | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, state: SharedState | None = None,
+                 off_loop: bool = False) -> None:
         self.policy = policy
         self._qkd = qkd
         self._keys = keys
         self._state = state
+        # Parents are shared only sealed: a state without a key spends counters but keeps no parent.
+        self._share = state is not None and state.can_seal
+        #: The server is asyncio: its driver runs claims on a worker thread (a StateCall), and the
+        #: parents' writes (register, discard) go to a worker thread too.
+        self.off_loop = off_loop and state is not None
         self._clock = clock
         self._lock = threading.Lock()
         self._parents: OrderedDict[bytes, _Parent] = OrderedDict()  # insertion order is expiry order
+        self._used_shared: dict[str, list[str]] = {}  # kind -> key IDs used here whose shared copy goes next
         self.stats = SteadyStats()
 
     def __repr__(self) -> str:
@@ -218,14 +232,69 @@ class SteadyRegistry:
                 self._parents.popitem(last=False)[1].erase()
             self._parents[handle] = parent
             self.stats.registered += 1
+        if self._share:
+            blob = shared.encode_parent(bytes(parent.key), parent.suite, parent.info)
+            put = functools.partial(self._put_parent, handle, blob, parent.info.peer_identity,
+                                    time.time() + self.policy.lifetime)
+            self._in_background(put) if self.off_loop else put()
         return handle
 
+    @staticmethod
+    def _in_background(fn: Callable[[], object]) -> None:
+        workers.submit(fn, lambda _value, _error: None)  # fn logs its own failures
+
+    def _put_parent(self, handle: bytes, blob: bytes, peer: str, expires_at: float) -> None:
+        """Store the parent in the shared state, so another process or host accepts its connections."""
+        assert self._state is not None
+        try:
+            self._state.put_ticket(shared.KIND, handle, blob, expires_at=expires_at)
+        except StateError as exc:  # this process still serves it; others refuse it (full handshake)
+            _log.warning("the steady-state parent of %r is not shared with other servers: %s", peer, exc)
+
+    def _load_parent(self, handle: bytes) -> None:
+        """A parent another process registered, from the shared state, into this process's memory.
+
+        Outside the lock (a database round trip).  An unknown handle costs that one read; what the
+        parent's connections spend is spent in the shared state, so a parent known in two processes
+        is no weaker than one."""
+        assert self._state is not None
+        try:
+            ticket = self._state.get_ticket(shared.KIND, handle)
+            if ticket is None:
+                return
+            key, suite, info = shared.decode_parent(ticket.secret)
+        except StateError as exc:
+            _log.warning("cannot read a steady-state parent from the shared state: %s (refused: fail closed)", exc)
+            return
+        local = self._keys.source.sae_id if self._keys is not None else None
+        peers = steady_peers(info, local) if suite.qkd else None
+        # Wall-clock expiry (shared by hosts) onto this process's clock.
+        parent = _Parent(key, suite, info, peers, self._clock() + (ticket.expires_at - time.time()))
+        with self._lock:
+            if handle in self._parents:  # another thread loaded it meanwhile
+                parent.erase()
+                return
+            while len(self._parents) >= self.policy.max_sessions:
+                self._parents.popitem(last=False)[1].erase()
+            self._parents[handle] = parent
+            self.stats.loaded += 1
+
     def discard(self, handle: bytes) -> None:
-        """Forget a parent (its own TLS handshake failed)."""
+        """Forget a parent (its own TLS handshake failed), here and in the shared state."""
         with self._lock:
             parent = self._parents.pop(handle, None)
         if parent is not None:
             parent.erase()
+        if self._share:
+            drop = functools.partial(self._drop_parent, handle)
+            self._in_background(drop) if self.off_loop else drop()
+
+    def _drop_parent(self, handle: bytes) -> None:
+        assert self._state is not None
+        try:
+            self._state.drop_ticket(shared.KIND, handle)
+        except StateError as exc:  # it expires there (steady.lifetime)
+            _log.warning("cannot drop a steady-state parent from the shared state: %s", exc)
 
     def clear(self) -> None:
         """Forget every parent (server shutdown)."""
@@ -260,6 +329,12 @@ class SteadyRegistry:
             self._refuse("a malformed steady-state identity")
             return None
         content, body, tag = parsed
+        if self._share:
+            with self._lock:
+                self._purge_locked()
+                known = content.handle in self._parents
+            if not known:
+                self._load_parent(content.handle)
         with self._lock:
             self._purge_locked()
             parent = self._parents.get(content.handle)
@@ -293,6 +368,8 @@ class SteadyRegistry:
                 if all(h is not None for h in held):
                     keys = [h[0] for h in held if h is not None]
                     self.stats.prefetched += 1
+                    if self._share and parent.peers is not None:
+                        self._unshare_later(parent.peers, content.used)
                 else:  # announced and being fetched: the claim waits for that fetch, never fetches again
                     fetch = parent.fetching.get(content.used[0])
             self.stats.accepted += 1
@@ -371,8 +448,58 @@ class SteadyRegistry:
                 return [key]
             # The fetch failed (the KME lost the key, or was down): the KME delivers a key once, so
             # a fetch that failed for this ID cannot succeed on demand either unless the KME was down.
+        if self._share and fetch is None:
+            shared_key = self._take_shared(claim, key_id)
+            if shared_key is not None:
+                return [shared_key]
         self.stats.on_demand += 1
         return manager.fetch(claim.request)
+
+    def _take_shared(self, claim: SteadyClaim, key_id: str) -> QKDKey | None:
+        """The announced key another process pre-fetched, taken from the shared state (exactly one
+        taker: a conditional delete), or None: then fetched from the KME on demand."""
+        assert self._state is not None and claim.peers is not None
+        try:
+            ticket = self._state.take_ticket(shared.key_kind(claim.peers.client_sae_id), key_id.encode())
+        except StateError as exc:
+            _log.warning("cannot take QKD key %s from the shared state: %s; fetching it from the KME", key_id, exc)
+            return None
+        if ticket is None:
+            return None
+        self.stats.shared_keys += 1
+        return QKDKey(key_id, ticket.secret)
+
+    def _share_keys(self, peers: SteadyPeers, keys: list[QKDKey]) -> None:
+        """Store pre-fetched announced keys sealed in the shared state: the KME delivers a key once,
+        and the connection that uses it may reach another process (a worker thread, off the path).
+        The shared copies of keys this process used itself go in the same transaction (one commit)."""
+        assert self._state is not None
+        kind = shared.key_kind(peers.client_sae_id)
+        with self._lock:
+            drop = self._used_shared.pop(kind, [])
+        expires = time.time() + self.policy.key_lifetime
+        try:
+            self._state.swap_tickets(kind, [(k.key_id.lower().encode(), k.key) for k in keys],
+                                     [k.lower().encode() for k in drop], expires_at=expires)
+        except StateError as exc:  # other processes then fetch on demand and fail: a full handshake
+            _log.warning("pre-fetched QKD keys are not shared with other servers: %s", exc)
+
+    def _unshare_later(self, peers: SteadyPeers, key_ids: tuple[str, ...]) -> None:
+        """This process used its own pre-fetched key: its shared copy goes with the next share (whose
+        transaction it joins), or, if too many wait, now on a worker thread.  Called with the lock."""
+        kind = shared.key_kind(peers.client_sae_id)
+        waiting = self._used_shared.setdefault(kind, [])
+        waiting.extend(key_ids)
+        if len(waiting) >= MAX_HELD:
+            self._used_shared[kind] = []
+            self._in_background(functools.partial(self._swap, kind, waiting))
+
+    def _swap(self, kind: str, drop: list[str]) -> None:
+        assert self._state is not None
+        try:
+            self._state.swap_tickets(kind, [], [k.lower().encode() for k in drop], expires_at=0.0)
+        except StateError as exc:  # they expire there (steady.key_lifetime), their IDs spent: never used
+            _log.warning("cannot drop used QKD keys from the shared state: %s", exc)
 
     def _prefetch(self, claim: SteadyClaim) -> None:
         manager = self._keys
@@ -414,6 +541,8 @@ class SteadyRegistry:
             if error is not None:
                 _log.warning("pre-fetching announced QKD keys of %r failed: %s", claim.info.peer_identity, error)
             fetch.done.set()
+            if self._share and error is None and fetch.keys and claim.peers is not None:
+                self._share_keys(claim.peers, list(fetch.keys.values()))
 
         workers.submit(lambda: manager.fetch(request), done)
 

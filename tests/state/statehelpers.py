@@ -216,3 +216,20 @@ def restart_worker(url: str, scope: str, stop: Any, start: Any) -> dict[str, Any
             n += 1
     return {"results": results, "errors": errors, "recovered": last_ok_after_error,
             "unavailable": sum(1 for e in errors if e[0] == StateUnavailable.__name__)}
+
+
+def ticket_take_worker(url: str, kind: str, handles: list[bytes], seed: int, start: Any) -> list[bytes]:
+    """Take every ticket it can (in a random order, as connections of several processes would); the
+    handles this process got, each with its own secret checked."""
+    rng = random.Random(seed)
+    order = list(handles)
+    rng.shuffle(order)
+    got = []
+    with open_state(url, seal_key=SEAL_KEY) as state:
+        start.wait(30)
+        for h in order:
+            t = state.take_ticket(kind, h)
+            if t is not None:
+                assert t.secret == h * 2, "a ticket's secret was swapped"
+                got.append(h)
+    return got

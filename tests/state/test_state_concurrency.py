@@ -49,6 +49,20 @@ def test_every_held_id_is_taken_exactly_once(url: str) -> None:
         assert s.held("qkd:pool") == 0 and not s.spend("qkd:pool", [ids[0]])
 
 
+def test_every_announced_key_is_taken_exactly_once(url: str) -> None:
+    """Announced QKD keys pre-fetched by one process and shared sealed (take_ticket): of processes
+    racing for the same keys, exactly one gets each."""
+    handles = [b"%036d" % n for n in range(200)]
+    with open_state(url, seal_key=SEAL_KEY) as s:
+        for h in handles:
+            s.put_ticket("qkd:sae-a", h, h * 2, expires_at=time.time() + 600)
+    got = _race(statehelpers.ticket_take_worker, [(url, "qkd:sae-a", handles, seed) for seed in range(PROCS)])
+    counts = collections.Counter(h for g in got for h in g)
+    assert sorted(counts) == handles and set(counts.values()) == {1}
+    with open_state(url, seal_key=SEAL_KEY) as s:
+        assert s.take_ticket("qkd:sae-a", handles[0]) is None
+
+
 def test_concurrent_rotations_keep_a_common_key(url: str) -> None:
     """Processes rotating one pair at once (a responder's replicas): every rotation is recorded, the
     window stays bounded, keys of the newest epoch remain, and no spent key ID comes back."""
@@ -76,9 +90,11 @@ def test_postgresql_restart_mid_run(pg: PG) -> None:
     def restart() -> None:
         time.sleep(0.7)
         pg.stop()
-        time.sleep(1.0)  # down for a while: every worker meets it
+        # Down for longer than a pooled call waits for a connection (connect_timeout, 2 s): every
+        # worker meets the error (a shorter outage is ridden out by waiting).
+        time.sleep(2.5)
         pg.start()
-        time.sleep(1.5)  # and back: every worker recovers
+        time.sleep(2.5)  # and back: every worker recovers (the pool's reconnect back-off is bypassed)
         stop.set()
 
     out = statehelpers.race(statehelpers.restart_worker, [(url, "qkd:kme", stop)] * 3, during=restart)

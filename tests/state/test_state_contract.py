@@ -167,3 +167,14 @@ def test_counter_windows_of_other_widths(state: SharedState) -> None:
     assert state.spend_counter("w", 1000, window=64) is None  # beyond the width: a new window
     assert state.spend_counter("w", 999, window=64) is None
     assert state.spend_counter("w", 999, window=64) == "replayed"
+
+
+def test_take_and_swap_tickets(state: SharedState) -> None:
+    t = time.time() + 60
+    state.swap_tickets("qkd:m", [(b"k1", b"one"), (b"k2", b"two")], expires_at=t)
+    taken = state.take_ticket("qkd:m", b"k1")
+    assert taken is not None and taken.secret == b"one" and state.take_ticket("qkd:m", b"k1") is None
+    state.swap_tickets("qkd:m", [(b"k3", b"three")], [b"k2"], expires_at=t)  # one in, one out
+    assert state.get_ticket("qkd:m", b"k2") is None and state.get_ticket("qkd:m", b"k3") is not None
+    state.swap_tickets("qkd:m", [(b"k4", b"four")], expires_at=time.time() - 1)
+    assert state.take_ticket("qkd:m", b"k4") is None  # expired: never handed out

@@ -52,8 +52,11 @@ def test_becoming_read_only_while_open(pg: PG) -> None:
     url = pg.new_url()
     with open_state(url, seal_key=SEAL_KEY) as s:
         assert s.spend("s", ["a"])
-        s.run("make the session read-only", lambda c: c.execute("SET SESSION CHARACTERISTICS AS TRANSACTION "
-                                                               "READ ONLY"))
+        # Every connection read-only from now on (as after a fail-over to a standby): the pooled ones end.
+        database = urllib.parse.urlsplit(url).path.lstrip("/")
+        pg.admin(pg.server.get_uri(), f"ALTER DATABASE {database} SET default_transaction_read_only = on")
+        pg.admin(pg.server.get_uri(), "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                                      f"datname = '{database}' AND pid <> pg_backend_pid()")
         with pytest.raises(StateReadOnly) as exc:
             s.spend("s", ["b"])
         assert "read-only" in _one_line(exc)

@@ -199,6 +199,9 @@ def run_fleet(tmp_path: Path, kme: KMEProcess, pki: Path, echo: EchoService, *, 
             fleet[1].kill_all()  # a whole server
             kills.append((sent, time.monotonic()))
         results = load.join()
+        # The load may finish before the killed worker's replacement is up (about 2 s to start).
+        wait_until(lambda: metric(scrape(fleet[0].metrics_port or 0), "hybridkex_tunnel_workers") == 2,
+                   "the killed worker's replacement serving")
         samples = scrape(fleet[0].metrics_port or 0)  # the supervisor's sum over its workers, dead ones too
     finally:
         for p in procs:
@@ -209,10 +212,12 @@ def run_fleet(tmp_path: Path, kme: KMEProcess, pki: Path, echo: EchoService, *, 
     assert len(results) >= total
     failed = [(s, e) for s, e, ok in results if not ok]
     # Only connections in flight at a killed process may fail: they started before it was gone and
-    # ended after the signal; at most one per load thread per kill.
+    # ended after the signal.
     for s, e in failed:
         assert any(s < gone and e >= sent for sent, gone in kills), (s, e, kills)
-    assert len(failed) <= THREADS * len(kills), failed
+    # A thread may lose two: the one in flight, and one more queued in the dying worker's backlog
+    # before the kernel stopped routing to it (SO_REUSEPORT); never more than that per kill.
+    assert len(failed) <= 2 * THREADS * len(kills), failed
 
     logged = len(fleet[0].events("handshake_ok"))
     counted = metric(samples, "hybridkex_tunnel_handshakes_total", outcome="ok")
@@ -239,14 +244,19 @@ def run_fleet(tmp_path: Path, kme: KMEProcess, pki: Path, echo: EchoService, *, 
     assert auths[0] == "psk" and auths.count("psk") <= THREADS and "psk" not in auths[2 * THREADS:], auths
     steady = [r for r in server_ok if r["session"]["steady"] is not None]
     assert steady, "no steady-state connection at all"
-    # A steady-state connection at another worker than its parent's is refused and retried with a full
-    # handshake, which the application never saw: those refusals are what the full handshakes cost.
+    # The parents are shared sealed in the state ([state] key_file): a steady-state connection at
+    # another worker or server than its full handshake's is accepted there. A refusal (retried with a
+    # full handshake the application never sees) happens only where a parent's background write had
+    # not landed yet, or at a killed process: a few, never one per cross-worker connection.
     refused = [r for r in client.events("handshake_retried") if r["msg"].startswith("steady-state")]
-    assert refused  # ... and each of them recovered: no failure beyond the kills' (above)
+    assert len(refused) <= 2 * THREADS * (len(kills) + 1), len(refused)
+    assert len(full) <= len(server_ok) // 4, (len(full), len(server_ok))  # mostly one round trip
     with open_state(url, seal_key=SEAL_KEY) as state:
         [summary] = state.auth_keys().summaries()
         server_keys = {k.key_id.hex() for k in state.auth_keys().keys(SERVER, CLIENT)}
-        assert summary.bootstrap_retired and summary.rotations >= auths.count("recycled") > 0
+        # Every full handshake rotated once (with the parents shared, the first few may be the only
+        # ones: two servers sharing recycled keys are tested in test_tunnel_state_e2e.py).
+        assert summary.bootstrap_retired and summary.rotations >= auths.count("recycled")
     with open_state(tmp_path / "client-keys.sqlite3") as client_state:
         client_keys = {k.key_id.hex() for k in client_state.auth_keys().keys(CLIENT, SERVER)}
     assert client_keys & server_keys, (client_keys, server_keys)  # no lockout: both sides hold the next key
