@@ -212,7 +212,7 @@ class TunnelConfig:
     recycle: RecycleConfig | None = None
     #: ``[state]``: the state shared with other tunnel servers (docs/fleet.md), or None.
     state: StateConfig | None = None
-    #: Server only: worker processes sharing the listening port (``--workers``; 1 = this process serves).
+    #: Worker processes sharing the listening port (``--workers``; 1 = this process serves), either role.
     workers: int = 1
     #: The file this configuration was read from, if any.
     source: Path | None = None
@@ -249,7 +249,7 @@ FLAGS: Final[tuple[Flag, ...]] = (
     Flag("--listen", "listen", "str", "ADDR", "address to accept connections on, HOST:PORT"),
     Flag("--target", "target", "str", "ADDR", "address to forward connections to, HOST:PORT"),
     Flag("--identity", "identity", "str", "NAME", "this side's identity"),
-    Flag("--workers", "workers", "int", "N", "server: N worker processes on one listening port (SO_REUSEPORT)"),
+    Flag("--workers", "workers", "int", "N", "N worker processes on one listening port (SO_REUSEPORT)"),
     Flag("--peer", "peers", "peer", "NAME=PSK_FILE",
          "a peer authenticated by a pre-shared key file (repeatable; replaces the file's [[peers]])"),
     Flag("--target-identity", "target_identity", "str", "NAME",
@@ -642,11 +642,11 @@ class _Validator:
         return KMEConfig(url=url, sae_id=sae_id, cert=cert, key=key, ca=ca)
 
     def workers(self, top: Table, policy: PolicyConfig, state: StateConfig | None) -> int:
-        if self.role == "client":
-            top.forbid("workers", "on the client side (only the tunnel server runs worker processes)")
-            return 1
         n = top.integer("workers", 1, minimum=1, maximum=256)
-        if n > 1 and policy.steady and state is None:
+        # A client worker needs no [state]: its steady-state ticket lives in its own memory (never shared,
+        # never written to a file), its announced QKD keys are reserved by itself at the KME (which hands
+        # each key out once), and the anti-replay that must be shared is the server's.
+        if n > 1 and self.role == "server" and policy.steady and state is None:
             # Fail closed: each worker would keep its own record of spent steady-state counters and key IDs.
             raise ConfigurationError(
                 f"{n} workers need a [state] table to share steady-state anti-replay; add [state] with "
