@@ -1,9 +1,12 @@
 """``hybridkex tunnel client --workers 2`` against ``hybridkex tunnel server --workers 2``: real supervisors,
-worker processes, KME and secure channel (QKD required, steady state on) on 127.0.0.1.
+worker processes, KME and secure channel (QKD required, steady state on, recycled authentication) on
+127.0.0.1.
 
 Each client worker makes its own full handshake and its own steady-state connections; the server,
-which keeps one steady-state parent per handshake, serves both.  Every connection gets through, both
-client workers serve some, no QKD key ID is used twice, and SIGTERM drains the client's supervisor."""
+which keeps one steady-state parent per handshake, serves both.  The two client workers share one
+recycled-key store file (safe across processes: one transaction per rotation).  Every connection
+gets through, both client workers serve some, no QKD key ID is used twice, recycled authentication
+never fails, and SIGTERM drains the client's supervisor."""
 
 from __future__ import annotations
 
@@ -54,23 +57,33 @@ def _load(port: int) -> list[bool]:
     return results
 
 
+def _recycled(text: str) -> str:
+    return text.replace('mode = "psk"', 'mode = "recycled"\nbootstrap = "psk"')
+
+
 def test_client_workers_each_have_their_own_session_and_drain(tmp_path: Path, kme: KMEProcess, pki: Path,
                                                              echo: EchoService) -> None:
     psk = make_psk(tmp_path / "pair.psk")
+    seal = tmp_path / "state.key"
+    seal.write_text(os.urandom(32).hex())
+    seal.chmod(0o600)
     procs: list[TunnelProcess] = []
     try:
-        server_text = "workers = 2\n" + secure_toml(
+        server_text = "workers = 2\n" + _recycled(secure_toml(
             listen="127.0.0.1:0", target=f"127.0.0.1:{echo.port}", identity=SERVER, peer=CLIENT, peer_sae="sae-a",
             psk=psk, kme_url=kme.url_b, sae="sae-b", pki=pki,
-            extra=f'\n[state]\nurl = "{tmp_path / "state.sqlite3"}"\n\n[limits]\nhandshake_rate = 0\n')
+            extra=f'\n[state]\nurl = "{tmp_path / "state.sqlite3"}"\nkey_file = "{seal}"\n'
+                  '\n[limits]\nhandshake_rate = 0\n'))
         (tmp_path / "server.toml").write_text(server_text)
         server = Supervised("server", tmp_path / "server.toml", env=SECURE_ENV)
         procs.append(server)
         server.started()
-        # No [state] on the client: a client worker shares nothing with the other (its ticket is its own).
-        client_text = "workers = 2\n" + secure_toml(
+        # No [state] on the client: a client worker shares no steady state with the other (its ticket is its
+        # own); only the recycled-key store file, which is safe across processes.
+        client_text = "workers = 2\n" + _recycled(secure_toml(
             listen="127.0.0.1:0", target=f"127.0.0.1:{server.port}", identity=CLIENT, peer=SERVER, peer_sae="sae-b",
-            psk=psk, kme_url=kme.url_a, sae="sae-a", pki=pki)
+            psk=psk, kme_url=kme.url_a, sae="sae-a", pki=pki,
+            extra=f'\n[recycle]\nstore = "{tmp_path / "client-keys.sqlite3"}"\n'))
         (tmp_path / "client.toml").write_text(client_text)
         client = Supervised("client", tmp_path / "client.toml", env=SECURE_ENV)
         procs.append(client)
@@ -102,6 +115,9 @@ def test_client_workers_each_have_their_own_session_and_drain(tmp_path: Path, km
         assert all(r["msg"].startswith("steady-state connection refused") for r in retried), retried[:3]
         assert len(failed) == len(retried), (failed[:3], retried[:3])
         assert len({r["pid"] for r in failed}) <= 2 and all(r["pid"] in server.worker_pids for r in failed)
+        assert not [r for r in failed if r.get("outcome") == "auth_failed"]
+        full = [r["session"]["auth"] for r in server_ok if r["session"]["steady"] is None]
+        assert "recycled" in full, full  # the workers' later full handshakes use recycled keys, not the PSK
 
         # SIGTERM: the client's supervisor drains both workers, which exit 0, and so does it.
         client.send_signal(signal.SIGTERM)
