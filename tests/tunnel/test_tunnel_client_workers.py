@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 
@@ -119,8 +120,22 @@ def test_client_workers_each_have_their_own_session_and_drain(tmp_path: Path, km
         full = [r["session"]["auth"] for r in server_ok if r["session"]["steady"] is None]
         assert "recycled" in full, full  # the workers' later full handshakes use recycled keys, not the PSK
 
-        # SIGTERM: the client's supervisor drains both workers, which exit 0, and so does it.
-        client.send_signal(signal.SIGTERM)
+        # SIGTERM: the client's supervisor drains both workers (an open connection is still served), they
+        # exit 0, and so does it.
+        with socket.create_connection(("127.0.0.1", client.port), timeout=WAIT) as s:
+            s.sendall(b"E" + b"x" * 100)
+            buf = b""
+            while len(buf) < 100:
+                buf += s.recv(65536)
+            client.send_signal(signal.SIGTERM)
+            client.wait_event("draining")
+            s.sendall(b"y" * 100)
+            while len(buf) < 200:
+                buf += s.recv(65536)
+            assert buf == b"x" * 100 + b"y" * 100 and client.proc.poll() is None
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(65536):
+                pass
         assert client.wait_exit(timeout=4 * WAIT) == 0
         stopped = client.events("stopped")
         assert stopped and set(stopped[-1]["exits"].values()) == {0}, stopped
