@@ -142,9 +142,10 @@ class Procs:
                                  field="bench")
 
     def hybridkex(self, service_port: int, *, name: str = "hybridkex", label: str = "",
-                  env: dict[str, str] | None = None, workers: int = 1) -> Relay:
+                  env: dict[str, str] | None = None, workers: int = 1, client_workers: int = 1) -> Relay:
         """The tunnel pair (QKD required, simulated KME process, bootstrap PSK), as users run it; with
-        ``workers`` > 1 the server runs that many worker processes sharing an SQLite ``[state]``."""
+        ``workers`` > 1 the server runs that many worker processes sharing an SQLite ``[state]``, with
+        ``client_workers`` > 1 the client that many (each its own session with the server; no state)."""
         if self._kme is None:
             self._kme = KMEProcessPair(DemoPKI.create(self.dir / "pki"))
         kme = self._kme
@@ -168,9 +169,11 @@ class Procs:
         if workers > 1:  # the workers share their steady-state anti-replay in one SQLite file
             server = f"workers = {workers}\n" + server + f'\n[state]\nurl = "{self.dir / (name + "-state.sqlite3")}"\n'
         spids, sport, loop = self._tunnel("server", server, name, env, workers)
-        cpids, cport, _ = self._tunnel("client", toml(target=f"127.0.0.1:{sport}", identity="client.bench",
-                                                   peer="server.bench", peer_sae="sae-b", kme_url=kme.url_a,
-                                                   sae="sae-a"), name, env)
+        client = toml(target=f"127.0.0.1:{sport}", identity="client.bench", peer="server.bench", peer_sae="sae-b",
+                      kme_url=kme.url_a, sae="sae-a")
+        if client_workers > 1:
+            client = f"workers = {client_workers}\n" + client
+        cpids, cport, _ = self._tunnel("client", client, name, env, client_workers)
         return Relay(name, f"{label or 'hybridkex tunnel pair (QKD required)'}, {loop} event loop", cport,
                      (*cpids, *spids))
 

@@ -63,8 +63,10 @@ def format_tunnel_report(report: dict[str, Any]) -> str:
                 f"CPU/MB {_f(e.get('cpu_per_mb_vs_stunnel'), '5.2f', 5)}x (<= 1.5: {_verdict(e, 'goal_cpu')})")
     for load_id, e in report.get("vs_one_worker", {}).items():
         if load_id == next(iter(report["vs_one_worker"])):
-            lines.append(f"Server --workers {e['workers']} against one process (issue 16; >= 1.6x):")
-        lines.append(f"  {load_id:10} rate {e['rate_vs_one_worker']:5.2f}x ({_verdict(e, 'goal_rate')})")
+            lines.append(f"Server --workers {e['workers']}, client --workers {e.get('client_workers', 1)} against "
+                         "one process per end (issue 16; >= 1.6x) and against stunnel (>= 1.0):")
+        lines.append(f"  {load_id:10} rate {e['rate_vs_one_worker']:5.2f}x ({_verdict(e, 'goal_rate')}); "
+                     f"vs stunnel {_f(e.get('rate_vs_stunnel'), '5.2f', 5)}x ({_verdict(e, 'goal_rate_vs_stunnel')})")
     if report["notes"]:
         lines += ["", "Notes:"] + [f"  {n}" for n in report["notes"]]
     return "\n".join(lines)
@@ -94,8 +96,12 @@ def format_tunnel_markdown(report: dict[str, Any]) -> str:
                        f"({_verdict(e, 'goal_cpu')}) |")
     workers = report.get("vs_one_worker", {})
     if workers:
-        out += ["", "| load | server --workers N vs one process (>= 1.6x) |", "|---|---:|"]
-        out += [f"| {load_id} | {e['rate_vs_one_worker']:.2f}x, N = {e['workers']} ({_verdict(e, 'goal_rate')}) |"
+        out += ["", "| load | --workers N (server, client) vs one process per end (>= 1.6x) "
+                    "| same vs stunnel (>= 1.0x) |",
+                "|---|---:|---:|"]
+        out += [f"| {load_id} | {e['rate_vs_one_worker']:.2f}x, N = {e['workers']}, {e.get('client_workers', 1)} "
+                f"({_verdict(e, 'goal_rate')}) | {_f(e.get('rate_vs_stunnel'), '.2f', 0)}x "
+                f"({_verdict(e, 'goal_rate_vs_stunnel')}) |"
                 for load_id, e in workers.items()]
     if report.get("method"):
         out += ["", "Method:", ""] + [f"- {k}: {v}" for k, v in report["method"].items()]

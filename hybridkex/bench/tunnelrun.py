@@ -54,6 +54,14 @@ class TunnelBenchOptions:
     quick_mode: bool = False
     #: > 1: also a tunnel pair whose server runs this many worker processes (``--workers``), side by side.
     workers: int = 1
+    #: The client's worker processes in that pair (``--client-workers``; None: as many as the server's).
+    client_workers: int | None = None
+
+    @property
+    def workers_relay(self) -> str:
+        """The id of the relay with worker processes: ``workers2`` (both ends 2), ``workers2-client1`` ..."""
+        client = self.workers if self.client_workers is None else self.client_workers
+        return f"workers{self.workers}" + (f"-client{client}" if client != self.workers else "")
 
     @classmethod
     def quick(cls) -> TunnelBenchOptions:
@@ -131,15 +139,23 @@ def _ratios(rows: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, A
     return out
 
 
-def _worker_ratios(rows: dict[str, dict[str, dict[str, Any]]], workers: int) -> dict[str, dict[str, Any]]:
-    """The server with ``workers`` worker processes against one process, per load (issue 16: >= 1.6x)."""
-    many, one = rows.get(f"workers{workers}", {}), rows.get("hybridkex", {})
+def _worker_ratios(rows: dict[str, dict[str, dict[str, Any]]], opts: TunnelBenchOptions) -> dict[str, dict[str, Any]]:
+    """The pair with worker processes against one process per end (issue 16: >= 1.6x) and against
+    stunnel (issue 15: >= 1.0x), per load."""
+    many, one, st = rows.get(opts.workers_relay, {}), rows.get("hybridkex", {}), rows.get("stunnel", {})
+    client = opts.workers if opts.client_workers is None else opts.client_workers
     out: dict[str, dict[str, Any]] = {}
     for load_id, mr in many.items():
         base = one.get(load_id, {}).get("rate_median")
         if mr["rate_median"] and base:
             ratio = mr["rate_median"] / base
-            out[load_id] = {"workers": workers, "rate_vs_one_worker": ratio, "goal_rate": ratio >= 1.6}
+            entry: dict[str, Any] = {"workers": opts.workers, "client_workers": client, "relay": opts.workers_relay,
+                                     "rate_vs_one_worker": ratio, "goal_rate": ratio >= 1.6}
+            stunnel_rate = st.get(load_id, {}).get("rate_median")
+            if stunnel_rate:
+                entry["rate_vs_stunnel"] = mr["rate_median"] / stunnel_rate
+                entry["goal_rate_vs_stunnel"] = entry["rate_vs_stunnel"] >= 1.0
+            out[load_id] = entry
     return out
 
 
@@ -177,9 +193,10 @@ def run_tunnel_benchmark(opts: TunnelBenchOptions, *, progress: bool = True, com
             direct = procs.service()
             relays = [direct, procs.hybridkex(direct.port)]
             if opts.workers > 1:
-                relays.append(procs.hybridkex(direct.port, name=f"workers{opts.workers}",
-                                              label=f"hybridkex tunnel pair, server --workers {opts.workers}",
-                                              workers=opts.workers))
+                client = opts.workers if opts.client_workers is None else opts.client_workers
+                relays.append(procs.hybridkex(
+                    direct.port, name=opts.workers_relay, workers=opts.workers, client_workers=client,
+                    label=f"hybridkex tunnel pair, server --workers {opts.workers}, client --workers {client}"))
             if opts.asyncio and importlib.util.find_spec("uvloop") is not None:
                 # The default pair runs on uvloop: also measure asyncio's own loop, for comparison.
                 relays.append(procs.hybridkex(direct.port, name="hybridkex-asyncio",
@@ -221,7 +238,7 @@ def run_tunnel_benchmark(opts: TunnelBenchOptions, *, progress: bool = True, com
         "relays": [{"id": r.id, "label": r.label, "processes": len(r.pids)} for r in relays],
         "results": rows,
         "vs_stunnel": _ratios(rows),
-        "vs_one_worker": _worker_ratios(rows, opts.workers),
+        "vs_one_worker": _worker_ratios(rows, opts),
         "notes": notes,
         "duration_s": round(time.monotonic() - t0, 1),
     }

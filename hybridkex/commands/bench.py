@@ -46,7 +46,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pulses", type=float, metavar="N",
                         help="link: pulses per block (default: 1e6 detections' worth)")
     parser.add_argument("--workers", type=int, metavar="N",
-                        help="tunnel: also a server with N worker processes, side by side (adds the 'connect' load)")
+                        help="tunnel: also a pair with N worker processes on each end, side by side (adds the "
+                             "'connect' load)")
+    parser.add_argument("--client-workers", type=int, metavar="N",
+                        help="tunnel: the client's worker processes in that pair (default: as many as --workers)")
 
 
 def _positive(value: float | None, name: str, minimum: float) -> None:
@@ -93,6 +96,12 @@ def _run_tunnel(args: argparse.Namespace) -> int:
         opts.workers = args.workers
         if not args.loads and args.workers > 1:
             opts.loads = tuple(load.id for load in LOADS)  # handshakes/s too: the goal is on both
+    if args.client_workers is not None:
+        if args.workers is None or args.workers < 2:
+            raise ConfigurationError("needs --workers N (N >= 2): it sets the client of that pair",
+                                     field="--client-workers")
+        _positive(args.client_workers, "--client-workers", 1)
+        opts.client_workers = args.client_workers
     if args.rounds is not None:
         opts.rounds = args.rounds
     if args.seconds is not None:
@@ -104,9 +113,9 @@ def _run_tunnel(args: argparse.Namespace) -> int:
         check_plots_available()  # before minutes of measuring, not after
     parts = ["hybridkex", "bench", "tunnel"] + (["--quick"] if args.quick else [])
     parts += ["--no-stunnel"] if args.no_stunnel else []
-    for name in ("loads", "workers", "rounds", "seconds", "json", "plots", "markdown"):
+    for name in ("loads", "workers", "client_workers", "rounds", "seconds", "json", "plots", "markdown"):
         if getattr(args, name) is not None:
-            parts += ["--" + name, str(getattr(args, name))]
+            parts += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     report = run_tunnel_benchmark(opts, progress=not args.no_progress, command=shlex.join(parts))
     print(format_tunnel_report(report))
     _write_outputs(args, report, format_tunnel_markdown)
@@ -195,14 +204,16 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "tunnel":
         return _run_tunnel(args)
     if args.what == "link":
-        if args.workers is not None:
-            raise ConfigurationError("applies to 'bench tunnel' only", field="--workers")
+        if args.workers is not None or args.client_workers is not None:
+            raise ConfigurationError("applies to 'bench tunnel' only",
+                                     field="--workers" if args.workers is not None else "--client-workers")
         return _run_link(args)
     if args.distances or args.pulses is not None:
         raise ConfigurationError("applies to 'bench link' only", field="--distances" if args.distances else "--pulses")
-    if args.loads or args.no_stunnel or args.workers is not None:
+    if args.loads or args.no_stunnel or args.workers is not None or args.client_workers is not None:
         raise ConfigurationError("applies to 'bench tunnel' only",
-                                 field="--loads" if args.loads else "--no-stunnel" if args.no_stunnel else "--workers")
+                                 field="--loads" if args.loads else "--no-stunnel" if args.no_stunnel
+                                 else "--workers" if args.workers is not None else "--client-workers")
     # Imported here, not at the top: `hybridkex --help` must not load the benchmark's dependencies.
     from ..bench import BenchOptions, run_benchmark  # noqa: PLC0415
     from ..bench.report import format_markdown, format_report  # noqa: PLC0415

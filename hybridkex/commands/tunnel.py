@@ -41,8 +41,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--check-config", action="store_true",
                          help="validate the configuration, print a summary and exit")
         for f in FLAGS:
-            if (f.flag == "--target-identity" and role == "server") or (f.flag == "--workers" and role == "client"):
-                continue  # the server accepts every configured peer; only the server has workers
+            if f.flag == "--target-identity" and role == "server":
+                continue  # the server accepts every configured peer
             if f.kind == "bool":
                 sub.add_argument(f.flag, action="store_true", default=None, help=f.help)
             elif f.kind in ("list", "peer"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 
 from ..exceptions import AuthenticationError, RateLimited, RemoteProtocolError
-from .config import MAX_IDENTITY_BYTES, TunnelConfig
+from ._model import MAX_IDENTITY_BYTES, TunnelConfig
 from .limits import admit_peer
 from .streams import PlainStream, SecureStream
 

@@ -1,6 +1,6 @@
-"""``hybridkex tunnel server --workers N``: N worker processes on one listening port, one supervisor.
+"""``hybridkex tunnel server|client --workers N``: N worker processes on one listening port, one supervisor.
 
-Each worker is the single-process tunnel server (``python -m hybridkex`` with the same command line),
+Each worker is the single-process tunnel server or client (``python -m hybridkex`` with the same command line),
 told by its environment that it is worker *i*: it binds the listening port with ``SO_REUSEPORT`` (the
 kernel spreads new connections over the workers), serves no metrics endpoint of its own and writes
 its metrics to the supervisor's private ``PROMETHEUS_MULTIPROC_DIR``.  Subprocesses of the same CLI
@@ -13,6 +13,11 @@ worker (so configuration errors and a port in use are the usual one line and exi
 SIGTERM/SIGINT (drain) and, after checking the file itself, SIGHUP (reload) to every worker, restarts
 a worker that died with a growing delay, gives up with one line when a worker keeps dying, and serves
 ``/metrics`` (the sum over the workers) and ``/healthz``.
+
+Nothing here depends on the role.  A client worker is a tunnel client of its own towards the server:
+its own full handshake, its own steady-state ticket (in its memory only) and its own announced QKD
+keys, so N client workers look to the server like N clients of one peer identity (it keeps one
+steady-state parent per handshake, not per identity).
 """
 
 from __future__ import annotations
