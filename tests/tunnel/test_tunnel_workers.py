@@ -145,6 +145,10 @@ def test_workers_share_the_port_metrics_sum_and_a_killed_worker_is_replaced(serv
     per_pid = {pid: sum(1 for local, _ in results if by_worker[local] == pid) for pid in server.worker_pids}
     assert all(n > 0 for n in per_pid.values()), per_pid  # the kernel gave each worker some
 
+    # The relay adds a connection's bytes in batches, the last when it closes: after its log line.
+    port = server.metrics_port
+    wait_until(lambda: metric(scrape(port), "hybridkex_tunnel_bytes_total", direction="in") >= 40 * 1001,
+               "every connection's bytes counted")
     samples = scrape(server.metrics_port)  # parsed by prometheus_client's parser
     assert metric(samples, "hybridkex_tunnel_handshakes_total", outcome="ok") == 40  # summed over both
     assert metric(samples, "hybridkex_tunnel_connections_total") == 40
