@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleethelpers import CLIENT_SAE, Fleet, Spec, configs, key_source
 from iohelpers import WAIT, RecordingProxy, echo_once
+from statefleet import CLIENT_SAE, Fleet, Spec, configs, key_source
 from statehelpers import PG, state_url
 
 from hybridkex.api import HybridClient, SteadyPolicy
