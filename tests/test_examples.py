@@ -185,3 +185,19 @@ def test_tunnel_http_service_example_cleans_up_on_ctrl_c() -> None:
     assert "\ninterrupted\n" in out
     # (The tunnel client, if the example got that far before the signal arrived, is covered too.)
     _assert_cleaned_up(out, {"python -m http.server", "hybridkex kme", "hybridkex tunnel server"})
+
+
+def test_asyncio_workers_example_shares_the_steady_state_across_processes() -> None:
+    """Two server processes on one port (SO_REUSEPORT) and one state: both serve, and connections
+    after the first are one round trip whichever process they reach."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "asyncio_workers.py"), "2"], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    m = re.search(r"(\d) of 2 processes served; (\d+) of 12 connections were one round trip", proc.stdout)
+    assert m, proc.stdout
+    # The kernel hashes connections to the processes: both get some (all 12 on one: p = 2**-11).
+    assert int(m.group(1)) == 2, proc.stdout
+    # The first is a full handshake; a second one only if a connection beat its parent's background write.
+    assert int(m.group(2)) >= 10, proc.stdout
+    pids = set(re.findall(r"served by PID (\d+), steady", proc.stdout))
+    assert len(pids) == 2, proc.stdout  # steady-state connections were accepted by both processes
