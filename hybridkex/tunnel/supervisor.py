@@ -30,6 +30,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import time
@@ -63,6 +64,7 @@ _MAX_CRASHES: Final = 6
 _BACKOFF_FIRST: Final = 0.1
 _BACKOFF_MAX: Final = 5.0
 _PR_SET_PDEATHSIG: Final = 1
+_SCRAPE_TRIES: Final = 20
 
 
 def _signal_name(code: int) -> str:
@@ -170,6 +172,14 @@ class _Exposition:
 
     def exposition(self, accept: str = "") -> tuple[bytes, str]:
         encode, content_type = choose_encoder(accept)
+        # A worker that is starting creates its value file before it writes the file's header, and
+        # prometheus_client's reader fails on such a file (struct.error): a scrape that lands in that
+        # instant is tried again, briefly, instead of answering 500.
+        for _ in range(_SCRAPE_TRIES - 1):
+            try:
+                return encode(self.registry), content_type
+            except struct.error:
+                time.sleep(0.01)
         return encode(self.registry), content_type
 
     def health_report(self) -> tuple[bool, str]:

@@ -13,6 +13,7 @@ parent's are refused and recovered by one full handshake, invisibly to the appli
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import os
@@ -254,9 +255,13 @@ def run_fleet(tmp_path: Path, kme: KMEProcess, pki: Path, echo: EchoService, *, 
     with open_state(url, seal_key=SEAL_KEY) as state:
         [summary] = state.auth_keys().summaries()
         server_keys = {k.key_id.hex() for k in state.auth_keys().keys(SERVER, CLIENT)}
-        # Every full handshake rotated once (with the parents shared, the first few may be the only
-        # ones: two servers sharing recycled keys are tested in test_tunnel_state_e2e.py).
-        assert summary.bootstrap_retired and summary.rotations >= auths.count("recycled")
+        # bootstrap-once retires the PSK at the first recycled handshake; with the parents shared the
+        # load may need none after the first few (all bootstrap), and then the PSK stays.
+        assert summary.bootstrap_retired or "recycled" not in auths, auths
+    # Concurrent handshakes that start while K is the newest key all use K (docs/recycle.md, "Concurrent
+    # handshakes"), whichever worker or server runs them; no more than the load has in flight.
+    recycled_ids = collections.Counter(s.get("auth_key_id") for s in full if s["auth"] == "recycled")
+    assert None not in recycled_ids and max(recycled_ids.values(), default=0) <= THREADS, recycled_ids
     with open_state(tmp_path / "client-keys.sqlite3") as client_state:
         client_keys = {k.key_id.hex() for k in client_state.auth_keys().keys(CLIENT, SERVER)}
     assert client_keys & server_keys, (client_keys, server_keys)  # no lockout: both sides hold the next key

@@ -118,7 +118,9 @@ def test_client_workers_each_have_their_own_session_and_drain(tmp_path: Path, km
         assert len({r["pid"] for r in failed}) <= 2 and all(r["pid"] in server.worker_pids for r in failed)
         assert not [r for r in failed if r.get("outcome") == "auth_failed"]
         full = [r["session"]["auth"] for r in server_ok if r["session"]["steady"] is None]
-        assert "recycled" in full, full  # the workers' later full handshakes use recycled keys, not the PSK
+        # The bootstrap PSK only while the threads race to first contact; any later full handshake (a
+        # steady-state connection refused before its parent reached the state) uses a recycled key.
+        assert full.count("psk") <= THREADS and "psk" not in full[2 * THREADS:], full
 
         # SIGTERM: the client's supervisor drains both workers (an open connection is still served), they
         # exit 0, and so does it.
