@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from tunnelhelpers import PY, TEST_ENV, WAIT, EchoService, TunnelProcess, expect
 
 from hybridkex import cli
 from hybridkex.tunnel import supervisor
+from hybridkex.tunnel.logs import configure_logging
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -343,6 +345,9 @@ def test_a_worker_that_keeps_dying_makes_the_supervisor_give_up_in_one_line(
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
+    # Records go to stderr as it is now (capsys's): an earlier in-process test of this worker process
+    # may have left the tunnel's handler on another stream, which configure_logging() keeps.
+    configure_logging("text", "info", stream=sys.stderr)
     try:
         code = cli.main(["tunnel", "server", "--config", str(cfg)])
     finally:
