@@ -79,7 +79,6 @@ def _settle_fds(baseline: int) -> int:
     return fd_count()
 
 
-@pytest.mark.exclusive  # timing-sensitive under load: runs alone (tests/conftest.py)
 def test_1000_concurrent_connections() -> None:
     """1,000 connections (then 500 more, to tell a leak from the allocator's high-water mark)."""
     setup = make_setup(max_connections=1024, server_timeout=60, client_timeout=60)

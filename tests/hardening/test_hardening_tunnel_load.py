@@ -90,7 +90,6 @@ def _settle(pid: int, idle: int, kme_ports: set[int]) -> tuple[int, int]:
     return other, kme_conns
 
 
-@pytest.mark.exclusive  # timing-sensitive under load: runs alone (tests/conftest.py)
 def test_tunnel_1000_connections(kme: tuple[DemoPKI, KMEProcess], tmp_path: Path) -> None:
     pki, kmes = kme
     psk = write_psk(tmp_path, "client-a")

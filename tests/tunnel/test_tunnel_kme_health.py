@@ -32,7 +32,7 @@ from tunnelhelpers import (
     wait_until,
 )
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.exclusive]
+pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture

@@ -88,7 +88,6 @@ def start_client(tmp_path: Path, pki: Path, kme: KMEProcess, server: TunnelProce
         peer_sae="sae-b", psk=psk, kme_url=kme.url_a, sae="sae-a", pki=pki), procs)
 
 
-@pytest.mark.exclusive  # timing-sensitive under load: runs alone (tests/conftest.py)
 def test_2000_connection_per_request_exchanges_through_a_default_pair(
         tmp_path: Path, pki: Path, kme: KMEProcess, service: PingService, procs: list[TunnelProcess]) -> None:
     # Default limits: no [limits] table. 10 at a time, as `redis-benchmark -k 0 -n 2000 -c 10`.
