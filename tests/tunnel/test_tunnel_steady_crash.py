@@ -108,7 +108,11 @@ def test_sigkill_of_either_side_never_reuses_a_qkd_key_and_costs_at_most_one_ful
     ids = [i for r in ok for i in r["session"]["qkd_key_ids"]]
     assert len(ids) == len(set(ids)) >= stream.ok, "a QKD key ID was used twice"
     client_ids = [i for p in clients for r in p.events("handshake_ok") for i in r["session"]["qkd_key_ids"]]
-    assert len(client_ids) == len(set(client_ids)) and set(client_ids) <= set(ids)
+    assert len(client_ids) == len(set(client_ids))
+    # A server SIGKILLed right after a handshake's last flight dies before its handshake_ok line,
+    # though the client logged its own: at most one such connection per server kill.
+    server_kills = sum(1 for n in range(1, KILLS + 1) if n % 2)
+    assert len(set(client_ids) - set(ids)) <= server_kills, set(client_ids) - set(ids)
     full = [r for r in ok if r["session"]["steady"] is None]
     # First contact, then exactly one full handshake per restart of either side; everything else
     # stayed in the steady state.
