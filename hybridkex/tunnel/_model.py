@@ -117,6 +117,11 @@ class KMEConfig:
     cert: Path | None = None
     key: Path | None = None
     ca: Path | None = None
+    #: The KME client's retry budget: extra attempts after a failed connection or a 503, the first
+    #: delay and its cap in seconds (doubling, with jitter). The defaults ride out ~1.5-3 s of outage.
+    retries: int = 5
+    backoff: float = 0.1
+    max_backoff: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "peers": ("identity", "mode", "sae_id", "psk_file", "cert", "key", "ca", "bootstrap"),
     "recycle": ("store", "policy"),
     "state": ("url", "key_file"),
-    "kme": ("embedded", "url", "sae_id", "cert", "key", "ca"),
+    "kme": ("embedded", "url", "sae_id", "cert", "key", "ca", "retries", "backoff", "max_backoff"),
     "policy": ("qkd", "suites", "key_budget", "steady"),
     "timeouts": ("handshake", "idle", "drain", "connect"),
     "limits": ("max_connections", "handshake_rate", "handshake_burst", "address_rate", "address_burst"),

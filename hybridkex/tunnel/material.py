@@ -207,7 +207,8 @@ def _kme_client(config: TunnelConfig) -> ETSI014Client | None:
     try:
         # A KME answer later than the handshake deadline is of no use to the handshake.
         return ETSI014Client(kme.url or "", cert=kme.cert, key=kme.key, ca=kme.ca, sae_id=kme.sae_id,
-                             timeout=min(config.timeouts.handshake, 10.0))
+                             timeout=min(config.timeouts.handshake, 10.0), retries=kme.retries,
+                             backoff=kme.backoff, max_backoff=kme.max_backoff)
     except ConfigurationError as exc:  # what the files checked above cannot show (e.g. an OpenSSL limit)
         raise ConfigurationError(str(exc), field="kme") from None
 

@@ -17,6 +17,7 @@ from hybridkex.exceptions import ConfigurationError, UnsupportedAlgorithm
 from hybridkex.suites import SUITES
 from hybridkex.tunnel import channel
 from hybridkex.tunnel.config import Address, Overrides, load_config
+from hybridkex.tunnel.material import load_channel_material
 
 GOOD = """\
 listen = "127.0.0.1:8443"
@@ -514,6 +515,36 @@ def test_check_config_accepts_real_files(confdir: Path, demo_pki: Path, capsys: 
     code = cli.main(["tunnel", "server", "--config", "tunnel.toml", "--check-config"])
     out = capsys.readouterr()
     assert (code, out.err) == (0, "") and out.out.startswith("hybridkex: configuration OK: tunnel server ")
+
+
+def test_the_kme_retry_budget_reaches_the_kme_client(confdir: Path, demo_pki: Path) -> None:
+    # A KME that takes longer than ~2 s to restart needs a larger budget than the client's default.
+    table = _kme_table(demo_pki) + "retries = 12\nbackoff = 0.25\nmax_backoff = 4\n"
+    (confdir / "tunnel.toml").write_text(TOP + PEER_A + 'sae_id = "sae-a"\n' + table)
+    material = load_channel_material(load_config("server", "tunnel.toml"))
+    try:
+        client = material.kme_client
+        assert client is not None and (client.retries, client.backoff, client.max_backoff) == (12, 0.25, 4.0)
+    finally:
+        material.close()
+    (confdir / "tunnel.toml").write_text(TOP + PEER_A + 'sae_id = "sae-a"\n' + _kme_table(demo_pki))
+    default = load_config("server", "tunnel.toml").kme
+    assert default is not None and (default.retries, default.backoff, default.max_backoff) == (5, 0.1, 2.0)
+    args = _parse(["tunnel", "server", "--config", "tunnel.toml", "--kme-retries", "30"])
+    flagged = load_config("server", "tunnel.toml", Overrides.from_namespace(args)).kme
+    assert flagged is not None and flagged.retries == 30
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ("retries = -1\n", "kme.retries: must be between 0 and 1000, got -1"),
+    ("retries = 2.5\n", "kme.retries: expected an integer, got number 2.5"),
+    ("backoff = 3\nmax_backoff = 1\n", "kme.max_backoff: must be >= kme.backoff (3), got 1"),
+])
+def test_a_bad_kme_retry_budget_is_one_line(confdir: Path, demo_pki: Path, capsys: pytest.CaptureFixture[str],
+                                            extra: str, expected: str) -> None:
+    (confdir / "tunnel.toml").write_text(TOP + PEER_A + 'sae_id = "sae-a"\n' + _kme_table(demo_pki) + extra)
+    line = "hybridkex: error: config tunnel.toml: " + expected
+    assert run_cli(["tunnel", "server", "--config", "tunnel.toml", "--check-config"], capsys) == (2, [line])
 
 
 def test_check_config_of_a_recycled_peer_creates_no_store_and_refuses_a_foreign_file(
