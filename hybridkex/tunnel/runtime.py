@@ -473,7 +473,8 @@ class TunnelRuntime:
 
         result: RelayResult | None = None
         try:
-            result = await relay(listen_side, target_side, idle_timeout=idle, on_bytes=on_bytes)
+            result = await relay(listen_side, target_side, idle_timeout=idle, on_bytes=on_bytes,
+                                 data_path=conn.config.data_path)
         finally:
             outcome = result.outcome if result else "shutdown"
             self.metrics.count_closed(outcome)
