@@ -70,8 +70,8 @@ def format_tunnel_report(report: dict[str, Any]) -> str:
     threads = {k: e for k, e in report.get("vs_threads", {}).items() if e}
     for load_id, e in threads.items():
         if load_id == next(iter(threads)):
-            lines.append("Threaded data path (data_path = \"threads\") against the default pair and stunnel:")
-        lines.append(f"  {load_id:10} rate {_f(e.get('rate_vs_asyncio'), '5.2f', 5)}x the default, "
+            lines.append("Experimental data paths (relay/load) against the default pair and stunnel:")
+        lines.append(f"  {load_id:26} rate {_f(e.get('rate_vs_asyncio'), '5.2f', 5)}x the default, "
                      f"{_f(e.get('rate_vs_stunnel'), '5.2f', 5)}x stunnel; CPU/MB "
                      f"{_f(e.get('cpu_per_mb_vs_asyncio'), '5.2f', 5)}x the default, "
                      f"{_f(e.get('cpu_per_mb_vs_stunnel'), '5.2f', 5)}x stunnel")
@@ -113,7 +113,7 @@ def format_tunnel_markdown(report: dict[str, Any]) -> str:
                 for load_id, e in workers.items()]
     threads = {k: e for k, e in report.get("vs_threads", {}).items() if e}
     if threads:
-        out += ["", "| load | threads: rate vs default | rate vs stunnel | CPU/MB vs default | CPU/MB vs stunnel |",
+        out += ["", "| relay/load | rate vs default | rate vs stunnel | CPU/MB vs default | CPU/MB vs stunnel |",
                 "|---|---:|---:|---:|---:|"]
         out += [f"| {load_id} | {_f(e.get('rate_vs_asyncio'), '.2f', 0)}x | {_f(e.get('rate_vs_stunnel'), '.2f', 0)}x "
                 f"| {_f(e.get('cpu_per_mb_vs_asyncio'), '.2f', 0)}x | {_f(e.get('cpu_per_mb_vs_stunnel'), '.2f', 0)}x |"

@@ -51,7 +51,7 @@ class TunnelBenchOptions:
     stunnel: bool = True
     #: With uvloop installed, also measure a tunnel pair on asyncio's own event loop.
     asyncio: bool = True
-    #: Also a tunnel pair on the threaded data path (``data_path = "threads"``, issue 15's experiment).
+    #: Also tunnel pairs on the experimental data paths (``data_path = "threads"`` and ``"loops"``, issue 15).
     threads: bool = False
     quick_mode: bool = False
     #: > 1: also a tunnel pair whose server runs this many worker processes (``--workers``), side by side.
@@ -162,9 +162,13 @@ def _worker_ratios(rows: dict[str, dict[str, dict[str, Any]]], opts: TunnelBench
 
 
 def _thread_ratios(rows: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """The pair on the threaded data path against the default pair and against stunnel, per load."""
+    """The pairs on the experimental data paths against the default pair and against stunnel, per
+    ``relay/load``."""
     out: dict[str, dict[str, Any]] = {}
-    for load_id, tr in rows.get("hybridkex-threads", {}).items():
+    cells = [(f"{rid}/{lid}", tr) for rid in ("hybridkex-threads", "hybridkex-loops")
+             for lid, tr in rows.get(rid, {}).items()]
+    for key_id, tr in cells:
+        load_id = key_id.split("/", 1)[1]
         entry: dict[str, Any] = {}
         for key, relay_id in (("vs_asyncio", "hybridkex"), ("vs_stunnel", "stunnel")):
             other = rows.get(relay_id, {}).get(load_id, {})
@@ -172,7 +176,7 @@ def _thread_ratios(rows: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict
                 entry[f"rate_{key}"] = tr["rate_median"] / other["rate_median"]
             if tr["cpu_ms_per_mb_median"] and other.get("cpu_ms_per_mb_median"):
                 entry[f"cpu_per_mb_{key}"] = tr["cpu_ms_per_mb_median"] / other["cpu_ms_per_mb_median"]
-        out[load_id] = entry
+        out[key_id] = entry
     return out
 
 
@@ -219,8 +223,10 @@ def run_tunnel_benchmark(opts: TunnelBenchOptions, *, progress: bool = True, com
                 relays.append(procs.hybridkex(direct.port, name="hybridkex-asyncio",
                                               env={"HYBRIDKEX_EVENT_LOOP": "asyncio"}))
             if opts.threads:
-                relays.append(procs.hybridkex(direct.port, name="hybridkex-threads", data_path="threads",
-                                              label="hybridkex tunnel pair (QKD required), threaded data path"))
+                for path, what in (("threads", "two threads per connection"),
+                                   ("loops", "a pool of event-loop threads")):
+                    relays.append(procs.hybridkex(direct.port, name=f"hybridkex-{path}", data_path=path,
+                                                  label=f"hybridkex tunnel pair (QKD required), data path: {what}"))
             if opts.stunnel:
                 st = procs.stunnel(direct.port)
                 if st is not None:

@@ -43,7 +43,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loads", metavar="IDS", help="tunnel: comma-separated loads (small, pipelined, bulk)")
     parser.add_argument("--no-stunnel", action="store_true", help="tunnel: skip the stunnel baseline")
     parser.add_argument("--threads", action="store_true",
-                        help='tunnel: also a pair on the threaded data path (data_path = "threads")')
+                        help='tunnel: also pairs on the experimental data paths (data_path = "threads", "loops")')
     parser.add_argument("--distances", metavar="KM,KM", help="link: fibre lengths (default 5,25,50,75,100)")
     parser.add_argument("--pulses", type=float, metavar="N",
                         help="link: pulses per block (default: 1e6 detections' worth)")

@@ -389,7 +389,7 @@ class _Validator:
         recycle = recycle_table(self, top, peers, self.warnings, ConfigWarning)
         state = state_table(self, top)
         workers = self.workers(top, policy, state)
-        data_path = cast(Literal["asyncio", "threads"], top.choice("data_path", DATA_PATHS, "asyncio"))
+        data_path = cast(Literal["asyncio", "threads", "loops"], top.choice("data_path", DATA_PATHS, "asyncio"))
         return TunnelConfig(
             role=self.role, listen=listen, target=target, identity=identity, peers=peers,
             target_identity=target_identity, kme=kme, policy=policy, timeouts=timeouts, limits=limits,

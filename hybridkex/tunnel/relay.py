@@ -18,7 +18,7 @@ from typing import Final, Literal, cast
 
 from .fastpath import classify_error, run_fast
 from .streams import SecureStream
-from .threadpath import run_threads
+from .threadpath import run_loops, run_threads
 
 __all__ = ["CHUNK_SIZE", "DataPath", "RelayResult", "relay"]
 
@@ -27,7 +27,7 @@ _CLOSE_GRACE: Final = 2.0
 
 Direction = Literal["in", "out"]
 #: Where a set-up connection's bytes are moved: event-loop callbacks, or two threads per connection.
-DataPath = Literal["asyncio", "threads"]
+DataPath = Literal["asyncio", "threads", "loops"]
 Outcome = Literal["closed", "idle_timeout", "reset", "stream_error", "io_error", "internal_error"]
 
 
@@ -65,7 +65,7 @@ async def relay(listen_side: SecureStream, target_side: SecureStream, *, idle_ti
         ep_a = fast_a()
         ep_b = fast_b() if ep_a is not None else None
         if ep_a is not None and ep_b is not None:
-            run = run_threads if data_path == "threads" else run_fast
+            run = {"threads": run_threads, "loops": run_loops}.get(data_path, run_fast)
             fast_outcome, n_in, n_out, fast_error = await run(ep_a, ep_b, idle_timeout=idle_timeout,
                                                               on_bytes=on_bytes)
             return RelayResult(cast(Outcome, fast_outcome), n_in, n_out, fast_error)

@@ -29,11 +29,11 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
-from .fastpath import FLUSH_SECONDS, Codec, Direction, Endpoint, TLSCodec, classify_error
+from .fastpath import FLUSH_SECONDS, Codec, Direction, Endpoint, TLSCodec, classify_error, run_fast
 
-__all__ = ["run_threads"]
+__all__ = ["run_loops", "run_threads"]
 
 _CHUNK: Final = 256 * 1024
 _CLOSE_GRACE: Final = 2.0
@@ -307,3 +307,108 @@ async def run_threads(listen: Endpoint, target: Endpoint, *, idle_timeout: float
                 await asyncio.shield(relay.exited)
         flush()
     return outcome, flushed["in"], flushed["out"], error
+
+
+# --- a pool of event-loop threads ------------------------------------------------------------------------
+#
+# The other shape of the experiment (``data_path = "loops"``): the fast path itself, unchanged, on
+# one of a few event loops that each run on a thread of their own (as many as the machine has
+# cores).  Fewer threads contend for the interpreter lock than with two per connection, and one
+# wake-up of a loop serves every connection that is ready on it.
+
+
+class _LoopThread:
+    def __init__(self, index: int, factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+        self.loop = factory()
+        self.active = 0  # connections on this loop (changed on the main loop only)
+        self.thread = threading.Thread(target=self._run, name=f"hybridkex-relay-loop-{index}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+
+_POOL: list[_LoopThread] = []
+_POOL_LOCK = threading.Lock()
+
+
+def _loop_factory(main: asyncio.AbstractEventLoop) -> Callable[[], asyncio.AbstractEventLoop]:
+    """New loops of the main loop's kind (uvloop's when the tunnel runs on uvloop)."""
+    if type(main).__module__.startswith("uvloop"):
+        import uvloop  # type: ignore[import-not-found,unused-ignore]  # noqa: PLC0415 - only on uvloop
+
+        return cast(Callable[[], asyncio.AbstractEventLoop], uvloop.new_event_loop)
+    return asyncio.new_event_loop
+
+
+def _pick(main: asyncio.AbstractEventLoop) -> _LoopThread:
+    with _POOL_LOCK:
+        if not _POOL:
+            factory = _loop_factory(main)
+            _POOL.extend(_LoopThread(i, factory) for i in range(max(1, os.cpu_count() or 1)))
+        return min(_POOL, key=lambda t: t.active)
+
+
+async def _serve_on_loop(sides: list[tuple[socket.socket, bytes, bool, Endpoint]], idle_timeout: float | None,
+                         on_bytes: Callable[[Direction, int], None] | None) -> tuple[str, int, int, str | None]:
+    loop = asyncio.get_running_loop()
+    eps: list[Endpoint] = []
+    try:
+        for sock, data, eof, ep in sides:
+            reader = asyncio.StreamReader()
+            if data:
+                reader.feed_data(data)
+            if eof:
+                reader.feed_eof()
+            sock.setblocking(False)
+            transport, _ = await loop.connect_accepted_socket(
+                lambda r=reader: asyncio.StreamReaderProtocol(r), sock)  # type: ignore[misc]
+            eps.append(Endpoint(transport, reader, ep.codec, ep.pending))
+    except BaseException:
+        for e in eps:
+            e.transport.abort()
+        for sock, *_ in sides[len(eps):]:
+            sock.close()
+        raise
+    return await run_fast(eps[0], eps[1], idle_timeout=idle_timeout, on_bytes=on_bytes)
+
+
+async def run_loops(listen: Endpoint, target: Endpoint, *, idle_timeout: float | None,
+                    on_bytes: Callable[[Direction, int], None] | None) -> tuple[str, int, int, str | None]:
+    """:func:`~hybridkex.tunnel.fastpath.run_fast` on one of the pool's event-loop threads; the byte
+    counts come back to this loop (``on_bytes`` runs here)."""
+    main = asyncio.get_running_loop()
+    sides: list[tuple[socket.socket, bytes, bool, Endpoint]] = []
+    try:
+        for ep in (listen, target):
+            sides.append((*await _take_socket(ep), ep))
+    except BaseException:
+        for sock, *_ in sides:
+            sock.close()
+        for ep in (listen, target):
+            ep.transport.abort()
+        raise
+
+    def counted(direction: Direction, n: int) -> None:
+        if on_bytes is not None:
+            with contextlib.suppress(RuntimeError):
+                main.call_soon_threadsafe(on_bytes, direction, n)
+
+    worker = _pick(main)
+    worker.active += 1
+    future = asyncio.run_coroutine_threadsafe(_serve_on_loop(sides, idle_timeout, counted), worker.loop)
+    finished = asyncio.Event()
+    future.add_done_callback(lambda _: main.call_soon_threadsafe(finished.set))
+    try:
+        await finished.wait()
+        result = future.result()
+    finally:
+        worker.active -= 1
+        if not future.done():  # cancelled here (drain deadline): the relay closes both connections there
+            future.cancel()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(_CLOSE_GRACE):
+                    await asyncio.shield(finished.wait())
+    await asyncio.sleep(0)  # the last counts posted by the relay's final flush run before we return
+    return result

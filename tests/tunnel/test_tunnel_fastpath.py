@@ -55,7 +55,7 @@ async def recv_all(sock: socket.socket, *, pause_every: int = 0) -> bytes:
 
 
 #: The relay's two data paths; the in-process tests below run on each (issue 15's threads experiment).
-PATHS = pytest.mark.parametrize("data_path", ["asyncio", "threads"])
+PATHS = pytest.mark.parametrize("data_path", ["asyncio", "threads", "loops"])
 
 
 @PATHS
