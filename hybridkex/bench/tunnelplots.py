@@ -18,8 +18,7 @@ from .plots import save_figures
 
 __all__ = ["write_tunnel_plots"]
 
-_RELAY_COLORS = {"direct": "#b0b0b0", "stunnel": "#dd8452", "hybridkex": "#4c72b0", "hybridkex-asyncio": "#8172b2",
-                "hybridkex-threads": "#55a868", "hybridkex-loops": "#c44e52"}
+_RELAY_COLORS = {"direct": "#b0b0b0", "stunnel": "#dd8452", "hybridkex": "#4c72b0", "hybridkex-asyncio": "#8172b2"}
 _PCT_ALPHA = {"latency_ms_p50": 1.0, "latency_ms_p95": 0.6, "latency_ms_p99": 0.3}
 
 

@@ -142,8 +142,7 @@ class Procs:
                                  field="bench")
 
     def hybridkex(self, service_port: int, *, name: str = "hybridkex", label: str = "",
-                  env: dict[str, str] | None = None, workers: int = 1, client_workers: int = 1,
-                  data_path: str = "asyncio") -> Relay:
+                  env: dict[str, str] | None = None, workers: int = 1, client_workers: int = 1) -> Relay:
         """The tunnel pair (QKD required, simulated KME process, bootstrap PSK), as users run it; with
         ``workers`` > 1 the server runs that many worker processes sharing an SQLite ``[state]``, with
         ``client_workers`` > 1 the client that many (each its own session with the server; no state)."""
@@ -158,7 +157,6 @@ class Procs:
 
         def toml(*, target: str, identity: str, peer: str, peer_sae: str, kme_url: str, sae: str) -> str:
             return "\n".join([
-                f'data_path = "{data_path}"',
                 'listen = "127.0.0.1:0"', f'target = "{target}"', f'identity = "{identity}"', "",
                 "[[peers]]", f'identity = "{peer}"', 'mode = "psk"', f'psk_file = "{psk}"', f'sae_id = "{peer_sae}"',
                 "", "[policy]", 'qkd = "required"', "", "[limits]", "handshake_rate = 0", "",

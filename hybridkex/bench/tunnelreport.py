@@ -67,14 +67,6 @@ def format_tunnel_report(report: dict[str, Any]) -> str:
                          "one process per end (issue 16; >= 1.6x) and against stunnel (>= 1.0):")
         lines.append(f"  {load_id:10} rate {e['rate_vs_one_worker']:5.2f}x ({_verdict(e, 'goal_rate')}); "
                      f"vs stunnel {_f(e.get('rate_vs_stunnel'), '5.2f', 5)}x ({_verdict(e, 'goal_rate_vs_stunnel')})")
-    threads = {k: e for k, e in report.get("vs_threads", {}).items() if e}
-    for load_id, e in threads.items():
-        if load_id == next(iter(threads)):
-            lines.append("Experimental data paths (relay/load) against the default pair and stunnel:")
-        lines.append(f"  {load_id:26} rate {_f(e.get('rate_vs_asyncio'), '5.2f', 5)}x the default, "
-                     f"{_f(e.get('rate_vs_stunnel'), '5.2f', 5)}x stunnel; CPU/MB "
-                     f"{_f(e.get('cpu_per_mb_vs_asyncio'), '5.2f', 5)}x the default, "
-                     f"{_f(e.get('cpu_per_mb_vs_stunnel'), '5.2f', 5)}x stunnel")
     if report["notes"]:
         lines += ["", "Notes:"] + [f"  {n}" for n in report["notes"]]
     return "\n".join(lines)
@@ -111,13 +103,6 @@ def format_tunnel_markdown(report: dict[str, Any]) -> str:
                 f"({_verdict(e, 'goal_rate')}) | {_f(e.get('rate_vs_stunnel'), '.2f', 0)}x "
                 f"({_verdict(e, 'goal_rate_vs_stunnel')}) |"
                 for load_id, e in workers.items()]
-    threads = {k: e for k, e in report.get("vs_threads", {}).items() if e}
-    if threads:
-        out += ["", "| relay/load | rate vs default | rate vs stunnel | CPU/MB vs default | CPU/MB vs stunnel |",
-                "|---|---:|---:|---:|---:|"]
-        out += [f"| {load_id} | {_f(e.get('rate_vs_asyncio'), '.2f', 0)}x | {_f(e.get('rate_vs_stunnel'), '.2f', 0)}x "
-                f"| {_f(e.get('cpu_per_mb_vs_asyncio'), '.2f', 0)}x | {_f(e.get('cpu_per_mb_vs_stunnel'), '.2f', 0)}x |"
-                for load_id, e in threads.items()]
     if report.get("method"):
         out += ["", "Method:", ""] + [f"- {k}: {v}" for k, v in report["method"].items()]
     if report["notes"]:

@@ -51,8 +51,6 @@ class TunnelBenchOptions:
     stunnel: bool = True
     #: With uvloop installed, also measure a tunnel pair on asyncio's own event loop.
     asyncio: bool = True
-    #: Also tunnel pairs on the experimental data paths (``data_path = "threads"`` and ``"loops"``, issue 15).
-    threads: bool = False
     quick_mode: bool = False
     #: > 1: also a tunnel pair whose server runs this many worker processes (``--workers``), side by side.
     workers: int = 1
@@ -161,25 +159,6 @@ def _worker_ratios(rows: dict[str, dict[str, dict[str, Any]]], opts: TunnelBench
     return out
 
 
-def _thread_ratios(rows: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """The pairs on the experimental data paths against the default pair and against stunnel, per
-    ``relay/load``."""
-    out: dict[str, dict[str, Any]] = {}
-    cells = [(f"{rid}/{lid}", tr) for rid in ("hybridkex-threads", "hybridkex-loops")
-             for lid, tr in rows.get(rid, {}).items()]
-    for key_id, tr in cells:
-        load_id = key_id.split("/", 1)[1]
-        entry: dict[str, Any] = {}
-        for key, relay_id in (("vs_asyncio", "hybridkex"), ("vs_stunnel", "stunnel")):
-            other = rows.get(relay_id, {}).get(load_id, {})
-            if tr["rate_median"] and other.get("rate_median"):
-                entry[f"rate_{key}"] = tr["rate_median"] / other["rate_median"]
-            if tr["cpu_ms_per_mb_median"] and other.get("cpu_ms_per_mb_median"):
-                entry[f"cpu_per_mb_{key}"] = tr["cpu_ms_per_mb_median"] / other["cpu_ms_per_mb_median"]
-        out[key_id] = entry
-    return out
-
-
 def _method(opts: TunnelBenchOptions, loads: list[Load]) -> dict[str, str]:
     """How each number is measured (printed under the table and kept in the JSON, as the handshake
     benchmark's ``method``)."""
@@ -222,11 +201,6 @@ def run_tunnel_benchmark(opts: TunnelBenchOptions, *, progress: bool = True, com
                 # The default pair runs on uvloop: also measure asyncio's own loop, for comparison.
                 relays.append(procs.hybridkex(direct.port, name="hybridkex-asyncio",
                                               env={"HYBRIDKEX_EVENT_LOOP": "asyncio"}))
-            if opts.threads:
-                for path, what in (("threads", "two threads per connection"),
-                                   ("loops", "a pool of event-loop threads")):
-                    relays.append(procs.hybridkex(direct.port, name=f"hybridkex-{path}", data_path=path,
-                                                  label=f"hybridkex tunnel pair (QKD required), data path: {what}"))
             if opts.stunnel:
                 st = procs.stunnel(direct.port)
                 if st is not None:
@@ -265,7 +239,6 @@ def run_tunnel_benchmark(opts: TunnelBenchOptions, *, progress: bool = True, com
         "results": rows,
         "vs_stunnel": _ratios(rows),
         "vs_one_worker": _worker_ratios(rows, opts),
-        "vs_threads": _thread_ratios(rows),
         "notes": notes,
         "duration_s": round(time.monotonic() - t0, 1),
     }

@@ -42,8 +42,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--loads", metavar="IDS", help="tunnel: comma-separated loads (small, pipelined, bulk)")
     parser.add_argument("--no-stunnel", action="store_true", help="tunnel: skip the stunnel baseline")
-    parser.add_argument("--threads", action="store_true",
-                        help='tunnel: also pairs on the experimental data paths (data_path = "threads", "loops")')
     parser.add_argument("--distances", metavar="KM,KM", help="link: fibre lengths (default 5,25,50,75,100)")
     parser.add_argument("--pulses", type=float, metavar="N",
                         help="link: pulses per block (default: 1e6 detections' worth)")
@@ -109,14 +107,12 @@ def _run_tunnel(args: argparse.Namespace) -> int:
     if args.seconds is not None:
         opts.seconds = args.seconds
     opts.stunnel = not args.no_stunnel
-    opts.threads = args.threads
     if args.plots:
         from ..bench.plots import check_plots_available  # noqa: PLC0415
 
         check_plots_available()  # before minutes of measuring, not after
     parts = ["hybridkex", "bench", "tunnel"] + (["--quick"] if args.quick else [])
     parts += ["--no-stunnel"] if args.no_stunnel else []
-    parts += ["--threads"] if args.threads else []
     for name in ("loads", "workers", "client_workers", "rounds", "seconds", "json", "plots", "markdown"):
         if getattr(args, name) is not None:
             parts += ["--" + name.replace("_", "-"), str(getattr(args, name))]
@@ -214,10 +210,9 @@ def run(args: argparse.Namespace) -> int:
         return _run_link(args)
     if args.distances or args.pulses is not None:
         raise ConfigurationError("applies to 'bench link' only", field="--distances" if args.distances else "--pulses")
-    if args.loads or args.no_stunnel or args.threads or args.workers is not None or args.client_workers is not None:
+    if args.loads or args.no_stunnel or args.workers is not None or args.client_workers is not None:
         raise ConfigurationError("applies to 'bench tunnel' only",
                                  field="--loads" if args.loads else "--no-stunnel" if args.no_stunnel
-                                 else "--threads" if args.threads
                                  else "--workers" if args.workers is not None else "--client-workers")
     # Imported here, not at the top: `hybridkex --help` must not load the benchmark's dependencies.
     from ..bench import BenchOptions, run_benchmark  # noqa: PLC0415

@@ -16,7 +16,6 @@ from ._recycle import RecycleConfig
 from ._state import StateConfig
 
 __all__ = [
-    "DATA_PATHS",
     "DEFAULT_METRICS_LISTEN",
     "DEFAULT_SUITES",
     "KEY_BUDGETS",
@@ -54,8 +53,6 @@ QKD_MODES: Final = ("required", "optional", "disabled")
 KEY_BUDGETS: Final = ("fresh", "epoch")
 LOG_FORMATS: Final = ("text", "json")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
-#: How a set-up connection's bytes are moved (docs/tunnel.md, "Data path").
-DATA_PATHS: Final = ("asyncio", "threads", "loops")
 
 #: Default suites per QKD mode (the first is preferred).
 DEFAULT_SUITES: Final[Mapping[str, tuple[str, ...]]] = {
@@ -210,8 +207,6 @@ class TunnelConfig:
     state: StateConfig | None = None
     #: Worker processes sharing the listening port (``--workers``; 1 = this process serves), either role.
     workers: int = 1
-    #: ``"asyncio"``: event-loop callbacks; ``"threads"``: two OS threads per connection (an experiment).
-    data_path: Literal["asyncio", "threads", "loops"] = "asyncio"
     #: The file this configuration was read from, if any.
     source: Path | None = None
     warnings: tuple[ConfigWarning, ...] = ()

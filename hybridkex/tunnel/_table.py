@@ -32,8 +32,8 @@ def describe(value: object) -> str:
 #: The keys each table may hold; anything else is a typo, reported before any value is read, so a
 #: misspelt required key is named as the typo it is, not as a missing key.
 SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
-    "": ("listen", "target", "identity", "workers", "data_path", "peers", "target_identity", "kme", "policy",
-         "timeouts", "limits", "logging", "metrics", "health", "recycle", "state"),
+    "": ("listen", "target", "identity", "workers", "peers", "target_identity", "kme", "policy", "timeouts", "limits",
+         "logging", "metrics", "health", "recycle", "state"),
     "peers": ("identity", "mode", "sae_id", "psk_file", "cert", "key", "ca", "bootstrap"),
     "recycle": ("store", "policy"),
     "state": ("url", "key_file"),

@@ -26,7 +26,6 @@ from ..exceptions import ConfigurationError, HybridKEXError
 from ..protocol import suite_kem
 from ..suites import SUITES, get_suite, unknown_suite
 from ._model import (
-    DATA_PATHS,
     DEFAULT_METRICS_LISTEN,
     DEFAULT_SUITES,
     KEY_BUDGETS,
@@ -97,8 +96,6 @@ FLAGS: Final[tuple[Flag, ...]] = (
     Flag("--target", "target", "str", "ADDR", "address to forward connections to, HOST:PORT"),
     Flag("--identity", "identity", "str", "NAME", "this side's identity"),
     Flag("--workers", "workers", "int", "N", "N worker processes on one listening port (SO_REUSEPORT)"),
-    Flag("--data-path", "data_path", "str", "PATH",
-         "how a connection's bytes are moved once set up: asyncio (default) or threads"),
     Flag("--peer", "peers", "peer", "NAME=PSK_FILE",
          "a peer authenticated by a pre-shared key file (repeatable; replaces the file's [[peers]])"),
     Flag("--target-identity", "target_identity", "str", "NAME",
@@ -389,12 +386,11 @@ class _Validator:
         recycle = recycle_table(self, top, peers, self.warnings, ConfigWarning)
         state = state_table(self, top)
         workers = self.workers(top, policy, state)
-        data_path = cast(Literal["asyncio", "threads", "loops"], top.choice("data_path", DATA_PATHS, "asyncio"))
         return TunnelConfig(
             role=self.role, listen=listen, target=target, identity=identity, peers=peers,
             target_identity=target_identity, kme=kme, policy=policy, timeouts=timeouts, limits=limits,
             logging=logging_cfg, metrics=metrics, health=health, recycle=recycle, state=state, workers=workers,
-            data_path=data_path, source=self.source,
+            source=self.source,
             warnings=tuple(self.warnings),
         )
 

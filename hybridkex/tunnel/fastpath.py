@@ -60,11 +60,6 @@ class TLSCodec(Codec):
         # Per message the relay calls encode: bound straight to the TLS object, one frame less.
         self.encode = tls.send_and_flush  # type: ignore[method-assign]
 
-    @property
-    def tls(self) -> Any:
-        """The :class:`~hybridkex.tls.MemoryTLS` (the threaded path locks around its calls)."""
-        return self._tls
-
     def decode(self, data: bytes) -> tuple[bytes, bool, bytes]:
         plain, eof = self._tls.receive_and_recv(data)
         if eof:

@@ -18,16 +18,13 @@ from typing import Final, Literal, cast
 
 from .fastpath import classify_error, run_fast
 from .streams import SecureStream
-from .threadpath import run_loops, run_threads
 
-__all__ = ["CHUNK_SIZE", "DataPath", "RelayResult", "relay"]
+__all__ = ["CHUNK_SIZE", "RelayResult", "relay"]
 
 CHUNK_SIZE: Final = 64 * 1024
 _CLOSE_GRACE: Final = 2.0
 
 Direction = Literal["in", "out"]
-#: Where a set-up connection's bytes are moved: event-loop callbacks, or two threads per connection.
-DataPath = Literal["asyncio", "threads", "loops"]
 Outcome = Literal["closed", "idle_timeout", "reset", "stream_error", "io_error", "internal_error"]
 
 
@@ -50,24 +47,21 @@ def _classify(exc: BaseException) -> tuple[Outcome, str]:
 
 
 async def relay(listen_side: SecureStream, target_side: SecureStream, *, idle_timeout: float | None,
-                on_bytes: Callable[[Direction, int], None] | None = None,
-                data_path: DataPath = "asyncio") -> RelayResult:
+                on_bytes: Callable[[Direction, int], None] | None = None) -> RelayResult:
     """Copy both ways until both directions end, one fails, or the connection is idle too long.
 
     Both streams are closed when this returns (or is cancelled).  ``idle_timeout`` of ``None`` or
     0 disables the idle check.  ``on_bytes(direction, n)`` gets the bytes delivered: per chunk on
     the stream path; in batches (at least every second, and at the end) on the fast path, which
-    runs when both streams offer ``endpoint()`` (:mod:`hybridkex.tunnel.fastpath`), or, with
-    ``data_path="threads"``, on two threads per connection (:mod:`hybridkex.tunnel.threadpath`).
+    runs when both streams offer ``endpoint()`` (:mod:`hybridkex.tunnel.fastpath`).
     """
     fast_a, fast_b = getattr(listen_side, "endpoint", None), getattr(target_side, "endpoint", None)
     if fast_a is not None and fast_b is not None:
         ep_a = fast_a()
         ep_b = fast_b() if ep_a is not None else None
         if ep_a is not None and ep_b is not None:
-            run = {"threads": run_threads, "loops": run_loops}.get(data_path, run_fast)
-            fast_outcome, n_in, n_out, fast_error = await run(ep_a, ep_b, idle_timeout=idle_timeout,
-                                                              on_bytes=on_bytes)
+            fast_outcome, n_in, n_out, fast_error = await run_fast(ep_a, ep_b, idle_timeout=idle_timeout,
+                                                                   on_bytes=on_bytes)
             return RelayResult(cast(Outcome, fast_outcome), n_in, n_out, fast_error)
         assert ep_a is None, "one side detached for the fast path, the other cannot follow"
     counts = {"in": 0, "out": 0}

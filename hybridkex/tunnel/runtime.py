@@ -473,8 +473,7 @@ class TunnelRuntime:
 
         result: RelayResult | None = None
         try:
-            result = await relay(listen_side, target_side, idle_timeout=idle, on_bytes=on_bytes,
-                                 data_path=conn.config.data_path)
+            result = await relay(listen_side, target_side, idle_timeout=idle, on_bytes=on_bytes)
         finally:
             outcome = result.outcome if result else "shutdown"
             self.metrics.count_closed(outcome)

@@ -18,7 +18,7 @@ import pytest
 from tunnelhelpers import TEST_ENV, EchoService, Tunnels, echo_exchange, expected_echo
 
 from hybridkex.tunnel.channel import PlainStream
-from hybridkex.tunnel.relay import DataPath, relay
+from hybridkex.tunnel.relay import relay
 
 Pair = tuple[socket.socket, socket.socket, PlainStream, PlainStream]
 
@@ -54,13 +54,7 @@ async def recv_all(sock: socket.socket, *, pause_every: int = 0) -> bytes:
     return bytes(out)
 
 
-#: The relay's two data paths; the in-process tests below run on each (issue 15's threads experiment).
-PATHS = pytest.mark.parametrize("data_path", ["asyncio", "threads", "loops"])
-
-
-@PATHS
-def test_bytes_and_eof_that_arrived_before_the_relay_are_relayed_then_the_other_way_keeps_flowing(
-        data_path: DataPath) -> None:
+def test_bytes_and_eof_that_arrived_before_the_relay_are_relayed_then_the_other_way_keeps_flowing() -> None:
     async def main() -> None:
         async with plain_pair() as (a, b, pa, pb):
             loop = asyncio.get_running_loop()
@@ -68,7 +62,7 @@ def test_bytes_and_eof_that_arrived_before_the_relay_are_relayed_then_the_other_
             a.shutdown(socket.SHUT_WR)  # EOF before the relay starts
             await asyncio.sleep(0.2)  # let the stream reader buffer both
             counted: list[tuple[str, int]] = []
-            task = asyncio.create_task(relay(pa, pb, idle_timeout=None, data_path=data_path,
+            task = asyncio.create_task(relay(pa, pb, idle_timeout=None,
                                              on_bytes=lambda d, n: counted.append((d, n))))
             assert await asyncio.wait_for(recv_all(b), 10) == b"early bytes"  # data, then EOF
             await loop.sock_sendall(b, b"reply after the EOF")
@@ -82,13 +76,12 @@ def test_bytes_and_eof_that_arrived_before_the_relay_are_relayed_then_the_other_
     asyncio.run(main())
 
 
-@PATHS
-def test_sixteen_mib_both_ways_at_once_with_a_stalling_reader(data_path: DataPath) -> None:
+def test_sixteen_mib_both_ways_at_once_with_a_stalling_reader() -> None:
     async def main() -> None:
         async with plain_pair() as (a, b, pa, pb):
             loop = asyncio.get_running_loop()
             up, down = os.urandom(16 << 20), os.urandom(16 << 20)
-            task = asyncio.create_task(relay(pa, pb, idle_timeout=30, data_path=data_path))
+            task = asyncio.create_task(relay(pa, pb, idle_timeout=30))
 
             async def send(sock: socket.socket, data: bytes) -> None:
                 await loop.sock_sendall(sock, data)
@@ -104,12 +97,11 @@ def test_sixteen_mib_both_ways_at_once_with_a_stalling_reader(data_path: DataPat
     asyncio.run(main())
 
 
-@PATHS
-def test_an_idle_connection_is_closed_and_counted_as_idle(data_path: DataPath) -> None:
+def test_an_idle_connection_is_closed_and_counted_as_idle() -> None:
     async def main() -> None:
         async with plain_pair() as (a, b, pa, pb):
             loop = asyncio.get_running_loop()
-            task = asyncio.create_task(relay(pa, pb, idle_timeout=0.3, data_path=data_path))
+            task = asyncio.create_task(relay(pa, pb, idle_timeout=0.3))
             await loop.sock_sendall(a, b"x")
             assert await asyncio.wait_for(loop.sock_recv(b, 10), 10) == b"x"
             result = await asyncio.wait_for(task, 10)
