@@ -4,7 +4,9 @@ middle show up in the counters."""
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.request
@@ -182,3 +184,20 @@ def test_metrics_options_without_metrics_are_one_line_errors(argv: list[str], pk
     assert main(["kme", "--pki", str(pki.directory), *argv]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "needs --metrics" in err, err
+
+
+def test_the_kme_command_prints_and_serves_both_metrics_urls(pki: DemoPKI) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "hybridkex", "kme", "--pki", str(pki.directory), "--metrics",
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = dict(proc.stdout.readline().split() for _ in range(4))
+        assert set(lines) == {"KME-A", "KME-B", "KME-A-METRICS", "KME-B-METRICS"}
+        a, b = scrape(lines["KME-A-METRICS"]), scrape(lines["KME-B-METRICS"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert value(a, "hybridkex_kme_info", kme="kme-a", supply="model") == 1.0
+    assert value(b, "hybridkex_kme_info", kme="kme-b", supply="model") == 1.0
+    assert value(a, "hybridkex_kme_key_store_fill_ratio") == 1.0  # the fixed-rate store starts full
