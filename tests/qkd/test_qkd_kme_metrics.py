@@ -4,6 +4,7 @@ middle show up in the counters."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import subprocess
@@ -175,6 +176,27 @@ def test_a_fixed_rate_pair_has_store_metrics_and_no_link_metrics(make_pair: Call
     assert value(m, "hybridkex_kme_key_store_fill_ratio") == 0.25
     assert value(m, "hybridkex_kme_info", kme=pair.kme_id_a, supply="model") == 1.0
     assert not any(name.startswith("hybridkex_qkdlink_") for name, _ in m)
+
+
+def raw_request(url: str, request: bytes) -> bytes:
+    host, port = url.split("/")[2].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(request)
+        return conn.recv(200)
+
+
+def test_the_metrics_listener_serves_metrics_only_and_a_bad_request_is_one_quiet_400(
+        make_pair: Callable[..., SimulatedKMEPair], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    pair = make_pair(metrics=True)
+    url = pair.metrics_url_a
+    assert raw_request(url, b"GET /metrics HTTP/1.1\r\nBad Header Line\r\n\r\n").startswith(b"HTTP/1.0 400")
+    assert raw_request(url, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").startswith(
+        b"HTTP/1.1 405")
+    assert raw_request(url, b"GET /api/v1/keys/sae-b/status HTTP/1.1\r\nHost: x\r\n\r\n").startswith(
+        b"HTTP/1.1 404")  # the ETSI API is on the mutual-TLS port only
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert any("malformed request to a metrics endpoint" in r.getMessage() for r in caplog.records)
 
 
 def test_a_refused_connection_is_counted(make_pair: Callable[..., SimulatedKMEPair]) -> None:
