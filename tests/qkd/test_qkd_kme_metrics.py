@@ -22,6 +22,7 @@ import test_qkd_kme_conformance as conformance
 from linkhelpers import fast_settings
 
 from hybridkex.cli import main
+from hybridkex.exceptions import ConfigurationError
 from hybridkex.qkd.kme import KMEPairSettings, SimulatedKMEPair
 from hybridkex.qkd.pki import DemoPKI
 from hybridkex.qkdlink.mitm import TamperSpec
@@ -207,6 +208,15 @@ def test_a_refused_connection_is_counted(make_pair: Callable[..., SimulatedKMEPa
         assert extra.recv(1) == b""  # closed at accept: the one slot is held
         del held
     assert value(scrape(pair.metrics_url_a), "hybridkex_kme_refused_connections_total") == 1
+
+
+def test_a_busy_metrics_port_is_a_clear_error(pki: DemoPKI) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigurationError, match=rf"metrics_port_b.*127\.0\.0\.1:{port} .*in use"):
+            SimulatedKMEPair.start(pki, metrics=True, metrics_port_b=port, saes_b=("sae-b", "sae-c"))
 
 
 @pytest.mark.parametrize("argv", [["--metrics-port-a", "9100"], ["--metrics-host", "0.0.0.0"]])

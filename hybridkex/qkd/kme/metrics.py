@@ -15,6 +15,7 @@ scraper is not an SAE.  The metrics listener is plain HTTP, loopback by default,
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
@@ -201,9 +202,10 @@ _HTTP_LOG.addFilter(_QuietBadRequests())
 class KMEMetricsServer:
     """``GET /metrics`` of one KME over plain HTTP (``aiohttp.web``); other paths 404, other methods 405."""
 
-    def __init__(self, metrics: KMEMetrics, host: str, port: int) -> None:
+    def __init__(self, metrics: KMEMetrics, host: str, port: int, *, field: str = "metrics") -> None:
         self.metrics = metrics
         self.host, self.port = host, port
+        self._field = field
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -222,9 +224,9 @@ class KMEMetricsServer:
             await web.TCPSite(runner, self.host, self.port).start()
         except OSError as exc:
             await runner.cleanup()
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
             raise ConfigurationError(f"cannot listen on {self.host}:{self.port} for {self.metrics.kme_id}'s metrics "
-                                     f"({exc.strerror or exc}); pick another port, or 0 for a free one",
-                                     field="metrics") from None
+                                     f"({reason}); pick another port, or 0 for a free one", field=self._field) from None
         self._runner = runner
         host, port = runner.addresses[0][:2]
         self.url = f"http://{f'[{host}]' if ':' in str(host) else host}:{port}/metrics"

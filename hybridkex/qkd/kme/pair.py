@@ -153,8 +153,9 @@ class KMEPairServer:
             urls.append(f"https://{shown}:{bound}")
         self.url_a, self.url_b = urls
         if s.metrics:
-            for metrics, port in ((self.metrics_a, s.metrics_port_a), (self.metrics_b, s.metrics_port_b)):
-                server = KMEMetricsServer(metrics, s.metrics_host, port)
+            for side, metrics, port in (("a", self.metrics_a, s.metrics_port_a),
+                                        ("b", self.metrics_b, s.metrics_port_b)):
+                server = KMEMetricsServer(metrics, s.metrics_host, port, field=f"metrics_port_{side}")
                 try:
                     await server.start()
                 except ConfigurationError:
