@@ -126,8 +126,6 @@ class KMEMetrics(Collector):
         yield GaugeMetricFamily("hybridkex_kme_pending_keys", "Keys handed to a master, waiting for a slave "
                                 "(the pair's shared count; never expired by the simulation).",
                                 value=st.pending_keys)
-        yield CounterMetricFamily("hybridkex_kme_pair_refused_requests", "Requests the pair's store refused "
-                                  "(both KMEs together).", value=st.rejected_requests)
 
     def _link_families(self, link: LinkKeySupply) -> Iterable[Metric]:
         ext = link.status_extension(self.kme_id)  # the same figures as ETSI status_extension at this KME
