@@ -27,8 +27,9 @@ import time
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-__all__ = ["DEFAULT_IDLE_TIMEOUT", "DEFAULT_MAX_CONNECTIONS", "KMESite"]
+__all__ = ["DEFAULT_IDLE_TIMEOUT", "DEFAULT_MAX_CONNECTIONS", "HTTP_LOG", "KMESite"]
 
 log = logging.getLogger("hybridkex.qkd.kme")
 
@@ -37,6 +38,23 @@ DEFAULT_IDLE_TIMEOUT = 5.0
 #: Connections each KME keeps open at once.
 DEFAULT_MAX_CONNECTIONS = 256
 _WARN_EVERY = 10.0
+
+
+class _QuietBadRequests(logging.Filter):
+    """aiohttp logs a malformed request as an error with a traceback; for a KME (or its metrics port)
+    that is a confused client, not a fault: one debug line instead.  Other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        log.debug("malformed HTTP request answered %s: %s", exc.code, exc.message)
+        return False
+
+
+#: The logger the KMEs' aiohttp runners use (``AppRunner(logger=HTTP_LOG)``).
+HTTP_LOG = logging.getLogger("hybridkex.qkd.kme.http")
+HTTP_LOG.addFilter(_QuietBadRequests())
 
 
 class _Counted(asyncio.Protocol):

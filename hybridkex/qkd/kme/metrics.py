@@ -21,13 +21,13 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ...exceptions import ConfigurationError
+from .listener import HTTP_LOG
 
 if TYPE_CHECKING:
     from .linksupply import LinkKeySupply
@@ -181,22 +181,6 @@ class KMEMetrics(Collector):
         return encode(self.registry), content_type
 
 
-class _QuietBadRequests(logging.Filter):
-    """aiohttp logs a malformed request as an error with a traceback; on a metrics port that is a
-    confused client, not a fault of the KME: one debug line instead.  Other records pass."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError):
-            return True
-        log.debug("malformed request to a metrics endpoint answered 400: %s", exc.message)
-        return False
-
-
-_HTTP_LOG: Final = logging.getLogger(__name__ + ".http")
-_HTTP_LOG.addFilter(_QuietBadRequests())
-
-
 class KMEMetricsServer:
     """``GET /metrics`` of one KME over plain HTTP (``aiohttp.web``); other paths 404, other methods 405."""
 
@@ -215,7 +199,7 @@ class KMEMetricsServer:
         """
         app = web.Application()
         app.router.add_get("/metrics", self._scrape)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0, logger=_HTTP_LOG,
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0, logger=HTTP_LOG,
                                keepalive_timeout=_IDLE_TIMEOUT, max_line_size=_MAX_LINE, max_field_size=_MAX_LINE)
         await runner.setup()
         try:

@@ -27,7 +27,7 @@ from ..client import AsyncETSI014Client, ETSI014Client, certificate_common_name
 from ..client import is_loopback_host as is_loopback  # the kme command's check of --host
 from ..pki import DemoPKI
 from .app import create_kme_app, server_ssl_context
-from .listener import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, KMESite
+from .listener import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, HTTP_LOG, KMESite
 from .metrics import KMEMetrics, KMEMetricsServer
 from .store import KeyStore, KeySupply, KMELimits, QKDLinkModel
 
@@ -133,7 +133,8 @@ class KMEPairServer:
                                                  ("b", self.kme_id_b, self._ssl_b, s.port_b, self.metrics_b)):
             app = create_kme_app(self.store, kme_id, delay=s.delay, read_timeout=s.idle_timeout, metrics=metrics)
             # keepalive_timeout: aiohttp closes a connection that has no complete request after this long.
-            runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=s.idle_timeout)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=s.idle_timeout,
+                                   logger=HTTP_LOG)
             await runner.setup()
             self._runners.append(runner)
             site = KMESite(runner, s.host, port, ssl_context=ctx, idle_timeout=s.idle_timeout,
