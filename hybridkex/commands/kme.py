@@ -5,6 +5,7 @@ Once both KMEs accept connections it prints, and flushes, one line per KME on st
     KME-A https://127.0.0.1:PORT
     KME-B https://127.0.0.1:PORT
 
+and, with ``--metrics``, ``KME-A-METRICS http://127.0.0.1:PORT/metrics`` and the same for KME B.
 Then it serves until SIGINT or SIGTERM.  Logs (SAE IDs and key IDs, never keys) go to stderr.
 With ``--link bb84`` the keys come from a simulated decoy-state BB84 link between the two KMEs
 (its classical channel over a TCP socket on loopback); Status then carries the link's figures in
@@ -89,6 +90,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="SAE served by KME A (repeatable; default: sae-a)")
     parser.add_argument("--sae-b", action="append", metavar="SAE_ID",
                         help="SAE served by KME B (repeatable; default: sae-b)")
+    g = parser.add_argument_group("metrics (Prometheus, plain HTTP)")
+    g.add_argument("--metrics", action="store_true",
+                   help="serve each KME's Prometheus metrics at /metrics on a plain-HTTP listener of its own (the "
+                        "ETSI ports are mutual TLS for SAEs; a scraper is not one)")
+    g.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address of the metrics listeners (default: %(default)s)")
+    g.add_argument("--metrics-port-a", type=_port, default=0, metavar="PORT",
+                   help="KME A's metrics port (0: a free one)")
+    g.add_argument("--metrics-port-b", type=_port, default=0, metavar="PORT",
+                   help="KME B's metrics port (0: a free one)")
     add_link_options(parser, default_speedup=1.0)
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="log level on stderr (default: %(default)s)")
@@ -103,6 +114,9 @@ async def _serve(server: KMEPairServer) -> None:
     try:
         print(f"KME-A {server.url_a}", flush=True)
         print(f"KME-B {server.url_b}", flush=True)
+        if server.metrics_url_a:
+            print(f"KME-A-METRICS {server.metrics_url_a}", flush=True)
+            print(f"KME-B-METRICS {server.metrics_url_b}", flush=True)
         await stop.wait()
     finally:
         await server.stop()
@@ -121,8 +135,17 @@ def run(args: argparse.Namespace) -> int:
         initial_bits=args.initial, limits=limits, db_path=Path(args.db) if args.db else None,
         delay=args.delay_ms / 1000.0, saes_a=tuple(args.sae_a or ("sae-a",)), saes_b=tuple(args.sae_b or ("sae-b",)),
         idle_timeout=args.idle_timeout, max_connections=args.max_connections, link=link,
+        metrics=args.metrics, metrics_host=args.metrics_host, metrics_port_a=args.metrics_port_a,
+        metrics_port_b=args.metrics_port_b,
     )
+    for name, given in (("--metrics-host", args.metrics_host != "127.0.0.1"),
+                        ("--metrics-port-a", args.metrics_port_a), ("--metrics-port-b", args.metrics_port_b)):
+        if given and not args.metrics:
+            raise ConfigurationError("needs --metrics", field=name)
     pki = DemoPKI.load(args.pki, required=("kme-a", "kme-b"))
+    if args.metrics and not is_loopback(args.metrics_host):
+        logging.getLogger("hybridkex.qkd.kme").warning(
+            "metrics on %s, outside loopback: anyone who reaches it reads the link's figures", args.metrics_host)
     if not is_loopback(args.host):
         logging.getLogger("hybridkex.qkd.kme").warning(
             "listening on %s, outside loopback: QKD keys must not leave the operator's secure site", args.host)

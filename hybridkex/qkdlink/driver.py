@@ -37,7 +37,7 @@ from ..exceptions import (
 from .auth import ChannelAuthenticator
 from .mitm import TamperProxy
 from .protocol import AliceEnd, BobEnd
-from .session import AuthStream, LinkSettings, LinkStats, QuantumChannel
+from .session import AuthStream, LinkSettings, LinkStats, QuantumChannel, abort_reason
 
 __all__ = ["MAX_FRAME_BYTES", "LinkPair"]
 
@@ -110,22 +110,22 @@ class _Side:
         err = error or end.error
         if end.result is not None and err is None:
             s.blocks_ok += 1
-            s.last_qber = end.result.qber
+            s.measured(end.result.qber)
             s.final_bits += end.result.final_bits
             s.leaked_ec_bits += end.result.leaked_ec_bits
             self.pending = (n, end.result.key)
             self.last_completed = n
             return
-        s.blocks_aborted += 1
+        s.aborted(abort_reason(err))
         s.last_error = str(err) if err is not None else "block did not finish"
         if isinstance(err, QBERAbort):
             s.aborted_qber += 1
-            s.alarms += 1
-            s.last_qber = err.qber
+            s.alarm("qber")
+            s.measured(err.qber)
             log.warning("ALARM link %s: block %d aborted: %s (an eavesdropper, or a degraded link)", self.name, n, err)
         elif isinstance(err, LinkAuthenticationError):
             s.aborted_auth += 1
-            s.alarms += 1
+            s.alarm("authentication")
             detail = getattr(err, "detail", "")
             log.error("ALARM link %s: block %d discarded: classical channel authentication failed (%s%s); "
                       "someone may be tampering with the link", self.name, n, err, f": {detail}" if detail else "")
@@ -139,7 +139,7 @@ class _Side:
             why += (f" (after {self.stats.alarms} alarm(s): blocks aborted on QBER or failed authentication used "
                     "the key up; the link is under attack or degraded)")
         self.stats.fatal = why
-        self.stats.alarms += 1
+        self.stats.alarm("stopped")
         log.error("ALARM link %s stopped: %s", self.name, why)
 
 
@@ -232,7 +232,7 @@ class LinkPair:
                         break
                     except ConfigurationError as err:
                         # An old block number (its key already used): a replay, never a second use of a pad.
-                        side.stats.alarms += 1
+                        side.stats.alarm("replay")
                         side.stats.last_error = str(err)
                         log.error("ALARM link alice: frame for block %d refused: %s", block, err)
                         break

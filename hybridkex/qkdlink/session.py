@@ -22,14 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from ..exceptions import BootstrapExhausted, ConfigurationError
+from ..exceptions import BootstrapExhausted, ConfigurationError, HybridKEXError, LinkAbort, LinkAuthenticationError
 from . import events, model
 from . import postprocess as pp
 from .auth import KEY_BYTES, KeyPool
 from .mitm import TamperSpec
 from .protocol import TAGS_PER_BLOCK
 
-__all__ = ["BLOCK_AUTH_BYTES", "AuthStream", "LinkSettings", "LinkStats", "QuantumChannel"]
+__all__ = ["BLOCK_AUTH_BYTES", "AuthStream", "LinkSettings", "LinkStats", "QuantumChannel", "abort_reason"]
 
 #: Authentication key one block consumes: its hash key and one pad per phase tag.
 BLOCK_AUTH_BYTES = KEY_BYTES * (1 + TAGS_PER_BLOCK)
@@ -171,6 +171,18 @@ class AuthStream:
         self.reserved_bits += 8 * len(key)
 
 
+def abort_reason(err: HybridKEXError | None) -> str:
+    """Why a block gave no key, as one of a fixed few words (metrics labels must stay bounded):
+    ``qber``, ``verification``, ``authentication`` (a MAC failure), ``no_secret_key``, ``abandoned``
+    (the connection or the peer went away) or ``other``."""
+    if isinstance(err, LinkAuthenticationError):
+        return "authentication"
+    if isinstance(err, LinkAbort):
+        reason = err.reason.replace(" ", "_")
+        return reason if reason in ("qber", "verification", "no_secret_key", "abandoned") else "other"
+    return "abandoned" if err is None else "other"
+
+
 @dataclass
 class LinkStats:
     """One end's counters (thread-safe enough: written by its driver only, read for status)."""
@@ -193,6 +205,24 @@ class LinkStats:
     alarms: int = 0
     fatal: str = ""
     auth: AuthStream | None = field(default=None, repr=False)
+    #: Aborted blocks by :func:`abort_reason`, and alarms by kind (qber, authentication, replay, stopped).
+    aborted_reasons: dict[str, int] = field(default_factory=dict)
+    alarm_kinds: dict[str, int] = field(default_factory=dict)
+    qber_sum: float = 0.0     # over the blocks whose QBER was measured (completed or aborted on QBER)
+    qber_blocks: int = 0
+
+    def alarm(self, kind: str) -> None:
+        self.alarms += 1
+        self.alarm_kinds[kind] = self.alarm_kinds.get(kind, 0) + 1
+
+    def aborted(self, reason: str) -> None:
+        self.blocks_aborted += 1
+        self.aborted_reasons[reason] = self.aborted_reasons.get(reason, 0) + 1
+
+    def measured(self, qber: float) -> None:
+        self.last_qber = qber
+        self.qber_sum += qber
+        self.qber_blocks += 1
 
     def snapshot(self, pulse_rate_hz: float) -> dict[str, Any]:
         """The ``status_extension`` view of this end (JSON types only)."""
@@ -201,6 +231,8 @@ class LinkStats:
         out: dict[str, Any] = {
             "link_side": self.side,
             "qber": self.last_qber,
+            "qber_mean": self.qber_sum / self.qber_blocks if self.qber_blocks else None,
+            "blocks_started": self.blocks_started,
             "blocks_ok": self.blocks_ok,
             "blocks_aborted": self.blocks_aborted,
             "blocks_aborted_qber": self.aborted_qber,
@@ -215,6 +247,7 @@ class LinkStats:
             "delivered_rate_bps_wall": self.key_bits_delivered / wall,
             "key_bits_delivered": self.key_bits_delivered,
             "error_correction_leaked_bits": self.leaked_ec_bits,
+            "pulses": self.pulses,
         }
         if self.auth is not None:
             out |= {"auth_bootstrap_bits": self.auth.bootstrap_bits, "auth_consumed_bits": self.auth.consumed_bits,

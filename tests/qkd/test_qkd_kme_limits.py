@@ -110,6 +110,16 @@ def test_a_keep_alive_connection_idle_between_requests_is_closed(quick: Simulate
         assert closed_by_peer(sock)
 
 
+def test_a_malformed_request_is_a_400_without_a_traceback_in_the_log(
+        quick: SimulatedKMEPair, pki: DemoPKI, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with tls(quick.url_a, pki) as sock:
+        sock.sendall(b"GET /api/v1/keys/sae-b/status HTTP/1.1\r\nBad Header Line\r\n\r\n")
+        assert sock.recv(200).startswith(b"HTTP/1.0 400")
+    assert wait_until(lambda: any("malformed HTTP request answered 400" in r.getMessage() for r in caplog.records))
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
 def test_requests_keep_working_with_the_limits(quick: SimulatedKMEPair) -> None:
     with quick.key_source("sae-a") as master, quick.key_source("sae-b") as slave:
         for _ in range(3):

@@ -9,10 +9,10 @@ import time
 import pytest
 from linkhelpers import FrameProxy, fast_settings, kind, wait_for
 
-from hybridkex.exceptions import BootstrapExhausted
+from hybridkex.exceptions import BootstrapExhausted, LinkAbort, LinkAuthenticationError, QBERAbort
 from hybridkex.qkdlink.driver import LinkPair
 from hybridkex.qkdlink.protocol import CONFIRM
-from hybridkex.qkdlink.session import BLOCK_AUTH_BYTES, LinkSettings
+from hybridkex.qkdlink.session import BLOCK_AUTH_BYTES, LinkSettings, LinkStats, abort_reason
 
 
 def run_pair(settings: LinkSettings, until: object, *, hook: object = None, timeout: float = 15.0
@@ -159,3 +159,22 @@ def test_blocks_are_paced_at_the_scaled_pulse_rate() -> None:
     elapsed = time.monotonic() - started
     assert elapsed >= 2 * 1.0 - 0.05  # blocks 2 and 3 each waited for their slot
     assert pair.bob.stats.blocks_started == 3
+
+
+@pytest.mark.parametrize(("error", "reason"), [
+    (QBERAbort(qber=0.06, threshold=0.04, sample_size=1000), "qber"),
+    (LinkAbort("keys differ after Cascade", reason="verification"), "verification"),
+    (LinkAbort("the peer aborted the block (verification)", reason="verification"), "verification"),
+    (LinkAbort("no secret key in this block", reason="no secret key"), "no_secret_key"),
+    (LinkAbort("the link connection failed; block discarded", reason="abandoned"), "abandoned"),
+    (LinkAuthenticationError("authentication failed"), "authentication"),
+    (LinkAbort("the peer aborted the block (key length disagreement)", reason="key length disagreement"), "other"),
+    (LinkAbort("peer said something new", reason="anything a peer may send"), "other"),
+    (None, "abandoned"),
+])
+def test_abort_reasons_are_a_fixed_few_words(error: object, reason: str) -> None:
+    # They label a metric: a reason must never grow the label set, whatever the peer sends.
+    assert abort_reason(error) == reason  # type: ignore[arg-type]
+    stats = LinkStats("bob")
+    stats.aborted(abort_reason(error))  # type: ignore[arg-type]
+    assert stats.blocks_aborted == 1 and stats.aborted_reasons == {reason: 1}

@@ -4,6 +4,8 @@
 * :mod:`.app`: the aiohttp application of one KME (a thin layer over the store);
 * :mod:`.pair`: both KMEs over HTTPS with mutual TLS, in an event loop or a background thread;
 * :mod:`.openapi`: the OpenAPI 3.1 description each KME publishes at ``/api/v1/openapi.json``.
+* :mod:`.metrics`: each KME's Prometheus metrics (its own registry), served at ``/metrics`` on a
+  plain-HTTP listener of its own when the pair runs with ``metrics=True``.
 """
 
 from .app import OPENAPI_PATH, caller_sae_id, create_kme_app, server_ssl_context

@@ -35,6 +35,7 @@ from ..etsi014 import (
     parse_key_request,
     parse_key_request_query,
 )
+from .metrics import KMEMetrics
 from .openapi import openapi_document
 from .store import KeyStore
 
@@ -92,6 +93,14 @@ async def _json_body(request: web.Request, *, empty: Any = None, timeout: float 
         raise RequestRejected("request body is not valid JSON (RFC 8259, UTF-8)") from None
 
 
+def _endpoint(path: str) -> str:
+    """The ``endpoint`` label of a request path (a fixed few values: never an SAE ID)."""
+    if path == OPENAPI_PATH:
+        return "openapi"
+    last = path.rsplit("/", 1)[-1]
+    return last if path.startswith(API_PREFIX + "/") and last in ("status", "enc_keys", "dec_keys") else "other"
+
+
 def create_kme_app(
     store: KeyStore,
     kme_id: str,
@@ -99,6 +108,7 @@ def create_kme_app(
     delay: float = 0.0,
     caller: Callable[[web.Request], str | None] = caller_sae_id,
     read_timeout: float | None = None,
+    metrics: KMEMetrics | None = None,
 ) -> web.Application:
     """The aiohttp application of KME ``kme_id`` (serve it over TLS with :func:`server_ssl_context`).
 
@@ -108,11 +118,20 @@ def create_kme_app(
         delay: seconds added before every answer, to simulate a distant or busy KME (benchmarks).
         caller: maps a request to the caller's SAE ID (default: client certificate subject CN).
         read_timeout: seconds to receive a request body (``None``: no limit).
+        metrics: counts every answer by endpoint and status, and the keys handed out.
     """
     if delay < 0:
         raise ConfigurationError("must be >= 0", field="delay")
 
     @web.middleware
+    async def counted(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        response = await etsi_errors(request, handler)
+        if metrics is not None:
+            metrics.count_request(_endpoint(request.path), response.status)
+        return response
+
     async def etsi_errors(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
@@ -141,7 +160,7 @@ def create_kme_app(
             log.exception("%s %s at %s failed", request.method, request.path, kme_id)
             return _json(503, error_body(MSG_SERVER_ERROR))
 
-    app = web.Application(middlewares=[etsi_errors], client_max_size=MAX_REQUEST_BYTES)
+    app = web.Application(middlewares=[counted], client_max_size=MAX_REQUEST_BYTES)
 
     async def status(request: web.Request) -> web.StreamResponse:
         return _json(200, store.status(kme_id, caller(request), request.match_info["sae"]))
@@ -153,6 +172,8 @@ def create_kme_app(
             # ETSI GS QKD 014 cl. 6.2: the Key request "may be empty", i.e. all defaults, as {}.
             key_request = parse_key_request(await _json_body(request, empty={}, timeout=read_timeout))
         keys = store.enc_keys(kme_id, caller(request), request.match_info["sae"], key_request)
+        if metrics is not None:
+            metrics.count_keys("master", len(keys))
         return _json(200, key_container_body(keys))
 
     async def dec_keys(request: web.Request) -> web.StreamResponse:
@@ -161,6 +182,8 @@ def create_kme_app(
         else:
             key_ids = parse_key_ids_request(await _json_body(request, timeout=read_timeout))
         keys = store.dec_keys(kme_id, caller(request), request.match_info["sae"], key_ids)
+        if metrics is not None:
+            metrics.count_keys("slave", len(keys))
         return _json(200, key_container_body(keys))
 
     document = openapi_document()

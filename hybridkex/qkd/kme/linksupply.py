@@ -17,7 +17,7 @@ from typing import Any
 
 from ...exceptions import ConfigurationError, HybridKEXError
 from ...qkdlink.driver import LinkPair
-from ...qkdlink.session import LinkSettings
+from ...qkdlink.session import LinkSettings, LinkStats
 
 __all__ = ["LinkKeySupply"]
 
@@ -88,11 +88,14 @@ class LinkKeySupply:
             raise HybridKEXError("the two KMEs' link keys differ; the link is broken, no key is issued")
         return ka
 
+    def side_stats(self, kme_id: str) -> LinkStats:
+        """The counters of ``kme_id``'s end of the link (KME A runs Alice's end, KME B Bob's)."""
+        return (self.pair.alice if kme_id == self.kme_a else self.pair.bob).stats
+
     def status_extension(self, kme_id: str) -> dict[str, Any]:
         """The link figures for ETSI ``status_extension`` at ``kme_id`` (its own end's view)."""
-        side = self.pair.alice if kme_id == self.kme_a else self.pair.bob
         s = self.settings
-        ext = side.stats.snapshot(s.link.pulse_rate_hz)
+        ext = self.side_stats(kme_id).snapshot(s.link.pulse_rate_hz)
         ext |= {"link": "bb84-decoy", "distance_km": s.link.distance_km, "pulses_per_block": s.pulses_per_block,
                 "pulse_rate_hz": s.link.pulse_rate_hz, "eavesdrop_fraction": s.eavesdrop_fraction,
                 "qber_threshold": s.postprocess.qber_threshold, "speedup": s.speedup}

@@ -27,8 +27,9 @@ import time
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-__all__ = ["DEFAULT_IDLE_TIMEOUT", "DEFAULT_MAX_CONNECTIONS", "KMESite"]
+__all__ = ["DEFAULT_IDLE_TIMEOUT", "DEFAULT_MAX_CONNECTIONS", "HTTP_LOG", "KMESite"]
 
 log = logging.getLogger("hybridkex.qkd.kme")
 
@@ -37,6 +38,23 @@ DEFAULT_IDLE_TIMEOUT = 5.0
 #: Connections each KME keeps open at once.
 DEFAULT_MAX_CONNECTIONS = 256
 _WARN_EVERY = 10.0
+
+
+class _QuietBadRequests(logging.Filter):
+    """aiohttp logs a malformed request as an error with a traceback; for a KME (or its metrics port)
+    that is a confused client, not a fault: one debug line instead.  Other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        log.debug("malformed HTTP request answered %s: %s", exc.code, exc.message)
+        return False
+
+
+#: The logger the KMEs' aiohttp runners use (``AppRunner(logger=HTTP_LOG)``).
+HTTP_LOG = logging.getLogger("hybridkex.qkd.kme.http")
+HTTP_LOG.addFilter(_QuietBadRequests())
 
 
 class _Counted(asyncio.Protocol):
@@ -107,14 +125,15 @@ class KMESite(web.BaseSite):
         idle_timeout: seconds for the TLS handshake, and (via the runner) for an idle connection.
         max_connections: connections open at once, TLS handshakes included.
         label: names this KME in log lines.
+        on_refused: called for each connection refused at the cap (the KME's metrics count them).
     """
 
-    __slots__ = ("_host", "_idle", "_label", "_last_warning", "_max", "_open", "_port", "_refused",
+    __slots__ = ("_host", "_idle", "_label", "_last_warning", "_max", "_on_refused", "_open", "_port", "_refused",
                  "_upgrades", "_web")
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, ssl_context: ssl.SSLContext,
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 backlog: int = 512, label: str = "KME") -> None:
+                 backlog: int = 512, label: str = "KME", on_refused: Callable[[], None] | None = None) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         server = runner.server
         assert server is not None  # BaseSite checked that runner.setup() ran
@@ -123,6 +142,7 @@ class KMESite(web.BaseSite):
         self._idle = idle_timeout
         self._max = max_connections
         self._label = label
+        self._on_refused = on_refused
         self._open = 0
         self._refused = 0
         self._last_warning = -_WARN_EVERY
@@ -162,6 +182,8 @@ class KMESite(web.BaseSite):
         if self._open >= self._max:
             transport.abort()  # before any TLS work: the cap must also hold for silent connections
             self._refused += 1
+            if self._on_refused is not None:
+                self._on_refused()
             now = time.monotonic()
             if now - self._last_warning >= _WARN_EVERY:
                 log.warning("%s: refused %d connection(s): %d open, the limit (max_connections)", self._label,

@@ -27,7 +27,8 @@ from ..client import AsyncETSI014Client, ETSI014Client, certificate_common_name
 from ..client import is_loopback_host as is_loopback  # the kme command's check of --host
 from ..pki import DemoPKI
 from .app import create_kme_app, server_ssl_context
-from .listener import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, KMESite
+from .listener import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, HTTP_LOG, KMESite
+from .metrics import KMEMetrics, KMEMetricsServer
 from .store import KeyStore, KeySupply, KMELimits, QKDLinkModel
 
 if TYPE_CHECKING:  # the link simulation (numpy) loads only when a pair runs one
@@ -68,13 +69,18 @@ class KMEPairSettings:
     link: LinkSettings | None = None
     #: Where KME B's link end connects (default: KME A's link port); tests put a tampering proxy here.
     link_connect_to: tuple[str, int] | None = None
+    #: Serve each KME's Prometheus metrics at ``/metrics`` over plain HTTP, on a listener of its own.
+    metrics: bool = False
+    metrics_host: str = "127.0.0.1"
+    metrics_port_a: int = 0
+    metrics_port_b: int = 0
 
     def __post_init__(self) -> None:
         if not self.idle_timeout > 0:
             raise ConfigurationError("must be > 0 seconds", field="idle_timeout")
         if self.max_connections < 1:
             raise ConfigurationError("must be >= 1", field="max_connections")
-        for name in ("port_a", "port_b"):
+        for name in ("port_a", "port_b", "metrics_port_a", "metrics_port_b"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ConfigurationError("must be 0..65535", field=name)
         if set(self.saes_a) & set(self.saes_b):
@@ -106,8 +112,14 @@ class KMEPairServer:
         self._ssl_a = server_ssl_context(self.pki.cert(s.kme_a), self.pki.key(s.kme_a), self.pki.ca_cert)
         self._ssl_b = server_ssl_context(self.pki.cert(s.kme_b), self.pki.key(s.kme_b), self.pki.ca_cert)
         self.store = KeyStore(homes, link, limits=s.limits, db_path=s.db_path)
+        # Each KME counts its own requests on its own registry, whether or not the metrics are served.
+        self.metrics_a = KMEMetrics(self.kme_id_a, self.store, self.link)
+        self.metrics_b = KMEMetrics(self.kme_id_b, self.store, self.link)
         self._runners: list[web.AppRunner] = []
+        self._metrics_servers: list[KMEMetricsServer] = []
         self.url_a = self.url_b = ""
+        #: ``http://HOST:PORT/metrics`` of each KME (empty unless ``settings.metrics``).
+        self.metrics_url_a = self.metrics_url_b = ""
 
     async def start(self) -> None:
         """Listen on both ports; afterwards both accept connections.
@@ -117,15 +129,17 @@ class KMEPairServer:
         """
         s = self.settings
         urls = []
-        for side, kme_id, ctx, port in (("a", self.kme_id_a, self._ssl_a, s.port_a),
-                                        ("b", self.kme_id_b, self._ssl_b, s.port_b)):
-            app = create_kme_app(self.store, kme_id, delay=s.delay, read_timeout=s.idle_timeout)
+        for side, kme_id, ctx, port, metrics in (("a", self.kme_id_a, self._ssl_a, s.port_a, self.metrics_a),
+                                                 ("b", self.kme_id_b, self._ssl_b, s.port_b, self.metrics_b)):
+            app = create_kme_app(self.store, kme_id, delay=s.delay, read_timeout=s.idle_timeout, metrics=metrics)
             # keepalive_timeout: aiohttp closes a connection that has no complete request after this long.
-            runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=s.idle_timeout)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=s.idle_timeout,
+                                   logger=HTTP_LOG)
             await runner.setup()
             self._runners.append(runner)
             site = KMESite(runner, s.host, port, ssl_context=ctx, idle_timeout=s.idle_timeout,
-                           max_connections=s.max_connections, label=kme_id)
+                           max_connections=s.max_connections, label=kme_id,
+                           on_refused=metrics.count_refused_connection)
             try:
                 await site.start()
             except OSError as exc:
@@ -139,6 +153,17 @@ class KMEPairServer:
             shown = f"[{host}]" if ":" in str(host) else host
             urls.append(f"https://{shown}:{bound}")
         self.url_a, self.url_b = urls
+        if s.metrics:
+            for side, metrics, port in (("a", self.metrics_a, s.metrics_port_a),
+                                        ("b", self.metrics_b, s.metrics_port_b)):
+                server = KMEMetricsServer(metrics, s.metrics_host, port, field=f"metrics_port_{side}")
+                try:
+                    await server.start()
+                except ConfigurationError:
+                    await self.stop()
+                    raise
+                self._metrics_servers.append(server)
+            self.metrics_url_a, self.metrics_url_b = (m.url for m in self._metrics_servers)
         if self.link is not None:
             await self.link.start()  # KME A's end listens on loopback, KME B's connects to it
 
@@ -146,6 +171,9 @@ class KMEPairServer:
         """Stop both KMEs and close the store (its database keeps the undelivered keys)."""
         if self.link is not None:
             await self.link.stop()
+        servers, self._metrics_servers = self._metrics_servers, []
+        for server in servers:
+            await server.stop()
         runners, self._runners = self._runners, []
         for runner in runners:
             await runner.cleanup()
@@ -269,6 +297,22 @@ class SimulatedKMEPair:
     def pki(self) -> DemoPKI:
         """The PKI the KMEs use (certificates for SAEs and peers too)."""
         return self._server.pki
+
+    @property
+    def metrics_url_a(self) -> str:
+        """``http://127.0.0.1:PORT/metrics`` of KME A (empty unless started with ``metrics=True``)."""
+        return self._server.metrics_url_a
+
+    @property
+    def metrics_url_b(self) -> str:
+        """``http://127.0.0.1:PORT/metrics`` of KME B (empty unless started with ``metrics=True``)."""
+        return self._server.metrics_url_b
+
+    def metrics(self, kme_id: str) -> KMEMetrics:
+        """The metrics of KME ``kme_id`` (:attr:`kme_id_a` or :attr:`kme_id_b`), served or not."""
+        if kme_id not in (self.kme_id_a, self.kme_id_b):
+            raise ConfigurationError(f"{kme_id!r} is not a KME of this pair", field="kme_id")
+        return self._server.metrics_a if kme_id == self.kme_id_a else self._server.metrics_b
 
     @property
     def link(self) -> LinkKeySupply | None:

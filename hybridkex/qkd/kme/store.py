@@ -261,6 +261,11 @@ class KeyStore:
         """The KME that serves ``sae_id``, or ``None`` if it is unknown to the pair."""
         return self._homes.get(sae_id)
 
+    @property
+    def capacity_bits(self) -> int:
+        """The most key material the link keeps ready, in bits (ETSI status ``max_key_count`` x key_size)."""
+        return self._link.capacity_bits
+
     def serves(self, kme_id: str, sae_id: str | None) -> bool:
         """True if ``kme_id`` serves the SAE ``sae_id``."""
         return sae_id is not None and self._homes.get(sae_id) == kme_id
