@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from OpenSSL import SSL
 
     from ..qkd.base import AsyncKeySource, KeySource
+    from ..state.purger import PurgeHandle
 
 _log = logging.getLogger("hybridkex.server")
 
@@ -276,8 +277,15 @@ class ServerState:
         off_loop = loop is not None if loop_driven is None else loop_driven
         self.steady = (SteadyRegistry(config.steady, policy, self.keys, state=config.state, off_loop=off_loop)
                        if config.steady.enabled else None)
+        self.purge: PurgeHandle | None = None
+        if config.state is not None and config.purge_every:
+            from ..state.purger import auto_purge  # noqa: PLC0415 - a given state has imported hybridkex.state
+
+            self.purge = auto_purge(config.state, config.purge_every, config.spent_older_than)
 
     def close(self) -> None:
+        if self.purge is not None:
+            self.purge.release()
         if self.registry is not None:
             self.registry.clear()
         if self.steady is not None:

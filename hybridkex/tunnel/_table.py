@@ -36,7 +36,7 @@ SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
          "logging", "metrics", "health", "recycle", "state"),
     "peers": ("identity", "mode", "sae_id", "psk_file", "cert", "key", "ca", "bootstrap"),
     "recycle": ("store", "policy"),
-    "state": ("url", "key_file"),
+    "state": ("url", "key_file", "purge_every", "spent_older_than"),
     "kme": ("embedded", "url", "sae_id", "cert", "key", "ca"),
     "policy": ("qkd", "suites", "key_budget", "steady"),
     "timeouts": ("handshake", "idle", "drain", "connect"),
