@@ -235,11 +235,16 @@ class ReconnectLookup:
 
     __slots__ = ("_cipher", "_registry", "identity", "match")
 
-    def __init__(self, registry: ReconnectRegistry | None, cipher: str) -> None:
-        self._registry = registry
+    def __init__(self, registry: ReconnectRegistry | None, cipher: str,
+                 resolved: tuple[bytes, ReconnectMatch | None] | None = None) -> None:
+        # Resolved before TLS (off the event loop): nothing more is looked up in the callback, so
+        # another identity is unknown.
+        self._registry = registry if resolved is None else None
         self._cipher = cipher
         self.match: ReconnectMatch | None = None
         self.identity: bytes | None = None
+        if resolved is not None:
+            self.identity, self.match = resolved
 
     def __call__(self, identity: bytes) -> bytes | None:
         if self.match is not None:
@@ -268,13 +273,15 @@ class ServerState:
                                      field="key_source")
         self.config = config
         self.keys = key_manager(key_source, policy, long_lived=True, loop=loop)
+        # An asyncio server (loop) calls the shared state from worker threads, never from its loop.
+        off_loop = loop is not None if loop_driven is None else loop_driven
         if config.reconnect.enabled:
             self.registry: ReconnectRegistry | None = (
                 registry if registry is not None else ReconnectRegistry(config.reconnect, state=config.state))
+            if off_loop:  # a registry given to an asyncio server too
+                self.registry.off_loop = True
         else:
             self.registry = None
-        # An asyncio server (loop) calls the shared state from worker threads, never from its loop.
-        off_loop = loop is not None if loop_driven is None else loop_driven
         self.steady = (SteadyRegistry(config.steady, policy, self.keys, state=config.state, off_loop=off_loop)
                        if config.steady.enabled else None)
         self.purge: PurgeHandle | None = None
