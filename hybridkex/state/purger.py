@@ -41,8 +41,9 @@ class _Purger:
             try:
                 n = self.state.purge(spent_before=None if older is None else time.time() - older)
             except Exception as exc:  # never fatal: the rows wait for the next round
+                why = " ".join(str(exc).split())  # one line, whatever the error's text
                 _log.warning("cannot purge the shared state (retried in %g s): %s: %s", self.every,
-                             type(exc).__name__, exc, extra={"event": "state_purge_failed"})
+                             type(exc).__name__, why, extra={"event": "state_purge_failed"})
             else:
                 _log.log(logging.INFO if n else logging.DEBUG, "purged %d expired rows from the shared state", n,
                          extra={"event": "state_purged"})

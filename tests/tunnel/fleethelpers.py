@@ -164,14 +164,14 @@ def _outage(fleet: list[Supervised], client: TunnelProcess, db: Restartable) -> 
     """The state's database stopped (immediate) and started again under load, the tunnels left running:
     the connections that fail meanwhile, each server's log lines about it, and what succeeded after."""
     marks = [len(s.records()) for s in fleet]
-    load = Load(client.port, 60, count_ok_only=True)
+    load = Load(client.port, 40, count_ok_only=True)
     wait_until(lambda: load.done() >= 10, "connections before the outage", timeout=20 * WAIT)
     down = time.monotonic()
     db.stop()
     # Down for longer than a pooled call waits for a connection (2 s), so calls meet the error rather
-    # than ride the outage out; until every thread has seen its connections fail.
+    # than ride the outage out: until connections have failed, two per thread, and a little more.
     wait_until(lambda: load.failed() >= 2 * THREADS, "connections failing during the outage", timeout=10 * WAIT)
-    time.sleep(2.5)
+    time.sleep(1.0)
     db.start()
     up = time.monotonic()
     results = load.join()
