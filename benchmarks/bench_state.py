@@ -39,6 +39,7 @@ from hybridkex.api import (
     HybridClient,
     HybridServer,
     HybridSocket,
+    ReconnectPolicy,
     ServerConfig,
     SteadyPolicy,
     start_server,
@@ -79,12 +80,17 @@ def ms(samples: list[float]) -> dict[str, float]:
     return {"median_ms": round(statistics.median(samples) * 1e3, 3), "p95_ms": round(quantile(samples, 0.95) * 1e3, 3)}
 
 
-def loop_stall(state: SharedState, *, off_loop: bool, n: int) -> float:
+def loop_stall(state: SharedState, *, off_loop: bool, n: int, reconnect: bool = False) -> float:
     """The largest gap (ms) between 1 ms ticks of an asyncio server's loop while ``n`` steady-state
-    connections are served with ``state``; ``off_loop=False`` runs the claims on the loop (before)."""
+    connections (``reconnect``: reconnect tickets, the steady state off) are served with ``state``;
+    ``off_loop=False`` makes their state calls on the loop (before)."""
     link = MemoryKeyLink(("kme-c", "kme-s"), max_keys=10_000_000)
     client_cfg, server_cfg = configs(link)
-    cfg = dataclasses.replace(server_cfg, state=state)
+    if reconnect:
+        off, rc = SteadyPolicy(enabled=False), ReconnectPolicy(enabled=True, max_uses=max(n, 1))
+        client_cfg = dataclasses.replace(client_cfg, steady=off, reconnect=rc)
+        server_cfg = dataclasses.replace(server_cfg, steady=off, reconnect=rc)
+    cfg = dataclasses.replace(server_cfg, state=state, purge_every=0)
     worst = 0.0
 
     async def echo(reader: Any, writer: Any) -> None:
@@ -97,8 +103,9 @@ def loop_stall(state: SharedState, *, off_loop: bool, n: int) -> float:
     async def main() -> None:
         nonlocal worst
         srv = await start_server(echo, "127.0.0.1", 0, cfg, key_source=link.source("sae-s", 1))
-        assert srv.steady_registry is not None
-        srv.steady_registry.off_loop = off_loop
+        registry = srv.reconnect_registry if reconnect else srv.steady_registry
+        assert registry is not None
+        registry.off_loop = off_loop
         address = srv.sockets[0].getsockname()
         client = HybridClient(client_cfg, key_source=link.source("sae-c", 0))
         done = threading.Event()
@@ -108,7 +115,14 @@ def loop_stall(state: SharedState, *, off_loop: bool, n: int) -> float:
                 s.sendall(b"x")
                 s.recv(1)
             for _ in range(n):
-                steady_once(client, address)
+                if reconnect:
+                    with client.connect(address) as s:
+                        if not s.session.reconnect:
+                            raise RuntimeError("expected a reconnect")
+                        s.sendall(b"x")
+                        s.recv(1)
+                else:
+                    steady_once(client, address)
             done.set()
 
         t = threading.Thread(target=drive, daemon=True)
@@ -134,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--announce", type=int, help="steady.announce (default: the policy's; 0: no pre-fetch, "
                         "each key fetched on demand, so no announced key is shared through the state)")
+    parser.add_argument("--stall-only", action="store_true", help="only the event-loop stalls (steady state and "
+                        "reconnect tickets, before/after, PostgreSQL)")
     args = parser.parse_args(argv)
     n, rounds = (10, 1) if args.quick else (args.n, args.rounds)
 
@@ -153,6 +169,24 @@ def main(argv: list[str] | None = None) -> int:
             "sqlite": open_state(root / "state.sqlite3", seal_key=SEAL_KEY),
             "postgresql": open_state(pg_url, seal_key=SEAL_KEY),
         }
+        if args.stall_only:
+            pg_state = states["postgresql"]
+            assert pg_state is not None
+            runs: dict[str, list[float]] = {}
+            for _ in range(rounds):  # interleaved: drift hits before and after alike
+                for kind in ("steady", "reconnect"):
+                    for where, off in (("on the loop (before)", False), ("worker thread (after)", True)):
+                        runs.setdefault(f"{kind}, {where}", []).append(
+                            loop_stall(pg_state, off_loop=off, n=n, reconnect=kind == "reconnect"))
+            out = {"max_event_loop_stall_ms": runs,
+                   "conditions": {"n": n, "rounds": rounds, "cpus": os.cpu_count(), "load": os.getloadavg()}}
+            print(json.dumps(out, indent=2))
+            if args.json:
+                Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+            for st in states.values():
+                if st is not None:
+                    st.close()
+            return 0
         async_pg = open_state(async_url, seal_key=SEAL_KEY)
         link = MemoryKeyLink(("kme-c", "kme-s"), max_keys=10_000_000)
         client_cfg, server_cfg = configs(link, args.announce)
@@ -203,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for srv in servers.values():
                 srv.close()
-        stall = {"on the loop (before)": loop_stall(states["postgresql"], off_loop=False, n=n),  # type: ignore[arg-type]
-                 "worker thread (after)": loop_stall(states["postgresql"], off_loop=True, n=n)}  # type: ignore[arg-type]
+        stall = {f"{kind}, {where}": loop_stall(states["postgresql"], off_loop=off, n=n,  # type: ignore[arg-type]
+                                                reconnect=kind == "reconnect")
+                 for kind in ("steady", "reconnect")
+                 for where, off in (("on the loop (before)", False), ("worker thread (after)", True))}
         for st in [*states.values(), async_pg]:
             if st is not None:
                 st.close()

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from OpenSSL import SSL
 
     from ..qkd.base import AsyncKeySource, KeySource
+    from ..state.purger import PurgeHandle
 
 _log = logging.getLogger("hybridkex.server")
 
@@ -234,11 +235,16 @@ class ReconnectLookup:
 
     __slots__ = ("_cipher", "_registry", "identity", "match")
 
-    def __init__(self, registry: ReconnectRegistry | None, cipher: str) -> None:
-        self._registry = registry
+    def __init__(self, registry: ReconnectRegistry | None, cipher: str,
+                 resolved: tuple[bytes, ReconnectMatch | None] | None = None) -> None:
+        # Resolved before TLS (off the event loop): nothing more is looked up in the callback, so
+        # another identity is unknown.
+        self._registry = registry if resolved is None else None
         self._cipher = cipher
         self.match: ReconnectMatch | None = None
         self.identity: bytes | None = None
+        if resolved is not None:
+            self.identity, self.match = resolved
 
     def __call__(self, identity: bytes) -> bytes | None:
         if self.match is not None:
@@ -267,17 +273,26 @@ class ServerState:
                                      field="key_source")
         self.config = config
         self.keys = key_manager(key_source, policy, long_lived=True, loop=loop)
+        # An asyncio server (loop) calls the shared state from worker threads, never from its loop.
+        off_loop = loop is not None if loop_driven is None else loop_driven
         if config.reconnect.enabled:
             self.registry: ReconnectRegistry | None = (
                 registry if registry is not None else ReconnectRegistry(config.reconnect, state=config.state))
+            if off_loop:  # a registry given to an asyncio server too
+                self.registry.off_loop = True
         else:
             self.registry = None
-        # An asyncio server (loop) calls the shared state from worker threads, never from its loop.
-        off_loop = loop is not None if loop_driven is None else loop_driven
         self.steady = (SteadyRegistry(config.steady, policy, self.keys, state=config.state, off_loop=off_loop)
                        if config.steady.enabled else None)
+        self.purge: PurgeHandle | None = None
+        if config.state is not None and config.purge_every:
+            from ..state.purger import auto_purge  # noqa: PLC0415 - a given state has imported hybridkex.state
+
+            self.purge = auto_purge(config.state, config.purge_every, config.spent_older_than)
 
     def close(self) -> None:
+        if self.purge is not None:
+            self.purge.release()
         if self.registry is not None:
             self.registry.clear()
         if self.steady is not None:

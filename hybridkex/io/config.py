@@ -49,6 +49,26 @@ def _seconds(value: Any, name: str, *, ceiling: float = _MAX_TIMEOUT) -> float:
     return float(value)
 
 
+def check_purge(every: Any, spent_older_than: Any, steady: SteadyPolicy, reconnect: ReconnectPolicy, *,
+                prefix: str = "") -> None:
+    """``purge_every`` and ``spent_older_than`` (ServerConfig, the tunnel's ``[state]``), or ConfigurationError."""
+    if every != 0:
+        _seconds(every, f"{prefix}purge_every", ceiling=_MAX_LIFETIME)
+    if spent_older_than is None:
+        return
+    _seconds(spent_older_than, f"{prefix}spent_older_than", ceiling=10 * _MAX_LIFETIME)
+    lifetimes: dict[str, float] = {}
+    if steady.enabled:
+        lifetimes.update({"steady.lifetime": steady.lifetime, "steady.key_lifetime": steady.key_lifetime})
+    if reconnect.enabled:
+        lifetimes["reconnect.lifetime"] = reconnect.lifetime
+    for name, lifetime in lifetimes.items():
+        if spent_older_than < lifetime:
+            raise ConfigurationError(f"must be at least {name} ({lifetime:g} s): a spent ID purged earlier could "
+                                     "be replayed while what it protects is still valid",
+                                     field=f"{prefix}spent_older_than")
+
+
 def _count(value: Any, name: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigurationError(f"must be a whole number, got {value!r}", field=name)
@@ -233,6 +253,14 @@ class ServerConfig:
         state: a :class:`~hybridkex.state.SharedState` (``hybridkex.state.open_state(url)``) shared
             with the other processes or hosts serving the same clients: steady-state counters and
             QKD key IDs are spent there too (docs/fleet.md).  None: this process only.
+        purge_every: with a ``state``, delete its expired rows every so many seconds, in a background
+            thread (one per state object in a process, however many servers use it); 0: never (run
+            ``hybridkex state purge`` instead).  Of several processes on one state, one purging is
+            enough.
+        spent_older_than: with ``purge_every``, also delete spent IDs older than this many seconds
+            (None: keep them).  Refused below the longest lifetime of what the spent IDs protect
+            (``steady.lifetime`` and ``steady.key_lifetime``, ``reconnect.lifetime`` when on), so no
+            replay outlives its record.
     """
 
     handshake: ResponderConfig
@@ -242,9 +270,12 @@ class ServerConfig:
     max_connections: int = 256
     steady: SteadyPolicy = field(default_factory=SteadyPolicy)
     state: SharedState | None = field(default=None, repr=False)
+    purge_every: float = 600.0
+    spent_older_than: float | None = None
 
     def __post_init__(self) -> None:
         _check_setup(self, ResponderConfig)
+        check_purge(self.purge_every, self.spent_older_than, self.steady, self.reconnect)
         if self.state is not None and not (callable(getattr(self.state, "spend", None))
                                            and callable(getattr(self.state, "spend_counter", None))):
             raise ConfigurationError("must be a hybridkex.state.SharedState (hybridkex.state.open_state(url))",

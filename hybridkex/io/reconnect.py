@@ -21,6 +21,7 @@ with X25519MLKEM768 only, so it also gets a fresh post-quantum and classical sec
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, NoReturn
 
+from .. import workers
 from ..combiner import CombinedSecret
 from ..exceptions import AlreadyFinalized, RemoteProtocolError, StateError, TLSError
 from ..hazmat import labels
@@ -250,12 +252,16 @@ class ReconnectRegistry:
     """
 
     def __init__(self, policy: ReconnectPolicy, *, clock: Callable[[], float] = time.monotonic,
-                 state: SharedState | None = None) -> None:
+                 state: SharedState | None = None, off_loop: bool = False) -> None:
         self.policy = policy
         self._clock = clock
         # With a shared state that has a key, parents are stored there too (only their per-reconnect
         # tags and PSKs, sealed: never the parent secret), and every counter is spent there.
         self._state = state if state is not None and state.can_seal else None
+        #: An event loop drives the connections (an asyncio server sets it): the shared-state calls
+        #: are made on worker threads (the lookup before TLS starts, see ServerSetup; the write in
+        #: the background), never on the loop.
+        self.off_loop = off_loop
         self._lock = threading.Lock()
         # Insertion order is expiry order (one lifetime for all), so expired parents are at the front.
         self._parents: OrderedDict[bytes, _Parent] = OrderedDict()
@@ -269,8 +275,16 @@ class ReconnectRegistry:
             self._purge_locked()
             return len(self._parents)
 
+    @property
+    def shared(self) -> bool:
+        """Whether lookups and registrations make shared-state calls (a database round trip)."""
+        return self._state is not None
+
     def register(self, secret: CombinedSecret, info: SessionInfo) -> bytes:
-        """Remember a parent session (the registry now owns ``secret`` and erases it); its handle."""
+        """Remember a parent session (the registry now owns ``secret`` and erases it); its handle.
+
+        With :attr:`off_loop`, it is stored in the shared state from a worker thread (the event loop
+        does not wait for the commit), else before this returns."""
         handle = session_handle(secret)
         with self._lock:
             self._purge_locked()
@@ -285,12 +299,21 @@ class ReconnectRegistry:
                                             self.policy.max_uses)
             self.stats.registered += 1
             shared = _encode_shared(secret, info, self.policy.max_uses) if self._state is not None else None
-        if self._state is not None and shared is not None:
-            try:
-                self._state.put_ticket(SHARED_KIND, handle, shared, expires_at=time.time() + self.policy.lifetime)
-            except StateError as exc:  # this process still accepts its reconnects; others refuse them
-                _log.warning("the reconnect parent of %r is not shared with other servers: %s", info.peer_identity, exc)
+        if shared is not None:
+            put = functools.partial(self._put_parent, handle, shared, info.peer_identity,
+                                    time.time() + self.policy.lifetime)
+            if self.off_loop:
+                workers.submit(put, lambda _value, _error: None)  # put logs its own failure
+            else:
+                put()
         return handle
+
+    def _put_parent(self, handle: bytes, blob: bytes, peer: str, expires_at: float) -> None:
+        assert self._state is not None
+        try:
+            self._state.put_ticket(SHARED_KIND, handle, blob, expires_at=expires_at)
+        except StateError as exc:  # this process still accepts its reconnects; others refuse them
+            _log.warning("the reconnect parent of %r is not shared with other servers: %s", peer, exc)
 
     def discard(self, handle: bytes) -> None:
         """Forget a parent (e.g. its own TLS handshake failed) and erase its secret."""

@@ -86,7 +86,7 @@ if TYPE_CHECKING:
     from ..qkd.base import QKDKey
     from ..steady import SteadyAttempt
     from .keys import QKDKeyManager
-    from .reconnect import ReconnectKey, ReconnectTicket
+    from .reconnect import ReconnectKey, ReconnectMatch, ReconnectTicket
 
 __all__ = [
     "NEED_DATA",
@@ -452,9 +452,13 @@ class ServerSetup(_Setup):
                 if self._eof:
                     raise RemoteProtocolError("the peer closed the connection in the middle of its ClientHello")
                 return NEED_DATA
-            steady = self._state.steady
+            steady, registry = self._state.steady, self._state.registry
+            # A reconnect whose lookup calls the shared state is resolved before TLS starts, from the
+            # ClientHello's PSK identity, on a worker thread (as the steady claim is), not inside
+            # OpenSSL's PSK callback on the event loop.
+            prefetch = registry is not None and registry.shared and registry.off_loop
             identity: bytes | None = None
-            if steady is None:
+            if steady is None and not prefetch:
                 cipher = client_hello_cipher(buf[TLS_RECORD_HEADER_LEN:end])
             else:
                 suites, identity = first_psk_identity(buf[TLS_RECORD_HEADER_LEN:end])
@@ -462,15 +466,21 @@ class ServerSetup(_Setup):
         except RemoteProtocolError as exc:
             return Failed(exc)
         if steady is not None and identity is not None and identity.startswith(STEADY_IDENTITY_PREFIX):
-            registry, hello, admit = steady, identity, self._state.config.handshake.admit
-            if registry.off_loop:  # the claim's database round trips: on a worker thread, not the event loop
-                return self._await(StateCall(lambda: registry.claim(hello, cipher, admit=admit),
+            claims, hello, admit = steady, identity, self._state.config.handshake.admit
+            if claims.off_loop:  # the claim's database round trips: on a worker thread, not the event loop
+                return self._await(StateCall(lambda: claims.claim(hello, cipher, admit=admit),
                                              max(0.0, self._waiting.end - time.monotonic())),
                                    lambda claim: self._claimed(claim, cipher), self._claim_failed)
             try:
-                return self._claimed(registry.claim(hello, cipher, admit=admit), cipher)
+                return self._claimed(steady.claim(hello, cipher, admit=admit), cipher)
             except RateLimited as exc:
                 return self._claim_failed(exc)
+        if prefetch and identity is not None and registry is not None:
+            offered, reconnects = identity, registry
+            return self._await(StateCall(lambda: reconnects.lookup(offered, cipher),
+                                         max(0.0, self._waiting.end - time.monotonic())),
+                               lambda match: self._reconnect_tls(cipher, (offered, match)),  # type: ignore[arg-type]
+                               Failed)
         return self._reconnect_tls(cipher)
 
     def _claimed(self, claim: object, cipher: str) -> SetupEvent:
@@ -483,11 +493,12 @@ class ServerSetup(_Setup):
             self._abort = encode_abort(AbortCode.RATE_LIMITED)
         return Failed(exc)
 
-    def _reconnect_tls(self, cipher: str) -> SetupEvent:
+    def _reconnect_tls(self, cipher: str, resolved: tuple[bytes, ReconnectMatch | None] | None = None) -> SetupEvent:
         """TLS with the reconnect registry's lookup: a reconnect, or (any other identity) a refusal
-        that OpenSSL answers with an alert, so the client knows to run a full handshake."""
+        that OpenSSL answers with an alert, so the client knows to run a full handshake.
+        ``resolved``: the offered identity, already looked up (its match, or None: refused)."""
         cfg = self._state.config
-        lookup = ReconnectLookup(self._state.registry, cipher)
+        lookup = ReconnectLookup(self._state.registry, cipher, resolved)
         tls = MemoryTLS(tls_context("server", cipher, cfg.tls, reconnect=True), server_side=True)
         bind_psk_lookup(tls.connection, lookup)
         return self._start_tls(TLSStage(tls, self._waiting, None, lookup=lookup))

@@ -12,10 +12,11 @@ from pathlib import Path
 from ..exceptions import ConfigurationError
 from .base import SCHEMA_VERSION, WINDOW, Sealer, SharedState, Ticket, load_seal_key, redact_url
 from .postgres import PostgresState
+from .purger import PurgeHandle, auto_purge
 from .sqlite import SQLiteState
 
-__all__ = ["SCHEMA_VERSION", "WINDOW", "PostgresState", "SQLiteState", "Sealer", "SharedState", "Ticket",
-           "load_seal_key", "open_state", "redact_url"]
+__all__ = ["SCHEMA_VERSION", "WINDOW", "PostgresState", "PurgeHandle", "SQLiteState", "Sealer", "SharedState",
+           "Ticket", "auto_purge", "load_seal_key", "open_state", "redact_url"]
 
 
 def open_state(url: str | os.PathLike[str], *, seal_key: bytes | None = None, migrate: bool = False,

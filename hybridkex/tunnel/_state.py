@@ -3,7 +3,9 @@
 ``url`` is a PostgreSQL URL (a fleet) or an SQLite path (the processes of one host); ``key_file`` the
 host's state key, which seals the recycled keys stored there.  With ``[state]``, the recycled keys of
 ``mode = "recycled"`` peers live in it (``[recycle] store`` is then not allowed) and a tunnel server
-spends its steady-state counters and QKD key IDs there too.
+spends its steady-state counters and QKD key IDs there too.  ``purge_every`` and ``spent_older_than``:
+the server's own purge of expired rows (``ServerConfig.purge_every``); of a server's worker processes
+only worker 1 (the first) purges (``WorkerSetup.adapt``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..exceptions import ConfigurationError
+from ..io.config import ReconnectPolicy, SteadyPolicy, check_purge
 from ..state import PostgresState, SQLiteState, load_seal_key, open_state, redact_url
 
 if TYPE_CHECKING:
@@ -28,16 +31,19 @@ class StateConfig:
 
     url: str
     key_file: Path | None = None
+    purge_every: float = 600.0
+    spent_older_than: float | None = None
 
     def __repr__(self) -> str:
-        return f"StateConfig(url={redact_url(self.url)!r}, key_file={self.key_file!r})"
+        return (f"StateConfig(url={redact_url(self.url)!r}, key_file={self.key_file!r}, "
+                f"purge_every={self.purge_every!r}, spent_older_than={self.spent_older_than!r})")
 
     @property
     def postgresql(self) -> bool:
         return self.url.startswith(("postgresql://", "postgres://"))
 
 
-def state_table(v: _Validator, top: Table) -> StateConfig | None:
+def state_table(v: _Validator, top: Table, steady: bool) -> StateConfig | None:
     if not top.has("state"):
         return None
     t = top.table("state")
@@ -53,7 +59,11 @@ def state_table(v: _Validator, top: Table) -> StateConfig | None:
             raise ConfigurationError(f"not a regular file: {path}", field="state.url")
         url = str(path)
     key_file = v.path(t, "key_file", required=False, sensitive="psk")
-    return StateConfig(url=url, key_file=key_file)
+    every = t.number("purge_every", 600.0, minimum=0.1, maximum=86400.0, allow_zero=True)
+    older = t.number("spent_older_than", 0.0, minimum=1.0, maximum=10 * 7 * 86400.0, allow_zero=True) or None
+    # The server's steady policy (the tunnel keeps the default lifetimes; reconnects are off).
+    check_purge(every, older, SteadyPolicy(enabled=steady), ReconnectPolicy(), prefix="state.")
+    return StateConfig(url=url, key_file=key_file, purge_every=every, spent_older_than=older)
 
 
 def open_config_state(config: StateConfig) -> SQLiteState | PostgresState:

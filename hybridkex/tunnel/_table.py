@@ -38,6 +38,8 @@ SCHEMA: Final[Mapping[str, tuple[str, ...]]] = {
     "recycle": ("store", "policy"),
     "state": ("url", "key_file"),
     "kme": ("embedded", "url", "sae_id", "cert", "key", "ca", "retries", "backoff", "max_backoff"),
+    "state": ("url", "key_file", "purge_every", "spent_older_than"),
+    "kme": ("embedded", "url", "sae_id", "cert", "key", "ca"),
     "policy": ("qkd", "suites", "key_budget", "steady"),
     "timeouts": ("handshake", "idle", "drain", "connect"),
     "limits": ("max_connections", "handshake_rate", "handshake_burst", "address_rate", "address_burst"),

@@ -386,7 +386,7 @@ class _Validator:
         logging_cfg = self.logging(top)
         metrics, health = self.metrics(top)
         recycle = recycle_table(self, top, peers, self.warnings, ConfigWarning)
-        state = state_table(self, top)
+        state = state_table(self, top, policy.steady)
         workers = self.workers(top, policy, state)
         return TunnelConfig(
             role=self.role, listen=listen, target=target, identity=identity, peers=peers,

@@ -128,7 +128,7 @@ class HybridChannelFactory:
         # reads and rotates the store its configuration named.  Closed (queue written) by aclose().
         self._stores: dict[Path, SQLiteAuthKeyStore] = {}
         # The [state]s, by configuration, kept across reloads likewise (docs/fleet.md).
-        self._states: dict[StateConfig, SQLiteState | PostgresState] = {}
+        self._states: dict[tuple[str, Path | None], SQLiteState | PostgresState] = {}
         count = metrics.kme_error if metrics is not None else (lambda kind: None)
         self.watch = KMEWatch(count, url="", master=config.role == "server")
         self._apply(config)
@@ -184,7 +184,9 @@ class HybridChannelFactory:
             old = self._server
             steady = SteadyPolicy(enabled=config.policy.steady)
             shared = self._state(config.state) if config.state is not None else None
-            self._server = ServerSide(ServerConfig(responder, tls=tls, timeout=timeout, steady=steady, state=shared),
+            purge = (config.state.purge_every, config.state.spent_older_than) if config.state else (0.0, None)
+            self._server = ServerSide(ServerConfig(responder, tls=tls, timeout=timeout, steady=steady, state=shared,
+                                                   purge_every=purge[0], spent_older_than=purge[1]),
                                       key_source=source)
             if old is not None:
                 old.close()
@@ -212,9 +214,10 @@ class HybridChannelFactory:
         return self._stores[path]
 
     def _state(self, config: StateConfig) -> SQLiteState | PostgresState:
-        if config not in self._states:
-            self._states[config] = open_config_state(config)
-        return self._states[config]
+        where = (config.url, config.key_file)  # a reload that changes only the purge keeps the state open
+        if where not in self._states:
+            self._states[where] = open_config_state(config)
+        return self._states[where]
 
     @staticmethod
     def _target_peer(config: TunnelConfig) -> PeerConfig | None:

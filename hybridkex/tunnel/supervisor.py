@@ -101,7 +101,12 @@ class WorkerSetup:
 
     def adapt(self, config: TunnelConfig) -> TunnelConfig:
         """The worker's view: the supervisor's port (run it with ``metrics_endpoint=False``: the supervisor
-        serves ``/metrics``, while ``[metrics]``/``[health]`` still switch on the KME probe and the like)."""
+        serves ``/metrics``, while ``[metrics]``/``[health]`` still switch on the KME probe and the like).
+        Only worker 1 (the first) purges the shared state: one purger is enough for the rows of every worker, the
+        supervisor opens no state (it deals in PIDs, holds no state key), and a restarted worker 1
+        takes the purge up again under the same index."""
+        if self.index != 1 and config.state is not None:
+            config = replace(config, state=replace(config.state, purge_every=0.0))
         return replace(config, listen=self.listen, workers=1)
 
     def bind_to_parent(self) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing as mp
 import random
 import shutil
+import sqlite3
 import tempfile
 import time
 import warnings
@@ -73,6 +75,19 @@ def pg_session() -> Iterator[PG]:
     finally:
         server.cleanup()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def raw_rows(url: str, table: str) -> list[tuple[Any, ...]]:
+    """The key columns of a state table as the database holds them (expired rows too, which reads hide)."""
+    cols = "kind, handle" if table == "state_tickets" else "scope, key_id"
+    if url.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(url) as c:
+            return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r)
+                    for r in c.execute(f"SELECT {cols} FROM {table}").fetchall()]
+    with contextlib.closing(sqlite3.connect(url)) as db:
+        return [tuple(r) for r in db.execute(f"SELECT {cols} FROM {table}").fetchall()]
 
 
 def state_url(kind: str, tmp_path: Path, pg: PG | None) -> str:

@@ -55,12 +55,25 @@ def test_state_table_is_parsed(confdir: Path) -> None:
     ('[state]\nurl = "s.sqlite3"\n', '[recycle]\nstore = "keys.sqlite3"\n',
      "recycle.store: not allowed with [state] (the recycled keys are kept in the shared state)"),
     ('[state]\nurl = "s.sqlite3"\nuri = "x"\n', "", "unknown key 'state.uri' (did you mean 'state.url'?)"),
+    ('[state]\nurl = "s.sqlite3"\npurge_every = -1\n', "", "state.purge_every: must be 0 or between 0.1 and 86400"),
+    # Shorter than the steady state's lifetime (3600 s): a purged ID could be replayed meanwhile.
+    ('[state]\nurl = "s.sqlite3"\nspent_older_than = 600\n', "",
+     "state.spent_older_than: must be at least steady.lifetime (3600 s)"),
 ])
 def test_bad_state_tables_are_one_line(confdir: Path, state: str, extra: str, message: str) -> None:
     _write(confdir, state, extra)
     with pytest.raises(ConfigurationError) as exc:
         load_config("server", "tunnel.toml")
     assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_purge_settings_are_parsed(confdir: Path) -> None:
+    _write(confdir, '[state]\nurl = "s.sqlite3"\n')
+    cfg = load_config("server", "tunnel.toml")
+    assert cfg.state is not None and (cfg.state.purge_every, cfg.state.spent_older_than) == (600.0, None)
+    _write(confdir, '[state]\nurl = "s.sqlite3"\npurge_every = 0\nspent_older_than = 86400\n')
+    cfg = load_config("server", "tunnel.toml")
+    assert cfg.state is not None and (cfg.state.purge_every, cfg.state.spent_older_than) == (0.0, 86400.0)
 
 
 def test_a_readable_state_key_is_refused(confdir: Path) -> None:

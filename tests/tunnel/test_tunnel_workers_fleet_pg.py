@@ -21,4 +21,4 @@ def pg() -> Iterator[PG]:
 def test_two_servers_with_two_workers_share_postgresql(request: pytest.FixtureRequest, tmp_path: Path,
                                                        pg: PG, total: int) -> None:
     kme, pki, echo = (request.getfixturevalue(name) for name in ("kme", "pki", "echo"))
-    run_fleet(tmp_path, kme, pki, echo, url=pg.new_url(), servers=2, total=total)
+    run_fleet(tmp_path, kme, pki, echo, url=pg.new_url(), servers=2, total=total, restart=pg)
