@@ -81,7 +81,10 @@ def config(path: Path, *, listen: str, target: str, identity: str, peer: str, pe
         "[[peers]]", f'identity = "{peer}"', 'mode = "psk"', f'psk_file = "{psk}"', f'sae_id = "{peer_sae}"', "",
         "[policy]", 'qkd = "required"', f"steady = {str(steady).lower()}", "",
         "[kme]", f'url = "{kme_url}"', f'sae_id = "{sae}"', f'cert = "{pki / (sae + ".crt")}"',
-        f'key = "{pki / (sae + ".key")}"', f'ca = "{pki / "ca.crt"}"', "",
+        f'key = "{pki / (sae + ".key")}"', f'ca = "{pki / "ca.crt"}"',
+        # A KME restart on a loaded 2-core machine can outlast the default ~1.5-3 s retry budget;
+        # the budget that covers the downtime is the documented setting (docs/tunnel.md, [kme]).
+        "retries = 12", "",
         "[logging]", 'format = "json"', "",
     ]))
     return path
