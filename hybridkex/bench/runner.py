@@ -31,6 +31,7 @@ from typing import Any
 from OpenSSL import SSL
 
 from .. import __version__
+from ..tunnel.ktls import ktls_status
 from .endpoints import pump
 from .env import BenchEnv
 from .loopback import ClientWorker, DelayProxy, LoopbackServer
@@ -129,7 +130,9 @@ def _machine() -> dict[str, Any]:
     load = None
     with contextlib.suppress(OSError, AttributeError):
         load = [round(x, 2) for x in os.getloadavg()]
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "loadavg_start": load}
+    # kTLS is a fact about this kernel and OpenSSL build, as the CPU is (cached: probed once per process).
+    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "loadavg_start": load,
+            "ktls": ktls_status().as_dict()}
 
 
 class _Bench:

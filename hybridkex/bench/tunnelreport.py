@@ -27,6 +27,7 @@ def _header(report: dict[str, Any]) -> list[str]:
         f"{m.get('loadavg_end')}",
         f"  software: Python {v['python']}, hybridkex {v['hybridkex']}, pyOpenSSL {v['pyOpenSSL']} "
         f"({v.get('pyopenssl_openssl', '?')}); stunnel: {stunnel}",
+        f"  kTLS:     {m['ktls']['summary'] if m.get('ktls') else 'not reported'}",
         f"  {o['rounds']} rounds of {o['seconds']:g} s per relay and load (order rotating); run took "
         f"{report['duration_s']:g} s",
     ]

@@ -173,6 +173,10 @@ def _method(opts: TunnelBenchOptions, loads: list[Load]) -> dict[str, str]:
                    "quantiles, hybridkex.bench.stats)",
         "cpu": "user + system CPU of both relay processes (all threads, /proc) per MB moved, median over "
                "rounds; cores: those CPU seconds per second of the run",
+        "ktls": "not used by any hybridkex relay: the tunnel's TLS runs on memory BIOs, so OpenSSL never owns "
+                "the socket; whether this kernel offers kTLS (the tls TCP ULP) and whether pyOpenSSL exposes it "
+                "is in machine.ktls; the stunnel pair's configuration does not enable it either (OpenSSL 3 "
+                "keeps kTLS off unless SSL_OP_ENABLE_KTLS is set), so both relays encrypt in user space",
         "rounds": f"{opts.rounds} rounds of {opts.seconds:g} s per relay and load ({', '.join(x.id for x in loads)}); "
                   "relays measured in turn, the order rotating each round; ratios against stunnel from the "
                   "same run",

@@ -33,6 +33,7 @@ from ..exceptions import (
 )
 from .channel import ChannelFactory, ChannelFactoryProvider
 from .config import Address, TunnelConfig
+from .ktls import ktls_status
 from .limits import ADMISSION, HandshakeRateLimiter, LogThrottle, rate_key
 from .logs import ConnectionLog, configure_logging, log_event, new_connection_id, safe_fields
 from .metrics import MetricsServer, TunnelMetrics, start_metrics_server
@@ -203,7 +204,8 @@ class TunnelRuntime:
         log_event(logging.INFO, "listening", f"tunnel {self.role} listening", role=self.role,
                   address=str(self.address), target=str(cfg.target), identity=cfg.identity,
                   peers=sorted(cfg.peer_identities), suites=list(cfg.policy.suites), qkd=cfg.policy.qkd,
-                  event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
+                  event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
+                  ktls=ktls_status().summary)
 
     async def run(self, ready: Callable[[], None] | None = None) -> int:
         """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), drain, stop. Returns 0.

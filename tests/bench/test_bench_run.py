@@ -22,6 +22,7 @@ def test_the_run_succeeds_and_says_what_it_ran_on(tiny_run: Any) -> None:
     for key in ("python", "hybridkex", "cryptography", "pyOpenSSL", "stdlib_openssl"):
         assert r["versions"][key]
     assert r["machine"]["cores"] >= 1 and r["machine"]["cpu"]
+    assert r["machine"]["ktls"]["used"] is False and r["machine"]["ktls"]["summary"]
     assert r["options"]["warmup"] == 1 and r["options"]["rounds"] == 2
     # In display order (baselines first), whatever the order of --variants.
     assert [v["id"] for v in r["variants"]] == [v.id for v in VARIANTS if v.id in TINY_VARIANTS.split(",")]

@@ -14,6 +14,7 @@ import pytest
 
 from hybridkex.bench.tunnelprocs import stunnel_binary
 from hybridkex.cli import main
+from hybridkex.tunnel.ktls import ktls_status
 
 
 def _number(x: Any) -> bool:
@@ -74,7 +75,10 @@ def test_progress_goes_to_stderr_and_the_method_is_stated(run: tuple[int, str, d
     assert "[bench " in err[1] and "round 1/1" in err[1]
     assert err[-1].startswith("[bench 100%] done in ")
     assert "[bench" not in report["_stdout"]
-    assert set(report["method"]) >= {"warm-up", "rate", "latency", "cpu", "rounds"}
+    assert set(report["method"]) >= {"warm-up", "rate", "latency", "cpu", "rounds", "ktls"}
+    ktls = report["machine"]["ktls"]
+    assert ktls["summary"] == ktls_status().summary and ktls["used"] is False, ktls
+    assert f"kTLS:     {ktls['summary']}" in report["_stdout"] and f"- kTLS:     {ktls['summary']}" in markdown
     assert "1 rounds of 0.2 s" in report["method"]["rounds"]
     assert "Method:" in report["_stdout"] and "- warm-up: " in markdown
 

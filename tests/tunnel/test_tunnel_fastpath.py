@@ -18,6 +18,7 @@ import pytest
 from tunnelhelpers import TEST_ENV, EchoService, Tunnels, echo_exchange, expected_echo
 
 from hybridkex.tunnel.channel import PlainStream
+from hybridkex.tunnel.ktls import ktls_status
 from hybridkex.tunnel.relay import relay
 
 Pair = tuple[socket.socket, socket.socket, PlainStream, PlainStream]
@@ -153,7 +154,11 @@ def test_a_tunnel_pair_relays_on_either_event_loop(loop: str, echo: EchoService,
     client = tunnels.start("client", "client", listen="127.0.0.1:0", target=f"127.0.0.1:{server.port}",
                            identity="client-a", peers=("server",), env=env)
     for proc in (server, client):
-        assert proc.events("listening")[0]["event_loop"] == loop
+        listening = proc.events("listening")[0]
+        assert listening["event_loop"] == loop
+        # Detected in the tunnel process, the same answer as here; never used (memory BIOs).
+        assert listening["ktls"] == ktls_status().summary
+        assert listening["ktls"].startswith(("unavailable: ", "unknown: ")) or "not used" in listening["ktls"]
     payload = os.urandom(300_000)
     assert echo_exchange(client.port, payload) == expected_echo(payload)
     rec = server.wait_event("connection_closed")
