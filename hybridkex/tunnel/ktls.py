@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import os
 import socket
 import sys
 from dataclasses import asdict, dataclass
@@ -42,6 +43,7 @@ __all__ = ["NOT_USED", "KTLSStatus", "detect", "ktls_status", "probe_kernel", "p
 #: ``TCP_ULP`` from <linux/tcp.h>; the socket module does not name it.
 TCP_ULP: Final = 31
 ULP_FILE: Final = Path("/proc/sys/net/ipv4/tcp_available_ulp")
+MODULES_DIR: Final = Path("/lib/modules")
 _PROBE_TIMEOUT: Final = 2.0
 
 NOT_USED: Final = ("the tunnel's TLS runs on memory BIOs: OpenSSL never owns the socket, so it has no "
@@ -88,6 +90,15 @@ def _ulp_file(path: Path) -> str:
     return f"{path.name}: {' '.join(listed) or '(empty)'}"
 
 
+def _tls_module_installed(modules_dir: Path) -> bool:
+    """Whether this kernel's module list names a ``tls`` module (so ``modprobe tls`` could load it)."""
+    try:
+        dep = (modules_dir / os.uname().release / "modules.dep").read_text(encoding="utf-8", errors="replace")
+    except (OSError, AttributeError):
+        return False
+    return any(line.split(":", 1)[0].rsplit("/", 1)[-1].split(".ko", 1)[0] == "tls" for line in dep.splitlines())
+
+
 def _connected_pair(host: str) -> tuple[socket.socket, socket.socket, socket.socket]:
     """A listener and both ends of one TCP connection to it on ``host`` (closed by the caller)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -108,11 +119,14 @@ def _connected_pair(host: str) -> tuple[socket.socket, socket.socket, socket.soc
     return listener, client, server
 
 
-def probe_kernel(host: str = "127.0.0.1", ulp_file: Path = ULP_FILE) -> tuple[KernelAnswer, str, str]:
+def probe_kernel(host: str = "127.0.0.1", ulp_file: Path = ULP_FILE,
+                 modules_dir: Path = MODULES_DIR) -> tuple[KernelAnswer, str, str]:
     """(answer, reason, detail) for the kernel's ``tls`` ULP; never raises.
 
     ``host`` is where the probe's TCP connection is made (a loopback address); an address the probe
-    cannot use makes the answer ``unknown``, as any other failure to run the probe does.
+    cannot use makes the answer ``unknown``, as any other failure to run the probe does.  When the
+    kernel refuses the ULP but its module list (``modules_dir``) has a ``tls`` module, the reason
+    says so: the kernel loads it on first use only for a process with ``CAP_NET_ADMIN``.
     """
     listed = _ulp_file(ulp_file)
     if not sys.platform.startswith("linux"):
@@ -127,6 +141,9 @@ def probe_kernel(host: str = "127.0.0.1", ulp_file: Path = ULP_FILE) -> tuple[Ke
         name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
         detail = f"setsockopt(TCP_ULP, 'tls') on a connected TCP socket: {name}; {listed}"
         if exc.errno == errno.ENOENT:
+            if _tls_module_installed(modules_dir):
+                return ("unavailable", "kernel has no tls ULP loaded (a tls module is installed: modprobe tls "
+                        "loads it)", detail)
             return "unavailable", "kernel has no tls ULP", detail
         if exc.errno in (errno.EOPNOTSUPP, errno.ENOPROTOOPT):
             return "unavailable", "kernel has no TCP ULP support", detail
@@ -153,10 +170,10 @@ def probe_openssl() -> str:
             "with kTLS is not exposed")
 
 
-def detect(host: str = "127.0.0.1", ulp_file: Path = ULP_FILE) -> KTLSStatus:
+def detect(host: str = "127.0.0.1", ulp_file: Path = ULP_FILE, modules_dir: Path = MODULES_DIR) -> KTLSStatus:
     """Probe now (uncached; :func:`ktls_status` is the cached answer); never raises."""
     try:
-        kernel, reason, detail = probe_kernel(host, ulp_file)
+        kernel, reason, detail = probe_kernel(host, ulp_file, modules_dir)
     except Exception as exc:  # belt and braces: probe_kernel handles its own failures
         kernel, reason, detail = "unknown", f"probe failed: {exc}", ""
     return KTLSStatus(kernel, reason, detail, probe_openssl(), False, NOT_USED)

@@ -5,6 +5,7 @@ the answer are checked in test_tunnel_fastpath.py and tests/bench/test_tunnel_be
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from OpenSSL import SSL
@@ -26,8 +27,9 @@ def test_the_kernel_answer_matches_what_the_kernel_lists() -> None:
         assert "tls" in _listed_ulps(), detail
         assert reason == "kernel attaches the tls ULP"
     else:
-        # This machine's kernel has no tls module: the probe's setsockopt says ENOENT.
-        assert (answer, reason) == ("unavailable", "kernel has no tls ULP"), detail
+        # This machine's kernel has no tls module: the probe's setsockopt says ENOENT (the reason
+        # adds how to load one where a module is installed but not loaded).
+        assert answer == "unavailable" and reason.startswith("kernel has no tls ULP"), (reason, detail)
         assert "setsockopt(TCP_ULP, 'tls') on a connected TCP socket: ENOENT" in detail
         assert "tls" not in _listed_ulps()
     if ULP_FILE.exists():
@@ -40,7 +42,8 @@ def test_the_status_is_cached_reported_in_one_line_and_never_used() -> None:
     assert status.used is False and status.not_used_reason == NOT_USED
     assert "memory BIOs" in NOT_USED
     if status.kernel == "unavailable":
-        assert status.summary == "unavailable: kernel has no tls ULP"
+        assert status.summary == f"unavailable: {status.kernel_reason}"
+        assert status.summary.startswith("unavailable: kernel has no tls ULP")
     else:
         assert status.summary == "available in the kernel, not used: the tunnel's TLS runs on memory BIOs"
     assert "\n" not in status.summary
@@ -72,3 +75,19 @@ def test_an_unreadable_ulp_list_is_a_detail_not_a_failure(tmp_path: Path) -> Non
     answer, _, detail = probe_kernel(ulp_file=tmp_path / "tcp_available_ulp")
     assert answer == ktls_status().kernel
     assert "tcp_available_ulp: not readable (FileNotFoundError)" in detail
+
+
+def test_a_refused_ulp_with_an_installed_module_says_how_to_load_it(tmp_path: Path) -> None:
+    # A modules.dep as depmod writes it, naming a tls module: the kernel here still refuses the ULP
+    # (no module is loaded), and the reason says that the installed one could be.
+    release = tmp_path / os.uname().release
+    release.mkdir()
+    (release / "modules.dep").write_text("kernel/net/ipv4/tcp_bbr.ko.xz:\nkernel/net/tls/tls.ko.zst:\n")
+    answer, reason, _ = probe_kernel(modules_dir=tmp_path)
+    if ktls_status().kernel == "available":
+        assert (answer, reason) == ("available", "kernel attaches the tls ULP")
+    else:
+        assert answer == "unavailable" and reason.startswith("kernel has no tls ULP loaded (a tls module is installed")
+    (release / "modules.dep").write_text("kernel/net/tls_other/tlsx.ko:\n")
+    if answer == "unavailable":
+        assert probe_kernel(modules_dir=tmp_path)[1] == "kernel has no tls ULP"
