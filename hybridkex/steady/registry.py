@@ -522,8 +522,8 @@ class SteadyRegistry:
         request = QKDKeysByIdRequired(claim.peers.client_sae_id, tuple(ids), "fresh")
 
         def done(value: object, error: BaseException | None) -> None:
-            now = self._clock()
             with self._lock:
+                now = self._clock()  # under the lock: ``ready`` stays in arrival order (expiry stops early)
                 for k in ids:
                     parent.fetching.pop(k, None)
                 if error is None and isinstance(value, list):
@@ -547,9 +547,15 @@ class SteadyRegistry:
         workers.submit(lambda: manager.fetch(request), done)
 
     def _expire_ready_locked(self, parent: _Parent, now: float) -> None:
+        # ``ready`` is in arrival order (times taken under the lock): the expired keys are a prefix,
+        # so a claim looks at those and one more, not at every key held (up to MAX_HELD, per claim).
         limit = now - self.policy.key_lifetime
-        for k in [k for k, (_, t) in parent.ready.items() if t <= limit]:
-            del parent.ready[k]
+        ready = parent.ready
+        while ready:
+            k = next(iter(ready))
+            if ready[k][1] > limit:
+                return
+            del ready[k]
 
     def held_keys(self, handle: bytes | None = None) -> int:
         """Pre-fetched keys held (for one parent, or all): tests and metrics."""

@@ -247,6 +247,38 @@ def test_announced_keys_are_erased_after_key_lifetime_on_both_ends() -> None:
     assert server_psk == psk and p.registry.held_keys() == 0  # the server erased its unused ones
 
 
+def test_only_the_announced_keys_held_too_long_expire() -> None:
+    """Two batches of announced keys, fetched 6 s apart: past the first batch's key_lifetime only it
+    is erased; the later batch is still held and serves the next connection."""
+    clock = Clock()
+    p = Pair(policy=SteadyPolicy(announce=2, key_lifetime=10.0), clock=clock)
+
+    def connect() -> set[str]:
+        a = p.attempt()
+        announced = {k.key_id for k in a.announced}
+        claim, _ = p.accept(a.credentials()[0])
+        claim.confirm()
+        p.ticket.succeeded(a)
+        return announced
+
+    wait_reserved(p.ticket, 2)
+    first = connect()
+    wait_held(p.registry, len(first))
+    clock.now += 6
+    assert not connect()  # uses one of the first batch; its reserve is refilled meanwhile
+    wait_reserved(p.ticket, 2)
+    second = connect()  # uses another of the first, announces the second batch
+    assert len(first) > 2 and second and not first & second
+    wait_held(p.registry, len(first) - 2 + len(second))
+    clock.now += 5  # 11 s after the first batch arrived, 5 s after the second
+    later = p.attempt()  # the client drops what is left of the first batch too
+    assert set(later.facts().qkd_key_ids) <= second
+    identity, psk = later.credentials()
+    claim, server_psk = p.accept(identity)
+    assert server_psk == psk and claim.facts.prefetched
+    assert p.registry.held_keys() == len(second) - 1
+
+
 def test_client_hello_reading_survives_every_truncation_and_byte_flip() -> None:
     """A real steady-state ClientHello, cut at every length and with every byte flipped: the
     reader returns or raises RemoteProtocolError, nothing else; intact, it finds the identity."""
