@@ -67,8 +67,8 @@ class _Fetch:
 
 
 class _Parent:
-    __slots__ = ("expires", "fetching", "info", "key", "peers", "psk_context", "ready", "spent", "suite", "top",
-                 "window")
+    __slots__ = ("expires", "fetching", "in_flight", "info", "key", "next_batch", "next_fetch", "peers", "psk_context",
+                 "ready", "spent", "suite", "top", "window")
 
     def __init__(self, key: bytes, suite: Suite, info: SessionInfo, peers: SteadyPeers | None, expires: float) -> None:
         self.key = bytearray(key)
@@ -80,6 +80,11 @@ class _Parent:
         self.window = 0
         self.ready: dict[str, tuple[QKDKey, float]] = {}
         self.fetching: dict[str, _Fetch] = {}
+        #: Whether a background fetch is in flight; announced IDs that arrive meanwhile wait in
+        #: ``next_batch`` (their connections wait on ``next_fetch``) and go in one request after it.
+        self.in_flight = False
+        self.next_batch: list[str] = []
+        self.next_fetch: _Fetch | None = None
         self.spent: set[str] = set()
         self.psk_context = derive.PskContext(suite, client_identity=info.peer_identity,
                                              server_identity=info.local_identity,
@@ -117,6 +122,9 @@ class SteadyStats:
     prefetched: int = 0
     on_demand: int = 0
     prefetch_failures: int = 0
+    #: Background KME requests for announced keys (announcements arriving while one is in flight
+    #: share the next).
+    prefetch_requests: int = 0
     #: Parents read from the shared state (registered by another process or host).
     loaded: int = 0
     #: Announced QKD keys taken from the shared state (pre-fetched by another process or host).
@@ -516,10 +524,28 @@ class SteadyRegistry:
             ids = ids[:max(room, 0)]
             if not ids:
                 return
+            if parent.in_flight:
+                # One KME request per connection costs the KME and this process more than the keys
+                # (a dec_keys round trip: issue 14's profile): what arrives while one is in flight
+                # goes in the next, for every connection announcing meanwhile.
+                fetch = parent.next_fetch = parent.next_fetch or _Fetch()
+                parent.next_batch.extend(ids)
+                for k in ids:
+                    parent.fetching[k] = fetch
+                return
+            parent.in_flight = True
             fetch = _Fetch()
             for k in ids:
                 parent.fetching[k] = fetch
-        request = QKDKeysByIdRequired(claim.peers.client_sae_id, tuple(ids), "fresh")
+        self._fetch(manager, claim.parent_handle, parent, ids, fetch)
+
+    def _fetch(self, manager: QKDKeyManager, handle: bytes, parent: _Parent, ids: list[str], fetch: _Fetch) -> None:
+        """Fetch announced ``ids`` by ID on a worker thread; then the batch that waited, if any."""
+        peers, peer = parent.peers, parent.info.peer_identity
+        assert peers is not None  # claims carry announced IDs only under a parent with QKD
+        request = QKDKeysByIdRequired(peers.client_sae_id, tuple(ids), "fresh")
+        with self._lock:
+            self.stats.prefetch_requests += 1
 
         def done(value: object, error: BaseException | None) -> None:
             with self._lock:
@@ -538,11 +564,25 @@ class SteadyRegistry:
                 else:
                     fetch.error = error
                     self.stats.prefetch_failures += 1
+                after: tuple[list[str], _Fetch] | None = None
+                if parent.next_batch and parent.next_fetch is not None:
+                    after = (parent.next_batch, parent.next_fetch)
+                    parent.next_batch, parent.next_fetch = [], None
+                    if self._parents.get(handle) is not parent:  # forgotten meanwhile: its keys are not wanted
+                        for k in after[0]:
+                            parent.fetching.pop(k, None)
+                        after[1].error = KeySourceError("the steady-state parent was forgotten")
+                        after[1].done.set()  # a connection waiting for one of them fetches it on demand
+                        after = None
+                if after is None:
+                    parent.in_flight = False
             if error is not None:
-                _log.warning("pre-fetching announced QKD keys of %r failed: %s", claim.info.peer_identity, error)
+                _log.warning("pre-fetching announced QKD keys of %r failed: %s", peer, error)
             fetch.done.set()
-            if self._share and error is None and fetch.keys and claim.peers is not None:
-                self._share_keys(claim.peers, list(fetch.keys.values()))
+            if self._share and error is None and fetch.keys:
+                self._share_keys(peers, list(fetch.keys.values()))
+            if after is not None:
+                self._fetch(manager, handle, parent, *after)
 
         workers.submit(lambda: manager.fetch(request), done)
 

@@ -279,6 +279,47 @@ def test_only_the_announced_keys_held_too_long_expire() -> None:
     assert p.registry.held_keys() == len(second) - 1
 
 
+def test_announcements_made_while_a_fetch_is_in_flight_share_the_next_kme_request() -> None:
+    """The server fetches announced keys one request at a time per parent: what connections
+    announce meanwhile goes in one request after it, and a connection whose key is in that batch
+    waits for it and gets its key."""
+    p = Pair(policy=SteadyPolicy(announce=8))
+    gate = threading.Event()
+    fetch = p.server_keys.fetch
+
+    def slow_fetch(request: Any) -> Any:  # a slow KME: answers once the test opens the gate
+        gate.wait(10)
+        return fetch(request)
+
+    p.server_keys.fetch = slow_fetch  # type: ignore[method-assign]
+    wait_reserved(p.ticket, 16)
+    batches: list[list[str]] = []
+    for _ in range(2):  # the first announces 8 keys (fetched, held up), the second the other 7
+        a = p.attempt()
+        batches.append([k.key_id for k in a.announced])
+        claim = p.registry.claim(a.credentials()[0], CIPHER)
+        assert claim is not None
+        claim.confirm()
+        p.ticket.succeeded(a)
+    assert len(batches[0]) == 8 and len(batches[1]) == 7
+    assert p.registry.stats.prefetch_requests == 1  # the second batch waits for the first request
+    claims = []
+    while True:  # connections using the first batch's keys, then the first of the second batch's
+        a = p.attempt()
+        identity, psk = a.credentials()
+        claim = p.registry.claim(identity, CIPHER)
+        assert claim is not None and claim.keys is None and claim.fetch is not None
+        claims.append((claim, psk))
+        if set(a.facts().qkd_key_ids) & set(batches[1]):
+            break
+    assert len(claims) == 8 and not claim.fetch.done.is_set()
+    gate.set()
+    for claim, psk in claims:  # each waits for the request its key is in
+        assert claim.psk(claim.wait(5.0)) == psk
+    assert p.registry.stats.prefetch_requests == 2 and p.server_keys.kme_fetches == 2
+    assert p.registry.stats.on_demand == 0 and p.registry.stats.prefetch_failures == 0
+
+
 def test_client_hello_reading_survives_every_truncation_and_byte_flip() -> None:
     """A real steady-state ClientHello, cut at every length and with every byte flipped: the
     reader returns or raises RemoteProtocolError, nothing else; intact, it finds the identity."""
