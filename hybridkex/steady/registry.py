@@ -80,9 +80,10 @@ class _Parent:
         self.window = 0
         self.ready: dict[str, tuple[QKDKey, float]] = {}
         self.fetching: dict[str, _Fetch] = {}
-        #: Whether a background fetch is in flight; announced IDs that arrive meanwhile wait in
-        #: ``next_batch`` (their connections wait on ``next_fetch``) and go in one request after it.
-        self.in_flight = False
+        #: When the background fetch in flight started (None: none is); announced IDs that arrive
+        #: meanwhile wait in ``next_batch`` (their connections wait on ``next_fetch``) and go in one
+        #: request after it.
+        self.in_flight: float | None = None
         self.next_batch: list[str] = []
         self.next_fetch: _Fetch | None = None
         self.spent: set[str] = set()
@@ -524,16 +525,18 @@ class SteadyRegistry:
             ids = ids[:max(room, 0)]
             if not ids:
                 return
-            if parent.in_flight:
+            now = self._clock()
+            if parent.in_flight is not None and now - parent.in_flight < self._qkd.timeouts.kme:
                 # One KME request per connection costs the KME and this process more than the keys
                 # (a dec_keys round trip: issue 14's profile): what arrives while one is in flight
-                # goes in the next, for every connection announcing meanwhile.
+                # goes in the next, for every connection announcing meanwhile.  Not behind a request
+                # older than the KME timeout: a hung one must not hold up the later keys.
                 fetch = parent.next_fetch = parent.next_fetch or _Fetch()
                 parent.next_batch.extend(ids)
                 for k in ids:
                     parent.fetching[k] = fetch
                 return
-            parent.in_flight = True
+            parent.in_flight = now
             fetch = _Fetch()
             for k in ids:
                 parent.fetching[k] = fetch
@@ -575,7 +578,9 @@ class SteadyRegistry:
                         after[1].done.set()  # a connection waiting for one of them fetches it on demand
                         after = None
                 if after is None:
-                    parent.in_flight = False
+                    parent.in_flight = None
+                else:
+                    parent.in_flight = now
             if error is not None:
                 _log.warning("pre-fetching announced QKD keys of %r failed: %s", peer, error)
             fetch.done.set()

@@ -320,6 +320,34 @@ def test_announcements_made_while_a_fetch_is_in_flight_share_the_next_kme_reques
     assert p.registry.stats.on_demand == 0 and p.registry.stats.prefetch_failures == 0
 
 
+def test_a_fetch_older_than_the_kme_timeout_does_not_hold_up_later_announcements() -> None:
+    clock = Clock()
+    p = Pair(policy=SteadyPolicy(announce=8), clock=clock)
+    gate = threading.Event()
+    fetch = p.server_keys.fetch
+
+    def hung_fetch(request: Any) -> Any:  # a hung KME: requests answer once the test ends it
+        gate.wait(10)
+        return fetch(request)
+
+    p.server_keys.fetch = hung_fetch  # type: ignore[method-assign]
+    wait_reserved(p.ticket, 16)
+    try:
+        for step in range(2):
+            a = p.attempt()
+            claim = p.registry.claim(a.credentials()[0], CIPHER)
+            assert claim is not None and a.announced
+            claim.confirm()
+            p.ticket.succeeded(a)
+            if step == 0:
+                clock.now += p.qkd.timeouts.kme + 1  # the first request is now older than the KME timeout
+        # The second connection's keys went in a request of their own, not behind the hung one.
+        assert p.registry.stats.prefetch_requests == 2
+    finally:
+        gate.set()
+    wait_held(p.registry, 8 + 7 - 1)  # both batches arrive; the second connection used one of the first
+
+
 def test_client_hello_reading_survives_every_truncation_and_byte_flip() -> None:
     """A real steady-state ClientHello, cut at every length and with every byte flipped: the
     reader returns or raises RemoteProtocolError, nothing else; intact, it finds the identity."""
