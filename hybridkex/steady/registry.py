@@ -36,6 +36,7 @@ from ..qkd.base import QKDKey
 from ..suites import Suite
 from . import derive, shared
 from .peers import SteadyPeers, steady_peers
+from .prefetch import MAX_HELD, AnnouncedKeys, Fetch
 from .ticket import SteadyFacts
 
 if TYPE_CHECKING:
@@ -50,20 +51,6 @@ _log = logging.getLogger("hybridkex.steady")
 
 #: Counters accepted out of order behind the highest one (concurrent connections of one client).
 WINDOW: Final = 4096
-#: Announced keys one parent may hold (ready or being fetched): bounded memory per client, and room
-#: for what a client's widest window (steady.ticket.MAX_WINDOW, twice that held) announces.
-MAX_HELD: Final = 128
-
-
-class _Fetch:
-    """One background fetch of announced key IDs; connections that need one of them wait for it."""
-
-    __slots__ = ("done", "error", "keys")
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.keys: dict[str, QKDKey] = {}
-        self.error: BaseException | None = None
 
 
 class _Parent:
@@ -79,13 +66,13 @@ class _Parent:
         self.top = 0
         self.window = 0
         self.ready: dict[str, tuple[QKDKey, float]] = {}
-        self.fetching: dict[str, _Fetch] = {}
+        self.fetching: dict[str, Fetch] = {}
         #: When the background fetch in flight started (None: none is); announced IDs that arrive
         #: meanwhile wait in ``next_batch`` (their connections wait on ``next_fetch``) and go in one
         #: request after it.
         self.in_flight: float | None = None
         self.next_batch: list[str] = []
-        self.next_fetch: _Fetch | None = None
+        self.next_fetch: Fetch | None = None
         self.spent: set[str] = set()
         self.psk_context = derive.PskContext(suite, client_identity=info.peer_identity,
                                              server_identity=info.local_identity,
@@ -156,7 +143,7 @@ class SteadyClaim:
         self.body = body
         self.keys = keys
         #: The background fetch of this claim's key, when it was in flight at claim time.
-        self.fetch: _Fetch | None = None
+        self.fetch: Fetch | None = None
         usage = "none" if not content.used else "epoch" if content.epoch else "fresh"
         self.facts = SteadyFacts(content.index, content.used, usage, keys is not None and bool(content.used),
                                  content.announced, content.handle.hex(),
@@ -189,7 +176,7 @@ class SteadyClaim:
         self._registry._prefetch(self)
 
 
-class SteadyRegistry:
+class SteadyRegistry(AnnouncedKeys):
     """The server's steady-state parents (bounded, expiring, replay-refusing; thread-safe).
 
     Args:
@@ -370,7 +357,7 @@ class SteadyRegistry:
                 return None
             self._expire_ready_locked(parent, self._clock())
             keys: list[QKDKey] | None = [] if not content.used else None
-            fetch: _Fetch | None = None
+            fetch: Fetch | None = None
             if content.used and not content.epoch:
                 parent.spent.update(content.used)
                 held = [parent.ready.pop(k, None) for k in content.used]
@@ -509,98 +496,6 @@ class SteadyRegistry:
             self._state.swap_tickets(kind, [], [k.lower().encode() for k in drop], expires_at=0.0)
         except StateError as exc:  # they expire there (steady.key_lifetime), their IDs spent: never used
             _log.warning("cannot drop used QKD keys from the shared state: %s", exc)
-
-    def _prefetch(self, claim: SteadyClaim) -> None:
-        manager = self._keys
-        ids = [k for k in claim.content.announced]
-        if not ids or manager is None or claim.peers is None:
-            return
-        with self._lock:
-            parent = self._parents.get(claim.parent_handle)
-            if parent is None:
-                return
-            ids = [k for k in dict.fromkeys(ids)
-                   if k not in parent.spent and k not in parent.ready and k not in parent.fetching]
-            room = MAX_HELD - len(parent.ready) - len(parent.fetching)
-            ids = ids[:max(room, 0)]
-            if not ids:
-                return
-            now = self._clock()
-            if parent.in_flight is not None and now - parent.in_flight < self._qkd.timeouts.kme:
-                # One KME request per connection costs the KME and this process more than the keys
-                # (a dec_keys round trip: issue 14's profile): what arrives while one is in flight
-                # goes in the next, for every connection announcing meanwhile.  Not behind a request
-                # older than the KME timeout: a hung one must not hold up the later keys.
-                fetch = parent.next_fetch = parent.next_fetch or _Fetch()
-                parent.next_batch.extend(ids)
-                for k in ids:
-                    parent.fetching[k] = fetch
-                return
-            parent.in_flight = now
-            fetch = _Fetch()
-            for k in ids:
-                parent.fetching[k] = fetch
-        self._fetch(manager, claim.parent_handle, parent, ids, fetch)
-
-    def _fetch(self, manager: QKDKeyManager, handle: bytes, parent: _Parent, ids: list[str], fetch: _Fetch) -> None:
-        """Fetch announced ``ids`` by ID on a worker thread; then the batch that waited, if any."""
-        peers, peer = parent.peers, parent.info.peer_identity
-        assert peers is not None  # claims carry announced IDs only under a parent with QKD
-        request = QKDKeysByIdRequired(peers.client_sae_id, tuple(ids), "fresh")
-        with self._lock:
-            self.stats.prefetch_requests += 1
-
-        def done(value: object, error: BaseException | None) -> None:
-            with self._lock:
-                now = self._clock()  # under the lock: ``ready`` stays in arrival order (expiry stops early)
-                for k in ids:
-                    parent.fetching.pop(k, None)
-                if error is None and isinstance(value, list):
-                    for key in value:
-                        kid = key.key_id.lower() if isinstance(key, QKDKey) else ""
-                        if kid in ids:
-                            fetch.keys[kid] = key
-                            if kid not in parent.spent:
-                                parent.ready[kid] = (key, now)
-                        # a key spent meanwhile was waited for by its connection (fetch.keys)
-                    self._expire_ready_locked(parent, now)
-                else:
-                    fetch.error = error
-                    self.stats.prefetch_failures += 1
-                after: tuple[list[str], _Fetch] | None = None
-                if parent.next_batch and parent.next_fetch is not None:
-                    after = (parent.next_batch, parent.next_fetch)
-                    parent.next_batch, parent.next_fetch = [], None
-                    if self._parents.get(handle) is not parent:  # forgotten meanwhile: its keys are not wanted
-                        for k in after[0]:
-                            parent.fetching.pop(k, None)
-                        after[1].error = KeySourceError("the steady-state parent was forgotten")
-                        after[1].done.set()  # a connection waiting for one of them fetches it on demand
-                        after = None
-                if after is None:
-                    parent.in_flight = None
-                else:
-                    parent.in_flight = now
-            if error is not None:
-                _log.warning("pre-fetching announced QKD keys of %r failed: %s", peer, error)
-            fetch.done.set()
-            if self._share and error is None and fetch.keys:
-                self._share_keys(peers, list(fetch.keys.values()))
-            if after is not None:
-                self._fetch(manager, handle, parent, *after)
-
-        workers.submit(lambda: manager.fetch(request), done)
-
-    def _expire_ready_locked(self, parent: _Parent, now: float) -> None:
-        # ``ready`` is in arrival order (times taken under the lock): the expired keys are a prefix,
-        # so a claim looks at those and one more, not at every key held (up to MAX_HELD, per claim).
-        limit = now - self.policy.key_lifetime
-        ready = parent.ready
-        while ready:
-            k = next(iter(ready))
-            if ready[k][1] > limit:
-                return
-            del ready[k]
 
     def held_keys(self, handle: bytes | None = None) -> int:
         """Pre-fetched keys held (for one parent, or all): tests and metrics."""
