@@ -281,6 +281,11 @@ class ClientWorker:
         self._lock = threading.Lock()
         self.request({"op": "ping"})
 
+    @property
+    def pid(self) -> int:
+        """The worker process's id (its CPU time is the client side's: benchmarks/bench_steady_cpu.py)."""
+        return self._proc.pid
+
     def _stderr_tail(self) -> str:
         self._stderr.seek(0)
         lines = self._stderr.read().decode("utf-8", "replace").strip().splitlines()

@@ -88,9 +88,11 @@ def _id_bytes(key_id: str) -> bytes:
                              field="key_id")
 
 
-def _id_text(raw: bytes) -> str:
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+def _ids_text(body: bytes, at: int, n: int) -> tuple[str, ...]:
+    """The ``n`` 16-byte key IDs at ``at`` as UUID text: one hex() for all (up to nine per connection)."""
+    h = body[at:at + 16 * n].hex()
+    return tuple(f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"
+                 for i in range(0, 32 * n, 32))
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,8 +177,8 @@ def parse_identity(identity: bytes) -> tuple[SteadyIdentity, bytes, bytes] | Non
     index = int.from_bytes(body[HANDLE_LEN:HANDLE_LEN + 4], "big")
     if flags & ~_FLAGS or index == 0:
         return None
-    used = tuple(_id_text(body[HANDLE_LEN + 6 + 16 * i:HANDLE_LEN + 22 + 16 * i]) for i in range(n_used))
-    announced = tuple(_id_text(body[at + 1 + 16 * i:at + 17 + 16 * i]) for i in range(n_ann))
+    used = _ids_text(body, HANDLE_LEN + 6, n_used)
+    announced = _ids_text(body, at + 1, n_ann)
     content = SteadyIdentity(body[:HANDLE_LEN], index, bool(flags & FLAG_EPOCH), used, announced)
     return content, body, tag
 

@@ -36,6 +36,7 @@ from ..qkd.base import QKDKey
 from ..suites import Suite
 from . import derive, shared
 from .peers import SteadyPeers, steady_peers
+from .prefetch import MAX_HELD, AnnouncedKeys, Fetch
 from .ticket import SteadyFacts
 
 if TYPE_CHECKING:
@@ -50,25 +51,11 @@ _log = logging.getLogger("hybridkex.steady")
 
 #: Counters accepted out of order behind the highest one (concurrent connections of one client).
 WINDOW: Final = 4096
-#: Announced keys one parent may hold (ready or being fetched): bounded memory per client, and room
-#: for what a client's widest window (steady.ticket.MAX_WINDOW, twice that held) announces.
-MAX_HELD: Final = 128
-
-
-class _Fetch:
-    """One background fetch of announced key IDs; connections that need one of them wait for it."""
-
-    __slots__ = ("done", "error", "keys")
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.keys: dict[str, QKDKey] = {}
-        self.error: BaseException | None = None
 
 
 class _Parent:
-    __slots__ = ("expires", "fetching", "info", "key", "peers", "psk_context", "ready", "spent", "suite", "top",
-                 "window")
+    __slots__ = ("expires", "fetching", "in_flight", "info", "key", "next_batch", "next_fetch", "peers", "psk_context",
+                 "ready", "spent", "suite", "top", "window")
 
     def __init__(self, key: bytes, suite: Suite, info: SessionInfo, peers: SteadyPeers | None, expires: float) -> None:
         self.key = bytearray(key)
@@ -79,7 +66,13 @@ class _Parent:
         self.top = 0
         self.window = 0
         self.ready: dict[str, tuple[QKDKey, float]] = {}
-        self.fetching: dict[str, _Fetch] = {}
+        self.fetching: dict[str, Fetch] = {}
+        #: When the background fetch in flight started (None: none is); announced IDs that arrive
+        #: meanwhile wait in ``next_batch`` (their connections wait on ``next_fetch``) and go in one
+        #: request after it.
+        self.in_flight: float | None = None
+        self.next_batch: list[str] = []
+        self.next_fetch: Fetch | None = None
         self.spent: set[str] = set()
         self.psk_context = derive.PskContext(suite, client_identity=info.peer_identity,
                                              server_identity=info.local_identity,
@@ -117,6 +110,9 @@ class SteadyStats:
     prefetched: int = 0
     on_demand: int = 0
     prefetch_failures: int = 0
+    #: Background KME requests for announced keys (announcements arriving while one is in flight
+    #: share the next).
+    prefetch_requests: int = 0
     #: Parents read from the shared state (registered by another process or host).
     loaded: int = 0
     #: Announced QKD keys taken from the shared state (pre-fetched by another process or host).
@@ -147,7 +143,7 @@ class SteadyClaim:
         self.body = body
         self.keys = keys
         #: The background fetch of this claim's key, when it was in flight at claim time.
-        self.fetch: _Fetch | None = None
+        self.fetch: Fetch | None = None
         usage = "none" if not content.used else "epoch" if content.epoch else "fresh"
         self.facts = SteadyFacts(content.index, content.used, usage, keys is not None and bool(content.used),
                                  content.announced, content.handle.hex(),
@@ -180,7 +176,7 @@ class SteadyClaim:
         self._registry._prefetch(self)
 
 
-class SteadyRegistry:
+class SteadyRegistry(AnnouncedKeys):
     """The server's steady-state parents (bounded, expiring, replay-refusing; thread-safe).
 
     Args:
@@ -361,7 +357,7 @@ class SteadyRegistry:
                 return None
             self._expire_ready_locked(parent, self._clock())
             keys: list[QKDKey] | None = [] if not content.used else None
-            fetch: _Fetch | None = None
+            fetch: Fetch | None = None
             if content.used and not content.epoch:
                 parent.spent.update(content.used)
                 held = [parent.ready.pop(k, None) for k in content.used]
@@ -500,56 +496,6 @@ class SteadyRegistry:
             self._state.swap_tickets(kind, [], [k.lower().encode() for k in drop], expires_at=0.0)
         except StateError as exc:  # they expire there (steady.key_lifetime), their IDs spent: never used
             _log.warning("cannot drop used QKD keys from the shared state: %s", exc)
-
-    def _prefetch(self, claim: SteadyClaim) -> None:
-        manager = self._keys
-        ids = [k for k in claim.content.announced]
-        if not ids or manager is None or claim.peers is None:
-            return
-        with self._lock:
-            parent = self._parents.get(claim.parent_handle)
-            if parent is None:
-                return
-            ids = [k for k in dict.fromkeys(ids)
-                   if k not in parent.spent and k not in parent.ready and k not in parent.fetching]
-            room = MAX_HELD - len(parent.ready) - len(parent.fetching)
-            ids = ids[:max(room, 0)]
-            if not ids:
-                return
-            fetch = _Fetch()
-            for k in ids:
-                parent.fetching[k] = fetch
-        request = QKDKeysByIdRequired(claim.peers.client_sae_id, tuple(ids), "fresh")
-
-        def done(value: object, error: BaseException | None) -> None:
-            now = self._clock()
-            with self._lock:
-                for k in ids:
-                    parent.fetching.pop(k, None)
-                if error is None and isinstance(value, list):
-                    for key in value:
-                        kid = key.key_id.lower() if isinstance(key, QKDKey) else ""
-                        if kid in ids:
-                            fetch.keys[kid] = key
-                            if kid not in parent.spent:
-                                parent.ready[kid] = (key, now)
-                        # a key spent meanwhile was waited for by its connection (fetch.keys)
-                    self._expire_ready_locked(parent, now)
-                else:
-                    fetch.error = error
-                    self.stats.prefetch_failures += 1
-            if error is not None:
-                _log.warning("pre-fetching announced QKD keys of %r failed: %s", claim.info.peer_identity, error)
-            fetch.done.set()
-            if self._share and error is None and fetch.keys and claim.peers is not None:
-                self._share_keys(claim.peers, list(fetch.keys.values()))
-
-        workers.submit(lambda: manager.fetch(request), done)
-
-    def _expire_ready_locked(self, parent: _Parent, now: float) -> None:
-        limit = now - self.policy.key_lifetime
-        for k in [k for k, (_, t) in parent.ready.items() if t <= limit]:
-            del parent.ready[k]
 
     def held_keys(self, handle: bytes | None = None) -> int:
         """Pre-fetched keys held (for one parent, or all): tests and metrics."""

@@ -247,6 +247,107 @@ def test_announced_keys_are_erased_after_key_lifetime_on_both_ends() -> None:
     assert server_psk == psk and p.registry.held_keys() == 0  # the server erased its unused ones
 
 
+def test_only_the_announced_keys_held_too_long_expire() -> None:
+    """Two batches of announced keys, fetched 6 s apart: past the first batch's key_lifetime only it
+    is erased; the later batch is still held and serves the next connection."""
+    clock = Clock()
+    p = Pair(policy=SteadyPolicy(announce=2, key_lifetime=10.0), clock=clock)
+
+    def connect() -> set[str]:
+        a = p.attempt()
+        announced = {k.key_id for k in a.announced}
+        claim, _ = p.accept(a.credentials()[0])
+        claim.confirm()
+        p.ticket.succeeded(a)
+        return announced
+
+    wait_reserved(p.ticket, 2)
+    first = connect()
+    wait_held(p.registry, len(first))
+    clock.now += 6
+    assert not connect()  # uses one of the first batch; its reserve is refilled meanwhile
+    wait_reserved(p.ticket, 2)
+    second = connect()  # uses another of the first, announces the second batch
+    assert len(first) > 2 and second and not first & second
+    wait_held(p.registry, len(first) - 2 + len(second))
+    clock.now += 5  # 11 s after the first batch arrived, 5 s after the second
+    later = p.attempt()  # the client drops what is left of the first batch too
+    assert set(later.facts().qkd_key_ids) <= second
+    identity, psk = later.credentials()
+    claim, server_psk = p.accept(identity)
+    assert server_psk == psk and claim.facts.prefetched
+    assert p.registry.held_keys() == len(second) - 1
+
+
+def test_announcements_made_while_a_fetch_is_in_flight_share_the_next_kme_request() -> None:
+    """The server fetches announced keys one request at a time per parent: what connections
+    announce meanwhile goes in one request after it, and a connection whose key is in that batch
+    waits for it and gets its key."""
+    p = Pair(policy=SteadyPolicy(announce=8))
+    gate = threading.Event()
+    fetch = p.server_keys.fetch
+
+    def slow_fetch(request: Any) -> Any:  # a slow KME: answers once the test opens the gate
+        gate.wait(10)
+        return fetch(request)
+
+    p.server_keys.fetch = slow_fetch  # type: ignore[method-assign]
+    wait_reserved(p.ticket, 16)
+    batches: list[list[str]] = []
+    for _ in range(2):  # the first announces 8 keys (fetched, held up), the second the other 7
+        a = p.attempt()
+        batches.append([k.key_id for k in a.announced])
+        claim = p.registry.claim(a.credentials()[0], CIPHER)
+        assert claim is not None
+        claim.confirm()
+        p.ticket.succeeded(a)
+    assert len(batches[0]) == 8 and len(batches[1]) == 7
+    assert p.registry.stats.prefetch_requests == 1  # the second batch waits for the first request
+    claims = []
+    while True:  # connections using the first batch's keys, then the first of the second batch's
+        a = p.attempt()
+        identity, psk = a.credentials()
+        claim = p.registry.claim(identity, CIPHER)
+        assert claim is not None and claim.keys is None and claim.fetch is not None
+        claims.append((claim, psk))
+        if set(a.facts().qkd_key_ids) & set(batches[1]):
+            break
+    assert len(claims) == 8 and not claim.fetch.done.is_set()
+    gate.set()
+    for claim, psk in claims:  # each waits for the request its key is in
+        assert claim.psk(claim.wait(5.0)) == psk
+    assert p.registry.stats.prefetch_requests == 2 and p.server_keys.kme_fetches == 2
+    assert p.registry.stats.on_demand == 0 and p.registry.stats.prefetch_failures == 0
+
+
+def test_a_fetch_older_than_the_kme_timeout_does_not_hold_up_later_announcements() -> None:
+    clock = Clock()
+    p = Pair(policy=SteadyPolicy(announce=8), clock=clock)
+    gate = threading.Event()
+    fetch = p.server_keys.fetch
+
+    def hung_fetch(request: Any) -> Any:  # a hung KME: requests answer once the test ends it
+        gate.wait(10)
+        return fetch(request)
+
+    p.server_keys.fetch = hung_fetch  # type: ignore[method-assign]
+    wait_reserved(p.ticket, 16)
+    try:
+        for step in range(2):
+            a = p.attempt()
+            claim = p.registry.claim(a.credentials()[0], CIPHER)
+            assert claim is not None and a.announced
+            claim.confirm()
+            p.ticket.succeeded(a)
+            if step == 0:
+                clock.now += p.qkd.timeouts.kme + 1  # the first request is now older than the KME timeout
+        # The second connection's keys went in a request of their own, not behind the hung one.
+        assert p.registry.stats.prefetch_requests == 2
+    finally:
+        gate.set()
+    wait_held(p.registry, 8 + 7 - 1)  # both batches arrive; the second connection used one of the first
+
+
 def test_client_hello_reading_survives_every_truncation_and_byte_flip() -> None:
     """A real steady-state ClientHello, cut at every length and with every byte flipped: the
     reader returns or raises RemoteProtocolError, nothing else; intact, it finds the identity."""
