@@ -29,6 +29,7 @@ from tunnelhelpers import (
     metric,
     refused_or_closed_without_data,
     scrape,
+    stop_all,
     wait_until,
 )
 
@@ -39,8 +40,7 @@ pytestmark = pytest.mark.timeout(180)
 def procs() -> Iterator[list[TunnelProcess]]:
     started: list[TunnelProcess] = []
     yield started
-    for p in started:
-        p.stop()
+    stop_all(started)
 
 
 def test_every_line_is_structured_including_the_key_pool_and_kme_client(
