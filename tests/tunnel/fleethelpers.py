@@ -35,6 +35,7 @@ from tunnelhelpers import (
     expected_echo,
     metric,
     scrape,
+    stop_all,
     wait_until,
 )
 
@@ -205,8 +206,7 @@ def run_fleet(tmp_path: Path, kme: KMEProcess, pki: Path, echo: EchoService, *, 
                    "the killed worker's replacement serving")
         samples = scrape(fleet[0].metrics_port or 0)  # the supervisor's sum over its workers, dead ones too
     finally:
-        for p in procs:
-            p.stop()
+        stop_all(procs)
         if servers > 1:
             balancer.close()
 
