@@ -27,3 +27,21 @@ def test_an_ordinary_test_shares_the_lock(request: pytest.FixtureRequest) -> Non
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held shared: an exclusive test must wait
         fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)  # ... while other ordinary tests go on
         fcntl.flock(other, fcntl.LOCK_UN)
+
+
+def test_the_exclusive_tests_come_first(request: pytest.FixtureRequest) -> None:
+    """Every scope (module or class) that holds an exclusive test is collected before any other,
+    its exclusive tests first; a scope is never split (loadscope hands each to one worker)."""
+    marks: dict[str, list[bool]] = {}  # scope -> exclusive or not, per test, in collection order
+    runs: list[str] = []
+    for item in request.session.items:
+        scope = item.nodeid.rsplit("::", 1)[0]
+        if not runs or runs[-1] != scope:
+            runs.append(scope)
+        marks.setdefault(scope, []).append(item.get_closest_marker("exclusive") is not None)
+    assert len(runs) == len(set(runs))  # each scope is one contiguous run
+    assert any(marks[request.node.nodeid.rsplit("::", 1)[0]])  # this module's own exclusive test counts
+    holds = [any(marks[scope]) for scope in runs]
+    assert holds == sorted(holds, reverse=True)  # the scopes with an exclusive test first
+    for scope, flags in marks.items():
+        assert flags == sorted(flags, reverse=True), scope  # and their exclusive tests first

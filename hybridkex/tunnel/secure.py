@@ -338,9 +338,14 @@ class HybridChannelFactory:
         outage even while no connection needs a key."""
         async def loop() -> None:
             while True:
+                # Wake when the KME has been idle for ``interval``: a fixed tick would probe up to
+                # twice ``interval`` after the last success.  After a probe, a whole interval.
+                idle = self.watch.idle_for()
+                if idle < interval:
+                    await asyncio.sleep(max(interval - idle, 0.05))
+                    continue
+                await asyncio.to_thread(self.probe_peers)
                 await asyncio.sleep(interval)
-                if self.watch.idle_for() >= interval:
-                    await asyncio.to_thread(self.probe_peers)
 
         if self._probe_task is None:
             self._probe_task = asyncio.get_running_loop().create_task(loop(), name="hybridkex-kme-probe")

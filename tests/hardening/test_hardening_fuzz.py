@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -86,24 +85,65 @@ def _atheris_available() -> bool:
     return True
 
 
-def _run_atheris(name: str, work: Path) -> tuple[str, int, str]:
-    corpus = work / name
-    corpus.mkdir()
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "fuzz" / "fuzz.py"), name, str(corpus), f"-max_total_time={ATHERIS_SECONDS}",
-         "-timeout=20", "-rss_limit_mb=2048", "-max_len=8192", f"-artifact_prefix={work}/{name}-",
-         "-print_final_stats=1"],
-        capture_output=True, text=True, timeout=ATHERIS_SECONDS + 120, cwd=work, check=False,
-    )
-    runs = re.search(r"Done (\d+) runs", proc.stderr)
-    return name, proc.returncode if runs or proc.returncode else -1, proc.stderr if not runs else runs.group(1)
+#: One process imports fuzz/fuzz.py (atheris instruments hybridkex then: seconds of CPU), then forks
+#: a child per target, two at a time, that runs fuzz.py's own main() with the target's argv, its
+#: stderr in WORK/NAME.log; prints each target's exit status.  A fresh process per target would
+#: repeat the instrumented import six times.
+_FORKING_DRIVER = """
+import os, sys
+sys.argv[0] = FUZZ
+sys.path.insert(0, os.path.dirname(FUZZ))
+import fuzz
+running = {}
+for name in NAMES:
+    while len(running) >= 2:
+        pid, status = os.wait()
+        print(running.pop(pid), os.waitstatus_to_exitcode(status), flush=True)
+    os.mkdir(os.path.join(WORK, name))
+    pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            fd = os.open(os.path.join(WORK, name + ".log"), os.O_WRONLY | os.O_CREAT, 0o600)
+            os.dup2(fd, 2)
+            prefix = "-artifact_prefix=" + os.path.join(WORK, name + "-")
+            sys.argv = [FUZZ, name, os.path.join(WORK, name), *FLAGS, prefix]
+            fuzz.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            os._exit(code)
+    running[pid] = name
+while running:
+    pid, status = os.wait()
+    print(running.pop(pid), os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+def _run_atheris(names: list[str], work: Path) -> list[tuple[str, int, str]]:
+    """(name, exit status, the run count or, when libFuzzer did not say it was done, its output)."""
+    flags = [f"-max_total_time={ATHERIS_SECONDS}", "-timeout=20", "-rss_limit_mb=2048", "-max_len=8192",
+             "-print_final_stats=1"]
+    setup = f"FUZZ, WORK, NAMES, FLAGS = {str(ROOT / 'fuzz' / 'fuzz.py')!r}, {str(work)!r}, {names!r}, {flags!r}\n"
+    proc = subprocess.run([sys.executable, "-c", setup + _FORKING_DRIVER], capture_output=True, text=True,
+                          timeout=len(names) * ATHERIS_SECONDS + 180, cwd=work, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    codes = dict(line.split() for line in proc.stdout.splitlines())
+    assert sorted(codes) == sorted(names), proc.stdout
+    results = []
+    for name in names:
+        log = (work / f"{name}.log").read_text(errors="replace")
+        runs = re.search(r"Done (\d+) runs", log)
+        code = int(codes[name])
+        results.append((name, code if runs or code else -1, log if not runs else runs.group(1)))
+    return results
 
 
 @pytest.mark.skipif(not _atheris_available(), reason="atheris is not installed (no wheel for this platform)")
 def test_atheris_bounded_pass(tmp_path: Path) -> None:
     """Every target under libFuzzer's coverage guidance for a few seconds: no crash file, exit 0."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda n: _run_atheris(n, tmp_path), sorted(fuzz_targets.TARGETS)))
+    results = _run_atheris(sorted(fuzz_targets.TARGETS), tmp_path)
     failures = {name: out[-3000:] for name, rc, out in results if rc != 0}
     assert not failures, failures
     crashes = sorted(p.name for p in tmp_path.glob("*-crash-*"))

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from qkdhelpers import KMEProcess
-from tunnelhelpers import EchoService, TunnelProcess, echo_exchange, expected_echo, write_psk
+from tunnelhelpers import EchoService, TunnelProcess, echo_exchange, expected_echo, stop_all, write_psk
 
 from hybridkex.qkd.pki import DemoPKI
 
@@ -131,8 +131,7 @@ def test_tunnel_1000_connections(kme: tuple[DemoPKI, KMEProcess], tmp_path: Path
         ok_records = server.events("handshake_ok")
         ids = [k for r in ok_records for k in r["session"]["qkd_key_ids"]]
     finally:
-        for p in procs:
-            p.stop()
+        stop_all(procs)
         echo.close()
     failures = results.count(False)
     growth = {role: round((rss1[role] - rss0[role]) / 2**20, 1) for role in rss0}

@@ -208,12 +208,14 @@ def rotate_worker(url: str, pair: tuple[str, str], base: int, rounds: int, start
     return done
 
 
-def restart_worker(url: str, scope: str, stop: Any, start: Any) -> dict[str, Any]:
+def restart_worker(url: str, scope: str, stop: Any, failed: Any, recovered: Any,  # noqa: PLR0917 - race() passes them
+                   start: Any) -> dict[str, Any]:
     """Spend IDs id-0, id-1, ... (every worker the same sequence, racing) until told to stop, through a
-    database restart: each ID's answer (True/False), and every error's type and text."""
+    database restart: each ID's answer (True/False), and every error's type and text.  Releases the
+    semaphore ``failed`` at its first error and ``recovered`` at its first success after one."""
     results: dict[str, bool] = {}
     errors: list[tuple[str, str, float]] = []
-    last_ok_after_error = False
+    last_ok_after_error = told_recovered = False
     with open_state(url, seal_key=SEAL_KEY) as state:
         start.wait(30)
         n = 0
@@ -223,10 +225,15 @@ def restart_worker(url: str, scope: str, stop: Any, start: Any) -> dict[str, Any
                 results[k] = state.spend(scope, [k])
             except StateError as exc:
                 errors.append((type(exc).__name__, str(exc), time.monotonic()))
+                if len(errors) == 1:
+                    failed.release()
                 last_ok_after_error = False
                 time.sleep(0.05)
                 continue  # the same ID again: a lost answer makes it False (fail closed), never True twice
             if errors:
+                if not told_recovered:
+                    recovered.release()
+                    told_recovered = True
                 last_ok_after_error = True
             n += 1
     return {"results": results, "errors": errors, "recovered": last_ok_after_error,

@@ -85,7 +85,8 @@ def test_postgresql_restart_mid_run(pg: PG) -> None:
     """PostgreSQL killed (immediate stop) and started again while processes spend the same IDs:
     one-line StateUnavailable errors meanwhile, then recovery, and no ID ever accepted twice."""
     url = pg.new_url()
-    stop = ctx().Event()
+    workers = 3
+    stop, failed, recovered = ctx().Event(), ctx().Semaphore(0), ctx().Semaphore(0)
 
     def restart() -> None:
         time.sleep(0.7)
@@ -93,11 +94,15 @@ def test_postgresql_restart_mid_run(pg: PG) -> None:
         # Down for longer than a pooled call waits for a connection (connect_timeout, 2 s): every
         # worker meets the error (a shorter outage is ridden out by waiting).
         time.sleep(2.5)
+        for _ in range(workers):
+            assert failed.acquire(timeout=60), "a worker never met the outage"
         pg.start()
-        time.sleep(2.5)  # and back: every worker recovers (the pool's reconnect back-off is bypassed)
+        for _ in range(workers):  # and back: every worker recovers (the pool's reconnect back-off is bypassed)
+            assert recovered.acquire(timeout=60), "a worker never recovered"
         stop.set()
 
-    out = statehelpers.race(statehelpers.restart_worker, [(url, "qkd:kme", stop)] * 3, during=restart)
+    out = statehelpers.race(statehelpers.restart_worker, [(url, "qkd:kme", stop, failed, recovered)] * workers,
+                            during=restart)
     accepted = collections.Counter(k for o in out for k, ok in o["results"].items() if ok)
     assert accepted and max(accepted.values()) == 1  # never twice
     answered = set().union(*(o["results"] for o in out))

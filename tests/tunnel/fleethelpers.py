@@ -35,6 +35,7 @@ from tunnelhelpers import (
     expected_echo,
     metric,
     scrape,
+    stop_all,
     wait_until,
 )
 
@@ -263,8 +264,7 @@ def run_fleet(tmp_path: Path, kme: KMEProcess, pki: Path, echo: EchoService, *, 
         wait_until(lambda: ("expired", b"row") not in raw_rows(url, "state_tickets"), "the servers' own purge")
         purged = [r for p in fleet for r in p.events("state_purged")]
     finally:
-        for p in procs:
-            p.stop()
+        stop_all(procs)
         if servers > 1:
             balancer.close()
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from kmehelpers import SECURE_ENV, KMEProcess, make_psk, secure_toml
-from tunnelhelpers import WAIT, EchoService, TunnelProcess, echo_exchange, expected_echo
+from tunnelhelpers import WAIT, EchoService, TunnelProcess, echo_exchange, expected_echo, stop_all
 
 from hybridkex import cli
 
@@ -145,8 +145,7 @@ def test_client_workers_each_have_their_own_session_and_drain(tmp_path: Path, km
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
     finally:
-        for p in procs:
-            p.stop()
+        stop_all(procs)
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from kmehelpers import KMEProcess, make_psk, secure_toml, start_secure
-from tunnelhelpers import WAIT, ThreadedService, TunnelProcess, refused_or_closed_without_data, wait_until
+from tunnelhelpers import WAIT, ThreadedService, TunnelProcess, refused_or_closed_without_data, stop_all, wait_until
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -68,8 +68,7 @@ def service() -> Iterator[PingService]:
 def procs() -> Iterator[list[TunnelProcess]]:
     started: list[TunnelProcess] = []
     yield started
-    for p in started:
-        p.stop()
+    stop_all(started)
 
 
 def start_pair(tmp_path: Path, pki: Path, kme: KMEProcess, target_port: int, procs: list[TunnelProcess], *,

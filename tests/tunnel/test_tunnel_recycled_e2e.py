@@ -14,7 +14,14 @@ from typing import Any
 
 import pytest
 from kmehelpers import SECURE_ENV, KMEProcess, make_psk, secure_toml
-from tunnelhelpers import EchoService, TunnelProcess, echo_exchange, expected_echo, refused_or_closed_without_data
+from tunnelhelpers import (
+    EchoService,
+    TunnelProcess,
+    echo_exchange,
+    expected_echo,
+    refused_or_closed_without_data,
+    stop_all,
+)
 
 from hybridkex.recycle import SQLiteAuthKeyStore
 
@@ -73,8 +80,7 @@ class Pair:
                                                                    steady=self.steady))
 
     def stop(self) -> None:
-        for p in self.procs:
-            p.stop()
+        stop_all(self.procs)
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ from tunnelhelpers import (
     echo_exchange,
     expected_echo,
     refused_or_closed_without_data,
+    stop_all,
     wait_until,
 )
 
@@ -173,8 +174,7 @@ class SecureTunnels:
         return self._start("client", name or f"client-{identity}", text)
 
     def stop_all(self) -> None:
-        for p in self.procs:
-            p.stop()
+        stop_all(self.procs)
 
 
 @pytest.fixture

@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 from kmehelpers import SECURE_ENV, KMEProcess, make_psk, secure_toml
 from statehelpers import PG, SEAL_KEY, pg_session
-from tunnelhelpers import EchoService, TunnelProcess, echo_exchange, expected_echo, refused_or_closed_without_data
+from tunnelhelpers import (
+    EchoService,
+    TunnelProcess,
+    echo_exchange,
+    expected_echo,
+    refused_or_closed_without_data,
+    stop_all,
+)
 
 from hybridkex.state import open_state
 
@@ -92,8 +99,7 @@ def test_two_servers_share_the_recycled_keys_in_postgresql(tmp_path: Path, kme: 
         assert refused_or_closed_without_data(psk_only.port)
         servers[1].wait_event("handshake_failed", outcome="auth_failed")
     finally:
-        for p in procs:
-            p.stop()
+        stop_all(procs)
     with open_state(url, seal_key=SEAL_KEY) as state:
         [summary] = state.auth_keys().summaries()
         assert summary.rotations == 6 and summary.bootstrap_retired

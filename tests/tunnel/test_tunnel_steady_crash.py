@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from kmehelpers import KMEProcess, make_psk, secure_toml, start_secure
-from tunnelhelpers import WAIT, EchoService, TunnelProcess, echo_exchange, expected_echo
+from tunnelhelpers import WAIT, EchoService, TunnelProcess, echo_exchange, expected_echo, stop_all
 
 KILLS = 4
 #: Successful connections to wait for between kills (a random number in this range).
@@ -27,8 +27,7 @@ PHASE = (15, 40)
 def procs() -> Iterator[list[TunnelProcess]]:
     started: list[TunnelProcess] = []
     yield started
-    for p in started:
-        p.stop()
+    stop_all(started)
 
 
 def free_port() -> int:
