@@ -258,6 +258,13 @@ class ReconnectLookup:
         return None
 
 
+def peer_ip(address: object) -> str | None:
+    """The IP address of a socket's peer address (``getpeername()``), or None (a Unix socket, unknown)."""
+    if isinstance(address, tuple) and address and isinstance(address[0], str) and address[0]:
+        return address[0]
+    return None
+
+
 class ServerState:
     """What a server keeps across connections: config, key manager, steady-state and reconnect registries.
 
@@ -282,7 +289,8 @@ class ServerState:
                 self.registry.off_loop = True
         else:
             self.registry = None
-        self.steady = (SteadyRegistry(config.steady, policy, self.keys, state=config.state, off_loop=off_loop)
+        self.steady = (SteadyRegistry(config.steady, policy, self.keys, state=config.state, off_loop=off_loop,
+                                      reads=config.state_reads)
                        if config.steady.enabled else None)
         self.purge: PurgeHandle | None = None
         if config.state is not None and config.purge_every:
