@@ -479,8 +479,8 @@ class ServerSetup(_Setup):
             except RateLimited as exc:
                 return self._claim_failed(exc)
         if prefetch and identity is not None and registry is not None:
-            offered, reconnects = identity, registry
-            return self._await(StateCall(lambda: reconnects.lookup(offered, cipher),
+            offered, reconnects, peer = identity, registry, self._peer
+            return self._await(StateCall(lambda: reconnects.lookup(offered, cipher, source=peer),
                                          max(0.0, self._waiting.end - time.monotonic())),
                                lambda match: self._reconnect_tls(cipher, (offered, match)),  # type: ignore[arg-type]
                                Failed)
@@ -501,7 +501,7 @@ class ServerSetup(_Setup):
         that OpenSSL answers with an alert, so the client knows to run a full handshake.
         ``resolved``: the offered identity, already looked up (its match, or None: refused)."""
         cfg = self._state.config
-        lookup = ReconnectLookup(self._state.registry, cipher, resolved)
+        lookup = ReconnectLookup(self._state.registry, cipher, resolved, source=self._peer)
         tls = MemoryTLS(tls_context("server", cipher, cfg.tls, reconnect=True), server_side=True)
         bind_psk_lookup(tls.connection, lookup)
         return self._start_tls(TLSStage(tls, self._waiting, None, lookup=lookup))

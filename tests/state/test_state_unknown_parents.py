@@ -20,10 +20,11 @@ from statehelpers import SEAL_KEY
 
 from hybridkex import Policy, get_suite
 from hybridkex.combiner import CombinedSecret
-from hybridkex.exceptions import ConfigurationError, SteadyStateRefused
+from hybridkex.exceptions import ConfigurationError, PSKRejected, SteadyStateRefused
 from hybridkex.io import QKDKeyManager
-from hybridkex.io.config import ServerConfig, StateReads, SteadyPolicy
+from hybridkex.io.config import ReconnectPolicy, ServerConfig, StateReads, SteadyPolicy
 from hybridkex.io.connection import connect
+from hybridkex.io.reconnect import ReconnectRegistry, reconnect_identity
 from hybridkex.protocol import SessionInfo
 from hybridkex.qkd import MemoryKeyLink
 from hybridkex.state import SharedState, open_state
@@ -294,3 +295,50 @@ def test_an_asyncio_server_knows_the_client_address(tmp_path: Any) -> None:
     finally:
         counted.close()
     assert counted.reads == 2  # B read the first parent, and one forged identity; not the second parent
+
+
+def test_reconnect_parents_are_read_behind_the_same_gate(state: SharedState) -> None:
+    clock, counted = Clock(), CountingState(state)
+    policy = ReconnectPolicy(enabled=True)
+    a = ReconnectRegistry(policy, state=state)
+    b = ReconnectRegistry(policy, state=counted, clock=clock,  # type: ignore[arg-type]
+                          reads=StateReads(rate=5.0, burst=10, address_rate=0))
+    for _ in range(20):  # more real parents (registered on A) than the burst: found, so not charged
+        raw = os.urandom(32)
+        a.register(CombinedSecret(SUITE, raw), _info("responder"))
+        assert b.lookup(reconnect_identity(CombinedSecret(SUITE, raw), 1), CIPHER) is not None
+    assert counted.reads == 20
+    for _ in range(200):
+        assert b.lookup(reconnect_identity(CombinedSecret(SUITE, os.urandom(32)), 1), CIPHER) is None
+    assert counted.reads == 30 and b.reads is not None and b.reads.limited == 190
+    handle_of = CombinedSecret(SUITE, os.urandom(32))
+    clock.now += 10.0
+    for i in range(1, 6):  # one unknown parent, five of its identities: read once
+        assert b.lookup(reconnect_identity(handle_of, i), CIPHER) is None
+    assert counted.reads == 31 and b.reads.cached == 4
+
+
+def test_a_reconnect_over_the_address_limit_is_refused_before_the_read(url: str) -> None:
+    """The blocking server's PSK callback charges the client's address (127.0.0.1, then 127.0.0.2)."""
+    counted = CountingState(open_state(url, seal_key=SEAL_KEY))
+    setup = make_setup(reconnect=ReconnectPolicy(enabled=True))
+    reads = StateReads(rate=1000.0, burst=1000, address_rate=0.001, address_burst=1)
+    server = dataclasses.replace(setup.server, state=counted, purge_every=0, state_reads=reads)
+    setup = dataclasses.replace(setup, server=server)
+    try:
+        with running_server(setup) as a, running_server(setup) as b:
+            assert b.reconnect_registry is not None and b.reconnect_registry.reads is not None
+            b.reconnect_registry.lookup(reconnect_identity(CombinedSecret(SUITE, os.urandom(32)), 1), CIPHER,
+                                        source="127.0.0.1")  # uses up 127.0.0.1's one read
+            full = connect(a.server_address, setup.client, key_source=setup.client_keys)
+            ticket = full.reconnect_ticket
+            full.close()
+            with pytest.raises(PSKRejected):
+                connect(b.server_address, setup.client, key_source=setup.client_keys, ticket=ticket)
+            assert counted.reads == 1 and b.reconnect_registry.reads.limited == 1
+            with connect(b.server_address, setup.client, key_source=setup.client_keys, ticket=ticket,
+                         source_address=("127.0.0.2", 0)) as again:
+                assert again.session.reconnect and echo_once(again) == b"ping"
+            assert counted.reads == 2
+    finally:
+        counted.close()
