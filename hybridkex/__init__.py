@@ -49,7 +49,7 @@ _API = frozenset({
     "ClientConfig", "HybridAsyncServer", "HybridClient", "HybridHTTPConnection", "HybridHTTPServer",
     "HybridServer", "HybridSession", "HybridSocket", "HybridStreamReader", "HybridStreamWriter",
     "HybridTCPServer", "ReconnectPolicy", "ReconnectRegistry", "ReconnectTicket", "ServerConfig",
-    "SteadyPolicy", "SteadyRegistry", "SteadyTicket", "TLSOptions", "connect", "open_connection", "serve",
+    "StateReads", "SteadyPolicy", "SteadyRegistry", "SteadyTicket", "TLSOptions", "connect", "open_connection", "serve",
     "start_server",
 })
 
@@ -69,6 +69,7 @@ if TYPE_CHECKING:  # type checkers see the lazy names' real types (without this,
     from .api import ReconnectRegistry as ReconnectRegistry
     from .api import ReconnectTicket as ReconnectTicket
     from .api import ServerConfig as ServerConfig
+    from .api import StateReads as StateReads
     from .api import SteadyPolicy as SteadyPolicy
     from .api import SteadyRegistry as SteadyRegistry
     from .api import SteadyTicket as SteadyTicket

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from .io.aio import HybridAsyncServer, HybridStreamReader, HybridStreamWriter, open_connection, start_server
 from .io.client import HybridClient
-from .io.config import ClientConfig, ReconnectPolicy, ServerConfig, SteadyPolicy, TLSOptions
+from .io.config import ClientConfig, ReconnectPolicy, ServerConfig, StateReads, SteadyPolicy, TLSOptions
 from .io.connection import HybridSocket, connect
 from .io.http import HybridHTTPConnection, HybridHTTPServer
 from .io.reconnect import ReconnectRegistry, ReconnectTicket
@@ -53,6 +53,7 @@ __all__ = [
     "ReconnectRegistry",
     "ReconnectTicket",
     "ServerConfig",
+    "StateReads",
     "SteadyPolicy",
     "SteadyRegistry",
     "SteadyTicket",

@@ -11,7 +11,7 @@ from ..tls import AsyncTLSStream
 from . import _stale
 from ._bridge import BlockingBridge
 from ._events import NEED_DATA, BlockingCall, Established, Failed, HandshakeDone
-from ._plumbing import ServerState, is_async_source
+from ._plumbing import ServerState, is_async_source, peer_ip
 from .keys import KeySourceArg
 from .setup import ServerSetup
 from .streams import DEFAULT_LIMIT, HybridStreamReader, HybridStreamWriter
@@ -75,4 +75,5 @@ def established_streams(event: Established | HandshakeDone, streams: _Streams,
 async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: ServerState,
                  limit: int = DEFAULT_LIMIT) -> tuple[HybridStreamReader, HybridStreamWriter]:
     """The server side of one connection's setup (what :func:`start_server` runs per connection)."""
-    return established_streams(await drive(ServerSetup(state), reader, writer), (reader, writer), limit)
+    setup = ServerSetup(state, peer=peer_ip(writer.get_extra_info("peername")))
+    return established_streams(await drive(setup, reader, writer), (reader, writer), limit)

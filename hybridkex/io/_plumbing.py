@@ -233,14 +233,15 @@ class ReconnectLookup:
     after a HelloRetryRequest) gets the same key instead of counting as a replay.
     """
 
-    __slots__ = ("_cipher", "_registry", "identity", "match")
+    __slots__ = ("_cipher", "_registry", "_source", "identity", "match")
 
     def __init__(self, registry: ReconnectRegistry | None, cipher: str,
-                 resolved: tuple[bytes, ReconnectMatch | None] | None = None) -> None:
+                 resolved: tuple[bytes, ReconnectMatch | None] | None = None, *, source: str | None = None) -> None:
         # Resolved before TLS (off the event loop): nothing more is looked up in the callback, so
         # another identity is unknown.
         self._registry = registry if resolved is None else None
         self._cipher = cipher
+        self._source = source
         self.match: ReconnectMatch | None = None
         self.identity: bytes | None = None
         if resolved is not None:
@@ -251,11 +252,18 @@ class ReconnectLookup:
             return self.match.psk if identity == self.identity else None
         if self._registry is None:
             return None  # reconnects are off: every identity is unknown (the client gets an alert)
-        match = self._registry.lookup(identity, self._cipher)
+        match = self._registry.lookup(identity, self._cipher, source=self._source)
         if match is not None:
             self.match, self.identity = match, identity
             return match.psk
         return None
+
+
+def peer_ip(address: object) -> str | None:
+    """The IP address of a socket's peer address (``getpeername()``), or None (a Unix socket, unknown)."""
+    if isinstance(address, tuple) and address and isinstance(address[0], str) and address[0]:
+        return address[0]
+    return None
 
 
 class ServerState:
@@ -277,12 +285,14 @@ class ServerState:
         off_loop = loop is not None if loop_driven is None else loop_driven
         if config.reconnect.enabled:
             self.registry: ReconnectRegistry | None = (
-                registry if registry is not None else ReconnectRegistry(config.reconnect, state=config.state))
+                registry if registry is not None else ReconnectRegistry(config.reconnect, state=config.state,
+                                                                        reads=config.state_reads))
             if off_loop:  # a registry given to an asyncio server too
                 self.registry.off_loop = True
         else:
             self.registry = None
-        self.steady = (SteadyRegistry(config.steady, policy, self.keys, state=config.state, off_loop=off_loop)
+        self.steady = (SteadyRegistry(config.steady, policy, self.keys, state=config.state, off_loop=off_loop,
+                                      reads=config.state_reads)
                        if config.steady.enabled else None)
         self.purge: PurgeHandle | None = None
         if config.state is not None and config.purge_every:

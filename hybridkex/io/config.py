@@ -29,7 +29,7 @@ from ..protocol import InitiatorConfig, ResponderConfig
 if TYPE_CHECKING:
     from ..state import SharedState
 
-__all__ = ["ClientConfig", "ReconnectPolicy", "ServerConfig", "SteadyPolicy", "TLSOptions"]
+__all__ = ["ClientConfig", "ReconnectPolicy", "ServerConfig", "StateReads", "SteadyPolicy", "TLSOptions"]
 
 #: Connection setup deadline (seconds) when none is configured: long enough for a KME round trip on
 #: a slow network, short enough that a silent peer cannot hold a server slot for long.
@@ -178,6 +178,47 @@ class SteadyPolicy:
         object.__setattr__(self, "max_sessions", _count(self.max_sessions, "steady.max_sessions", 1, _MAX_SESSIONS))
 
 
+def _rate(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not (
+            0 <= value <= 1_000_000):
+        raise ConfigurationError(f"must be a number of reads per second, 0..1000000 (0: no limit), got {value!r}",
+                                 field=name)
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class StateReads:
+    """Bounds on the shared-state reads that steady-state identities for parents this process does
+    not hold cause (docs/fleet.md, "Unknown parents").  Such an identity can only be checked once
+    its parent is read, so without a bound a flood of well-formed identities with random parent
+    handles is a flood of database queries.
+
+    Before such a read: a handle the state did not hold ``unknown_ttl`` seconds ago is refused
+    without one (the last ``unknown_max`` such handles are remembered); then one token per read is
+    taken from a bucket per process (``rate`` reads per second, ``burst`` at once) and one per source
+    address (``address_rate``/``address_burst``; IPv4 address, IPv6 /64).  A read that finds a
+    parent whose tag verifies gives its tokens back, so the buckets count reads that found nothing.
+    A refused identity is refused like an unknown one: the client runs a full handshake, under the
+    server's normal limits.  A rate of 0 disables that bucket.
+    """
+
+    rate: float = 20.0
+    burst: int = 100
+    address_rate: float = 2.0
+    address_burst: int = 20
+    unknown_ttl: float = 2.0
+    unknown_max: int = 10_000
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rate", _rate(self.rate, "state_reads.rate"))
+        object.__setattr__(self, "address_rate", _rate(self.address_rate, "state_reads.address_rate"))
+        object.__setattr__(self, "burst", _count(self.burst, "state_reads.burst", 1, 1_000_000))
+        object.__setattr__(self, "address_burst", _count(self.address_burst, "state_reads.address_burst", 1,
+                                                         1_000_000))
+        object.__setattr__(self, "unknown_ttl", _seconds(self.unknown_ttl, "state_reads.unknown_ttl"))
+        object.__setattr__(self, "unknown_max", _count(self.unknown_max, "state_reads.unknown_max", 1, _MAX_SESSIONS))
+
+
 def _sub(value: Any, cls: type, name: str) -> None:
     if not isinstance(value, cls):
         raise ConfigurationError(f"must be a {cls.__name__}, not {type(value).__name__}", field=name)
@@ -261,6 +302,8 @@ class ServerConfig:
             (None: keep them).  Refused below the longest lifetime of what the spent IDs protect
             (``steady.lifetime`` and ``steady.key_lifetime``, ``reconnect.lifetime`` when on), so no
             replay outlives its record.
+        state_reads: with a ``state``, the bounds on the reads that steady-state identities for
+            parents not in this process's memory cause (:class:`StateReads`).
     """
 
     handshake: ResponderConfig
@@ -272,9 +315,11 @@ class ServerConfig:
     state: SharedState | None = field(default=None, repr=False)
     purge_every: float = 600.0
     spent_older_than: float | None = None
+    state_reads: StateReads = field(default_factory=StateReads)
 
     def __post_init__(self) -> None:
         _check_setup(self, ResponderConfig)
+        _sub(self.state_reads, StateReads, "state_reads")
         check_purge(self.purge_every, self.spent_older_than, self.steady, self.reconnect)
         if self.state is not None and not (callable(getattr(self.state, "spend", None))
                                            and callable(getattr(self.state, "spend_counter", None))):

@@ -35,7 +35,7 @@ from ..steady import SteadyFacts, SteadyTicket
 from ..tls import MemoryTLS, TLSInfo
 from ..tls.pyopenssl import export_keying_material
 from ._events import Established, HandshakeDone
-from ._plumbing import ServerState
+from ._plumbing import ServerState, peer_ip
 from .config import ClientConfig
 from .keys import KeySourceArg
 from .reconnect import ReconnectTicket
@@ -523,7 +523,11 @@ def accept(sock: socket.socket, state: ServerState) -> HybridSocket:
     """Run the server side of connection setup on an accepted socket: hybrid handshake then TLS,
     or a reconnect straight to TLS, told apart by the first byte.  Raises on any failure (the
     caller logs and closes ``sock``)."""
-    setup = ServerSetup(state)
+    try:
+        peer = peer_ip(sock.getpeername())
+    except OSError:  # already gone: the setup fails on its first read
+        peer = None
+    setup = ServerSetup(state, peer=peer)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return _established(sock, drive(setup, sock))

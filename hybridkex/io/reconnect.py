@@ -38,9 +38,10 @@ from ..exceptions import AlreadyFinalized, RemoteProtocolError, StateError, TLSE
 from ..hazmat import labels
 from ..hazmat.encoding import Reader, b64url, b64url_decode, u32
 from ..protocol import SessionInfo
+from ..steady.reads import ParentReads
 from ..suites import Suite
 from ..tls import CIPHER_ID
-from .config import ReconnectPolicy
+from .config import ReconnectPolicy, StateReads
 
 if TYPE_CHECKING:
     from ..state import SharedState
@@ -252,12 +253,14 @@ class ReconnectRegistry:
     """
 
     def __init__(self, policy: ReconnectPolicy, *, clock: Callable[[], float] = time.monotonic,
-                 state: SharedState | None = None, off_loop: bool = False) -> None:
+                 state: SharedState | None = None, off_loop: bool = False, reads: StateReads | None = None) -> None:
         self.policy = policy
         self._clock = clock
         # With a shared state that has a key, parents are stored there too (only their per-reconnect
         # tags and PSKs, sealed: never the parent secret), and every counter is spent there.
         self._state = state if state is not None and state.can_seal else None
+        #: The gate on reading parents not in memory (ServerConfig.state_reads; None: nothing is read).
+        self.reads = ParentReads(reads or StateReads(), clock=clock) if self._state is not None else None
         #: An event loop drives the connections (an asyncio server sets it): the shared-state calls
         #: are made on worker threads (the lookup before TLS starts, see ServerSetup; the write in
         #: the background), never on the loop.
@@ -338,13 +341,14 @@ class ReconnectRegistry:
             del self._parents[handle]
             parent.secret.erase()
 
-    def lookup(self, identity: bytes, cipher: str) -> ReconnectMatch | None:
+    def lookup(self, identity: bytes, cipher: str, *, source: str | None = None) -> ReconnectMatch | None:
         """The key for reconnect ``identity`` if it is valid now, else None.
 
         Valid means: a known, unexpired parent; a counter within its limit, never accepted before;
         a tag that only a holder of the parent secret can compute; and a parent whose suite binds
         the PSK to ``cipher``.  A valid counter is spent here, before the TLS handshake completes,
         so it can never be accepted twice (a failed handshake spends it too: fail closed).
+        ``source``: the client's IP address, for the per-address bound on reading unknown parents.
         """
         parsed = parse_reconnect_identity(identity)
         if parsed is None:  # malformed, or not a reconnect identity at all: unknown, never an error
@@ -353,8 +357,12 @@ class ReconnectRegistry:
             return None
         handle, index, tag = parsed
         match = self._lookup_local(handle, index, tag, cipher)
-        if match is None and self._state is not None and handle not in self._parents:
-            return self._lookup_shared(handle, index, tag, cipher)
+        if match is None and self.reads is not None and handle not in self._parents:
+            why = self.reads.begin(handle, source)
+            if why is not None:  # counted in self.reads
+                _log.info("reconnect refused: %s", why)
+                return None
+            return self._lookup_shared(handle, index, tag, cipher, source)
         if match is not None and self._state is not None and not self._spend_shared(handle, index, match.info):
             with self._lock:
                 self.stats.accepted -= 1  # accepted here, refused by the shared state: not accepted
@@ -375,15 +383,18 @@ class ReconnectRegistry:
             _log.warning("reconnect of %r refused: %s (fail closed)", info.peer_identity, exc)
         return False
 
-    def _lookup_shared(self, handle: bytes, index: int, tag: bytes, cipher: str) -> ReconnectMatch | None:
+    def _lookup_shared(self, handle: bytes, index: int, tag: bytes, cipher: str,
+                       source: str | None) -> ReconnectMatch | None:
         """A parent another process registered: its tags and PSKs from the shared state."""
-        assert self._state is not None
+        assert self._state is not None and self.reads is not None
         try:
             ticket = self._state.get_ticket(SHARED_KIND, handle)
             found = _decode_shared(ticket.secret) if ticket is not None else None
         except StateError as exc:
             _log.warning("cannot read a reconnect parent from the shared state: %s (refused: fail closed)", exc)
             return None
+        if ticket is None:
+            self.reads.unknown(handle)
         if found is None:
             return None
         suite, info, keys = found
@@ -392,6 +403,7 @@ class ReconnectRegistry:
         expected, psk = keys[index - 1]
         if not hmac.compare_digest(tag, expected):
             return None
+        self.reads.found(source)  # a real client's read: not charged
         if not self._spend_shared(handle, index, info):
             return None
         with self._lock:

@@ -380,12 +380,15 @@ class ClientSetup(_Setup):
 
 class ServerSetup(_Setup):
     """The server side of one accepted connection's setup; ``state`` is what the server keeps across
-    connections (configuration, key manager, reconnect registry).  The deadline starts now."""
+    connections (configuration, key manager, reconnect registry).  The deadline starts now.
+    ``peer``: the client's IP address, when known (the per-address bound on the shared-state reads
+    of unknown parents, ``ServerConfig.state_reads``)."""
 
     def __init__(self, state: ServerState, *, randbytes: Callable[[int], bytes] | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, peer: str | None = None) -> None:
         super().__init__()
         self._state = state
+        self._peer = peer
         self._deadline = Deadline(state.config.timeout)
         #: What the server waits for before TLS or the hybrid stage starts: the first byte, then (on
         #: a reconnect) the rest of the ClientHello, which is part of the reconnect's TLS stage.
@@ -466,18 +469,18 @@ class ServerSetup(_Setup):
         except RemoteProtocolError as exc:
             return Failed(exc)
         if steady is not None and identity is not None and identity.startswith(STEADY_IDENTITY_PREFIX):
-            claims, hello, admit = steady, identity, self._state.config.handshake.admit
+            claims, hello, admit, peer = steady, identity, self._state.config.handshake.admit, self._peer
             if claims.off_loop:  # the claim's database round trips: on a worker thread, not the event loop
-                return self._await(StateCall(lambda: claims.claim(hello, cipher, admit=admit),
+                return self._await(StateCall(lambda: claims.claim(hello, cipher, admit=admit, source=peer),
                                              max(0.0, self._waiting.end - time.monotonic())),
                                    lambda claim: self._claimed(claim, cipher), self._claim_failed)
             try:
-                return self._claimed(steady.claim(hello, cipher, admit=admit), cipher)
+                return self._claimed(steady.claim(hello, cipher, admit=admit, source=peer), cipher)
             except RateLimited as exc:
                 return self._claim_failed(exc)
         if prefetch and identity is not None and registry is not None:
-            offered, reconnects = identity, registry
-            return self._await(StateCall(lambda: reconnects.lookup(offered, cipher),
+            offered, reconnects, peer = identity, registry, self._peer
+            return self._await(StateCall(lambda: reconnects.lookup(offered, cipher, source=peer),
                                          max(0.0, self._waiting.end - time.monotonic())),
                                lambda match: self._reconnect_tls(cipher, (offered, match)),  # type: ignore[arg-type]
                                Failed)
@@ -498,7 +501,7 @@ class ServerSetup(_Setup):
         that OpenSSL answers with an alert, so the client knows to run a full handshake.
         ``resolved``: the offered identity, already looked up (its match, or None: refused)."""
         cfg = self._state.config
-        lookup = ReconnectLookup(self._state.registry, cipher, resolved)
+        lookup = ReconnectLookup(self._state.registry, cipher, resolved, source=self._peer)
         tls = MemoryTLS(tls_context("server", cipher, cfg.tls, reconnect=True), server_side=True)
         bind_psk_lookup(tls.connection, lookup)
         return self._start_tls(TLSStage(tls, self._waiting, None, lookup=lookup))

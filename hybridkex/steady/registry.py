@@ -14,7 +14,9 @@ of one host, PostgreSQL for a fleet) the counter and the fresh QKD key IDs are a
 after the checks here: a key ID one process accepted is refused by every other, and a state that
 cannot be reached refuses the connection (fail closed; the client then runs a full handshake).
 With a state key, the parents are stored there too (sealed, :mod:`hybridkex.steady.shared`), so a
-connection that reaches another process or host than its full handshake's is accepted there.
+connection that reaches another process or host than its full handshake's is accepted there; the
+reads of parents not in memory are bounded (:mod:`hybridkex.steady.reads`), so identities naming
+random parents cannot turn into as many database queries.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ from ..suites import Suite
 from . import derive, shared
 from .peers import SteadyPeers, steady_peers
 from .prefetch import MAX_HELD, AnnouncedKeys, Fetch
+from .reads import ParentReads
 from .ticket import SteadyFacts
 
 if TYPE_CHECKING:
-    from ..io.config import SteadyPolicy
+    from ..io.config import StateReads, SteadyPolicy
     from ..io.keys import QKDKeyManager
     from ..policy import Policy
     from ..state import SharedState
@@ -185,17 +188,24 @@ class SteadyRegistry(AnnouncedKeys):
         keys: the server's long-lived key manager (None when the policy disables QKD).
         state: where counters and QKD key IDs are also spent, shared with other server processes
             or hosts (None: this process only).
+        reads: the bounds on reading parents not in memory from ``state`` (default: ``StateReads()``).
     """
 
     def __init__(self, policy: SteadyPolicy, qkd: Policy, keys: QKDKeyManager | None, *,
                  clock: Callable[[], float] = time.monotonic, state: SharedState | None = None,
-                 off_loop: bool = False) -> None:
+                 off_loop: bool = False, reads: StateReads | None = None) -> None:
         self.policy = policy
         self._qkd = qkd
         self._keys = keys
         self._state = state
         # Parents are shared only sealed: a state without a key spends counters but keeps no parent.
         self._share = state is not None and state.can_seal
+        if self._share and reads is None:
+            from ..io.config import StateReads  # noqa: PLC0415 - io imports this module
+
+            reads = StateReads()
+        #: The gate on reading parents not in memory (None: nothing is read).
+        self.reads = ParentReads(reads, clock=clock) if self._share and reads is not None else None
         #: The server is asyncio: its driver runs claims on a worker thread (a StateCall), and the
         #: parents' writes (register, discard) go to a worker thread too.
         self.off_loop = off_loop and state is not None
@@ -228,6 +238,8 @@ class SteadyRegistry(AnnouncedKeys):
                 self._parents.popitem(last=False)[1].erase()
             self._parents[handle] = parent
             self.stats.registered += 1
+        if self.reads is not None:
+            self.reads.known(handle)
         if self._share:
             blob = shared.encode_parent(bytes(parent.key), parent.suite, parent.info)
             put = functools.partial(self._put_parent, handle, blob, parent.info.peer_identity,
@@ -247,21 +259,22 @@ class SteadyRegistry(AnnouncedKeys):
         except StateError as exc:  # this process still serves it; others refuse it (full handshake)
             _log.warning("the steady-state parent of %r is not shared with other servers: %s", peer, exc)
 
-    def _load_parent(self, handle: bytes) -> None:
-        """A parent another process registered, from the shared state, into this process's memory.
+    def _load_parent(self, handle: bytes) -> bool | None:
+        """A parent another process registered, from the shared state, into this process's memory:
+        whether the state held it (None: the read failed).
 
-        Outside the lock (a database round trip).  An unknown handle costs that one read; what the
-        parent's connections spend is spent in the shared state, so a parent known in two processes
-        is no weaker than one."""
+        Outside the lock (a database round trip), behind :attr:`reads`.  What the parent's
+        connections spend is spent in the shared state, so a parent known in two processes is no
+        weaker than one."""
         assert self._state is not None
         try:
             ticket = self._state.get_ticket(shared.KIND, handle)
             if ticket is None:
-                return
+                return False
             key, suite, info = shared.decode_parent(ticket.secret)
         except StateError as exc:
             _log.warning("cannot read a steady-state parent from the shared state: %s (refused: fail closed)", exc)
-            return
+            return None
         local = self._keys.source.sae_id if self._keys is not None else None
         peers = steady_peers(info, local) if suite.qkd else None
         # Wall-clock expiry (shared by hosts) onto this process's clock.
@@ -269,11 +282,12 @@ class SteadyRegistry(AnnouncedKeys):
         with self._lock:
             if handle in self._parents:  # another thread loaded it meanwhile
                 parent.erase()
-                return
+                return True
             while len(self._parents) >= self.policy.max_sessions:
                 self._parents.popitem(last=False)[1].erase()
             self._parents[handle] = parent
             self.stats.loaded += 1
+        return True
 
     def discard(self, handle: bytes) -> None:
         """Forget a parent (its own TLS handshake failed), here and in the shared state."""
@@ -313,24 +327,34 @@ class SteadyRegistry(AnnouncedKeys):
         who = f" of {parent.info.peer_identity!r}" if parent is not None else ""
         _log.info("steady-state connection%s refused: %s", who, why)
 
-    def claim(self, identity: bytes, cipher: str, *, admit: Callable[[str], None] | None = None) -> SteadyClaim | None:
+    def claim(self, identity: bytes, cipher: str, *, admit: Callable[[str], None] | None = None,
+              source: str | None = None) -> SteadyClaim | None:
         """The accepted identity, with its counter and key IDs spent, or None (refused; logged).
 
         ``admit(peer_identity)`` (the server's ``ResponderConfig.admit``, e.g. a per-peer rate
         limit) runs once the tag has verified and before anything is spent; what it raises
-        (:class:`~hybridkex.exceptions.RateLimited`) propagates.
+        (:class:`~hybridkex.exceptions.RateLimited`) propagates.  ``source``: the client's IP
+        address, for the per-address bound on reading unknown parents (:attr:`reads`).
         """
         parsed = derive.parse_identity(identity)
         if parsed is None:
             self._refuse("a malformed steady-state identity")
             return None
         content, body, tag = parsed
-        if self._share:
+        read = False
+        if self.reads is not None:
             with self._lock:
                 self._purge_locked()
                 known = content.handle in self._parents
             if not known:
-                self._load_parent(content.handle)
+                why = self.reads.begin(content.handle, source)
+                if why is not None:  # counted in self.reads (cached, limited)
+                    self._refuse(why)
+                    return None
+                found = self._load_parent(content.handle)
+                if found is False:
+                    self.reads.unknown(content.handle)
+                read = bool(found)
         with self._lock:
             self._purge_locked()
             parent = self._parents.get(content.handle)
@@ -340,6 +364,8 @@ class SteadyRegistry(AnnouncedKeys):
             if not derive.check_tag(bytes(parent.key), parent.suite, body, tag):
                 self._refuse("the identity's tag does not verify", parent)
                 return None
+            if read and self.reads is not None:  # a real client's read: not charged
+                self.reads.found(source)
             if admit is not None:
                 admit(parent.info.peer_identity)
             why = self._check_counter(parent, content, cipher)

@@ -42,6 +42,7 @@ __all__ = [
     "LATENCY_BUCKETS",
     "MULTIPROCESS",
     "REJECT_REASONS",
+    "STATE_READ_REFUSALS",
     "Health",
     "HealthState",
     "MetricsServer",
@@ -58,6 +59,10 @@ HANDSHAKE_OUTCOMES: Final = ("ok", "timeout", "auth_failed", "protocol_error", "
 #: Why the server refused a connection under its limits, the ``reason`` label of ``..._rejected_total``:
 #: open connections, the pre-authentication limit per address, the limit per peer identity.
 REJECT_REASONS: Final = ("max_connections", "rate_limited", "peer_rate_limited")
+#: Why a steady-state identity for a parent not in memory was refused without reading the shared state, the
+#: ``reason`` label of ``hybridkex_state_reads_refused_total``: the state did not hold it moments ago
+#: (``[state] unknown_ttl``), or over the read limits (``read_rate``, ``read_address_rate``).
+STATE_READ_REFUSALS: Final = ("unknown_cached", "rate_limited")
 #: How relayed connections ended, the ``outcome`` label of ``hybridkex_tunnel_closed_connections_total``: the
 #: relay's outcomes, ``shutdown`` (cut at the drain deadline) and ``target_unreachable``.
 CLOSE_OUTCOMES: Final = ("closed", "idle_timeout", "reset", "stream_error", "io_error", "internal_error", "shutdown",
@@ -172,6 +177,10 @@ class TunnelMetrics:
                                 multiprocess_mode="max")
         self.qkd_pool = self.gauge("hybridkex_qkd_pool_keys", "QKD keys ready in the local pool, per peer SAE.",
                                    ("peer",), multiprocess_mode="livesum")
+        self.state_reads_refused = self.counter(
+            "hybridkex_state_reads_refused_total",
+            "Steady-state identities for parents not in memory refused without a shared-state read, by reason.",
+            ("reason",), initial=[(r,) for r in STATE_READ_REFUSALS])
         self.kme_errors = self.counter("hybridkex_kme_errors_total", "Failed KME requests, by kind.", ("kind",),
                                        initial=[(k,) for k in KME_ERROR_KINDS])
         # The data path's counters, resolved once: one dict lookup and one locked add per chunk.
@@ -227,6 +236,11 @@ class TunnelMetrics:
         self.qkd_pool.clear()
         for peer, keys in levels.items():
             self.qkd_pool.labels(peer).set(keys)
+
+    def count_state_reads_refused(self, reason: str, n: int = 1) -> None:
+        """``n`` identities refused without a shared-state read (:data:`STATE_READ_REFUSALS`)."""
+        if n > 0:
+            self.state_reads_refused.labels(reason).inc(n)
 
     def kme_error(self, kind: str) -> None:
         """Count one failed KME request; ``kind`` is one of :data:`KME_ERROR_KINDS` (or a factory's own)."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ..exceptions import ConfigurationError, SteadyStateRefused
 from ..io import KeySourceArg
 from ..io.aio import HybridStreamReader, HybridStreamWriter, ServerSide, accept_on_streams, connect_on_streams
-from ..io.config import ClientConfig, ServerConfig, SteadyPolicy, TLSOptions
+from ..io.config import ClientConfig, ServerConfig, StateReads, SteadyPolicy, TLSOptions
 from ..io.keys import QKDKeyManager
 from ..policy import KeyBudget, Policy, QKDConfig, QKDMode, Timeouts
 from ..protocol import AbortCode, InitiatorConfig, ResponderConfig, encode_abort
@@ -129,11 +129,18 @@ class HybridChannelFactory:
         self._stores: dict[Path, SQLiteAuthKeyStore] = {}
         # The [state]s, by configuration, kept across reloads likewise (docs/fleet.md).
         self._states: dict[tuple[str, Path | None], SQLiteState | PostgresState] = {}
+        #: The read gate's refusals already counted in the metrics: (gate, unknown_cached, rate_limited).
+        self._reads_counted: tuple[object, int, int] = (None, 0, 0)
         count = metrics.kme_error if metrics is not None else (lambda kind: None)
         self.watch = KMEWatch(count, url="", master=config.role == "server")
         self._apply(config)
         if metrics is not None:
             metrics.add_collector(self._collect)
+
+    @property
+    def server(self) -> ServerSide | None:
+        """The server side the current configuration built (None in the client role): metrics, tests."""
+        return self._server
 
     # -- configuration ----------------------------------------------------------------------------
 
@@ -185,10 +192,13 @@ class HybridChannelFactory:
             steady = SteadyPolicy(enabled=config.policy.steady)
             shared = self._state(config.state) if config.state is not None else None
             purge = (config.state.purge_every, config.state.spent_older_than) if config.state else (0.0, None)
+            reads = config.state.reads if config.state is not None else StateReads()
             self._server = ServerSide(ServerConfig(responder, tls=tls, timeout=timeout, steady=steady, state=shared,
-                                                   purge_every=purge[0], spent_older_than=purge[1]),
+                                                   purge_every=purge[0], spent_older_than=purge[1],
+                                                   state_reads=reads),
                                       key_source=source)
             if old is not None:
+                self._count_reads(old)  # before its counters go with it
                 old.close()
         else:
             peer = self._target_peer(config)
@@ -306,9 +316,25 @@ class HybridChannelFactory:
 
     # -- KME health -------------------------------------------------------------------------------
 
+    def _count_reads(self, server: ServerSide | None) -> None:
+        """Add what the server's read gate refused since the last count to the metrics."""
+        steady = server.state.steady if server is not None else None
+        reads = steady.reads if steady is not None else None
+        if self._metrics is None or reads is None:
+            return
+        gate, cached, limited = self._reads_counted
+        if gate is not reads:
+            cached = limited = 0
+        now_cached, now_limited = reads.cached, reads.limited  # read once: claims go on meanwhile
+        self._metrics.count_state_reads_refused("unknown_cached", now_cached - cached)
+        self._metrics.count_state_reads_refused("rate_limited", now_limited - limited)
+        self._reads_counted = (reads, now_cached, now_limited)
+
     def _collect(self) -> None:
-        """Before each scrape / health check: the pool level per peer SAE, and the ``kme`` health."""
+        """Before each scrape / health check: the pool level per peer SAE, the ``kme`` health, and the
+        state read gate's refusals."""
         assert self._metrics is not None
+        self._count_reads(self._server)
         stats = getattr(self._source, "stats", None)
         levels: dict[str, int] | None = None
         if callable(stats):  # the server's pool

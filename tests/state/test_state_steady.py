@@ -112,7 +112,7 @@ def test_server_config_takes_a_state(state: SharedState) -> None:
     assert dataclasses.replace(setup.server, state=state).state is state
     with pytest.raises(ConfigurationError, match="state"):
         dataclasses.replace(setup.server, state="postgresql://x/y")  # type: ignore[arg-type]
-    assert "state" not in repr(dataclasses.replace(setup.server, state=state)).split("steady=")[1]
+    assert " state=" not in repr(dataclasses.replace(setup.server, state=state)).split("steady=")[1]
 
 
 def test_steady_connections_over_real_sockets_spend_their_keys_in_the_state(state: SharedState) -> None:

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 import pytest
 from statehelpers import PG, SEAL_KEY
+from tunnelhelpers import metric, parse_prometheus
 
-from hybridkex import cli
+from hybridkex import cli, get_suite
 from hybridkex.exceptions import ConfigurationError
+from hybridkex.io.config import StateReads
 from hybridkex.state import open_state
 from hybridkex.state.pgkeys import PostgresAuthKeyStore
+from hybridkex.steady.derive import SteadyIdentity
 from hybridkex.tunnel.config import load_config
 from hybridkex.tunnel.material import PeerRecycledAuthenticator, load_channel_material
+from hybridkex.tunnel.metrics import TunnelMetrics
+from hybridkex.tunnel.secure import HybridChannelFactory
 
 TOP = 'listen = "127.0.0.1:8443"\ntarget = "127.0.0.1:8080"\nidentity = "server"\n'
 PEER = '[[peers]]\nidentity = "client-a"\nmode = "recycled"\nbootstrap = "psk"\npsk_file = "a.psk"\n'
@@ -124,3 +130,44 @@ def test_check_config_creates_no_sqlite_state(confdir: Path, capsys: pytest.Capt
     _write(confdir, '[state]\nurl = "state.sqlite3"\n')
     assert cli.main(["tunnel", "server", "--config", "tunnel.toml", "--check-config"]) == 0
     assert not (confdir / "state.sqlite3").exists()
+
+
+
+def test_state_read_limits_are_parsed_and_reach_the_server_and_its_metrics(confdir: Path) -> None:
+    _write(confdir, '[state]\nurl = "state.sqlite3"\nkey_file = "state.key"\nread_rate = 0\nread_burst = 3\n'
+                    'read_address_rate = 1.5\nread_address_burst = 7\nunknown_ttl = 0.5\nunknown_max = 99\n')
+    cfg = load_config("server", "tunnel.toml")
+    want = StateReads(rate=0, burst=3, address_rate=1.5, address_burst=7, unknown_ttl=0.5, unknown_max=99)
+    assert cfg.state is not None and cfg.state.reads == want
+    metrics = TunnelMetrics("server")
+    factory = HybridChannelFactory(cfg, metrics)
+    try:
+        server = factory.server
+        assert server is not None and server.config.state_reads == want
+        steady = server.state.steady
+        assert steady is not None and steady.reads is not None
+        suite = get_suite("x25519-mlkem768-qkd-hkdfsha256")
+        handle = os.urandom(16)
+        for source in ["192.0.2.1"] * 9 + ["192.0.2.2"]:  # 7 read, then 2 over the address's burst; 1 read
+            identity = SteadyIdentity(os.urandom(16), 1, False, (), ()).encode(os.urandom(32), suite)
+            assert steady.claim(identity, suite.tls_cipher, source=source) is None
+        for _ in range(4):  # read once, then 3 from the negative cache
+            identity = SteadyIdentity(handle, 1, False, (), ()).encode(os.urandom(32), suite)
+            steady.claim(identity, suite.tls_cipher)
+        metrics.collect()
+        metrics.collect()  # counted once, however often it is scraped
+        samples = parse_prometheus(metrics.render())
+        assert metric(samples, "hybridkex_state_reads_refused_total", reason="rate_limited") == 2
+        assert metric(samples, "hybridkex_state_reads_refused_total", reason="unknown_cached") == 3
+    finally:
+        asyncio.run(factory.aclose())
+
+
+def test_bad_state_read_limits_are_one_line(confdir: Path) -> None:
+    for line, message in (("read_burst = 0", "state.read_burst: must be between 1 and 1000000"),
+                          ("unknown_ttl = 0", "state.unknown_ttl: must be between 0.01 and 3600"),
+                          ("read_rate = -1", "state.read_rate: must be 0 or between 0.01")):
+        _write(confdir, f'[state]\nurl = "s.sqlite3"\n{line}\n')
+        with pytest.raises(ConfigurationError) as exc:
+            load_config("server", "tunnel.toml")
+        assert message in str(exc.value) and "\n" not in str(exc.value)
