@@ -72,7 +72,10 @@ def server(tmp_path_factory: pytest.TempPathFactory, module_echo: EchoService) -
     tmp = tmp_path_factory.mktemp("workers")
     cfg = tmp / "server.toml"
     cfg.write_text(_toml(tmp, echo_port=module_echo.port))
-    proc = Supervised("server", cfg)
+    # A TMPDIR of its own: the SIGTERM test checks that this supervisor's metrics directory is gone,
+    # which supervisors started by tests on other xdist workers must not disturb.
+    (tmp / "tmp").mkdir()
+    proc = Supervised("server", cfg, env={"TMPDIR": str(tmp / "tmp")})
     try:
         yield proc.started()
     finally:
@@ -219,7 +222,9 @@ def test_sighup_reaches_every_worker_and_a_bad_file_none(server: Supervised, mod
 
 
 def test_sigterm_drains_every_worker_and_leaves_nothing(server: Supervised) -> None:
-    before = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("hybridkex-workers-*"))
+    private = server.config.parent / "tmp"
+    before = set(private.glob("hybridkex-workers-*"))
+    assert len(before) == 1  # this supervisor's, while it runs
     with socket.create_connection(("127.0.0.1", server.port), timeout=WAIT) as s:
         s.sendall(HANDSHAKE + b"E" + b"x" * 100)
         buf = b""
@@ -239,8 +244,7 @@ def test_sigterm_drains_every_worker_and_leaves_nothing(server: Supervised) -> N
     stopped = server.events("stopped")
     assert {r.get("pid") for r in stopped if "worker" in r} == set(server.worker_pids)
     assert {str(k): v for k, v in stopped[-1]["exits"].items()} == {"1": 0, "2": 0}
-    after = set(Path(os.environ.get("TMPDIR", "/tmp")).glob("hybridkex-workers-*"))
-    assert not after - before  # the private metrics directory is gone
+    assert not list(private.glob("hybridkex-workers-*"))  # the private metrics directory is gone
 
 
 def _run(tmp_path: Path, text: str, *args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
