@@ -9,13 +9,13 @@ import threading
 from typing import Any
 
 import pytest
+from steadyparts import Clock, parent_info
 
 from hybridkex import KeyBudget, Policy, get_suite
 from hybridkex.combiner import CombinedSecret
 from hybridkex.exceptions import PolicyViolation, RemoteProtocolError
 from hybridkex.io import QKDKeyManager
 from hybridkex.io.config import SteadyPolicy
-from hybridkex.protocol import SessionInfo
 from hybridkex.qkd import MemoryKeyLink
 from hybridkex.steady import SteadyRegistry, SteadyTicket, derive, first_psk_identity
 from hybridkex.steady.registry import WINDOW
@@ -24,23 +24,7 @@ SUITE = get_suite("x25519-mlkem768-qkd-hkdfsha256")
 CIPHER = SUITE.tls_cipher
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
 
-    def __call__(self) -> float:
-        return self.now
-
-
-def info(role: str) -> SessionInfo:
-    """A parent session as each side records it: the server (responder) was the ETSI master."""
-    local, peer = ("client", "server") if role == "initiator" else ("server", "client")
-    return SessionInfo(
-        version=1, role=role, suite=SUITE.name, offered_suites=(SUITE.name,), local_identity=local,  # type: ignore[arg-type]
-        peer_identity=peer, auth_mode="psk", components=(), qkd_used=True, qkd_usage="fresh",
-        qkd_policy="required", qkd_key_ids=("00000000-0000-4000-8000-000000000000",), master_sae_id="sae-server",
-        slave_sae_id="sae-client", master_kme_id="kme-server", slave_kme_id="kme-client", qkd_note=None,
-        transcript_hash="00")
 
 
 class Pair:
@@ -56,10 +40,11 @@ class Pair:
         self.client_keys = QKDKeyManager(self.link.source("sae-client", 0), budget)
         self.server_keys = QKDKeyManager(self.link.source("sae-server", 1), budget)
         raw = os.urandom(32)
-        self.ticket = SteadyTicket(CombinedSecret(SUITE, raw), info("initiator"), self.policy, self.qkd,
+        self.ticket = SteadyTicket(CombinedSecret(SUITE, raw), parent_info("initiator", SUITE.name),
+                                   self.policy, self.qkd,
                                    self.client_keys, clock=self.clock)
         self.registry = SteadyRegistry(self.policy, self.qkd, self.server_keys, clock=self.clock)
-        self.handle = self.registry.register(CombinedSecret(SUITE, raw), info("responder"))
+        self.handle = self.registry.register(CombinedSecret(SUITE, raw), parent_info("responder", SUITE.name))
 
     def attempt(self) -> Any:
         a = self.ticket.take()

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from iohelpers import CLIENT_SAE, SERVER_SAE, WAIT, echo_once, make_setup, recording_handler, running_server
 from statehelpers import PG, SEAL_KEY
+from steadyparts import parent_info
 
 from hybridkex import Policy, get_suite
 from hybridkex.api import HybridClient
@@ -19,7 +20,6 @@ from hybridkex.combiner import CombinedSecret
 from hybridkex.exceptions import ConfigurationError
 from hybridkex.io import QKDKeyManager
 from hybridkex.io.config import ServerConfig, SteadyPolicy
-from hybridkex.protocol import SessionInfo
 from hybridkex.qkd import MemoryKeyLink
 from hybridkex.state import SharedState, open_state
 from hybridkex.steady import SteadyRegistry, SteadyTicket
@@ -28,14 +28,6 @@ SUITE = get_suite("x25519-mlkem768-qkd-hkdfsha256")
 CIPHER = SUITE.tls_cipher
 
 
-def _info(role: str) -> SessionInfo:
-    local, peer = ("client", "server") if role == "initiator" else ("server", "client")
-    return SessionInfo(
-        version=1, role=role, suite=SUITE.name, offered_suites=(SUITE.name,), local_identity=local,  # type: ignore[arg-type]
-        peer_identity=peer, auth_mode="psk", components=(), qkd_used=True, qkd_usage="fresh",
-        qkd_policy="required", qkd_key_ids=("00000000-0000-4000-8000-000000000000",), master_sae_id="sae-server",
-        slave_sae_id="sae-client", master_kme_id="kme-server", slave_kme_id="kme-client", qkd_note=None,
-        transcript_hash="00")
 
 
 class Replicas:
@@ -48,10 +40,11 @@ class Replicas:
         self.client_keys = QKDKeyManager(link.source("sae-client", 0), qkd.key_budget)
         server_keys = QKDKeyManager(link.source("sae-server", 1), qkd.key_budget)
         raw = os.urandom(32)
-        self.ticket = SteadyTicket(CombinedSecret(SUITE, raw), _info("initiator"), policy, qkd, self.client_keys)
+        self.ticket = SteadyTicket(CombinedSecret(SUITE, raw), parent_info("initiator", SUITE.name),
+                                   policy, qkd, self.client_keys)
         self.servers = [SteadyRegistry(policy, qkd, server_keys, state=s) for s in (state_a, state_b)]
         for r in self.servers:
-            r.register(CombinedSecret(SUITE, raw), _info("responder"))
+            r.register(CombinedSecret(SUITE, raw), parent_info("responder", SUITE.name))
 
     def identity(self) -> bytes:
         a = self.ticket.take()

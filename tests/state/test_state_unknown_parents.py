@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from iohelpers import echo_once, make_setup, running_server
 from statehelpers import SEAL_KEY
+from steadyparts import Clock, parent_info
 
 from hybridkex import Policy, get_suite
 from hybridkex.combiner import CombinedSecret
@@ -25,7 +26,6 @@ from hybridkex.io import QKDKeyManager
 from hybridkex.io.config import ReconnectPolicy, ServerConfig, StateReads, SteadyPolicy
 from hybridkex.io.connection import connect
 from hybridkex.io.reconnect import ReconnectRegistry, reconnect_identity
-from hybridkex.protocol import SessionInfo
 from hybridkex.qkd import MemoryKeyLink
 from hybridkex.state import SharedState, open_state
 from hybridkex.steady import SteadyRegistry, SteadyTicket
@@ -51,22 +51,7 @@ class CountingState:
         return getattr(self._state, name)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
 
-    def __call__(self) -> float:
-        return self.now
-
-
-def _info(role: str) -> SessionInfo:
-    local, peer = ("client", "server") if role == "initiator" else ("server", "client")
-    return SessionInfo(
-        version=1, role=role, suite=SUITE.name, offered_suites=(SUITE.name,), local_identity=local,  # type: ignore[arg-type]
-        peer_identity=peer, auth_mode="psk", components=(), qkd_used=True, qkd_usage="fresh",
-        qkd_policy="required", qkd_key_ids=("00000000-0000-4000-8000-000000000000",), master_sae_id="sae-server",
-        slave_sae_id="sae-client", master_kme_id="kme-server", slave_kme_id="kme-client", qkd_note=None,
-        transcript_hash="00")
 
 
 def forged(handle: bytes | None = None) -> bytes:
@@ -78,7 +63,7 @@ class Fleet:
     """Server registries A and B sharing one state (B's reads counted), and a client of A's parents."""
 
     def __init__(self, state: SharedState, reads: StateReads) -> None:
-        self.clock = Clock()
+        self.clock = Clock(1000.0)
         self.counted = CountingState(state)
         link = MemoryKeyLink(("kme-client", "kme-server"))
         self.policy, self.qkd = SteadyPolicy(announce=0), Policy()
@@ -91,9 +76,10 @@ class Fleet:
     def client(self, *, register: bool = True) -> tuple[SteadyTicket, CombinedSecret]:
         """A client's ticket for a new parent, registered on A (and so stored in the state) or not yet."""
         raw = os.urandom(32)
-        ticket = SteadyTicket(CombinedSecret(SUITE, raw), _info("initiator"), self.policy, self.qkd, self.client_keys)
+        ticket = SteadyTicket(CombinedSecret(SUITE, raw), parent_info("initiator", SUITE.name),
+                                   self.policy, self.qkd, self.client_keys)
         if register:
-            self.a.register(CombinedSecret(SUITE, raw), _info("responder"))
+            self.a.register(CombinedSecret(SUITE, raw), parent_info("responder", SUITE.name))
         return ticket, CombinedSecret(SUITE, raw)
 
     def identity(self, ticket: SteadyTicket) -> bytes:
@@ -147,7 +133,7 @@ def test_a_parent_registered_elsewhere_moments_later_is_found_after_the_ttl(stat
     f = Fleet(state, StateReads(unknown_ttl=2.0))
     ticket, secret = f.client(register=False)
     assert f.b.claim(f.identity(ticket), CIPHER) is None  # B reads before A's write landed
-    f.a.register(secret, _info("responder"))  # now A has it, and so does the state
+    f.a.register(secret, parent_info("responder", SUITE.name))  # now A has it, and so does the state
     assert f.b.claim(f.identity(ticket), CIPHER) is None  # within the TTL: refused without a read
     assert f.counted.reads == 1
     f.clock.now += 2.0
@@ -298,14 +284,14 @@ def test_an_asyncio_server_knows_the_client_address(tmp_path: Any) -> None:
 
 
 def test_reconnect_parents_are_read_behind_the_same_gate(state: SharedState) -> None:
-    clock, counted = Clock(), CountingState(state)
+    clock, counted = Clock(1000.0), CountingState(state)
     policy = ReconnectPolicy(enabled=True)
     a = ReconnectRegistry(policy, state=state)
     b = ReconnectRegistry(policy, state=counted, clock=clock,  # type: ignore[arg-type]
                           reads=StateReads(rate=5.0, burst=10, address_rate=0))
     for _ in range(20):  # more real parents (registered on A) than the burst: found, so not charged
         raw = os.urandom(32)
-        a.register(CombinedSecret(SUITE, raw), _info("responder"))
+        a.register(CombinedSecret(SUITE, raw), parent_info("responder", SUITE.name))
         assert b.lookup(reconnect_identity(CombinedSecret(SUITE, raw), 1), CIPHER) is not None
     assert counted.reads == 20
     for _ in range(200):
