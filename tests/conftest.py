@@ -18,6 +18,7 @@ while nothing long is in flight, instead of draining the whole run ten times.
 from __future__ import annotations
 
 import fcntl
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +26,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+
+# The test extra installs uvloop, so that its event loop is tested (test_tunnel_fastpath.py starts a
+# pair on each loop); every other tunnel process runs on asyncio's own loop, what a default install
+# runs. A test that wants uvloop sets HYBRIDKEX_EVENT_LOOP in its process's environment.
+os.environ.setdefault("HYBRIDKEX_EVENT_LOOP", "asyncio")
 
 _DIR = pytest.StashKey[Path]()
 
