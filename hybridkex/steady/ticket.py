@@ -178,6 +178,12 @@ class SteadyTicket:
         with self._lock:
             return len(self._announced)
 
+    @property
+    def refilling(self) -> bool:
+        """A background reservation of QKD keys for later connections is in flight (tests, metrics)."""
+        with self._lock:
+            return self._refilling
+
     # --- one connection ---------------------------------------------------------------------------
 
     def take(self) -> SteadyAttempt | None:
