@@ -80,6 +80,7 @@ class KMEWatch:
         self._lock = threading.Lock()
         self._outage: tuple[float, str] | None = None  # since, what failed
         self._refused: dict[str, str] = {}  # peer SAE -> the KME's reason
+        self._unsaid: set[str] = set()  # refused before configure() named a peer for it
         self._last_ok = clock()
         self.peers: tuple[PeerSAE, ...] = ()
         self.qkd = "required"
@@ -92,6 +93,12 @@ class KMEWatch:
             self.qkd = qkd
             known = {p.sae_id for p in peers}
             self._refused = {k: v for k, v in self._refused.items() if k in known}
+            # The server's key pool starts filling before its peers are configured here: a refusal it
+            # met then named no peer, so it is said now (still under the lock, see failure()).
+            for p in self.peers:
+                if p.sae_id in self._unsaid and p.sae_id in self._refused:
+                    self._say_refused(p, self._refused[p.sae_id])
+            self._unsaid.clear()
 
     def idle_for(self) -> float:
         """Seconds since the last successful KME call."""
@@ -131,14 +138,19 @@ class KMEWatch:
                 if peer_sae not in self._refused:  # said once per refusal, however often the pool retries
                     # Said under the lock: a thread that then finds the refusal recorded (the server's
                     # probe before "listening", racing the pool's first refill) knows it was said.
-                    for p in self.peers:
-                        if p.sae_id == peer_sae:
-                            log_event(logging.ERROR, "kme_peer_refused",
-                                      f"the KME at {self.url} refuses QKD keys for peer {p.identity!r} (SAE "
-                                      f"{p.sae_id!r}); every handshake with this peer will fail until {p.field} "
-                                      f"names an SAE the KME serves for this side (or the KME is configured for "
-                                      f"it): {exc}", peer=p.identity, sae_id=p.sae_id, field=p.field)
+                    named = [p for p in self.peers if p.sae_id == peer_sae]
+                    for p in named:
+                        self._say_refused(p, str(exc))
+                    if not named:
+                        self._unsaid.add(peer_sae)
                 self._refused[peer_sae] = str(exc)
+
+    def _say_refused(self, p: PeerSAE, reason: str) -> None:
+        log_event(logging.ERROR, "kme_peer_refused",
+                  f"the KME at {self.url} refuses QKD keys for peer {p.identity!r} (SAE {p.sae_id!r}); every "
+                  f"handshake with this peer will fail until {p.field} names an SAE the KME serves for this "
+                  f"side (or the KME is configured for it): {reason}", peer=p.identity, sae_id=p.sae_id,
+                  field=p.field)
 
     def refused(self, peer_sae: str) -> bool:
         """Whether the KME refused ``peer_sae`` (and that was said)."""

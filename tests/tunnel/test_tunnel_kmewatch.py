@@ -140,3 +140,25 @@ def test_a_refusal_is_said_before_another_thread_can_find_it_recorded(monkeypatc
     first.join(5)
     second.join(5)
     assert said == ["kme_peer_refused", "probe done"]
+
+
+def test_a_refusal_met_before_the_peers_are_configured_is_said_when_they_are(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's key pool starts filling before the watch knows its peers (seen in CI): the
+    refusal it met is said, once, when configure() names the peer, with the configured KME URL."""
+    from hybridkex.tunnel import kmewatch
+
+    said: list[tuple[str, str, dict[str, object]]] = []
+    monkeypatch.setattr(kmewatch, "log_event", lambda level, event, msg, **fields: said.append((event, msg, fields)))
+    w = KMEWatch(lambda kind: None, url="", master=True)
+    w.failure("sae-c", KMEBadRequestError("slave SAE ID 'sae-c' is not known", status=400))
+    w.failure("sae-c", KMEBadRequestError("slave SAE ID 'sae-c' is not known", status=400))
+    assert said == [] and w.refused("sae-c")
+    w.configure(PEERS, "required", url=URL)
+    assert [(e, f) for e, _, f in said] == [
+        ("kme_peer_refused", {"peer": "client-c", "sae_id": "sae-c", "field": "peers[1].sae_id"})]
+    assert said[0][1].startswith(f"the KME at {URL} refuses QKD keys for peer 'client-c' (SAE 'sae-c')")
+    w.failure("sae-c", KMEBadRequestError("still not known", status=400))
+    w.configure(PEERS, "required", url=URL)  # a reload: nothing new to say
+    assert len(said) == 1
+    assert w.health({"sae-a": 9, "sae-c": 0}, 1)[0] == "unhealthy"
