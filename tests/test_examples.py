@@ -197,7 +197,9 @@ def test_asyncio_workers_example_shares_the_steady_state_across_processes() -> N
     assert m, proc.stdout
     # The kernel hashes connections to the processes: both get some (all 12 on one: p = 2**-11).
     assert int(m.group(1)) == 2, proc.stdout
-    # The first is a full handshake; a second one only if a connection beat its parent's background write.
+    # The first is a full handshake (its parent is in the state before it completes); one more is
+    # tolerated for a steady-state key a loaded machine fails to fetch in time (the client then
+    # falls back to a full handshake, as it must).
     assert int(m.group(2)) >= 10, proc.stdout
     pids = set(re.findall(r"served by PID (\d+), steady", proc.stdout))
     assert len(pids) == 2, proc.stdout  # steady-state connections were accepted by both processes

@@ -9,7 +9,8 @@ import inspect
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeGuard, cast
 
 from ..exceptions import (
@@ -186,6 +187,8 @@ class FullHandshakeKeys:
     ticket: ReconnectTicket | SteadyTicket | None = None
     handle: bytes | None = None
     steady_handle: bytes | None = None
+    #: Shared-state writes of the parent still to make (on a worker thread, before TLS answers).
+    share: list[Callable[[], None]] = field(default_factory=list)
 
 
 def report_qkd_fallback(session: Session) -> None:
@@ -218,9 +221,9 @@ def server_keys(session: Session, state: ServerState) -> FullHandshakeKeys:
     report_qkd_fallback(session)
     keys = FullHandshakeKeys(session.tls_identity(), session.tls_psk(), session.secret.suite.tls_cipher)
     if state.steady is not None:
-        keys.steady_handle = state.steady.register(session.secret, session.info)
-    if state.registry is not None:
-        keys.handle = state.registry.register(session.secret, session.info)  # it now owns the secret
+        keys.steady_handle = state.steady.register(session.secret, session.info, share=keys.share)
+    if state.registry is not None:  # it now owns the secret
+        keys.handle = state.registry.register(session.secret, session.info, share=keys.share)
     else:
         session.erase()
     return keys

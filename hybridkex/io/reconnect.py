@@ -283,11 +283,14 @@ class ReconnectRegistry:
         """Whether lookups and registrations make shared-state calls (a database round trip)."""
         return self._state is not None
 
-    def register(self, secret: CombinedSecret, info: SessionInfo) -> bytes:
+    def register(self, secret: CombinedSecret, info: SessionInfo, *,
+                 share: list[Callable[[], None]] | None = None) -> bytes:
         """Remember a parent session (the registry now owns ``secret`` and erases it); its handle.
 
-        With :attr:`off_loop`, it is stored in the shared state from a worker thread (the event loop
-        does not wait for the commit), else before this returns."""
+        With :attr:`off_loop`, storing it in the shared state is left to a worker thread: appended to
+        ``share`` (the server setup runs it before its TLS handshake answers, so a client that finished
+        that handshake finds the parent at any server), else submitted in the background.  Without
+        :attr:`off_loop`, it is stored before this returns."""
         handle = session_handle(secret)
         with self._lock:
             self._purge_locked()
@@ -305,7 +308,9 @@ class ReconnectRegistry:
         if shared is not None:
             put = functools.partial(self._put_parent, handle, shared, info.peer_identity,
                                     time.time() + self.policy.lifetime)
-            if self.off_loop:
+            if self.off_loop and share is not None:
+                share.append(put)
+            elif self.off_loop:
                 workers.submit(put, lambda _value, _error: None)  # put logs its own failure
             else:
                 put()

@@ -232,8 +232,15 @@ class _Setup:
                 return Failed(exc)
             tls.carry(stage.data_to_send(), *stage.handover())
             self._stage = tls
+            call = self._before_tls()
+            if call is not None:  # the driver sends the hybrid flight first, then runs the call
+                return self._await(call, lambda _value: tls.next_event(), lambda _exc: tls.next_event())
             return tls.next_event()
         return event
+
+    def _before_tls(self) -> StateCall | None:
+        """A call to run after the hybrid handshake's last flight is sent and before TLS reads."""
+        return None
 
     def _begin(self) -> SetupEvent:  # pragma: no cover - each role starts its first stage itself
         raise NotImplementedError
@@ -397,6 +404,7 @@ class ServerSetup(_Setup):
         self._core_args = (randbytes, clock)
         self._buffer = bytearray()
         self._eof = False
+        self._share: list[Callable[[], None]] = []  # the new parent's shared-state writes (_before_tls)
 
     def receive_data(self, data: bytes) -> None:
         if self._stage is not None or self._final is not None:
@@ -534,6 +542,7 @@ class ServerSetup(_Setup):
     def _tls_after(self, session: Session) -> TLSStage:
         state = self._state
         keys = server_keys(session, state)
+        self._share = keys.share
         tls = MemoryTLS(tls_context("server", keys.cipher, state.config.tls), server_side=True)
         bind_psk(tls.connection, keys.identity, keys.psk)
 
@@ -545,4 +554,16 @@ class ServerSetup(_Setup):
 
         return TLSStage(tls, self._deadline.stage("the TLS handshake", state.config.tls.timeout), session.info,
                         on_failure=discard)
+
+    def _before_tls(self) -> StateCall | None:
+        # An asyncio server stores the new parent in the shared state on a worker thread; it answers
+        # the ClientHello only after that, so a client that completed this handshake finds its parent
+        # at every server of the fleet (it would otherwise race the write and, at another server,
+        # fall back to a full handshake).  The write overlaps the client's ClientHello on the wire.
+        # Each write logs its own failure: a parent not shared is still served here.
+        puts, self._share = self._share, []
+        if not puts:
+            return None
+        stage = self._stage
+        return StateCall(lambda: [put() for put in puts], stage.timeout() if stage is not None else 0.0)
 

@@ -223,8 +223,11 @@ class SteadyRegistry(AnnouncedKeys):
             self._purge_locked()
             return len(self._parents)
 
-    def register(self, secret: CombinedSecret, info: SessionInfo) -> bytes:
-        """Remember a parent session's handle and authentication key; the handle."""
+    def register(self, secret: CombinedSecret, info: SessionInfo, *,
+                 share: list[Callable[[], None]] | None = None) -> bytes:
+        """Remember a parent session's handle and authentication key; the handle.
+
+        Storing it in the shared state: as for :meth:`ReconnectRegistry.register`."""
         handle = derive.steady_handle(secret)
         local = self._keys.source.sae_id if self._keys is not None else None
         peers = steady_peers(info, local) if secret.suite.qkd else None
@@ -244,7 +247,10 @@ class SteadyRegistry(AnnouncedKeys):
             blob = shared.encode_parent(bytes(parent.key), parent.suite, parent.info)
             put = functools.partial(self._put_parent, handle, blob, parent.info.peer_identity,
                                     time.time() + self.policy.lifetime)
-            self._in_background(put) if self.off_loop else put()
+            if self.off_loop and share is not None:
+                share.append(put)
+            else:
+                self._in_background(put) if self.off_loop else put()
         return handle
 
     @staticmethod
