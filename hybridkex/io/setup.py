@@ -46,7 +46,7 @@ from ..hazmat.labels import STEADY_IDENTITY_PREFIX
 from ..protocol import MAGIC, AbortCode, Initiator, InitiatorConfig, Responder, encode_abort
 from ..steady import SteadyClaim, SteadyTicket, first_psk_identity
 from ..tls import MemoryTLS
-from ..tls.pyopenssl import bind_psk, bind_psk_lookup
+from ..tls.pyopenssl import bind_psk_lookup
 from ._events import (
     NEED_DATA,
     BlockingCall,
@@ -316,7 +316,7 @@ class ClientSetup(_Setup):
         key = self._reconnect
         if key is not None:
             tls = MemoryTLS(tls_context("client", key.cipher, cfg.tls, reconnect=True), server_side=False)
-            bind_psk(tls.connection, key.identity, key.psk)
+            tls.bind_psk(key.identity, key.psk)
             self._stage = TLSStage(tls, self._deadline.stage("the TLS handshake (reconnect)", cfg.tls.timeout),
                                    key.info, reconnect_index=key.index)
         elif self._steady is not None:
@@ -364,7 +364,7 @@ class ClientSetup(_Setup):
                 raise SteadyStateRefused("the steady-state ticket was dropped while this connection started; a full "
                                          "handshake makes a new one") from exc
             tls = MemoryTLS(tls_context("client", attempt.cipher, self.config.tls, reconnect=True), server_side=False)
-            bind_psk(tls.connection, identity, psk)
+            tls.bind_psk(identity, psk)
         except Exception as exc:
             ticket.failed(attempt)
             return Failed(exc)
@@ -379,7 +379,7 @@ class ClientSetup(_Setup):
         keys = client_keys(session, cfg, self._keys)
         ticket = keys.ticket
         tls = MemoryTLS(tls_context("client", keys.cipher, cfg.tls), server_side=False)
-        bind_psk(tls.connection, keys.identity, keys.psk)
+        tls.bind_psk(keys.identity, keys.psk)
         return TLSStage(tls, self._deadline.stage("the TLS handshake", cfg.tls.timeout), session.info,
                         ticket=ticket, check_first=check_server_first_bytes,
                         on_failure=ticket.erase if ticket is not None else None)
@@ -536,7 +536,7 @@ class ServerSetup(_Setup):
 
     def _steady_tls(self, claim: SteadyClaim, keys: list[QKDKey], cipher: str) -> SetupEvent:
         tls = MemoryTLS(tls_context("server", cipher, self._state.config.tls, reconnect=True), server_side=True)
-        bind_psk(tls.connection, claim.identity, claim.psk(keys))
+        tls.bind_psk(claim.identity, claim.psk(keys))
         return self._start_tls(TLSStage(tls, self._waiting, claim.info, steady=claim.facts, on_success=claim.confirm))
 
     def _tls_after(self, session: Session) -> TLSStage:
@@ -544,7 +544,7 @@ class ServerSetup(_Setup):
         keys = server_keys(session, state)
         self._share = keys.share
         tls = MemoryTLS(tls_context("server", keys.cipher, state.config.tls), server_side=True)
-        bind_psk(tls.connection, keys.identity, keys.psk)
+        tls.bind_psk(keys.identity, keys.psk)
 
         def discard() -> None:  # the parent's own TLS failed: nothing may follow from it
             if keys.handle is not None and state.registry is not None:

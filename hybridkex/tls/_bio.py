@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Final
 from ..exceptions import ConfigurationError, HandshakeTimeout, LocalProtocolError, TLSError
 from . import _shim
 from ._common import TLSInfo
-from .pyopenssl import _do_handshake, _reasons, _translate_error, verify_connection
+from .pyopenssl import _attach, _bind, _do_handshake, _reasons, _require_config, _translate_error, _verify
 
 if TYPE_CHECKING:
     from OpenSSL import SSL
@@ -38,24 +38,32 @@ class MemoryTLS:
         ctx: a context from :func:`~hybridkex.tls.client_context` or :func:`~hybridkex.tls.server_context`.
         server_side: accept (True) or connect (False).
 
-    Use :func:`~hybridkex.tls.bind_psk` on :attr:`connection` for a per-connection PSK before the
-    first :meth:`do_handshake`.  Not thread-safe; one task may send while another receives.
+    Use :meth:`bind_psk` (or :func:`~hybridkex.tls.bind_psk` on :attr:`connection`) for a
+    per-connection PSK before the first :meth:`do_handshake`.  Not thread-safe; one task may send
+    while another receives.
     """
 
     def __init__(self, ctx: SSL.Context, *, server_side: bool) -> None:
-        self.connection = SSL.Connection(ctx, None)
+        self.connection = conn = SSL.Connection(ctx, None)
         if server_side:
-            self.connection.set_accept_state()
+            conn.set_accept_state()
         else:
-            self.connection.set_connect_state()
+            conn.set_connect_state()
+        # Looked up once here rather than in every call of the handshake (a per-connection cost).
+        self._cfg, self._st = _attach(conn, ctx)
         self._info: TLSInfo | None = None
         self._eof = False
-        self._fast = _shim.fast_io(self.connection)
+        self._fast = _shim.fast_io(conn)
 
     @property
     def info(self) -> TLSInfo | None:
         """What the verified handshake negotiated; None until :meth:`do_handshake` returned it."""
         return self._info
+
+    def bind_psk(self, identity: bytes | str, psk: bytes) -> None:
+        """:func:`~hybridkex.tls.bind_psk` on :attr:`connection`: this connection's own external PSK."""
+        _require_config(self._cfg)
+        _bind(self._st, identity, psk)
 
     def receive_data(self, data: bytes) -> None:
         """Bytes the peer sent; ``b""`` means the transport reached EOF."""
@@ -66,7 +74,8 @@ class MemoryTLS:
             return
         if self._eof:
             raise LocalProtocolError("data received after EOF")
-        self.connection.bio_write(data)
+        if not self._fast or not _shim.feed(self.connection, data):
+            self.connection.bio_write(data)  # raises the typed error (or writes what the fast path could not)
 
     def data_to_send(self) -> bytes:
         """Every TLS record produced so far and not yet sent (may be ``b""``)."""
@@ -96,12 +105,12 @@ class MemoryTLS:
         if self._info is not None:
             return self._info
         try:
-            _do_handshake(self.connection)
+            _do_handshake(self.connection, self._st)
         except SSL.WantReadError:
             if self._eof:
                 raise TLSError("the peer closed the connection during the TLS handshake") from None
             return None
-        self._info = verify_connection(self.connection)
+        self._info = _verify(self.connection, _require_config(self._cfg), self._st)
         return self._info
 
     def _require_handshake(self) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "SUPPORTED_RANGES",
     "check_bindings",
     "fast_io",
+    "feed",
     "install_msg_callback",
     "install_psk_find_session",
     "install_psk_use_session",
@@ -296,7 +297,15 @@ READ_MORE, READ_CLOSED, READ_ERROR = 0, 1, 2
 
 def fast_io(conn: SSL.Connection) -> bool:
     """Whether ``conn`` is a memory-BIO connection the functions below can drive."""
-    return FAST_IO and all(getattr(conn, a, None) is not None for a in ("_ssl", "_into_ssl", "_from_ssl"))
+    return (FAST_IO and getattr(conn, "_ssl", None) is not None and getattr(conn, "_into_ssl", None) is not None
+            and getattr(conn, "_from_ssl", None) is not None)
+
+
+def feed(conn: SSL.Connection, data: bytes) -> bool:
+    """Put ``data`` (non-empty ``bytes``) into the incoming BIO; False if it went in not at all
+    (another type, or an error): then ``conn.bio_write`` does it or raises.  A memory BIO takes a
+    write whole or not at all, so False never follows a partial write."""
+    return type(data) is bytes and _lib.BIO_write(conn._into_ssl, data, len(data)) == len(data)
 
 
 _local = threading.local()

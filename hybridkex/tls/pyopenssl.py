@@ -110,6 +110,7 @@ class _ContextConfig:
         "cipher_id",
         "group_names",
         "identity",
+        "known_groups",
         "lookup",
         "message_callback",
         "psk",
@@ -123,6 +124,9 @@ class _ContextConfig:
         self.cipher_id = CIPHER_ID[cipher]
         self.allowed_groups = allowed_groups  # normalized, for comparisons
         self.group_names: tuple[str, ...] = allowed_groups  # as configured, for messages
+        #: Spellings OpenSSL reports that are known to be allowed (filled as seen: the check after
+        #: each handshake is then one set lookup).
+        self.known_groups: set[str] = set()
         self.require_pq = require_pq
         self.identity: bytes | None = None
         self.psk: bytes | None = None
@@ -163,12 +167,24 @@ def _state(conn: SSL.Connection) -> _ConnState:
 
 
 def _config(conn: SSL.Connection) -> _ContextConfig:
-    cfg = _CONFIGS.get(conn.get_context())
+    return _require_config(_CONFIGS.get(conn.get_context()))
+
+
+def _require_config(cfg: _ContextConfig | None) -> _ContextConfig:
     if cfg is None:
         raise LocalProtocolError(
             "this connection's context was not built by hybridkex.tls.client_context()/server_context()"
         )
     return cfg
+
+
+def _attach(conn: SSL.Connection, ctx: SSL.Context) -> tuple[_ContextConfig | None, _ConnState]:
+    """A new connection's context configuration (None: not a hybridkex context) and its state, for
+    :class:`~hybridkex.tls.MemoryTLS`, which keeps both: one lookup per connection, not one per call."""
+    st = _ConnState()
+    with _LOCK:
+        _STATES[conn] = st
+    return _CONFIGS.get(ctx), st
 
 
 def _sink(conn: SSL.Connection | None, exc: BaseException) -> None:
@@ -414,7 +430,10 @@ def bind_psk(conn: SSL.Connection, identity: bytes | str, psk: bytes) -> None:
     accepted (compared in constant time).
     """
     _config(conn)
-    st = _state(conn)
+    _bind(_state(conn), identity, psk)
+
+
+def _bind(st: _ConnState, identity: bytes | str, psk: bytes) -> None:
     _require_not_started(st)
     st.bound = (check_identity(identity), check_psk(psk))
     st.bound_lookup = None
@@ -488,12 +507,13 @@ def _translate_error(conn: SSL.Connection, exc: SSL.Error, *,
     )
 
 
-def _do_handshake(conn: SSL.Connection) -> None:
-    """One ``do_handshake()`` call; WantRead/WantWrite pass through, failures become typed errors."""
+def _do_handshake(conn: SSL.Connection, st: _ConnState | None = None) -> None:
+    """One ``do_handshake()`` call; WantRead/WantWrite pass through, failures become typed errors.
+    ``st``: the connection's state, when the caller holds it."""
     try:
         conn.do_handshake()
     except (SSL.WantReadError, SSL.WantWriteError):
-        _raise_captured(_state(conn))
+        _raise_captured(st if st is not None else _state(conn))
         raise
     except SSL.Error as exc:
         raise _translate_error(conn, exc) from exc
@@ -507,8 +527,10 @@ def verify_connection(conn: SSL.Connection) -> TLSInfo:
     ``require_pq``); no certificate on either side; the external PSK was really used.  Also
     re-raises an exception captured inside a PSK or message callback.
     """
-    cfg = _config(conn)
-    st = _state(conn)
+    return _verify(conn, _config(conn), _state(conn))
+
+
+def _verify(conn: SSL.Connection, cfg: _ContextConfig, st: _ConnState) -> TLSInfo:
     _raise_captured(st)
     version = conn.get_protocol_version_name()
     if version != "TLSv1.3":
@@ -519,10 +541,13 @@ def verify_connection(conn: SSL.Connection) -> TLSInfo:
     group = conn.get_group_name()
     if group is None:
         raise TLSError("no (EC)DHE key exchange took place (psk_ke): every connection must use psk_dhe_ke")
-    if normalize_group(group) not in cfg.allowed_groups:
-        raise TLSError(
-            f"negotiated key-exchange group {group} is not allowed here (allowed: {', '.join(cfg.group_names)})"
-        )
+    if group not in cfg.known_groups:
+        if normalize_group(group) not in cfg.allowed_groups:
+            raise TLSError(
+                f"negotiated key-exchange group {group} is not allowed here (allowed: {', '.join(cfg.group_names)})"
+            )
+        with _LOCK:
+            cfg.known_groups.add(group)
     if conn.get_peer_certificate() is not None or conn.get_certificate() is not None:
         raise TLSError("a certificate was used in a handshake that must rely on the external PSK only")
     if not _shim.session_reused(conn) or st.seen.used_identity is None:

@@ -126,6 +126,31 @@ def test_memory_tls_misuse_and_truncation(identity: bytes, psk: bytes) -> None:
         r.server_tls.receive_data(b"more")
 
 
+def test_memory_tls_bind_psk_and_bytes_like_input(identity: bytes, psk: bytes) -> None:
+    """MemoryTLS.bind_psk binds per connection (a context without a PSK); bytes-like input (not
+    bytes) takes pyOpenSSL's path and still arrives whole."""
+    c = tls.MemoryTLS(tls.client_context(), server_side=False)
+    s = tls.MemoryTLS(tls.server_context(), server_side=True)
+    c.bind_psk(identity, psk)
+    s.bind_psk(identity, psk)
+    done: dict[str, tls.TLSInfo | None] = {"c": None, "s": None}
+    for _ in range(8):
+        done["c"] = done["c"] or c.do_handshake()
+        done["s"] = done["s"] or s.do_handshake()
+        for x, y in ((c, s), (s, c)):
+            if out := x.data_to_send():
+                y.receive_data(bytearray(out) if x is c else memoryview(out))
+    assert done["c"] is not None and done["s"] is not None
+    assert done["c"].psk_identity == done["s"].psk_identity == identity
+    with pytest.raises(LocalProtocolError, match="before the connection's handshake"):
+        c.bind_psk(identity, psk)  # too late: the handshake ran
+    from OpenSSL import SSL
+
+    plain = tls.MemoryTLS(SSL.Context(SSL.TLS_METHOD), server_side=False)
+    with pytest.raises(LocalProtocolError, match="not built by hybridkex"):
+        plain.bind_psk(identity, psk)
+
+
 def test_memory_tls_eof_during_handshake(identity: bytes, psk: bytes) -> None:
     end = tls.MemoryTLS(tls.client_context(identity, psk), server_side=False)
     assert end.do_handshake() is None
