@@ -11,7 +11,7 @@ from kat import load_vectors
 
 from hybridkex.exceptions import ConfigurationError
 from hybridkex.hazmat import _keccak
-from hybridkex.hazmat.kdf import CasRound, cas_kdf, cat_kdf, hkdf, hkdf_expand, hkdf_extract
+from hybridkex.hazmat.kdf import CasRound, CatKDF, cas_kdf, cat_kdf, hkdf, hkdf_expand, hkdf_extract
 
 ETSI = load_vectors("etsi_ts103744_v1.2.1_catkdf_caskdf.json")
 RFC5869 = load_vectors("rfc5869_hkdf.json")
@@ -75,6 +75,27 @@ def test_etsi_ts103744(vset: dict, name: str, test: dict) -> None:
         inter = test.get("intermediates_computed_by_us")
         if inter:
             assert chain.hex().upper() == inter[-1]["chain_secret"]
+
+
+def test_prepared_catkdf_gives_the_published_outputs() -> None:
+    """CatKDF (MA, MB and the label taken once) derives every published CatKDF output, for each
+    KDF (HKDF, HMAC, KMAC) and output length, and again from the same object (its state is reused)."""
+    checked = 0
+    for vset, name, test in (p.values for p in ETSI_CASES):
+        if not name.startswith("CatKDF"):
+            continue
+        h = lambda key: bytes.fromhex(vset[key])  # noqa: E731, B023 - used in this iteration only
+        cid = test["cid"]
+        ma = _harness_message(cid, [h("LA1"), h("PA1_ecdh_public_A"), h("PA2_kem_encapsulation_key")])
+        mb = _harness_message(cid, [h("LB1"), h("PB1_ecdh_public_B"), h("PB2_kem_ciphertext")])
+        label = bytes(a ^ b for a, b in zip(h("LA1"), h("LB1"), strict=True))
+        kdf = _kdf_name(vset, name.split("-")[1])
+        cat = CatKDF(ma=ma, mb=mb, label=label, length=vset["key_length_bytes"], kdf=kdf)
+        ikm = h("k1_ecdh_shared_secret") + h("k2_kem_shared_secret")
+        for _ in range(2):
+            assert cat.derive(ikm, ETSI["info"].encode()).hex().upper() == test["expected_key_material"]
+        checked += 1
+    assert checked == 36
 
 
 @pytest.mark.parametrize("case", RFC5869["cases"], ids=lambda c: f"A.{c['case']}-{c['hash']}")

@@ -34,6 +34,7 @@ from .encoding import lp_join, u32
 __all__ = [
     "KDF_NAMES",
     "CasRound",
+    "CatKDF",
     "cas_kdf",
     "cat_kdf",
     "context_function",
@@ -251,6 +252,47 @@ def cat_kdf(
     ikm = _as_bytes(psk, "psk") + b"".join(_as_bytes(s, "secret") for s in secrets)
     ctx = context_function(kdf, _as_bytes(context, "context"), _as_bytes(ma, "ma"), _as_bytes(mb, "mb"))
     return etsi_kdf(kdf, secret=ikm, label=_as_bytes(label, "label"), context=ctx, length=length)
+
+
+class CatKDF:
+    """:func:`cat_kdf` with the inputs many derivations share taken once: ``ma``, ``mb``, ``label``,
+    ``length`` and the KDF (public values only).  ``derive(ikm, context)`` equals
+    ``cat_kdf((ikm,), ma=ma, mb=mb, context=context, label=label, length=length, kdf=kdf)``, where
+    ``ikm`` is ``psk || k_1 || ... || k_n``.
+
+    For the HKDF KDFs, the encoded ``lp(MA) || lp(MB)`` and the label's HMAC states are kept, so a
+    derivation is one context hash and two HMACs; the other KDFs take :func:`cat_kdf` itself.
+    """
+
+    __slots__ = ("_args", "_hash", "_inner", "_len", "_outer", "_tail")
+
+    def __init__(self, *, ma: bytes, mb: bytes, label: bytes, length: int, kdf: str = "hkdf-sha256") -> None:
+        _check_kdf(kdf)
+        ma, mb, label = _as_bytes(ma, "ma"), _as_bytes(mb, "mb"), _as_bytes(label, "label")
+        self._args = (ma, mb, label, length, kdf)
+        self._hash: str | None = None
+        if kdf.startswith("hkdf-"):
+            hash_name = _kdf_hash(kdf)
+            _check_length(length, 255 * _hash_len(hash_name))
+            self._hash = hash_name
+            self._inner, self._outer = _public_key_pads(hash_name, label)
+            self._tail = lp_join(ma, mb)
+            self._len = length
+
+    def derive(self, ikm: bytes, context: bytes) -> bytes:
+        """The CatKDF output for the concatenated secrets ``ikm`` and this derivation's ``context``."""
+        hash_name = self._hash
+        if hash_name is None:
+            ma, mb, label, length, kdf = self._args
+            return cat_kdf((ikm,), ma=ma, mb=mb, context=context, label=label, length=length, kdf=kdf)
+        ctor = _CONSTRUCTORS[hash_name]
+        # f_ch(context, MA, MB) = H(lp(context) || lp(MA) || lp(MB)), the last two encoded once.
+        ctx = ctor(u32(len(context)) + context + self._tail).digest()
+        i = self._inner.copy()  # HKDF-Extract(salt = label, IKM), as hkdf_extract
+        i.update(ikm)
+        o = self._outer.copy()
+        o.update(i.digest())
+        return hkdf_expand(hash_name, o.digest(), ctx, self._len)
 
 
 @dataclass(frozen=True, slots=True)

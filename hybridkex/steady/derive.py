@@ -36,7 +36,7 @@ from ..combiner import CombinedSecret, QKDBinding
 from ..exceptions import ConfigurationError, RemoteProtocolError
 from ..hazmat import labels
 from ..hazmat.encoding import b64url, b64url_decode, lp_join, u8, u32
-from ..hazmat.kdf import cat_kdf, hkdf_expand
+from ..hazmat.kdf import CatKDF, cat_kdf, hkdf_expand
 from ..suites import Suite
 
 __all__ = [
@@ -130,10 +130,15 @@ class SteadyIdentity:
         return labels.STEADY_IDENTITY_PREFIX + b64url(body + identity_tag(key, suite, body))
 
 
+_TAG_PREFIX: dict[str, bytes] = {}
+
+
 def identity_tag(key: bytes, suite: Suite, body: bytes) -> bytes:
     """The 16-byte tag of an identity body under the parent's authentication key."""
-    return hkdf_expand(suite.hash, key, lp_join(labels.PROTOCOL, suite.label, labels.STEADY_IDENTITY_TAG, body),
-                       TAG_LEN)
+    prefix = _TAG_PREFIX.get(suite.name)
+    if prefix is None:  # lp(protocol) || lp(suite) || lp(tag label): the same for every identity of a suite
+        prefix = _TAG_PREFIX[suite.name] = lp_join(labels.PROTOCOL, suite.label, labels.STEADY_IDENTITY_TAG)
+    return hkdf_expand(suite.hash, key, prefix + u32(len(body)) + body, TAG_LEN)
 
 
 def check_tag(key: bytes, suite: Suite, body: bytes, tag: bytes) -> bool:
@@ -200,9 +205,10 @@ def steady_psk(suite: Suite, *, key: bytes, qkd_key: bytes, body: bytes, binding
 
 class PskContext:
     """What every steady-state PSK of one parent shares, encoded once: MA, MB, the CatKDF label and
-    the QKD binding's SAE/KME part (the same bytes :func:`steady_psk` builds per call)."""
+    the QKD binding's SAE/KME part (the same bytes :func:`steady_psk` builds per call), and the
+    CatKDF prepared with them (:class:`~hybridkex.hazmat.kdf.CatKDF`)."""
 
-    __slots__ = ("_kdf", "_len", "_tail", "label", "ma", "mb")
+    __slots__ = ("_cat", "_tail", "label", "ma", "mb")
 
     def __init__(self, suite: Suite, *, client_identity: str, server_identity: str,
                  qkd_ids: tuple[str, str, str, str] | None) -> None:
@@ -211,13 +217,11 @@ class PskContext:
         self.mb = lp_join(_ROLE_R, server_identity.encode("utf-8"))
         self.label = labels.steady_label(suite.label)
         self._tail = lp_join(*(x.encode("utf-8") for x in qkd_ids)) if qkd_ids is not None else None
-        self._kdf, self._len = suite.kdf, suite.hash_len
+        self._cat = CatKDF(ma=self.ma, mb=self.mb, label=self.label, length=suite.hash_len, kdf=suite.kdf)
 
     def psk(self, *, key: bytes, qkd_key: bytes, body: bytes, key_ids: tuple[str, ...]) -> bytes:
         """The PSK of the connection whose identity body is ``body`` and whose QKD keys are ``key_ids``."""
         binding = b""
         if key_ids and self._tail is not None:  # QKDBinding.encode(), with its constant part made once
             binding = lp_join(lp_join(*(k.encode("ascii") for k in key_ids))) + self._tail
-        return cat_kdf((key,), psk=qkd_key, ma=self.ma, mb=self.mb,
-                       context=lp_join(labels.STEADY_PSK_CONTEXT, body, binding), label=self.label,
-                       length=self._len, kdf=self._kdf)
+        return self._cat.derive(qkd_key + key, lp_join(labels.STEADY_PSK_CONTEXT, body, binding))
