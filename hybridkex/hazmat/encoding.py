@@ -8,7 +8,6 @@ truncation, overrun or trailing byte becomes a :class:`~hybridkex.exceptions.Rem
 
 from __future__ import annotations
 
-import base64
 import binascii
 import struct
 from typing import Final
@@ -18,6 +17,8 @@ from ..exceptions import RemoteProtocolError
 __all__ = ["Reader", "b64url", "b64url_decode", "lp", "lp_join", "u8", "u16", "u32"]
 
 _B64URL_ALPHABET: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_FROM_URL: Final = bytes.maketrans(b"-_", b"+/")
+_TO_URL: Final = bytes.maketrans(b"+/", b"-_")
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -53,7 +54,7 @@ def lp_join(*fields: bytes) -> bytes:
 
 def b64url(data: bytes) -> bytes:
     """RFC 4648 section 5 base64url of ``data`` without ``=`` padding (ASCII bytes)."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
+    return binascii.b2a_base64(data, newline=False).translate(_TO_URL).rstrip(b"=")
 
 
 def b64url_decode(text: bytes, length: int) -> bytes:
@@ -63,13 +64,16 @@ def b64url_decode(text: bytes, length: int) -> bytes:
     non-zero unused bits.  Anything else raises :class:`RemoteProtocolError`.
     """
     # translate() deletes the alphabet in C: what is left is foreign (a set test cost ~8x more, per connection).
-    if len(text) != (4 * length + 2) // 3 or bytes(text).translate(None, _B64URL_ALPHABET):
+    text = bytes(text)
+    if len(text) != (4 * length + 2) // 3 or text.translate(None, _B64URL_ALPHABET):
         raise RemoteProtocolError(f"not the base64url encoding of {length} bytes")
+    # binascii directly, as base64.urlsafe_b64decode/-encode do underneath (they run once per connection).
     try:
-        data = base64.urlsafe_b64decode(text + b"=" * (-len(text) % 4))
+        data = binascii.a2b_base64(text.translate(_FROM_URL) + b"=" * (-len(text) % 4))
     except (binascii.Error, ValueError):  # pragma: no cover - excluded by the checks above
         raise RemoteProtocolError(f"not the base64url encoding of {length} bytes") from None
-    if len(data) != length or b64url(data) != text:  # unused low bits set: not canonical
+    # Re-encoded differently: unused low bits were set, so it was not the canonical encoding.
+    if len(data) != length or b64url(data) != text:
         raise RemoteProtocolError(f"not the canonical base64url encoding of {length} bytes")
     return data
 

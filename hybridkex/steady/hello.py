@@ -57,11 +57,14 @@ def first_psk_identity(record_body: bytes) -> tuple[bytes, bytes | None]:
         raise _bad(f"{end - e1} unexpected trailing bytes")
     found: bytes | None = None
     pos = e0
-    while pos < e1:
+    while pos < e1:  # the extension headers inline (a ClientHello has a dozen): type, length
         if pos + 4 > e1:
             raise _bad("truncated in extension header")
-        kind = int.from_bytes(data[pos:pos + 2], "big")
-        x0, x1 = _vec(data, pos + 2, 2, e1, "extension")
+        kind = data[pos] << 8 | data[pos + 1]
+        x0 = pos + 4
+        x1 = x0 + (data[pos + 2] << 8 | data[pos + 3])
+        if x1 > e1:
+            raise _bad("truncated in extension")
         if kind == _PRE_SHARED_KEY:
             if x1 != e1:
                 raise _bad("pre_shared_key is not the last extension")
