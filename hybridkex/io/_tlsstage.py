@@ -48,6 +48,9 @@ class TLSStage:
         self._map_error = map_error
         self._unsent = b""
         self._failure: Failed | None = None
+        #: Whether OpenSSL ran since the last data_to_send(): only a handshake step (or its failure)
+        #: writes records here, so otherwise there is nothing to read (a C call saved per poll).
+        self._ran = False
 
     def carry(self, unsent: bytes, received: bytes, eof: bool) -> None:
         """Take over from the hybrid stage: its last flight, bytes that followed it, its EOF."""
@@ -70,7 +73,10 @@ class TLSStage:
 
     def data_to_send(self) -> bytes:
         out, self._unsent = self._unsent, b""
-        return out + self._tls.data_to_send()
+        if not self._ran:
+            return out
+        self._ran = False
+        return out + self._tls.data_to_send() if out else self._tls.data_to_send()
 
     def timeout(self) -> float:
         return self._stage.end - time.monotonic()
@@ -78,6 +84,7 @@ class TLSStage:
     def next_event(self) -> Sentinel | Established | Failed:
         if self._failure is not None:
             return self._failure
+        self._ran = True
         try:
             tls_info = self._tls.do_handshake()
             if tls_info is None:

@@ -532,9 +532,9 @@ def verify_connection(conn: SSL.Connection) -> TLSInfo:
 
 def _verify(conn: SSL.Connection, cfg: _ContextConfig, st: _ConnState) -> TLSInfo:
     _raise_captured(st)
-    version = conn.get_protocol_version_name()
-    if version != "TLSv1.3":
-        raise TLSError(f"negotiated {version}, but only TLSv1.3 is allowed")
+    if conn.get_protocol_version() != SSL.TLS1_3_VERSION:  # the number: no string made when it is 1.3
+        raise TLSError(f"negotiated {conn.get_protocol_version_name()}, but only TLSv1.3 is allowed")
+    version = "TLSv1.3"
     cipher = conn.get_cipher_name()
     if cipher != cfg.cipher:
         raise TLSError(f"negotiated cipher suite {cipher}, but the PSK is bound to {cfg.cipher}")
@@ -552,9 +552,7 @@ def _verify(conn: SSL.Connection, cfg: _ContextConfig, st: _ConnState) -> TLSInf
         raise TLSError("a certificate was used in a handshake that must rely on the external PSK only")
     if not _shim.session_reused(conn) or st.seen.used_identity is None:
         raise TLSError("the handshake did not use the external PSK")
-    info = TLSInfo(
-        role=cfg.role, version=version, cipher=cipher, group=group, psk_identity=st.seen.used_identity
-    )
+    info = TLSInfo(cfg.role, version, cipher, group, st.seen.used_identity)  # role, version, cipher, group, identity
     st.info = info
     return info
 
