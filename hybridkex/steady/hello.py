@@ -8,6 +8,7 @@ and with plain offsets rather than a field reader: it runs once per connection.
 
 from __future__ import annotations
 
+import struct
 from typing import Final
 
 from ..exceptions import RemoteProtocolError
@@ -15,6 +16,7 @@ from ..exceptions import RemoteProtocolError
 __all__ = ["first_psk_identity"]
 
 _PRE_SHARED_KEY: Final = 41
+_TYPE_LEN: Final = struct.Struct(">HH").unpack_from  # an extension's type and length
 
 
 def _bad(what: str) -> RemoteProtocolError:
@@ -60,9 +62,9 @@ def first_psk_identity(record_body: bytes) -> tuple[bytes, bytes | None]:
     while pos < e1:  # the extension headers inline (a ClientHello has a dozen): type, length
         if pos + 4 > e1:
             raise _bad("truncated in extension header")
-        kind = data[pos] << 8 | data[pos + 1]
+        kind, n = _TYPE_LEN(data, pos)
         x0 = pos + 4
-        x1 = x0 + (data[pos + 2] << 8 | data[pos + 3])
+        x1 = x0 + n
         if x1 > e1:
             raise _bad("truncated in extension")
         if kind == _PRE_SHARED_KEY:

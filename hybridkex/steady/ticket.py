@@ -73,7 +73,7 @@ class SteadyAttempt:
     the TLS identity and PSK.
     """
 
-    __slots__ = ("_keys", "_note", "announced", "epoch", "index", "prefetched", "request", "ticket")
+    __slots__ = ("_ids", "_keys", "_note", "announced", "epoch", "index", "prefetched", "request", "ticket")
 
     def __init__(self, ticket: SteadyTicket, index: int, keys: list[QKDKey], announced: list[QKDKey], *,
                  epoch: bool, prefetched: bool, request: QKDKeysRequired | None) -> None:
@@ -85,6 +85,8 @@ class SteadyAttempt:
         self.prefetched = prefetched
         self.request = request
         self._note: str | None = None
+        #: The canonical key IDs (used, announced) :meth:`credentials` put in the identity.
+        self._ids: tuple[tuple[str, ...], tuple[str, ...]] | None = None
 
     def __repr__(self) -> str:
         return f"<SteadyAttempt #{self.index} keys={[k.key_id for k in self._keys]} prefetched={self.prefetched}>"
@@ -108,10 +110,14 @@ class SteadyAttempt:
         return self.ticket.suite.tls_cipher
 
     def facts(self) -> SteadyFacts:
-        ids = tuple(k.key_id.lower() for k in self._keys)
+        if self._ids is not None:  # as the identity carries them
+            ids, announced = self._ids
+        else:
+            ids = tuple(k.key_id.lower() for k in self._keys)
+            announced = tuple(k.key_id.lower() for k in self.announced)
         usage = "none" if not ids else "epoch" if self.epoch else "fresh"
-        return SteadyFacts(self.index, ids, usage, self.prefetched and bool(ids),
-                           tuple(k.key_id.lower() for k in self.announced), self.ticket.handle.hex(), self._note)
+        return SteadyFacts(self.index, ids, usage, self.prefetched and bool(ids), announced, self.ticket.auth_key_id,
+                           self._note)
 
     def credentials(self) -> tuple[bytes, bytes]:
         """``(identity, psk)``; raises the policy's error when QKD is required and there is no key."""
@@ -131,6 +137,8 @@ class SteadyTicket:
         self.info = info
         self.suite = secret.suite
         self.handle = derive.steady_handle(secret)
+        #: The handle in hex (``SteadyFacts.auth_key_id``), made once.
+        self.auth_key_id = self.handle.hex()
         self._key: bytearray | None = bytearray(derive.auth_key(secret))
         self._policy = policy
         self._qkd = qkd
@@ -236,6 +244,7 @@ class SteadyTicket:
             key = bytes(self._key) if self._key is not None else None
         if key is None:
             raise AlreadyFinalized("this steady-state ticket was erased")
+        attempt._ids = (content.used, content.announced)
         body = content.body()
         psk = self._psk.psk(key=key, qkd_key=b"".join(k.key for k in keys), body=body, key_ids=content.used)
         return content.encode(key, self.suite, body), psk
