@@ -54,6 +54,7 @@ _log = logging.getLogger("hybridkex.steady")
 
 #: Counters accepted out of order behind the highest one (concurrent connections of one client).
 WINDOW: Final = 4096
+_WINDOW_MASK: Final = (1 << WINDOW) - 1
 
 
 class _Parent:
@@ -90,7 +91,7 @@ class _Parent:
         """Mark counter ``index`` used; why not, if it cannot be."""
         if index > self.top:
             shift = index - self.top
-            self.window = ((self.window << shift) | 1) & ((1 << WINDOW) - 1) if shift < WINDOW else 1
+            self.window = ((self.window << shift) | 1) & _WINDOW_MASK if shift < WINDOW else 1
             self.top = index
             return None
         offset = self.top - index
