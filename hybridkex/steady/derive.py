@@ -91,8 +91,9 @@ def _id_bytes(key_id: str) -> bytes:
 def _ids_text(body: bytes, at: int, n: int) -> tuple[str, ...]:
     """The ``n`` 16-byte key IDs at ``at`` as UUID text: one hex() for all (up to nine per connection)."""
     h = body[at:at + 16 * n].hex()
-    return tuple(f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"
-                 for i in range(0, 32 * n, 32))
+    # List comprehensions, not generators, on this path: a generator costs more than the one or two IDs.
+    return tuple([f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"
+                  for i in range(0, 32 * n, 32)])
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +120,8 @@ class SteadyIdentity:
         """The bytes the tag authenticates and the PSK binds (everything but the tag)."""
         return b"".join((
             self.handle, u32(self.index), u8(FLAG_EPOCH if self.epoch else 0),
-            u8(len(self.used)), *(_id_bytes(k) for k in self.used),
-            u8(len(self.announced)), *(_id_bytes(k) for k in self.announced),
+            u8(len(self.used)), *[_id_bytes(k) for k in self.used],
+            u8(len(self.announced)), *[_id_bytes(k) for k in self.announced],
         ))
 
     def encode(self, key: bytes, suite: Suite, body: bytes | None = None) -> bytes:
@@ -223,5 +224,5 @@ class PskContext:
         """The PSK of the connection whose identity body is ``body`` and whose QKD keys are ``key_ids``."""
         binding = b""
         if key_ids and self._tail is not None:  # QKDBinding.encode(), with its constant part made once
-            binding = lp_join(lp_join(*(k.encode("ascii") for k in key_ids))) + self._tail
+            binding = lp_join(lp_join(*[k.encode("ascii") for k in key_ids])) + self._tail
         return self._cat.derive(qkd_key + key, lp_join(labels.STEADY_PSK_CONTEXT, body, binding))

@@ -65,7 +65,7 @@ class AnnouncedKeys:
 
     def _prefetch(self, claim: SteadyClaim) -> None:
         manager = self._keys
-        ids = [k for k in claim.content.announced]
+        ids = list(claim.content.announced)
         if not ids or manager is None or claim.peers is None:
             return
         with self._lock:

@@ -169,10 +169,10 @@ class SteadyClaim:
     def psk(self, keys: list[QKDKey]) -> bytes:
         """The connection's TLS PSK from its QKD keys (in the identity's order)."""
         want = self.suite.qkd_key_bits // 8
-        if [k.key_id.lower() for k in keys] != [k.lower() for k in self.content.used] or any(
-                len(k.key) != want for k in keys):
+        if [k.key_id.lower() for k in keys] != [k.lower() for k in self.content.used] or [
+                k for k in keys if len(k.key) != want]:
             raise KeySourceError("the key source answered with other QKD keys than the steady-state identity names")
-        return self._psk_context.psk(key=self._key, qkd_key=b"".join(k.key for k in keys), body=self.body,
+        return self._psk_context.psk(key=self._key, qkd_key=b"".join([k.key for k in keys]), body=self.body,
                                      key_ids=self.content.used if keys else ())
 
     def confirm(self) -> None:
@@ -394,7 +394,7 @@ class SteadyRegistry(AnnouncedKeys):
             if content.used and not content.epoch:
                 parent.spent.update(content.used)
                 held = [parent.ready.pop(k, None) for k in content.used]
-                if all(h is not None for h in held):
+                if None not in held:
                     keys = [h[0] for h in held if h is not None]
                     self.stats.prefetched += 1
                     if self._share and parent.peers is not None:
@@ -455,7 +455,7 @@ class SteadyRegistry(AnnouncedKeys):
             return "a steady-state connection uses exactly one QKD key"
         if content.epoch and self._qkd.key_budget.mode != "epoch":
             return "an epoch key, and this server's key budget is 'fresh'"
-        if not content.epoch and any(k in parent.spent for k in content.used):
+        if not content.epoch and not parent.spent.isdisjoint(content.used):
             return f"QKD key {content.used[0]} was used before"
         return None
 

@@ -113,8 +113,8 @@ class SteadyAttempt:
         if self._ids is not None:  # as the identity carries them
             ids, announced = self._ids
         else:
-            ids = tuple(k.key_id.lower() for k in self._keys)
-            announced = tuple(k.key_id.lower() for k in self.announced)
+            ids = tuple([k.key_id.lower() for k in self._keys])
+            announced = tuple([k.key_id.lower() for k in self.announced])
         usage = "none" if not ids else "epoch" if self.epoch else "fresh"
         return SteadyFacts(self.index, ids, usage, self.prefetched and bool(ids), announced, self.ticket.auth_key_id,
                            self._note)
@@ -238,15 +238,15 @@ class SteadyTicket:
         # Canonical (lower-case) key IDs, as the server reads them back from the identity: a KME may
         # deliver upper-case UUIDs, and the binding must be the same bytes on both ends.
         content = derive.SteadyIdentity(self.handle, attempt.index, attempt.epoch and bool(keys),
-                                        tuple(k.key_id.lower() for k in keys),
-                                        tuple(k.key_id.lower() for k in attempt.announced))
+                                        tuple([k.key_id.lower() for k in keys]),
+                                        tuple([k.key_id.lower() for k in attempt.announced]))
         with self._lock:
             key = bytes(self._key) if self._key is not None else None
         if key is None:
             raise AlreadyFinalized("this steady-state ticket was erased")
         attempt._ids = (content.used, content.announced)
         body = content.body()
-        psk = self._psk.psk(key=key, qkd_key=b"".join(k.key for k in keys), body=body, key_ids=content.used)
+        psk = self._psk.psk(key=key, qkd_key=b"".join([k.key for k in keys]), body=body, key_ids=content.used)
         return content.encode(key, self.suite, body), psk
 
     def succeeded(self, attempt: SteadyAttempt) -> None:
@@ -256,7 +256,7 @@ class SteadyTicket:
             self.connections += 1
             self._in_flight -= len(attempt.announced)
             if self._key is not None:
-                self._announced.extend(_Held(k, now) for k in attempt.announced)
+                self._announced.extend([_Held(k, now) for k in attempt.announced])
         attempt.announced = []
 
     def failed(self, attempt: SteadyAttempt) -> None:
