@@ -90,6 +90,8 @@ def _id_bytes(key_id: str) -> bytes:
 
 def _ids_text(body: bytes, at: int, n: int) -> tuple[str, ...]:
     """The ``n`` 16-byte key IDs at ``at`` as UUID text: one hex() for all (up to nine per connection)."""
+    if not n:
+        return ()
     h = body[at:at + 16 * n].hex()
     # List comprehensions, not generators, on this path: a generator costs more than the one or two IDs.
     return tuple([f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Final
 from ..exceptions import ConfigurationError, HandshakeTimeout, LocalProtocolError, TLSError
 from . import _shim
 from ._common import TLSInfo
-from .pyopenssl import _attach, _bind, _do_handshake, _reasons, _require_config, _translate_error, _verify
+from .pyopenssl import _attach, _bind, _raise_captured, _reasons, _require_config, _translate_error, _verify
 
 if TYPE_CHECKING:
     from OpenSSL import SSL
@@ -104,12 +104,20 @@ class MemoryTLS:
         after a failure, still send :meth:`data_to_send` so the peer gets the alert."""
         if self._info is not None:
             return self._info
+        # pyopenssl._do_handshake, inline (one frame and one re-raise less per step: this runs for
+        # every flight of every connection).
         try:
-            _do_handshake(self.connection, self._st)
+            self.connection.do_handshake()
         except SSL.WantReadError:
+            _raise_captured(self._st)
             if self._eof:
                 raise TLSError("the peer closed the connection during the TLS handshake") from None
             return None
+        except SSL.WantWriteError:
+            _raise_captured(self._st)
+            raise
+        except SSL.Error as exc:
+            raise _translate_error(self.connection, exc) from exc
         self._info = _verify(self.connection, _require_config(self._cfg), self._st)
         return self._info
 

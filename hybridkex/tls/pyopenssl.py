@@ -507,13 +507,13 @@ def _translate_error(conn: SSL.Connection, exc: SSL.Error, *,
     )
 
 
-def _do_handshake(conn: SSL.Connection, st: _ConnState | None = None) -> None:
-    """One ``do_handshake()`` call; WantRead/WantWrite pass through, failures become typed errors.
-    ``st``: the connection's state, when the caller holds it."""
+def _do_handshake(conn: SSL.Connection) -> None:
+    """One ``do_handshake()`` call; WantRead/WantWrite pass through, failures become typed errors
+    (:meth:`hybridkex.tls.MemoryTLS.do_handshake` has the same, inline)."""
     try:
         conn.do_handshake()
     except (SSL.WantReadError, SSL.WantWriteError):
-        _raise_captured(st if st is not None else _state(conn))
+        _raise_captured(_state(conn))
         raise
     except SSL.Error as exc:
         raise _translate_error(conn, exc) from exc
