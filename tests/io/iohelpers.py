@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hybridkex import KeyBudget, Policy, QKDConfig, Timeouts
 from hybridkex.api import ClientConfig, HybridServer, HybridSocket, ReconnectPolicy, ServerConfig, TLSOptions
+from hybridkex.exceptions import HybridKEXError
 from hybridkex.io.config import SteadyPolicy
 from hybridkex.protocol import InitiatorConfig, PKIAuthenticator, PSKAuthenticator, ResponderConfig, SigningCredential
 from hybridkex.qkd import MemoryKeyLink
@@ -302,3 +303,20 @@ def echo_once(sock: HybridSocket, payload: bytes = b"ping") -> bytes:
     sock.settimeout(WAIT)
     sock.sendall(payload)
     return sock.recv(100)
+
+
+def echo_on(side: Any) -> Any:
+    """A plain asyncio handler (for ``asyncio.start_server``) that sets up a hybridkex connection on
+    ``side`` (a :class:`hybridkex.io.aio.ServerSide`) and echoes 3 bytes."""
+    from hybridkex.io.aio import accept_on_streams
+
+    async def serve(reader: Any, writer: Any) -> None:
+        try:
+            hreader, hwriter = await accept_on_streams(reader, writer, side)
+        except HybridKEXError:
+            writer.close()
+            return
+        hwriter.write(await hreader.readexactly(3))
+        await hwriter.drain()
+        await hwriter.aclose()
+    return serve

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from iohelpers import CLIENT_ID, SERVER_ID, WAIT, AsyncKeys, digest, make_setup, running_server
+from iohelpers import CLIENT_ID, SERVER_ID, WAIT, AsyncKeys, digest, echo_on, make_setup, running_server
 
 import hybridkex
 from hybridkex import AuthenticationError, HandshakeTimeout, TLSError
@@ -403,24 +403,14 @@ def test_on_streams_the_caller_owns(setup: Any) -> None:
     """accept_on_streams / connect_on_streams run the same setup over streams the caller opened
     (the tunnel's seam), including a reconnect."""
     from hybridkex.api import ReconnectPolicy
-    from hybridkex.io.aio import ServerSide, accept_on_streams, connect_on_streams
+    from hybridkex.io.aio import ServerSide, connect_on_streams
 
     rc = make_setup(reconnect=ReconnectPolicy(enabled=True))
 
     async def main() -> list[Any]:
         side = ServerSide(rc.server, key_source=rc.server_keys)
 
-        async def on_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                hreader, hwriter = await accept_on_streams(reader, writer, side)
-            except hybridkex.HybridKEXError:
-                writer.close()
-                return
-            hwriter.write(await hreader.readexactly(3))
-            await hwriter.drain()
-            await hwriter.aclose()
-
-        plain = await asyncio.start_server(on_tcp, "127.0.0.1", 0)
+        plain = await asyncio.start_server(echo_on(side), "127.0.0.1", 0)
         port = plain.sockets[0].getsockname()[1]
         out = []
         ticket = None

@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from iohelpers import make_setup
+from iohelpers import Setup, echo_on, make_setup
 from statehelpers import SEAL_KEY
 
-import hybridkex
-from hybridkex.api import ReconnectPolicy
-from hybridkex.io.aio import ServerSide, accept_on_streams, connect_on_streams
+from hybridkex.api import ReconnectPolicy, ServerConfig
+from hybridkex.io.aio import ServerSide, connect_on_streams
 from hybridkex.state import SQLiteState
 
 
@@ -44,47 +43,38 @@ class ThreadRecordingState(SQLiteState):
         super().put_ticket(kind, handle, secret, expires_at=expires_at)
 
 
-def test_reconnects_on_an_asyncio_server_call_the_state_off_the_loop(tmp_path: Path) -> None:
-    setup = make_setup(reconnect=ReconnectPolicy(enabled=True))
-    url = str(tmp_path / "state.sqlite3")
-    state = ThreadRecordingState(Path(url))
-    config = dataclasses.replace(setup.server, state=state, purge_every=0)
-
+def through_a_and_b(setup: Setup, config: ServerConfig, order: str) -> tuple[list[tuple[bytes, bool]], int]:
+    """Two asyncio servers A and B on one state; one connection per letter of ``order``, back to
+    back (no pause: a full handshake's parent is in the state before that handshake completes).
+    Each connection's echo and whether it was one round trip (steady state or reconnect); the loop's
+    thread."""
     async def main() -> tuple[list[tuple[bytes, bool]], int]:
-        loop_thread = threading.get_ident()
-        sides = [ServerSide(config, key_source=setup.server_keys) for _ in range(2)]  # A and B: two servers
-
-        def on_tcp(side: ServerSide) -> Any:
-            async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                try:
-                    hreader, hwriter = await accept_on_streams(reader, writer, side)
-                except hybridkex.HybridKEXError:
-                    writer.close()
-                    return
-                hwriter.write(await hreader.readexactly(3))
-                await hwriter.drain()
-                await hwriter.aclose()
-            return serve
-
-        plain = [await asyncio.start_server(on_tcp(s), "127.0.0.1", 0) for s in sides]
-        a, b = (p.sockets[0].getsockname()[1] for p in plain)
+        sides = [ServerSide(config, key_source=setup.server_keys) for _ in range(2)]
+        plain = [await asyncio.start_server(echo_on(s), "127.0.0.1", 0) for s in sides]
+        ports = {name: p.sockets[0].getsockname()[1] for name, p in zip("ab", plain, strict=True)}
         out, ticket = [], None
-        for port in (a, b, a):  # the full handshake on A; reconnects on B (shared parent) and A (its own)
-            r, w = await asyncio.open_connection("127.0.0.1", port)
+        for name in order:
+            r, w = await asyncio.open_connection("127.0.0.1", ports[name])
             hr, hw = await connect_on_streams(r, w, setup.client, key_source=setup.client_keys, ticket=ticket)
             hw.write(b"abc")
-            out.append((await hr.read(), hw.session.reconnect))
+            out.append((await hr.read(), hw.session.steady is not None or hw.session.reconnect))
             ticket = ticket or hw.reconnect_ticket
             await hw.aclose()
-            # No wait: A wrote its parent (on a worker thread) before it answered the ClientHello.
         for p in plain:
             p.close()
         for s in sides:
             s.close()
-        return out, loop_thread
+        return out, threading.get_ident()
+    return asyncio.run(main())
 
+
+def test_reconnects_on_an_asyncio_server_call_the_state_off_the_loop(tmp_path: Path) -> None:
+    setup = make_setup(reconnect=ReconnectPolicy(enabled=True))
+    state = ThreadRecordingState(tmp_path / "state.sqlite3")
     try:
-        out, loop_thread = asyncio.run(main())
+        # The full handshake on A; reconnects on B (shared parent) and A (its own).
+        out, loop_thread = through_a_and_b(setup, dataclasses.replace(setup.server, state=state, purge_every=0),
+                                           "aba")
     finally:
         state.close()
     assert out == [(b"abc", False), (b"abc", True), (b"abc", True)]
@@ -115,42 +105,8 @@ def test_a_client_that_finished_a_full_handshake_finds_its_parent_at_another_ser
     used to race the client's next connection, which then fell back to a full handshake)."""
     setup = make_setup(reconnect=ReconnectPolicy(enabled=True) if mode == "reconnect" else None)
     state = SlowWriteState(tmp_path / "state.sqlite3", delay=0.3)
-    config = dataclasses.replace(setup.server, state=state, purge_every=0)
-
-    async def main() -> list[tuple[bytes, bool]]:
-        sides = [ServerSide(config, key_source=setup.server_keys) for _ in range(2)]
-
-        def on_tcp(side: ServerSide) -> Any:
-            async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                try:
-                    hreader, hwriter = await accept_on_streams(reader, writer, side)
-                except hybridkex.HybridKEXError:
-                    writer.close()
-                    return
-                hwriter.write(await hreader.readexactly(3))
-                await hwriter.drain()
-                await hwriter.aclose()
-            return serve
-
-        plain = [await asyncio.start_server(on_tcp(s), "127.0.0.1", 0) for s in sides]
-        a, b = (p.sockets[0].getsockname()[1] for p in plain)
-        out, ticket = [], None
-        for port in (a, b, b):  # no pause between connections: B must already have A's parent
-            r, w = await asyncio.open_connection("127.0.0.1", port)
-            hr, hw = await connect_on_streams(r, w, setup.client, key_source=setup.client_keys, ticket=ticket)
-            hw.write(b"abc")
-            quick = hw.session.steady is not None if mode == "steady" else hw.session.reconnect
-            out.append((await hr.read(), quick))
-            ticket = ticket or hw.reconnect_ticket
-            await hw.aclose()
-        for p in plain:
-            p.close()
-        for s in sides:
-            s.close()
-        return out
-
     try:
-        out = asyncio.run(main())
+        out, _ = through_a_and_b(setup, dataclasses.replace(setup.server, state=state, purge_every=0), "abb")
     finally:
         state.close()
     assert out == [(b"abc", False), (b"abc", True), (b"abc", True)]
