@@ -165,6 +165,7 @@ def test_workers_share_the_port_metrics_sum_and_a_killed_worker_is_replaced(serv
     load = Load(server.port)
     wait_until(lambda: load.count() >= 20, "load running")
     victim = server.worker_pids[0]
+    kill_sent = time.monotonic()
     os.kill(victim, signal.SIGKILL)
     # SIGKILL is not instant: the worker is gone (its sockets closed) when the supervisor reaped it; its main
     # thread turns zombie earlier, while the others still exit.
@@ -184,7 +185,10 @@ def test_workers_share_the_port_metrics_sum_and_a_killed_worker_is_replaced(serv
     for t, local in failed:
         assert t < killed_at, "a connection started after the kill failed"
         assert handled.get(local) not in survivors, "a connection a live worker took failed"
-    assert len(failed) <= len(load.threads)  # at most the in-flight ones (one per load thread)
+    # Lost: at most the one connection each load thread had in flight at the kill, plus those the
+    # kernel queued at the dying worker's listening socket until it was closed (SO_REUSEPORT hashes
+    # new connections to it until then; seen in CI: 5 failures with 4 threads).
+    assert len([t for t, _ in failed if t < kill_sent]) <= len(load.threads), (failed, kill_sent, killed_at)
     assert {handled[local] for t, local in oks if t > killed_at} == survivors  # the new worker serves too
     assert server.events("worker_exited")[0]["exit"] == -signal.SIGKILL
     samples = scrape(server.metrics_port)
