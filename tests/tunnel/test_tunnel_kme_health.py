@@ -33,6 +33,8 @@ from tunnelhelpers import (
     wait_until,
 )
 
+from hybridkex.steady.ticket import MAX_WINDOW
+
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -234,9 +236,12 @@ def test_with_the_kme_gone_the_steady_state_uses_the_keys_both_ends_hold_then_fa
     pool_before = metric(scrape(server.metrics_port), "hybridkex_qkd_pool_keys", peer="sae-a")
     kme.kill()
     served = 0
+    # The client holds at most twice its window of keys; the window starts at `announce` (4) and
+    # doubles on a connection that found no announced key (a loaded machine: seen in CI, 9 served),
+    # up to MAX_WINDOW. Beyond that, a connection without a KME would have used a key it never had.
     while not failed_attempt(client.port):
         served += 1
-        assert served <= 8, "connections went on without a KME beyond the keys held before it died"
+        assert served <= 2 * MAX_WINDOW, "connections went on without a KME beyond the keys held before it died"
     assert served >= 1  # the announced keys carried at least the next connection
     assert failed_attempt(client.port)  # and then policy applies, every time
     ok = server.events("handshake_ok")
