@@ -305,18 +305,18 @@ def echo_once(sock: HybridSocket, payload: bytes = b"ping") -> bytes:
     return sock.recv(100)
 
 
-def echo_on(side: Any) -> Any:
+def echo_on(side: Any, n: int = 3) -> Any:
     """A plain asyncio handler (for ``asyncio.start_server``) that sets up a hybridkex connection on
-    ``side`` (a :class:`hybridkex.io.aio.ServerSide`) and echoes 3 bytes."""
+    ``side`` (a :class:`hybridkex.io.aio.ServerSide`) and echoes ``n`` bytes; a failed setup closes."""
     from hybridkex.io.aio import accept_on_streams
 
     async def serve(reader: Any, writer: Any) -> None:
         try:
             hreader, hwriter = await accept_on_streams(reader, writer, side)
-        except HybridKEXError:
+        except (HybridKEXError, OSError):
             writer.close()
             return
-        hwriter.write(await hreader.readexactly(3))
+        hwriter.write(await hreader.readexactly(n))
         await hwriter.drain()
         await hwriter.aclose()
     return serve

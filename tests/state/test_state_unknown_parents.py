@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 import pytest
-from iohelpers import echo_once, make_setup, running_server
+from iohelpers import echo_on, echo_once, make_setup, running_server
 from statehelpers import SEAL_KEY
 from steadyparts import Clock, parent_info
 
@@ -217,7 +217,7 @@ def test_an_asyncio_server_knows_the_client_address(tmp_path: Any) -> None:
     """The asyncio server's claim (on a worker thread) is charged to the client's address too."""
     import asyncio
 
-    from hybridkex.io.aio import ServerSide, accept_on_streams, connect_on_streams
+    from hybridkex.io.aio import ServerSide, connect_on_streams
 
     raw = open_state(str(tmp_path / "state.sqlite3"), seal_key=SEAL_KEY)
     counted = CountingState(raw)  # the server's reads counted; the test's own (raw) not
@@ -228,19 +228,7 @@ def test_an_asyncio_server_knows_the_client_address(tmp_path: Any) -> None:
     async def main() -> list[bool]:
         sides = [ServerSide(config, key_source=setup.server_keys) for _ in range(2)]
 
-        def on_tcp(side: ServerSide) -> Any:
-            async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                try:
-                    hreader, hwriter = await accept_on_streams(reader, writer, side)
-                except Exception:
-                    writer.close()
-                    return
-                hwriter.write(await hreader.readexactly(1))
-                await hwriter.drain()
-                await hwriter.aclose()
-            return serve
-
-        plain = [await asyncio.start_server(on_tcp(s), "127.0.0.1", 0) for s in sides]
+        plain = [await asyncio.start_server(echo_on(s, 1), "127.0.0.1", 0) for s in sides]
         a, b = (p.sockets[0].getsockname()[1] for p in plain)
         refused = []
         try:
