@@ -183,3 +183,21 @@ def test_the_limits_are_documented_in_help_and_docs() -> None:
     docs = (Path(__file__).resolve().parents[2] / "docs" / "qkd.md").read_text(encoding="utf-8")
     for option in ("--idle-timeout", "--max-connections"):
         assert option in out and f"| `{option} " in docs
+
+
+def test_a_body_that_arrived_while_the_kme_stalled_past_the_deadline_is_served(
+        quick: SimulatedKMEPair, pki: DemoPKI) -> None:
+    """After the KME's event loop stalled past the body deadline, the timer and the arrived body are
+    seen in the same turn: the request is served, not refused (seen in CI under load)."""
+    body = b'{"number": 1}'
+    with tls(quick.url_a, pki) as sock:
+        sock.sendall(b"POST /api/v1/keys/sae-b/enc_keys HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:3])
+        time.sleep(0.2)  # the handler waits for the body now, its 0.5 s deadline running
+        quick._loop.call_soon_threadsafe(time.sleep, 1.0)  # the KME's loop stalls past the deadline
+        time.sleep(0.1)
+        sock.sendall(body[3:])  # arrives during the stall
+        sock.settimeout(GUARD)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert quick.store.stats().keys_issued == 1
